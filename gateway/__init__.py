@@ -1,0 +1,3 @@
+"""muxgate gateway: the asyncio WebSocket server, pipelines, backends, Python SDK and CLI."""
+
+__all__: list[str] = []

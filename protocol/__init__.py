@@ -1,0 +1,95 @@
+"""muxgate wire protocol, sans-I/O: typed messages in, bytes out (see ``protocol/SPEC.md``).
+
+Nothing here does I/O or imports asyncio: a gateway or an SDK feeds frames to :func:`decode`,
+sends what :func:`encode` returns, and tracks each request with a :class:`RequestStateMachine`.
+"""
+
+from .codec import (
+    SUBPROTOCOLS,
+    Codec,
+    decode,
+    decode_one,
+    encode,
+    encode_batch,
+    encode_chunk,
+    join_batch,
+    to_wire,
+)
+from .errors import CloseCode, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .messages import (
+    Cancel,
+    CancelReason,
+    CancelResult,
+    CancelStatus,
+    Chat,
+    ChatMessage,
+    Chunk,
+    ClientMessage,
+    Error,
+    ErrorInfo,
+    GatewayMessage,
+    Hello,
+    Limits,
+    Message,
+    Ping,
+    Pong,
+    Response,
+    ResponseStatus,
+    Role,
+    Sender,
+    Usage,
+    UsageReport,
+    Welcome,
+    parse_message,
+)
+from .state import RequestState, RequestStateMachine
+
+PROTOCOL_VERSION = "muxgate.v1"
+DEFAULT_PORT = 8001
+WS_PATH = "/v1/ws"
+
+__all__ = [
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
+    "SUBPROTOCOLS",
+    "WS_PATH",
+    "Cancel",
+    "CancelReason",
+    "CancelResult",
+    "CancelStatus",
+    "Chat",
+    "ChatMessage",
+    "Chunk",
+    "ClientMessage",
+    "CloseCode",
+    "Codec",
+    "Error",
+    "ErrorCode",
+    "ErrorInfo",
+    "GatewayMessage",
+    "Hello",
+    "Limits",
+    "LocalProtocolError",
+    "Message",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RequestState",
+    "RequestStateMachine",
+    "Response",
+    "ResponseStatus",
+    "Role",
+    "Sender",
+    "Usage",
+    "UsageReport",
+    "Welcome",
+    "decode",
+    "decode_one",
+    "encode",
+    "encode_batch",
+    "encode_chunk",
+    "join_batch",
+    "parse_message",
+    "to_wire",
+]

@@ -1,0 +1,250 @@
+"""The per-request state machine (SPEC.md §5), for either side of the connection.
+
+Theory of operation
+-------------------
+Everything that decides whether a message about one request may be sent or accepted lives here,
+as data: :data:`TRANSITIONS` maps ``(role, state, event)`` to the next state, and a missing key is
+the one place that refuses. The gateway owns one machine per accepted ``chat`` with
+``role=Sender.GATEWAY`` and feeds it what it *sends* (chunks, the response, the usage report) and
+what it *reads* (cancels); a client owns one per ``chat`` it sent with ``role=Sender.CLIENT`` and
+feeds it the same events from the other direction.
+
+::
+
+    gateway:  ACTIVE --chunk--> ACTIVE            client:  ACTIVE --chunk--> ACTIVE
+              ACTIVE --cancel--> CANCELLING                ACTIVE --cancel--> CANCEL_SENT
+              CANCELLING --cancelled--> CANCELLED          CANCEL_SENT --chunk--> CANCEL_SENT
+              ACTIVE --completed|cancelled|failed-->       (chunks sent before the gateway read
+                        COMPLETED|CANCELLED|FAILED          the cancel may still arrive)
+              terminal --cancel--> terminal                ACTIVE|CANCEL_SENT --response--> terminal
+
+The guarantees of SPEC.md §6 that one side can check alone follow from the table:
+
+- G1: no chunk or response after the terminal response (terminal states accept only ``cancel``
+  and one ``usage`` report after a response whose usage was not final).
+- G2: on the gateway, after a cancel was read (CANCELLING) no chunk and no ``completed`` or
+  ``failed`` response: the race between cancel and completion is decided by whichever event the
+  gateway's machine sees first.
+- G3: ``seq`` must be the next number; with ``stream=True`` a completed response's content must
+  equal the joined chunk texts; with ``stream=False`` no chunk is allowed.
+- G4: :meth:`RequestStateMachine.on_cancel` returns the outcome of a cancel from the state it
+  found: ``cancelled`` once, ``already_cancelled`` or ``already_completed`` afterwards.
+
+A refused event raises :class:`LocalProtocolError` when this side would be the one sending it (a
+bug here) and :class:`RemoteProtocolError` when it was received (the peer's fault), both with
+code ``protocol_violation``. A cancel is never refused: it is idempotent by design.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .messages import CancelResult, CancelStatus, Response, ResponseStatus, Sender, UsageReport
+
+__all__ = ["CANCEL_OUTCOMES", "TRANSITIONS", "Event", "RequestState", "RequestStateMachine"]
+
+
+class RequestState(enum.Enum):
+    """Where one request stands, as one side has seen it."""
+
+    ACTIVE = "active"
+    #: Gateway only: a cancel was read; the next and last message is the cancelled response.
+    CANCELLING = "cancelling"
+    #: Client only: a cancel was sent; chunks already in flight may still arrive.
+    CANCEL_SENT = "cancel_sent"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL: Final = frozenset({RequestState.COMPLETED, RequestState.CANCELLED, RequestState.FAILED})
+
+
+class Event(enum.Enum):
+    """What happens to a request: the keys of :data:`TRANSITIONS` with the state."""
+
+    CHUNK = "chunk"
+    CANCEL = "cancel"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    USAGE = "usage"
+
+
+_S = RequestState
+_E = Event
+_RESPONSE_EVENT: Final = {
+    ResponseStatus.COMPLETED: _E.COMPLETED,
+    ResponseStatus.CANCELLED: _E.CANCELLED,
+    ResponseStatus.FAILED: _E.FAILED,
+}
+_TERMINAL_BY_EVENT: Final = {
+    _E.COMPLETED: _S.COMPLETED,
+    _E.CANCELLED: _S.CANCELLED,
+    _E.FAILED: _S.FAILED,
+}
+
+
+def _ends(state: RequestState) -> dict[tuple[RequestState, Event], RequestState]:
+    """Every response event ends a request that is in ``state``."""
+    return {(state, event): terminal for event, terminal in _TERMINAL_BY_EVENT.items()}
+
+
+def _cancel_is_idempotent(*states: RequestState) -> dict[tuple[RequestState, Event], RequestState]:
+    return {(state, _E.CANCEL): state for state in states}
+
+
+#: ``TRANSITIONS[role][(state, event)]`` is the next state; a missing key refuses the event.
+TRANSITIONS: Final[dict[Sender, dict[tuple[RequestState, Event], RequestState]]] = {
+    Sender.GATEWAY: {
+        (_S.ACTIVE, _E.CHUNK): _S.ACTIVE,
+        (_S.ACTIVE, _E.CANCEL): _S.CANCELLING,
+        **_ends(_S.ACTIVE),
+        # G2: once a cancel is read, only the cancelled response may follow.
+        (_S.CANCELLING, _E.CANCELLED): _S.CANCELLED,
+        **_cancel_is_idempotent(_S.CANCELLING, *_TERMINAL),
+        (_S.CANCELLED, _E.USAGE): _S.CANCELLED,
+    },
+    Sender.CLIENT: {
+        (_S.ACTIVE, _E.CHUNK): _S.ACTIVE,
+        (_S.ACTIVE, _E.CANCEL): _S.CANCEL_SENT,
+        **_ends(_S.ACTIVE),
+        (_S.CANCEL_SENT, _E.CHUNK): _S.CANCEL_SENT,
+        **_ends(_S.CANCEL_SENT),
+        **_cancel_is_idempotent(_S.CANCEL_SENT, *_TERMINAL),
+        (_S.CANCELLED, _E.USAGE): _S.CANCELLED,
+    },
+}
+
+#: The outcome of a cancel that finds the request in a state (G4).
+CANCEL_OUTCOMES: Final[dict[RequestState, CancelStatus]] = {
+    _S.ACTIVE: CancelStatus.CANCELLED,
+    _S.CANCELLING: CancelStatus.ALREADY_CANCELLED,
+    _S.CANCEL_SENT: CancelStatus.ALREADY_CANCELLED,
+    _S.CANCELLED: CancelStatus.ALREADY_CANCELLED,
+    _S.COMPLETED: CancelStatus.ALREADY_COMPLETED,
+    _S.FAILED: CancelStatus.ALREADY_COMPLETED,
+}
+
+#: Client check of a ``cancel_result``: the states it may find the request in. The gateway sends
+#: a cancel's result after the request's response (SPEC.md §5.3), so a client has seen it.
+_RESULT_STATES: Final[dict[CancelStatus, frozenset[RequestState]]] = {
+    CancelStatus.CANCELLED: frozenset({_S.CANCELLED}),
+    CancelStatus.ALREADY_CANCELLED: frozenset({_S.CANCELLED}),
+    CancelStatus.ALREADY_COMPLETED: frozenset({_S.COMPLETED, _S.FAILED}),
+    CancelStatus.NOT_FOUND: frozenset(RequestState),
+}
+
+
+class RequestStateMachine:
+    """Tracks one request on one side and refuses what the protocol forbids.
+
+    Also keeps the streamed text so a gateway can build the completed ``content`` from exactly
+    what it sent, and a client can check it (G3).
+    """
+
+    __slots__ = (
+        "_cancels_unanswered",
+        "_parts",
+        "_transitions",
+        "next_seq",
+        "request_id",
+        "role",
+        "state",
+        "stream",
+        "usage_pending",
+    )
+
+    def __init__(self, request_id: str, role: Sender, *, stream: bool = True) -> None:
+        self.request_id = request_id
+        self.role = role
+        self.stream = stream
+        self.state = RequestState.ACTIVE
+        self.next_seq = 0
+        #: True after a cancelled response whose usage was not final, until its ``usage`` report.
+        self.usage_pending = False
+        self._parts: list[str] = []
+        self._transitions = TRANSITIONS[role]
+        self._cancels_unanswered = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestStateMachine({self.request_id!r}, {self.role.name}, "
+            f"state={self.state.name}, next_seq={self.next_seq})"
+        )
+
+    @property
+    def text(self) -> str:
+        """The streamed text so far (chunk texts joined)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    # -- events ------------------------------------------------------------------------------
+
+    def on_chunk(self, seq: int, text: str) -> None:
+        """A chunk was sent (gateway) or received (client)."""
+        self._advance(Event.CHUNK)
+        if not self.stream:
+            raise self._violation("chunk for a request with stream=false")
+        if seq != self.next_seq:
+            raise self._violation(f"chunk seq {seq}, expected {self.next_seq}")
+        self.next_seq = seq + 1
+        self._parts.append(text)
+
+    def on_cancel(self) -> CancelStatus:
+        """A cancel was read (gateway) or sent (client). Never refused. Returns its outcome."""
+        outcome = CANCEL_OUTCOMES[self.state]
+        self.state = self._transitions[(self.state, Event.CANCEL)]
+        self._cancels_unanswered += 1
+        return outcome
+
+    def on_response(self, response: Response) -> None:
+        """The terminal response was sent (gateway) or received (client)."""
+        state = self._next(_RESPONSE_EVENT[response.status])
+        streamed = response.status is ResponseStatus.COMPLETED and self.stream
+        if streamed and response.content != self.text:
+            # Refused before any change: the gateway can still send the right response (G1).
+            raise self._violation("completed content differs from the streamed chunks")
+        self.state = state
+        self.usage_pending = not response.usage.final
+
+    def on_usage(self, report: UsageReport) -> None:
+        """The final usage report of a cancelled request."""
+        if not self.usage_pending:
+            raise self._violation("usage report without a pending non-final usage")
+        self._advance(Event.USAGE)
+        self.usage_pending = False
+
+    def on_cancel_result(self, result: CancelResult) -> None:
+        """Client side: check a ``cancel_result`` against what this client has seen."""
+        if self._cancels_unanswered == 0:
+            raise self._violation("cancel_result for no outstanding cancel")
+        if self.state not in _RESULT_STATES[result.status]:
+            raise self._violation(
+                f"cancel_result {result.status.value} in state {self.state.value}"
+            )
+        self._cancels_unanswered -= 1
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _next(self, event: Event) -> RequestState:
+        try:
+            return self._transitions[(self.state, event)]
+        except KeyError:
+            raise self._violation(f"{event.value} in state {self.state.value}") from None
+
+    def _advance(self, event: Event) -> None:
+        self.state = self._next(event)
+
+    def _violation(self, what: str) -> ProtocolError:
+        # The gateway sends everything but cancels; the client receives it. So a refused event is
+        # our own bug on the gateway side and the peer's fault on the client side.
+        error = LocalProtocolError if self.role is Sender.GATEWAY else RemoteProtocolError
+        return error(ErrorCode.PROTOCOL_VIOLATION, what, request_id=self.request_id)

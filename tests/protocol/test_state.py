@@ -1,0 +1,747 @@
+"""State-machine layer: every (role, state, event) pair, allowed or refused, plus the guarantees
+one side can check alone (G1-G4) and a model-based run of a gateway and a client together."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from protocol import (
+    CancelReason,
+    CancelResult,
+    CancelStatus,
+    ErrorCode,
+    ErrorInfo,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestState,
+    RequestStateMachine,
+    Response,
+    ResponseStatus,
+    Sender,
+    Usage,
+    UsageReport,
+)
+from protocol.state import CANCEL_OUTCOMES, TRANSITIONS, Event
+
+RID = "req-1"
+S = RequestState
+ROLES = pytest.mark.parametrize("role", list(Sender), ids=lambda r: r.name.lower())
+REFUSAL = {Sender.GATEWAY: LocalProtocolError, Sender.CLIENT: RemoteProtocolError}
+REACHABLE = {
+    Sender.GATEWAY: {S.ACTIVE, S.CANCELLING, S.COMPLETED, S.CANCELLED, S.FAILED},
+    Sender.CLIENT: {S.ACTIVE, S.CANCEL_SENT, S.COMPLETED, S.CANCELLED, S.FAILED},
+}
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+def completed(content: str = "") -> Response:
+    return Response(request_id=RID, status=ResponseStatus.COMPLETED, content=content)
+
+
+def cancelled(*, final: bool = False, reason: CancelReason = CancelReason.CLIENT) -> Response:
+    usage = Usage(input_tokens=3, output_tokens=2, saved_tokens=40, final=final)
+    return Response(request_id=RID, status=ResponseStatus.CANCELLED, reason=reason, usage=usage)
+
+
+def failed() -> Response:
+    error = ErrorInfo(code="backend_error", message="backend down")
+    return Response(request_id=RID, status=ResponseStatus.FAILED, error=error)
+
+
+def usage_report() -> UsageReport:
+    return UsageReport(request_id=RID, usage=Usage(input_tokens=3, output_tokens=5))
+
+
+def apply(machine: RequestStateMachine, event: Event) -> object:
+    """Feed one event through the machine's public method, with a message that fits it."""
+    if event is Event.CHUNK:
+        return machine.on_chunk(machine.next_seq, "x")
+    if event is Event.CANCEL:
+        return machine.on_cancel()
+    if event is Event.COMPLETED:
+        return machine.on_response(completed(machine.text))
+    if event is Event.CANCELLED:
+        return machine.on_response(cancelled(final=False))
+    if event is Event.FAILED:
+        return machine.on_response(failed())
+    return machine.on_usage(usage_report())
+
+
+def snapshot(machine: RequestStateMachine) -> tuple[object, ...]:
+    return (machine.state, machine.next_seq, machine.text, machine.usage_pending)
+
+
+# --- reaching every state through public methods ------------------------------------------------
+
+
+def _shortest_paths(role: Sender) -> dict[RequestState, tuple[Event, ...]]:
+    """Breadth-first over the table: the shortest event sequence that reaches each state."""
+    paths: dict[RequestState, tuple[Event, ...]] = {S.ACTIVE: ()}
+    frontier = [S.ACTIVE]
+    while frontier:
+        following = []
+        for state in frontier:
+            for (src, event), dst in TRANSITIONS[role].items():
+                if src is state and dst not in paths:
+                    paths[dst] = (*paths[state], event)
+                    following.append(dst)
+        frontier = following
+    return paths
+
+
+PATHS = {role: _shortest_paths(role) for role in Sender}
+#: Every (role, state, event); the expected outcome is looked up in TRANSITIONS.
+PAIRS = [
+    pytest.param(role, state, event, id=f"{role.name.lower()}-{state.value}-{event.value}")
+    for role in Sender
+    for state in sorted(REACHABLE[role], key=lambda s: s.value)
+    for event in Event
+]
+
+
+def machine_in(role: Sender, state: RequestState, *, stream: bool = True) -> RequestStateMachine:
+    machine = RequestStateMachine(RID, role, stream=stream)
+    for event in PATHS[role][state]:
+        apply(machine, event)
+    assert machine.state is state
+    return machine
+
+
+@ROLES
+def test_reachable_states_are_exactly_those_of_the_role(role):
+    assert set(PATHS[role]) == REACHABLE[role]
+    assert {s for s, _ in TRANSITIONS[role]} | set(TRANSITIONS[role].values()) == REACHABLE[role]
+
+
+@pytest.mark.parametrize(("role", "state", "event"), PAIRS)
+def test_transition(role, state, event):
+    machine = machine_in(role, state)
+    if state is S.CANCELLED:
+        assert machine.usage_pending  # reached with a non-final usage, so a usage report fits
+    expected = TRANSITIONS[role].get((state, event))
+    if expected is not None:
+        apply(machine, event)
+        assert machine.state is expected
+        return
+    assert event is not Event.CANCEL, "a cancel is never refused"
+    before = snapshot(machine)
+    with pytest.raises(ProtocolError) as info:
+        apply(machine, event)
+    assert type(info.value) is REFUSAL[role]
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert info.value.request_id == RID
+    assert snapshot(machine) == before  # a refused event changes nothing
+
+
+@ROLES
+def test_every_state_accepts_cancel(role):
+    for state in REACHABLE[role]:
+        assert (state, Event.CANCEL) in TRANSITIONS[role]
+
+
+@ROLES
+def test_terminal_states_accept_only_cancel_and_usage(role):
+    for (state, event), _ in TRANSITIONS[role].items():
+        if state.is_terminal:
+            assert event in (Event.CANCEL, Event.USAGE)
+            assert TRANSITIONS[role][(state, event)] is state  # G1: terminal stays terminal
+    assert {s for s in RequestState if s.is_terminal} == {S.COMPLETED, S.CANCELLED, S.FAILED}
+
+
+# --- G3: seq and content ------------------------------------------------------------------------
+
+
+@ROLES
+@pytest.mark.parametrize(
+    ("seqs", "bad_at"),
+    [
+        ([1], 0),  # must start at 0
+        ([0, 2], 1),  # gap
+        ([0, 1, 1], 2),  # repeat
+        ([0, 0], 1),
+        ([0, 1, 2, 1], 3),  # backwards
+        ([5], 0),
+    ],
+    ids=["start-at-1", "gap", "repeat", "repeat-0", "backwards", "start-at-5"],
+)
+def test_seq_must_be_contiguous_from_zero(role, seqs, bad_at):
+    machine = RequestStateMachine(RID, role)
+    for seq in seqs[:bad_at]:
+        machine.on_chunk(seq, f"t{seq}")
+    before = snapshot(machine)
+    with pytest.raises(REFUSAL[role]) as info:
+        machine.on_chunk(seqs[bad_at], "bad")
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert info.value.request_id == RID
+    assert snapshot(machine) == before
+    # The expected chunk is still accepted afterwards.
+    machine.on_chunk(machine.next_seq, "ok")
+
+
+@ROLES
+def test_text_joins_the_chunks(role):
+    machine = RequestStateMachine(RID, role)
+    assert machine.text == ""
+    parts = ["Hel", "lo", ", ", "wörld 🌍", "\n"]
+    for seq, part in enumerate(parts):
+        machine.on_chunk(seq, part)
+        assert machine.text == "".join(parts[: seq + 1])
+        assert machine.next_seq == seq + 1
+    assert machine.text == "Hello, wörld 🌍\n"
+    machine.on_response(completed("Hello, wörld 🌍\n"))
+    assert machine.state is S.COMPLETED
+    assert machine.text == "Hello, wörld 🌍\n"
+
+
+@ROLES
+@pytest.mark.parametrize(
+    ("chunks", "content"),
+    [([], "x"), (["a", "b"], "a"), (["a", "b"], "abc"), (["a", "b"], "ba"), (["a"], "")],
+    ids=["no-chunks", "short", "long", "order", "empty"],
+)
+def test_completed_content_must_equal_the_streamed_text(role, chunks, content):
+    machine = RequestStateMachine(RID, role)
+    for seq, text in enumerate(chunks):
+        machine.on_chunk(seq, text)
+    before = snapshot(machine)
+    with pytest.raises(REFUSAL[role]) as info:
+        machine.on_response(completed(content))
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert snapshot(machine) == before
+    machine.on_response(completed("".join(chunks)))
+    assert machine.state is S.COMPLETED
+
+
+@ROLES
+@pytest.mark.parametrize("seq", [0, 1])
+def test_stream_false_refuses_any_chunk(role, seq):
+    machine = RequestStateMachine(RID, role, stream=False)
+    with pytest.raises(REFUSAL[role]) as info:
+        machine.on_chunk(seq, "x")
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert machine.state is S.ACTIVE
+    assert machine.next_seq == 0
+
+
+@ROLES
+@pytest.mark.parametrize("content", ["", "the whole answer"])
+def test_stream_false_accepts_completed_content_without_chunks(role, content):
+    machine = RequestStateMachine(RID, role, stream=False)
+    machine.on_response(completed(content))
+    assert machine.state is S.COMPLETED
+
+
+@ROLES
+def test_cancelled_and_failed_responses_need_no_matching_text(role):
+    for response in (cancelled(final=True), failed()):
+        machine = RequestStateMachine(RID, role)
+        machine.on_chunk(0, "partial")
+        machine.on_response(response)
+        assert machine.state.is_terminal
+
+
+# --- G4: cancel outcomes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "state"),
+    [(role, state) for role in Sender for state in sorted(REACHABLE[role], key=lambda s: s.value)],
+    ids=lambda x: x.value if isinstance(x, RequestState) else x.name.lower(),
+)
+def test_cancel_outcome_from_each_state(role, state):
+    machine = machine_in(role, state)
+    assert machine.on_cancel() is CANCEL_OUTCOMES[state]
+    assert machine.state is TRANSITIONS[role][(state, Event.CANCEL)]
+
+
+def test_cancel_outcomes_table():
+    assert CANCEL_OUTCOMES == {
+        S.ACTIVE: CancelStatus.CANCELLED,
+        S.CANCELLING: CancelStatus.ALREADY_CANCELLED,
+        S.CANCEL_SENT: CancelStatus.ALREADY_CANCELLED,
+        S.CANCELLED: CancelStatus.ALREADY_CANCELLED,
+        S.COMPLETED: CancelStatus.ALREADY_COMPLETED,
+        S.FAILED: CancelStatus.ALREADY_COMPLETED,
+    }
+
+
+@ROLES
+def test_first_cancel_cancels_later_ones_are_already_cancelled(role):
+    machine = RequestStateMachine(RID, role)
+    assert machine.on_cancel() is CancelStatus.CANCELLED
+    assert machine.on_cancel() is CancelStatus.ALREADY_CANCELLED
+    machine.on_response(cancelled())
+    assert machine.on_cancel() is CancelStatus.ALREADY_CANCELLED
+    assert machine.state is S.CANCELLED
+
+
+@ROLES
+@pytest.mark.parametrize("response", [completed(), failed()], ids=["completed", "failed"])
+def test_cancel_after_completion_is_already_completed(role, response):
+    machine = RequestStateMachine(RID, role)
+    machine.on_response(response)
+    assert machine.on_cancel() is CancelStatus.ALREADY_COMPLETED
+    assert machine.on_cancel() is CancelStatus.ALREADY_COMPLETED
+    assert machine.state is response_state(response)
+
+
+def response_state(response: Response) -> RequestState:
+    return RequestState(response.status.value)
+
+
+# --- G2: the gateway after a cancel -------------------------------------------------------------
+
+
+def test_gateway_after_cancel_only_the_cancelled_response_follows():
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    machine.on_chunk(0, "a")
+    assert machine.on_cancel() is CancelStatus.CANCELLED
+    assert machine.state is S.CANCELLING
+    for refused in (
+        lambda: machine.on_chunk(1, "b"),
+        lambda: machine.on_response(completed("a")),
+        lambda: machine.on_response(failed()),
+        lambda: machine.on_usage(usage_report()),
+    ):
+        with pytest.raises(LocalProtocolError) as info:
+            refused()
+        assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+        assert machine.state is S.CANCELLING
+    assert machine.on_cancel() is CancelStatus.ALREADY_CANCELLED
+    machine.on_response(cancelled())
+    assert machine.state is S.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("first", "outcome", "terminal"),
+    [
+        ("cancel", CancelStatus.CANCELLED, S.CANCELLED),
+        ("completed", CancelStatus.ALREADY_COMPLETED, S.COMPLETED),
+        ("failed", CancelStatus.ALREADY_COMPLETED, S.FAILED),
+    ],
+)
+def test_gateway_race_is_decided_by_the_first_event(first, outcome, terminal):
+    """Completion and cancel race; whichever the gateway's machine sees first wins."""
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    machine.on_chunk(0, "a")
+    if first == "cancel":
+        got = machine.on_cancel()
+        with pytest.raises(LocalProtocolError):
+            machine.on_response(completed("a"))
+        machine.on_response(cancelled(final=True))
+    else:
+        machine.on_response(completed("a") if first == "completed" else failed())
+        got = machine.on_cancel()
+        with pytest.raises(LocalProtocolError):
+            machine.on_response(cancelled())
+    assert got is outcome
+    assert machine.state is terminal
+
+
+# --- usage reports ------------------------------------------------------------------------------
+
+
+@ROLES
+def test_usage_report_once_after_non_final_cancelled_response(role):
+    machine = RequestStateMachine(RID, role)
+    machine.on_cancel()
+    machine.on_response(cancelled(final=False))
+    assert machine.usage_pending
+    machine.on_usage(usage_report())
+    assert not machine.usage_pending
+    assert machine.state is S.CANCELLED
+    with pytest.raises(REFUSAL[role]) as info:
+        machine.on_usage(usage_report())
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+@ROLES
+def test_usage_report_may_follow_later_cancels(role):
+    machine = RequestStateMachine(RID, role)
+    machine.on_response(cancelled(final=False, reason=CancelReason.TIMEOUT))
+    assert machine.on_cancel() is CancelStatus.ALREADY_CANCELLED
+    machine.on_usage(usage_report())
+    assert machine.state is S.CANCELLED
+
+
+@ROLES
+@pytest.mark.parametrize(
+    "events",
+    [
+        [],
+        ["chunk"],
+        ["cancel"],
+        ["cancelled-final"],
+        ["completed"],
+        ["failed"],
+    ],
+    ids=["active", "streaming", "cancel", "cancelled-final", "completed", "failed"],
+)
+def test_usage_report_refused_without_pending_usage(role, events):
+    machine = RequestStateMachine(RID, role)
+    steps: dict[str, Callable[[], object]] = {
+        "chunk": lambda: machine.on_chunk(0, "x"),
+        "cancel": machine.on_cancel,
+        "cancelled-final": lambda: machine.on_response(cancelled(final=True)),
+        "completed": lambda: machine.on_response(completed()),
+        "failed": lambda: machine.on_response(failed()),
+    }
+    for name in events:
+        steps[name]()
+    before = snapshot(machine)
+    with pytest.raises(REFUSAL[role]) as info:
+        machine.on_usage(usage_report())
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert info.value.request_id == RID
+    assert snapshot(machine) == before
+
+
+# --- the client side ----------------------------------------------------------------------------
+
+
+def test_client_accepts_chunks_in_flight_after_sending_cancel():
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    machine.on_chunk(0, "a")
+    assert machine.on_cancel() is CancelStatus.CANCELLED
+    assert machine.state is S.CANCEL_SENT
+    machine.on_chunk(1, "b")  # sent before the gateway read the cancel
+    machine.on_chunk(2, "c")
+    assert machine.state is S.CANCEL_SENT
+    with pytest.raises(RemoteProtocolError):
+        machine.on_chunk(4, "gap")  # G3 still holds
+    assert machine.on_cancel() is CancelStatus.ALREADY_CANCELLED
+
+
+@pytest.mark.parametrize(
+    "response",
+    [completed("abc"), cancelled(), cancelled(final=True), failed()],
+    ids=["completed", "cancelled", "cancelled-final", "failed"],
+)
+def test_client_accepts_any_response_after_sending_cancel(response):
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    for seq, text in enumerate("abc"):
+        machine.on_chunk(seq, text)
+    machine.on_cancel()
+    machine.on_response(response)
+    assert machine.state is response_state(response)
+    with pytest.raises(RemoteProtocolError):
+        machine.on_chunk(3, "late")  # G1: nothing after the response
+
+
+def result(status: CancelStatus) -> CancelResult:
+    return CancelResult(request_id=RID, status=status)
+
+
+@pytest.mark.parametrize("status", list(CancelStatus), ids=lambda s: s.value)
+def test_cancel_result_without_outstanding_cancel_is_a_violation(status):
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    machine.on_response(cancelled(reason=CancelReason.API))  # cancelled by someone else
+    with pytest.raises(RemoteProtocolError) as info:
+        machine.on_cancel_result(result(status))
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    assert info.value.request_id == RID
+
+
+#: (what the client saw before the cancel_result, status) -> accepted?
+CANCEL_RESULT_CASES = {
+    # The gateway answers a cancel after the request's response (SPEC §5.3), so a result that
+    # arrives while the client still waits for the response is a violation.
+    ("cancel", CancelStatus.CANCELLED): False,
+    ("cancel", CancelStatus.ALREADY_CANCELLED): False,
+    ("cancel", CancelStatus.ALREADY_COMPLETED): False,
+    ("cancel", CancelStatus.NOT_FOUND): True,
+    ("cancel+cancelled", CancelStatus.CANCELLED): True,
+    ("cancel+cancelled", CancelStatus.ALREADY_CANCELLED): True,
+    ("cancel+cancelled", CancelStatus.ALREADY_COMPLETED): False,
+    ("cancel+cancelled", CancelStatus.NOT_FOUND): True,
+    ("cancel+completed", CancelStatus.CANCELLED): False,
+    ("cancel+completed", CancelStatus.ALREADY_CANCELLED): False,
+    ("cancel+completed", CancelStatus.ALREADY_COMPLETED): True,
+    ("cancel+completed", CancelStatus.NOT_FOUND): True,
+    ("cancel+failed", CancelStatus.ALREADY_COMPLETED): True,
+    ("cancel+failed", CancelStatus.CANCELLED): False,
+    ("completed+cancel", CancelStatus.ALREADY_COMPLETED): True,
+    ("completed+cancel", CancelStatus.CANCELLED): False,
+    ("failed+cancel", CancelStatus.ALREADY_COMPLETED): True,
+    ("failed+cancel", CancelStatus.ALREADY_CANCELLED): False,
+    ("cancelled+cancel", CancelStatus.ALREADY_CANCELLED): True,
+    ("cancelled+cancel", CancelStatus.ALREADY_COMPLETED): False,
+}
+
+
+@pytest.mark.parametrize(
+    ("history", "status", "accepted"),
+    [(h, s, ok) for (h, s), ok in CANCEL_RESULT_CASES.items()],
+    ids=[f"{h}-{s.value}" for h, s in CANCEL_RESULT_CASES],
+)
+def test_cancel_result_checks(history, status, accepted):
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    for step in history.split("+"):
+        if step == "cancel":
+            machine.on_cancel()
+        else:
+            apply(machine, Event(step))
+    if accepted:
+        machine.on_cancel_result(result(status))
+        # One cancel, one result: a second result is a violation.
+        with pytest.raises(RemoteProtocolError):
+            machine.on_cancel_result(result(status))
+    else:
+        with pytest.raises(RemoteProtocolError) as info:
+            machine.on_cancel_result(result(status))
+        assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_one_cancel_result_per_cancel():
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    for _ in range(3):
+        machine.on_cancel()
+    machine.on_response(cancelled())
+    machine.on_cancel_result(result(CancelStatus.CANCELLED))
+    machine.on_cancel_result(result(CancelStatus.ALREADY_CANCELLED))
+    machine.on_cancel_result(result(CancelStatus.NOT_FOUND))
+    with pytest.raises(RemoteProtocolError):
+        machine.on_cancel_result(result(CancelStatus.ALREADY_CANCELLED))
+
+
+def test_repr_names_the_request():
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    machine.on_chunk(0, "x")
+    assert repr(machine) == "RequestStateMachine('req-1', GATEWAY, state=ACTIVE, next_seq=1)"
+
+
+# --- random event sequences against a reference model -------------------------------------------
+
+
+@ROLES
+@settings(max_examples=300)
+@given(events=st.lists(st.sampled_from(list(Event)), max_size=12), data=st.data())
+def test_random_sequences_follow_the_table(role, events, data):
+    """Any event sequence: each event is accepted iff the table (and, for usage, a pending
+    non-final usage) allows it; a refused event changes nothing."""
+    machine = RequestStateMachine(RID, role)
+    state, pending, seq, cancelled_outcomes = S.ACTIVE, False, 0, 0
+    for event in events:
+        allowed = (state, event) in TRANSITIONS[role] and (event is not Event.USAGE or pending)
+        final = data.draw(st.booleans()) if event is Event.CANCELLED else True
+
+        def action(event: Event = event, final: bool = final) -> object:
+            if event is Event.CANCELLED:
+                return machine.on_response(cancelled(final=final))
+            return apply(machine, event)
+
+        if not allowed:
+            before = snapshot(machine)
+            with pytest.raises(REFUSAL[role]):
+                action()
+            assert snapshot(machine) == before
+            continue
+        outcome = action()
+        if event is Event.CANCEL:
+            assert outcome is CANCEL_OUTCOMES[state]
+            cancelled_outcomes += outcome is CancelStatus.CANCELLED
+        if event is Event.CHUNK:
+            seq += 1
+        if event is Event.CANCELLED:
+            pending = not final
+        if event is Event.USAGE:
+            pending = False
+        state = TRANSITIONS[role][(state, event)]
+        assert (machine.state, machine.next_seq, machine.usage_pending) == (state, seq, pending)
+    assert cancelled_outcomes <= 1
+
+
+# --- a gateway and a client together ------------------------------------------------------------
+
+
+class GatewayAndClient(RuleBasedStateMachine):
+    """One request seen by both sides. The gateway acts at random; whatever its machine lets it
+    send travels, in order, to the client's machine, which must accept all of it. The client
+    sends cancels at random; the gateway reads them when it likes.
+
+    Invariants (G1-G4): at most one response, nothing but cancel results and one usage report
+    after it, seq contiguous, content equal to the chunks, at most one ``cancelled`` outcome,
+    one result per cancel, and after a cancel was read the next message is the response.
+    """
+
+    @initialize(stream=st.booleans())
+    def start(self, stream: bool) -> None:
+        self.gateway = RequestStateMachine(RID, Sender.GATEWAY, stream=stream)
+        self.client = RequestStateMachine(RID, Sender.CLIENT, stream=stream)
+        self.stream = stream
+        self.to_client: list[object] = []  # in flight, gateway -> client
+        self.to_gateway = 0  # cancels in flight, client -> gateway
+        self.unanswered: list[CancelStatus] = []  # outcomes of cancels read, not yet answered
+        self.sent: list[object] = []  # everything the gateway sent, in order
+        self.delivered: list[object] = []
+        self.cancelled_outcomes = 0
+        self.cancels_sent = 0
+
+    # -- the gateway -----------------------------------------------------------------------
+
+    def _gateway_sends(self, message: object, feed: Callable[[], object], event: Event) -> None:
+        state = self.gateway.state
+        allowed = (state, event) in TRANSITIONS[Sender.GATEWAY]
+        if event is Event.CHUNK and not self.stream:
+            allowed = False
+        if event is Event.USAGE and not self.gateway.usage_pending:
+            allowed = False
+        if not allowed:
+            before = snapshot(self.gateway)
+            with pytest.raises(LocalProtocolError):
+                feed()
+            assert snapshot(self.gateway) == before
+            return
+        feed()
+        self.to_client.append(message)
+        self.sent.append(message)
+        self._flush_results()
+
+    @rule(text=st.text(min_size=1, max_size=5))
+    def emit_chunk(self, text: str) -> None:
+        seq = self.gateway.next_seq
+        self._gateway_sends(
+            ("chunk", seq, text), lambda: self.gateway.on_chunk(seq, text), Event.CHUNK
+        )
+
+    @rule()
+    def complete(self) -> None:
+        response = completed(self.gateway.text)
+        self._gateway_sends(response, lambda: self.gateway.on_response(response), Event.COMPLETED)
+
+    @rule()
+    def fail(self) -> None:
+        response = failed()
+        self._gateway_sends(response, lambda: self.gateway.on_response(response), Event.FAILED)
+
+    @rule(final=st.booleans(), reason=st.sampled_from(list(CancelReason)))
+    def send_cancelled(self, final: bool, reason: CancelReason) -> None:
+        response = cancelled(final=final, reason=reason)  # after a cancel, or a timeout
+        self._gateway_sends(response, lambda: self.gateway.on_response(response), Event.CANCELLED)
+
+    @rule()
+    def send_usage(self) -> None:
+        report = usage_report()
+        self._gateway_sends(report, lambda: self.gateway.on_usage(report), Event.USAGE)
+
+    @precondition(lambda self: self.to_gateway > 0)
+    @rule()
+    def read_cancel(self) -> None:
+        self.to_gateway -= 1
+        state = self.gateway.state
+        outcome = self.gateway.on_cancel()  # never refused
+        assert outcome is CANCEL_OUTCOMES[state]
+        self.cancelled_outcomes += outcome is CancelStatus.CANCELLED
+        if outcome is CancelStatus.CANCELLED:
+            assert self.gateway.state is S.CANCELLING
+        self.unanswered.append(outcome)
+        self._flush_results()
+
+    def _flush_results(self) -> None:
+        # A cancel's result goes out once the request's response has (SPEC §5.3).
+        if self.gateway.state.is_terminal:
+            for outcome in self.unanswered:
+                message = result(outcome)
+                self.to_client.append(message)
+                self.sent.append(message)
+            self.unanswered.clear()
+
+    # -- the client ------------------------------------------------------------------------
+
+    @rule()
+    def send_cancel(self) -> None:
+        self.client.on_cancel()
+        self.to_gateway += 1
+        self.cancels_sent += 1
+
+    @precondition(lambda self: self.to_client)
+    @rule()
+    def deliver(self) -> None:
+        message = self.to_client.pop(0)
+        self.delivered.append(message)
+        if isinstance(message, tuple):
+            _, seq, text = message
+            self.client.on_chunk(seq, text)
+        elif isinstance(message, Response):
+            self.client.on_response(message)
+        elif isinstance(message, UsageReport):
+            self.client.on_usage(message)
+        else:
+            assert isinstance(message, CancelResult)
+            self.client.on_cancel_result(message)
+
+    # -- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def at_most_one_response_and_nothing_after_it_but_results(self) -> None:
+        responses = [i for i, m in enumerate(self.sent) if isinstance(m, Response)]
+        assert len(responses) <= 1
+        if responses:
+            after = self.sent[responses[0] + 1 :]
+            assert all(isinstance(m, CancelResult | UsageReport) for m in after)
+            assert sum(isinstance(m, UsageReport) for m in after) <= 1
+            assert self.gateway.state.is_terminal
+        else:
+            assert not any(isinstance(m, CancelResult | UsageReport) for m in self.sent)
+
+    @invariant()
+    def seq_contiguous_and_content_matches(self) -> None:
+        chunks = [m for m in self.sent if isinstance(m, tuple)]
+        assert [seq for _, seq, _ in chunks] == list(range(len(chunks)))
+        if not self.stream:
+            assert not chunks
+        for m in self.sent:
+            if isinstance(m, Response) and m.status is ResponseStatus.COMPLETED and self.stream:
+                assert m.content == "".join(text for _, _, text in chunks)
+
+    @invariant()
+    def cancel_outcomes(self) -> None:
+        assert self.cancelled_outcomes <= 1
+        results = [m.status for m in self.sent if isinstance(m, CancelResult)]
+        assert results.count(CancelStatus.CANCELLED) <= 1
+        assert len(results) + len(self.unanswered) + self.to_gateway == self.cancels_sent
+
+    @invariant()
+    def after_a_cancel_is_read_the_response_is_next(self) -> None:
+        if self.gateway.state is S.CANCELLING:
+            assert not any(isinstance(m, Response) for m in self.sent)
+
+    @invariant()
+    def client_agrees_once_everything_arrived(self) -> None:
+        if self.to_client:
+            return
+        assert self.client.next_seq == self.gateway.next_seq
+        assert self.client.text == self.gateway.text
+        if self.gateway.state.is_terminal:
+            assert self.client.state is self.gateway.state
+            assert self.client.usage_pending == self.gateway.usage_pending
+
+
+GatewayAndClient.TestCase.settings = settings(max_examples=150, stateful_step_count=30)
+test_gateway_and_client_together = GatewayAndClient.TestCase
+
+
+def test_state_machine_covers_every_role_state_event_pair():
+    """The table-driven test above is exhaustive: every reachable (state, event) per role."""
+    ids = {(p.values[0], p.values[1], p.values[2]) for p in PAIRS}
+    expected = {
+        (role, state, event)
+        for role in Sender
+        for state, event in itertools.product(REACHABLE[role], Event)
+    }
+    assert ids == expected
