@@ -1,33 +1,72 @@
-"""The ``muxgate`` command line."""
+"""The ``muxgate`` command line: ``muxgate serve`` runs the gateway; ``muxgate spec`` prints the
+wire protocol specification."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from importlib.resources import files
 
-import protocol
+from .config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+# Settings that are not flags: a table (TOML only).
+_NOT_FLAGS = {"backend_options"}
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every flag also reads from MUXGATE_<NAME> and a TOML file.",
+    )
+    serve.add_argument("--config", help="TOML file of settings (also MUXGATE_CONFIG)")
+    for f in dataclasses.fields(Config):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "client_keys":
+            serve.add_argument(
+                "--client-key",
+                dest="client_keys",
+                action="append",
+                help="a client key (repeat for several; env MUXGATE_CLIENT_KEYS, comma-separated)",
+            )
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        serve.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            help=f"(default: {default}; env MUXGATE_{f.name.upper()})",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muxgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=protocol.DEFAULT_PORT)
-    sub.add_parser("spec", help="print the wire protocol specification")
+    _serve_parser(sub)
+    sub.add_parser("spec", help="print the wire protocol specification (protocol/SPEC.md)")
     args = parser.parse_args(argv)
     if args.command == "spec":
         sys.stdout.write(files("protocol").joinpath("SPEC.md").read_text(encoding="utf-8"))
         return 0
-    print(
-        f"muxgate {protocol.PROTOCOL_VERSION}: the gateway server is not built yet "
-        f"(it will listen on ws://{args.host}:{args.port}{protocol.WS_PATH}). "
-        "See protocol/SPEC.md for the wire protocol.",
-        file=sys.stderr,
-    )
-    return 2
+    flags = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if f.name not in _NOT_FLAGS
+    }
+    try:
+        config = load_config(flags=flags, toml_path=args.config)
+    except ConfigError as exc:
+        parser.exit(2, f"muxgate: {exc}\n")
+    from .server import run  # imported late: `muxgate spec` needs no server
+
+    run(config)
+    return 0
 
 
 if __name__ == "__main__":

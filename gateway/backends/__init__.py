@@ -1,0 +1,165 @@
+"""Backends by name: the built-in ones, entry points, or ``package.module:attribute``.
+
+``load_backend(name, **options)`` resolves ``name`` in this order:
+
+1. a built-in backend (:data:`BACKENDS`): ``"simulated"`` (the default, a simulated agent
+   pipeline, see :mod:`gateway.backends.simulated`) or ``"echo"`` (streams the prompt back word
+   by word);
+2. an entry point of that name in the group ``"muxgate.backends"`` (:data:`ENTRY_POINT_GROUP`),
+   which a package declares in its ``pyproject.toml``::
+
+       [project.entry-points."muxgate.backends"]
+       mybackend = "mypackage.backend:MyBackend"
+
+3. a ``"package.module:attribute"`` reference (the attribute may be dotted).
+
+What is found is a Backend class or a factory: it is called with ``**options`` and must return an
+object with ``async def run(self, ctx: RequestContext) -> None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import re
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Final
+
+from ..pipeline import Backend, RequestContext
+from .simulated import SimulatedBackend, estimate_tokens
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "ENTRY_POINT_GROUP",
+    "EchoBackend",
+    "SimulatedBackend",
+    "available_backends",
+    "load_backend",
+]
+
+ENTRY_POINT_GROUP: Final = "muxgate.backends"
+DEFAULT_BACKEND: Final = "simulated"
+
+_WORD = re.compile(r"\s*\S+")
+
+
+class EchoBackend:
+    """Streams the prompt back word by word (each word with its leading whitespace)."""
+
+    name: Final = "echo"
+
+    def __init__(self, *, token_delay_ms: int = 0) -> None:
+        if type(token_delay_ms) is not int or token_delay_ms < 0:
+            raise ValueError(
+                f"echo backend option 'token_delay_ms' must be an integer >= 0, "
+                f"got {token_delay_ms!r}"
+            )
+        self.token_delay_ms = token_delay_ms
+
+    def __repr__(self) -> str:
+        return f"EchoBackend(token_delay_ms={self.token_delay_ms})"
+
+    async def run(self, ctx: RequestContext) -> None:
+        prompt = ctx.prompt
+        words = _WORD.findall(prompt)
+        input_tokens = estimate_tokens(prompt)
+        ctx.usage.expect(input_tokens + len(words))
+        await ctx.stream_llm(self._tokens(words), input_tokens=input_tokens, name="echo")
+
+    async def _tokens(self, words: list[str]) -> AsyncIterator[str]:
+        delay = self.token_delay_ms / 1000
+        for word in words:
+            await asyncio.sleep(delay)
+            yield word
+
+
+_BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
+    "simulated": SimulatedBackend,
+    "echo": EchoBackend,
+}
+
+#: The names of the built-in backends; the first is the default.
+BACKENDS: Final[list[str]] = list(_BUILTINS)
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(point.name, point)
+    return found
+
+
+def available_backends() -> list[str]:
+    """Built-in names, then the names of installed entry points."""
+    return BACKENDS + sorted(set(_entry_points()) - set(BACKENDS))
+
+
+def _unknown(name: str, why: str = "") -> ValueError:
+    names = ", ".join(repr(n) for n in available_backends())
+    return ValueError(
+        f"unknown backend {name!r}{why}; available: {names}, or an entry point in the group "
+        f"{ENTRY_POINT_GROUP!r}, or 'package.module:attribute'"
+    )
+
+
+def _import_reference(name: str) -> object:
+    module_name, _, attribute = name.partition(":")
+    module_name, attribute = module_name.strip(), attribute.strip()
+    if not module_name or not attribute:
+        raise _unknown(name, " (expected 'package.module:attribute')")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only a missing module *named in the reference* is an unknown name; a module that
+        # fails to import one of its own dependencies is a real error and propagates.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise _unknown(name, f" (no module {exc.name!r})") from None
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _unknown(name, f" (module {module_name!r} has no {attribute!r})") from None
+    return obj
+
+
+def _instantiate(name: str, factory: object, options: dict[str, Any]) -> Backend:
+    backend: object
+    if isinstance(factory, type):  # a class (which itself "has" run: test it first)
+        backend = factory(**options)
+    elif isinstance(factory, Backend):  # a ready-made instance
+        if options:
+            raise TypeError(f"backend {name!r} is an instance: it takes no options")
+        backend = factory
+    elif callable(factory):
+        backend = factory(**options)
+    else:
+        raise TypeError(f"backend {name!r} is neither a Backend class nor a factory: {factory!r}")
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"backend {name!r} gave {backend!r}, which has no 'async def run(self, ctx)' method"
+        )
+    return backend
+
+
+def load_backend(name: str = DEFAULT_BACKEND, **options: Any) -> Backend:
+    """The backend called ``name``, constructed with ``options``.
+
+    Raises ValueError for a name that is neither built in, an installed entry point, nor an
+    importable ``package.module:attribute``; TypeError if what it names is not a backend (or
+    rejects the options).
+    """
+    name = name.strip()
+    if not name:
+        raise _unknown(name)
+    builtin = _BUILTINS.get(name)
+    if builtin is not None:
+        return builtin(**options)
+    point = _entry_points().get(name)
+    if point is not None:
+        return _instantiate(name, point.load(), options)
+    if ":" in name:
+        return _instantiate(name, _import_reference(name), options)
+    raise _unknown(name)

@@ -1,0 +1,189 @@
+"""Gateway configuration: defaults < TOML file < environment (``MUXGATE_*``) < command-line flags.
+
+Every setting is a field of :class:`Config`; its environment variable is ``MUXGATE_`` plus the
+field name in capitals (``MUXGATE_MAX_STREAMS=128``), its flag ``--`` plus the name with dashes
+(``--max-streams 128``), its TOML key the name itself. ``client_keys`` takes a comma-separated
+list in the environment and repeated flags; ``backend_options`` is a TOML table only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import protocol
+from protocol import limits
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = protocol.DEFAULT_PORT
+    #: Backend name: "simulated" (default), "echo", an entry point of group "muxgate.backends",
+    #: or "package.module:attribute".
+    backend: str = "simulated"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+    #: Server-side callers' secrets; with none and no jwt_secret the gateway runs without auth.
+    client_keys: tuple[str, ...] = ()
+    #: HS256 secret for user tokens (JWT with sub and exp).
+    jwt_secret: str | None = None
+    jwt_audience: str | None = None
+
+    max_streams: int = limits.DEFAULT_MAX_STREAMS
+    max_connections: int = 20_000
+    max_frame_bytes: int = limits.MAX_FRAME_BYTES
+    #: Outbound batching: most bytes packed into one frame; 0 disables batching (one message
+    #: per frame, for benchmarks).
+    max_batch_bytes: int = limits.DEFAULT_BATCH_BYTES
+    #: Per request: pending characters before its pipeline waits at its next emit.
+    max_pending_chars: int = 65_536
+    #: Per request: the whole answer, in characters. The completed response carries it in one
+    #: message, so 4 bytes per character plus framing must fit MAX_FRAME_BYTES.
+    max_content_chars: int = 250_000
+    #: Per connection: queued control messages before the client counts as not reading.
+    max_control_messages: int = 4096
+    #: A writer blocked this long on a client that does not read closes it (4008).
+    slow_consumer_timeout: float = 30.0
+    #: Server maximum for a request's lifetime; a chat's timeout_ms is capped to it.
+    max_timeout_ms: int = 600_000
+    #: Seconds a connection without credentials has to send its hello.
+    hello_timeout: float = 10.0
+    #: Inbound messages per second per connection (token bucket) and the burst allowed.
+    rate_limit: float = 500.0
+    rate_burst: int = 1000
+    #: Finished requests remembered for late cancels and GET.
+    retention_seconds: float = 300.0
+    retention_count: int = 100_000
+    #: On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled.
+    shutdown_grace: float = 10.0
+    log_format: str = "auto"  # "auto" (console on a terminal, else JSON), "json", "console"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _positive = (
+            "max_streams",
+            "max_connections",
+            "max_pending_chars",
+            "max_content_chars",
+            "max_control_messages",
+            "max_timeout_ms",
+            "rate_burst",
+            "retention_count",
+        )
+        for name in _positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be in 0..65535")
+        if not 1024 <= self.max_frame_bytes <= limits.MAX_FRAME_BYTES:
+            raise ConfigError(f"max_frame_bytes must be in 1024..{limits.MAX_FRAME_BYTES}")
+        if self.max_batch_bytes < 0:
+            raise ConfigError("max_batch_bytes must be >= 0 (0 disables batching)")
+        if self.max_timeout_ms > limits.MAX_TIMEOUT_MS:
+            raise ConfigError(f"max_timeout_ms must be at most {limits.MAX_TIMEOUT_MS}")
+        for name in ("slow_consumer_timeout", "hello_timeout", "rate_limit", "shutdown_grace"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError("log_format must be auto, json or console")
+        if any(not key for key in self.client_keys):
+            raise ConfigError("client_keys must not contain empty keys")
+        if self.jwt_secret == "":
+            raise ConfigError("jwt_secret must not be empty")
+        if self.max_content_chars * 4 + 4096 > limits.MAX_FRAME_BYTES:
+            # A completed response carries the whole answer; it must fit one frame.
+            raise ConfigError(
+                f"max_content_chars must be at most {limits.MAX_FRAME_BYTES // 4 - 1024}"
+            )
+        if self.max_pending_chars > self.max_content_chars:
+            raise ConfigError("max_pending_chars must not exceed max_content_chars")
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.client_keys) or self.jwt_secret is not None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    """Coerce a TOML/env/flag value to the field's type."""
+    hint = _HINTS[name]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if name == "client_keys":
+            if isinstance(raw, str):
+                return tuple(k.strip() for k in raw.split(",") if k.strip())
+            return tuple(str(k) for k in raw)
+        if name == "backend_options":
+            if not isinstance(raw, Mapping):
+                raise TypeError("must be a table")
+            return dict(raw)
+        if optional and raw in ("", None):
+            return None
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            return {"1": True, "true": True, "0": False, "false": False}[str(raw).lower()]
+        if hint is int:
+            if isinstance(raw, bool):
+                raise TypeError("not an integer")
+            return int(raw)
+        if hint is float:
+            if isinstance(raw, bool):
+                raise TypeError("not a number")
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{name} ({source}): invalid value {raw!r}") from exc
+
+
+def load_config(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    toml_path: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Merge the sources. ``flags`` maps field names to values (``None`` = not given)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = toml_path or environ.get("MUXGATE_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _convert(key, raw, f"config file {path}")
+    for name in _FIELDS:
+        env_name = "MUXGATE_" + name.upper()
+        if name != "backend_options" and env_name in environ:
+            values[name] = _convert(name, environ[env_name], env_name)
+    for name, raw in (flags or {}).items():
+        if raw is not None:
+            if name not in _FIELDS:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _convert(name, raw, "--" + name.replace("_", "-"))
+    try:
+        return Config(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
+        raise ConfigError(str(exc)) from exc

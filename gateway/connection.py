@@ -1,0 +1,231 @@
+"""One WebSocket connection: authenticate, read and decode frames, run the writer, close.
+
+This is the I/O edge. Frames are decoded by ``protocol``; each valid message goes to the
+:class:`Multiplexer`, each invalid one gets its ``error`` (G6). The single writer task is the
+connection's :class:`Outbound`. Whatever ends the connection (client close, slow consumer,
+flood, shutdown), the ``finally`` cancels its requests with reason "disconnect" (G7) and stops
+the writer, so nothing of it is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import TYPE_CHECKING, NoReturn, cast
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+import protocol
+from protocol import (
+    Cancel,
+    ClientMessage,
+    CloseCode,
+    Codec,
+    Error,
+    ErrorCode,
+    Hello,
+    Limits,
+    RemoteProtocolError,
+    Sender,
+    Welcome,
+)
+
+from .auth import AuthError, Principal
+from .multiplexer import Multiplexer
+from .outbound import Outbound, SlowConsumer
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+__all__ = ["Connection"]
+
+log = structlog.get_logger("muxgate.connection")
+
+
+class _Closing(Exception):
+    """Internal: end the connection with this close code and reason."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
+        self.gateway = gateway
+        self.ws = ws
+        self.id = secrets.token_hex(8)
+        self.codec = Codec.from_subprotocol(ws.subprotocol)
+        config = gateway.config
+        self.outbound = Outbound(
+            self._send,
+            self.codec,
+            max_batch_bytes=config.max_batch_bytes,
+            max_pending_chars=config.max_pending_chars,
+            max_control=config.max_control_messages,
+            slow_consumer_timeout=config.slow_consumer_timeout,
+        )
+        self.mux: Multiplexer | None = None
+        self._text = self.codec.is_text
+        # Token bucket for inbound messages (SPEC.md §7: rate_limited, then close 4029).
+        self._tokens = float(config.rate_burst)
+        self._refill_at = time.monotonic()
+        self._strikes = 0
+
+    async def _send(self, frame: bytes) -> None:
+        await self.ws.send(frame, text=self._text)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.outbound.run(), name=f"muxgate-writer-{self.id}")
+        writer.add_done_callback(self._writer_done)
+        try:
+            await self._read_loop()
+        except _Closing as closing:
+            await self._flush_and_close(closing.code, closing.reason)
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.mux is not None:
+                self.mux.disconnect()
+            self.outbound.close()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+            log.debug("connection.closed", connection_id=self.id, close_code=self.ws.close_code)
+
+    async def _read_loop(self) -> None:
+        # SPEC.md §4.4: handshake credentials are checked now but decided on the first message,
+        # since a hello may replace them.
+        headers = self.ws.request.headers if self.ws.request is not None else {}
+        self._principal: Principal | None = None
+        self._auth_error: AuthError | None = None
+        try:
+            self._principal = self.gateway.auth.from_headers(headers)
+        except AuthError as exc:
+            self._auth_error = exc
+        hello_timeout = None if self._principal is not None else self.gateway.config.hello_timeout
+        recv = self.ws.recv
+        while True:
+            if self.mux is None and hello_timeout is not None:
+                try:
+                    async with asyncio.timeout(hello_timeout):
+                        data = await recv()
+                except TimeoutError:
+                    self._refuse(AuthError(ErrorCode.UNAUTHORIZED, "authentication required"))
+            else:
+                data = await recv()
+            if self._text and isinstance(data, bytes):
+                # SPEC.md §2.2: a binary frame on a JSON connection; nothing in it is processed.
+                self._first_message_seen()
+                self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
+                continue
+            for result in protocol.decode(data, self.codec, Sender.CLIENT):
+                if isinstance(result, RemoteProtocolError):
+                    self._first_message_seen()
+                    self._error(result.code, result.message, result.request_id)
+                    continue
+                message = cast(ClientMessage, result)  # decode(..., Sender.CLIENT) ensures it
+                if not isinstance(message, Cancel) and not self._admit(message):
+                    continue  # a cancel is never refused for rate (SPEC.md §7.1)
+                if isinstance(message, Hello) and self.mux is None:
+                    self._hello(message, headers)
+                    continue
+                self._first_message_seen()
+                assert self.mux is not None
+                await self.mux.dispatch(message)
+
+    def _hello(self, hello: Hello, headers: object) -> None:
+        try:
+            principal = self.gateway.auth.from_hello(
+                hello,
+                self._principal,
+                headers=headers,  # type: ignore[arg-type]
+            )
+        except AuthError as exc:
+            self._refuse(exc)  # SPEC.md §4.4 (5): a refused hello closes, even in dev mode
+        self._welcome(principal)
+
+    def _first_message_seen(self) -> None:
+        """Anything but a hello came first: decide authentication with the handshake's."""
+        if self.mux is not None:
+            return
+        if self._principal is None:
+            self._refuse(
+                self._auth_error or AuthError(ErrorCode.UNAUTHORIZED, "authentication required")
+            )
+        else:
+            self._welcome(self._principal)
+
+    def _refuse(self, exc: AuthError) -> NoReturn:
+        self._error(exc.code, exc.message)
+        raise _Closing(CloseCode.UNAUTHORIZED, "unauthorized")
+
+    def _welcome(self, principal: Principal) -> None:
+        config = self.gateway.config
+        self.mux = Multiplexer(self.gateway, self.outbound, principal)
+        self.outbound.send_control(
+            Welcome(
+                connection_id=self.id,
+                user_id=principal.default_user or None,
+                limits=Limits(
+                    max_streams=config.max_streams,
+                    max_frame_bytes=config.max_frame_bytes,
+                    max_batch_messages=protocol.limits.MAX_BATCH_MESSAGES,
+                    max_timeout_ms=config.max_timeout_ms,
+                ),
+            )
+        )
+
+    def _admit(self, message: ClientMessage) -> bool:
+        """Token bucket: refuse (rate_limited) beyond the rate; close 4029 if it goes on."""
+        config = self.gateway.config
+        now = time.monotonic()
+        self._tokens = min(
+            float(config.rate_burst), self._tokens + (now - self._refill_at) * config.rate_limit
+        )
+        self._refill_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._strikes = 0
+            return True
+        self._strikes += 1
+        if self._strikes > config.rate_burst:
+            raise _Closing(CloseCode.RATE_LIMITED, "rate limit exceeded")
+        self._error(
+            ErrorCode.RATE_LIMITED,
+            "too many messages; slow down",
+            getattr(message, "request_id", None),
+        )
+        return False
+
+    def _error(self, code: ErrorCode | str, message: str, request_id: str | None = None) -> None:
+        self.gateway.observer.errors.labels(str(code)).inc()
+        self.outbound.send_control(Error(code=str(code), message=message, request_id=request_id))
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, SlowConsumer):
+            log.warning("connection.slow_consumer", connection_id=self.id, detail=str(exc))
+            code, reason = CloseCode.SLOW_CONSUMER, "slow consumer"
+        elif exc is None or isinstance(exc, ConnectionClosed):
+            return
+        else:
+            log.error("connection.writer_failed", connection_id=self.id, exc_info=exc)
+            code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+        self.gateway.track(asyncio.ensure_future(self.ws.close(code, reason)))
+
+    async def _flush_and_close(self, code: CloseCode, reason: str) -> None:
+        """Give queued messages (the error explaining the close) a moment, then close."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.outbound.flushed()
+        await self.ws.close(code, reason)

@@ -1,0 +1,118 @@
+"""HTTP on the WebSocket port (SPEC.md §8): cancel and status by id, health, metrics.
+
+websockets parses every request line and hands it to ``process_request`` before the WebSocket
+handshake; body-less ``DELETE`` and ``GET`` are accepted (it refuses only bodies), so the seed's
+``curl -X DELETE`` works against the same port. Returning a response ends the exchange; returning
+``None`` lets the WebSocket handshake go on (``GET /v1/ws`` only).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+import protocol
+from protocol import CancelReason, CancelStatus, ErrorCode
+
+from .auth import AuthError
+from .registry import RequestKey
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+__all__ = ["process_request"]
+
+_REQUESTS_PREFIX = "/v1/requests/"
+
+_CANCEL_HTTP_STATUS = {
+    CancelStatus.CANCELLED: HTTPStatus.OK,
+    CancelStatus.ALREADY_CANCELLED: HTTPStatus.OK,
+    CancelStatus.ALREADY_COMPLETED: HTTPStatus.CONFLICT,
+    CancelStatus.NOT_FOUND: HTTPStatus.NOT_FOUND,
+}
+
+
+def _json(conn: ServerConnection, status: HTTPStatus, body: object) -> Response:
+    response = conn.respond(status, orjson.dumps(body).decode())
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def _error(conn: ServerConnection, status: HTTPStatus, code: ErrorCode, message: str) -> Response:
+    return _json(conn, status, {"error": {"code": code.value, "message": message}})
+
+
+def _not_allowed(conn: ServerConnection, allow: str) -> Response:
+    response = _error(
+        conn, HTTPStatus.METHOD_NOT_ALLOWED, ErrorCode.INVALID_FIELD, "method not allowed"
+    )
+    response.headers["Allow"] = allow
+    return response
+
+
+async def process_request(
+    gateway: Gateway, conn: ServerConnection, request: Request
+) -> Response | None:
+    path = request.path.partition("?")[0]
+    method = request.method
+    if path == protocol.WS_PATH:
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        if gateway.draining:
+            return _error(
+                conn, HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.UNAVAILABLE, "shutting down"
+            )
+        return None  # the WebSocket handshake goes on
+    if path.startswith(_REQUESTS_PREFIX):
+        return await _request_by_id(gateway, conn, request, unquote(path[len(_REQUESTS_PREFIX) :]))
+    if path == "/healthz":
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        if gateway.draining:
+            return _json(conn, HTTPStatus.SERVICE_UNAVAILABLE, {"status": "draining"})
+        return _json(conn, HTTPStatus.OK, {"status": "ok"})
+    if path == "/metrics":
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        response = conn.respond(HTTPStatus.OK, gateway.observer.render().decode())
+        response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        return response
+    return _error(conn, HTTPStatus.NOT_FOUND, ErrorCode.INVALID_FIELD, "no such endpoint")
+
+
+async def _request_by_id(
+    gateway: Gateway, conn: ServerConnection, request: Request, request_id: str
+) -> Response:
+    method = request.method
+    if method not in ("GET", "DELETE"):
+        return _not_allowed(conn, "GET, DELETE")
+    if not protocol.limits.REQUEST_ID_PATTERN.fullmatch(request_id):
+        return _error(
+            conn,
+            HTTPStatus.BAD_REQUEST,
+            ErrorCode.INVALID_FIELD,
+            "request_id must be 1-128 characters of [A-Za-z0-9._:-]",
+        )
+    try:
+        user = gateway.auth.from_http_headers(request.headers).user_for(None)
+    except AuthError as exc:
+        return _error(conn, HTTPStatus(exc.http_status), ErrorCode(exc.code), exc.message)
+    key = RequestKey(user, request_id)
+    if method == "DELETE":
+        status = await gateway.registry.cancel(key, CancelReason.API)
+        return _json(
+            conn, _CANCEL_HTTP_STATUS[status], {"request_id": request_id, "status": status.value}
+        )
+    record = await gateway.registry.lookup(key)
+    if record is None:
+        return _json(
+            conn,
+            HTTPStatus.NOT_FOUND,
+            {"request_id": request_id, "status": CancelStatus.NOT_FOUND.value},
+        )
+    return _json(conn, HTTPStatus.OK, record.to_json())

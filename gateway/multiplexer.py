@@ -1,0 +1,133 @@
+"""Which request a message belongs to: dispatch of one connection's decoded messages.
+
+The connection (I/O) hands every valid message here; the multiplexer resolves the user, enforces
+the per-connection stream limit and id rules, starts requests, routes cancels through the
+registry, and answers pings. Every refusal is an ``error`` message naming the request, and
+touches no other request (G6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from protocol import (
+    Cancel,
+    CancelReason,
+    CancelResult,
+    Chat,
+    ChatMessage,
+    ClientMessage,
+    Error,
+    ErrorCode,
+    Hello,
+    Ping,
+    Pong,
+    Role,
+)
+
+from .auth import AuthError, Principal
+from .outbound import Outbound
+from .registry import DuplicateRequest, RequestKey
+from .request import Request
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+__all__ = ["Multiplexer"]
+
+
+class Multiplexer:
+    """The requests of one connection."""
+
+    def __init__(self, gateway: Gateway, outbound: Outbound, principal: Principal) -> None:
+        self.gateway = gateway
+        self.outbound = outbound
+        self.principal = principal
+        #: Requests whose pipeline still runs (counted against ``max_streams``).
+        self.requests: set[Request] = set()
+
+    def error(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        self.gateway.observer.errors.labels(code.value).inc()
+        self.outbound.send_control(Error(code=code, message=message, request_id=request_id))
+
+    async def dispatch(self, message: ClientMessage) -> None:
+        if isinstance(message, Chat):
+            self.chat(message)
+        elif isinstance(message, Cancel):
+            await self.cancel(message)
+        elif isinstance(message, Ping):
+            self.outbound.send_control(Pong(id=message.id))
+        elif isinstance(message, Hello):
+            self.error(ErrorCode.PROTOCOL_VIOLATION, "hello is only allowed as the first message")
+
+    def chat(self, chat: Chat) -> None:
+        rid = chat.request_id
+        gateway = self.gateway
+        config = gateway.config
+        if gateway.draining:
+            self.error(ErrorCode.UNAVAILABLE, "the gateway is shutting down", rid)
+            return
+        try:
+            user = self.principal.user_for(chat.user_id)
+        except AuthError as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        if len(self.requests) >= config.max_streams:
+            self.error(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"at most {config.max_streams} concurrent requests per connection",
+                rid,
+            )
+            return
+        if rid in self.outbound.streams:
+            self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
+            return
+        timeout_ms = min(chat.timeout_ms or config.max_timeout_ms, config.max_timeout_ms)
+        messages = chat.messages or (ChatMessage(role=Role.USER, content=chat.message or ""),)
+        request = Request(
+            key=RequestKey(user, rid),
+            stream=chat.stream,
+            messages=messages,
+            metadata=chat.metadata or {},
+            outbound=self.outbound,
+            backend=gateway.backend,
+            registry=gateway.registry,
+            observer=gateway.observer,
+            timeout=timeout_ms / 1000,
+            max_content_chars=config.max_content_chars,
+        )
+        try:
+            task = request.start()
+        except DuplicateRequest:
+            self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
+            return
+        self.requests.add(request)
+        gateway.track(task)
+        task.add_done_callback(lambda _: self.requests.discard(request))
+
+    async def cancel(self, cancel: Cancel) -> None:
+        rid = cancel.request_id
+        try:
+            user = self.principal.user_for(cancel.user_id)
+        except AuthError as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        status = await self.gateway.registry.cancel(RequestKey(user, rid), CancelReason.CLIENT)
+        result = CancelResult(request_id=rid, status=status)
+        stream = self.outbound.streams.get(rid)
+        if stream is not None and stream.finishing:
+            # Lost the race to completion: the result follows the completed response (G1).
+            self.outbound.send_after(stream, result)
+        else:
+            self.outbound.send_control(result)
+
+    def disconnect(self) -> None:
+        """G7: the connection closed; cancel its requests (their pipelines halt on their own)."""
+        for request in list(self.requests):
+            request.cancel(CancelReason.DISCONNECT)
+
+    async def wait_halted(self) -> None:
+        tasks = [r.task for r in self.requests if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,152 @@
+"""Logs and metrics: one structlog line per request event (never per chunk), Prometheus metrics.
+
+Hot-path discipline: nothing here runs per chunk. Chunk and frame totals are plain integer
+counters on each connection's :class:`Outbound`, read by a custom collector at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .registry import RequestStatus
+
+if TYPE_CHECKING:
+    from .request import Request
+
+__all__ = ["GatewayObserver", "configure_logging"]
+
+log = structlog.get_logger("muxgate")
+
+# Cancel-to-terminal latency is sub-millisecond when healthy; buckets resolve that range.
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    """structlog: JSON lines, or a console renderer when attached to a terminal."""
+    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class _TotalsCollector(Collector):
+    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        chunks, frames = self._totals()
+        yield CounterMetricFamily("muxgate_chunks_sent", "Chunk messages sent.", value=chunks)
+        yield CounterMetricFamily("muxgate_frames_sent", "WebSocket frames sent.", value=frames)
+
+
+class GatewayObserver:
+    """Implements :class:`request.RequestObserver`; owns this gateway's metrics registry."""
+
+    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("muxgate_connections", "Open WebSocket connections.", registry=r)
+        self.active_requests = Gauge(
+            "muxgate_active_requests", "Requests without a terminal response.", registry=r
+        )
+        self.responses = Counter(
+            "muxgate_responses",
+            "Terminal responses by status and cancel reason.",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            "muxgate_cancel_latency_seconds",
+            "From reading a cancel to writing the cancelled response.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.halt_latency = Histogram(
+            "muxgate_halt_latency_seconds",
+            "From reading a cancel to the pipeline halting at its checkpoint.",
+            registry=r,
+        )
+        self.tokens = Counter(
+            "muxgate_tokens", "Tokens consumed, by kind (input, output).", ["kind"], registry=r
+        )
+        self.saved_tokens = Counter(
+            "muxgate_saved_tokens", "Estimated tokens not consumed thanks to cancels.", registry=r
+        )
+        self.errors = Counter(
+            "muxgate_errors", "Error messages sent, by code.", ["code"], registry=r
+        )
+        r.register(_TotalsCollector(totals))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- RequestObserver ---------------------------------------------------------------------
+
+    def request_started(self, request: Request) -> None:
+        self.active_requests.inc()
+
+    def request_answered(self, request: Request) -> None:
+        self.active_requests.dec()
+        status = "cancelled" if request.reason is not None else request.status.value
+        reason = request.reason.value if request.reason is not None else ""
+        self.responses.labels(status, reason).inc()
+
+    def cancel_sent(self, request: Request) -> None:
+        if request.cancel_read_at is not None and request.cancel_sent_at is not None:
+            self.cancel_latency.observe(request.cancel_sent_at - request.cancel_read_at)
+
+    def request_halted(self, request: Request) -> None:
+        usage = request.ctx.usage
+        self.tokens.labels("input").inc(usage.input_tokens)
+        self.tokens.labels("output").inc(usage.output_tokens)
+        key = request.key
+        fields: dict[str, object] = {
+            "request_id": key.request_id,
+            "user_id": key.user_id,
+            "status": request.status.value,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "duration_ms": round((request.halted_at or 0.0) * 1000 - request.started * 1000, 3),
+        }
+        if request.status is RequestStatus.CANCELLED and request.cancel_read_at is not None:
+            saved = usage.saved_tokens
+            self.saved_tokens.inc(saved)
+            halt = (request.halted_at or request.cancel_read_at) - request.cancel_read_at
+            self.halt_latency.observe(halt)
+            if request.cancel_sent_at is not None:
+                sent = request.cancel_sent_at - request.cancel_read_at
+                fields["cancel_to_terminal_ms"] = round(sent * 1000, 3)
+            fields.update(
+                reason=request.reason.value if request.reason else None,
+                halt_ms=round(halt * 1000, 3),
+                saved_tokens=saved,
+                tokens_after_cancel=request.ctx.tokens_after_cancel,
+                steps=len(request.ctx.steps),
+            )
+            log.info("request.cancelled", **fields)
+        elif request.status is RequestStatus.FAILED:
+            log.error("request.failed", exc_info=getattr(request, "failure", None), **fields)
+        else:
+            log.info("request.finished", **fields)

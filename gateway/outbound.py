@@ -1,0 +1,373 @@
+"""The outbound path of one connection: per-request pending text, a control queue, one writer.
+
+Why this shape (SPEC.md §2.4, §6 G1-G3):
+
+- **G2 by construction.** A pipeline's text waits here *unencoded*, per request. A chunk is
+  encoded (once) only when the writer takes it for a frame. Cancelling a request drops its pending
+  text in the same synchronous step that queues the cancelled response, so nothing of it can be
+  sent afterwards; the frame already handed to the socket is the only thing that was "sent".
+- **Terminal responses never wait behind another request's backlog.** Control messages (errors,
+  pongs, cancelled responses, cancel results) go first in every frame; then streams that are
+  finishing (their last chunk + response); then one turn for every other stream.
+- **Fairness.** Each stream gets one chunk per frame, round robin; a stream's turn takes all its
+  pending text as one chunk. That is also the backpressure coalescing: when the reader is slow,
+  text accumulates and goes out in fewer, larger chunks (``seq`` stays contiguous).
+- **Batching without latency.** The writer never waits to fill a frame: it packs what is pending
+  when it wakes, up to ``max_batch_bytes``, and sends.
+- **Bounded memory.** A stream holding more than ``max_pending_chars`` makes its producer wait at
+  its next emit; a writer stuck in ``send`` longer than ``slow_consumer_timeout`` ends the
+  connection (close 4008).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import protocol
+from protocol import (
+    Codec,
+    ErrorInfo,
+    GatewayMessage,
+    RequestStateMachine,
+    Response,
+    ResponseStatus,
+    Sender,
+    Usage,
+)
+
+__all__ = ["ContentTooLarge", "Outbound", "SlowConsumer", "Stream"]
+
+
+class SlowConsumer(Exception):
+    """The peer did not read for longer than the configured limit."""
+
+
+class ContentTooLarge(Exception):
+    """A pipeline emitted more than the gateway's ``max_content_chars`` for one answer."""
+
+
+class Stream:
+    """Pending output of one request on one connection. Implements :class:`ChunkSink`."""
+
+    __slots__ = (
+        "_drained",
+        "_outbound",
+        "_terminal",
+        "closed",
+        "emitted_chars",
+        "machine",
+        "max_content_chars",
+        "pending",
+        "pending_chars",
+        "request_id",
+        "scheduled",
+        "trailer",
+    )
+
+    def __init__(self, outbound: Outbound, request_id: str, *, stream: bool) -> None:
+        self._outbound = outbound
+        self.request_id = request_id
+        self.machine = RequestStateMachine(request_id, Sender.GATEWAY, stream=stream)
+        self.pending: list[str] = []
+        self.pending_chars = 0
+        #: The completed or failed response to send once the pending text is flushed (its
+        #: ``content`` is filled in then). Cancelled responses bypass this: control queue.
+        self._terminal: Response | None = None
+        #: Encoded messages to send right after the response (e.g. a late ``cancel_result``).
+        self.trailer: list[bytes] = []
+        self.scheduled = False
+        self.closed = False
+        self.emitted_chars = 0
+        self.max_content_chars = 1 << 62
+        self._drained: asyncio.Event | None = None
+
+    # -- ChunkSink ---------------------------------------------------------------------------
+
+    def push(self, text: str) -> bool:
+        if self.closed or self._terminal is not None:
+            return False  # the request ended; the pipeline halts at its next checkpoint
+        self.emitted_chars += len(text)
+        if self.emitted_chars > self.max_content_chars:
+            raise ContentTooLarge(f"the answer exceeds {self.max_content_chars} characters")
+        self.pending.append(text)
+        self.pending_chars += len(text)
+        if not self.machine.stream:  # stream=false: kept for the final content only
+            return False
+        self._outbound._schedule(self)
+        return self.pending_chars > self._outbound.max_pending_chars
+
+    async def drained(self) -> None:
+        while (
+            not self.closed
+            and self._terminal is None
+            and self.pending_chars > self._outbound.max_pending_chars
+        ):
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            self._drained.clear()
+            await self._drained.wait()
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def finish(self, status: ResponseStatus, usage: Usage, error: ErrorInfo | None = None) -> None:
+        """Queue the completed or failed response after this stream's pending text."""
+        self._terminal = Response(
+            request_id=self.request_id, status=status, error=error, usage=usage
+        )
+        self._outbound._schedule(self, urgent=True)
+
+    @property
+    def finishing(self) -> bool:
+        return self._terminal is not None
+
+    def text(self) -> str:
+        """All text emitted so far (sent and pending): the completed ``content``."""
+        return self.machine.text + "".join(self.pending)
+
+    def _wake_producer(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+
+    def _take(self, codec: Codec) -> list[bytes]:
+        """The writer's turn: this stream's pending text as one chunk (+ its response)."""
+        out: list[bytes] = []
+        machine = self.machine
+        if self.pending and machine.stream:
+            text = self.pending[0] if len(self.pending) == 1 else "".join(self.pending)
+            self.pending.clear()
+            self.pending_chars = 0
+            seq = machine.next_seq
+            try:
+                encoded = protocol.encode_chunk(self.request_id, seq, text, codec)
+            except (TypeError, ValueError):  # a backend emitted a lone surrogate: not UTF-8
+                text = text.encode("utf-8", "replace").decode("utf-8")
+                encoded = protocol.encode_chunk(self.request_id, seq, text, codec)
+            machine.on_chunk(seq, text)
+            out.append(encoded)
+            self._outbound.chunks_sent += 1
+            self._wake_producer()
+        terminal = self._terminal
+        if terminal is not None:
+            if terminal.status is ResponseStatus.COMPLETED:
+                content = machine.text if machine.stream else "".join(self.pending)
+                if not machine.stream:  # never went through encode_chunk's check
+                    content = content.encode("utf-8", "replace").decode("utf-8")
+                terminal = Response(
+                    request_id=terminal.request_id,
+                    status=terminal.status,
+                    content=content,
+                    usage=terminal.usage,
+                )
+            machine.on_response(terminal)
+            out.append(protocol.encode(terminal, codec))
+            out.extend(self.trailer)
+            self.trailer.clear()
+            self._close()
+        return out
+
+    def _close(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.pending_chars = 0
+        self._wake_producer()
+        streams = self._outbound.streams
+        if streams.get(self.request_id) is self:
+            del streams[self.request_id]
+
+
+class Outbound:
+    """Owns everything this connection will send; one writer task drains it."""
+
+    def __init__(
+        self,
+        send: Callable[[bytes], Awaitable[None]],
+        codec: Codec,
+        *,
+        max_batch_bytes: int = protocol.limits.DEFAULT_BATCH_BYTES,
+        max_pending_chars: int = 65_536,
+        max_control: int = 4096,
+        slow_consumer_timeout: float = 30.0,
+    ) -> None:
+        self._send = send
+        self.codec = codec
+        self.max_batch_bytes = max_batch_bytes
+        self.max_pending_chars = max_pending_chars
+        self.max_control = max_control
+        self.slow_consumer_timeout = slow_consumer_timeout
+        self.streams: dict[str, Stream] = {}
+        self._control: deque[bytes] = deque()
+        # Callbacks keyed by the control message's absolute position (popped + index), run
+        # after the frame holding it was written. Rare (cancelled responses), so a dict.
+        self._on_sent: dict[int, Callable[[], object]] = {}
+        self._control_popped = 0
+        self._urgent: deque[Stream] = deque()
+        self._ready: deque[Stream] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        #: Figures for metrics and benchmarks.
+        self.frames_sent = 0
+        self.chunks_sent = 0
+
+    # -- producers (all synchronous: no await between decision and effect) --------------------
+
+    def open_stream(self, request_id: str, *, stream: bool = True) -> Stream:
+        s = Stream(self, request_id, stream=stream)
+        self.attach_stream(s)
+        return s
+
+    def attach_stream(self, stream: Stream) -> None:
+        if stream.request_id in self.streams:
+            raise ValueError(f"stream {stream.request_id!r} is already open")
+        self.streams[stream.request_id] = stream
+
+    def send_control(
+        self, *messages: GatewayMessage | bytes, on_sent: Callable[[], object] | None = None
+    ) -> None:
+        """Queue messages ahead of all chunks; ``on_sent`` runs once they are on the socket.
+
+        Never raises: past ``max_control`` queued messages the client is not reading, and the
+        writer ends the connection (:class:`SlowConsumer`), so producers need no error path.
+        """
+        if self._closed:
+            return
+        control = self._control
+        for m in messages:
+            control.append(m if isinstance(m, bytes) else protocol.encode(m, self.codec))
+        if on_sent is not None:
+            self._on_sent[len(control) - 1 + self._control_popped] = on_sent
+        self._idle.clear()
+        self._wakeup.set()
+
+    def cancel_stream(
+        self,
+        stream: Stream,
+        response: Response,
+        *trailer: GatewayMessage,
+        on_sent: Callable[[], object] | None = None,
+    ) -> None:
+        """G2: drop the stream's pending text and queue its cancelled response (+ trailer).
+
+        The caller has already fed the cancel to the stream's state machine.
+        """
+        stream.machine.on_response(response)  # refuses anything but a cancelled response now
+        stream._close()
+        self.send_control(response, on_sent=on_sent)
+        if trailer:
+            self.send_control(*trailer)
+
+    def send_after(self, stream: Stream, message: GatewayMessage) -> None:
+        """Queue ``message`` after ``stream``'s response (sent now if the response is out)."""
+        if stream.closed:
+            self.send_control(message)
+        else:
+            stream.trailer.append(protocol.encode(message, self.codec))
+
+    def _schedule(self, stream: Stream, *, urgent: bool = False) -> None:
+        if urgent:
+            self._urgent.append(stream)
+        elif not stream.scheduled:
+            stream.scheduled = True
+            self._ready.append(stream)
+        self._idle.clear()
+        self._wakeup.set()
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the writer; pending output is discarded (the connection is gone)."""
+        self._closed = True
+        for stream in list(self.streams.values()):
+            stream._close()
+        self._control.clear()
+        self._on_sent.clear()
+        self._urgent.clear()
+        self._ready.clear()
+        self._wakeup.set()
+
+    async def flushed(self) -> None:
+        """Return once everything queued so far has been handed to the socket."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """The writer task: wake, pack what is pending into frames, send, repeat.
+
+        Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
+        """
+        batching = self.max_batch_bytes > 0
+        while not self._closed:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while not self._closed:
+                if len(self._control) > self.max_control:
+                    raise SlowConsumer("control queue full: the client is not reading")
+                sent_hooks: list[Callable[[], object]] = []
+                parts = self._pack(sent_hooks)
+                if not parts:
+                    self._idle.set()
+                    break
+                # Without batching (a benchmark baseline) every message is its own frame.
+                frames = parts if not batching or len(parts) == 1 else self._frames(parts)
+                for frame in frames:
+                    try:
+                        async with asyncio.timeout(self.slow_consumer_timeout):
+                            await self._send(frame)
+                    except TimeoutError:
+                        raise SlowConsumer(
+                            f"no progress writing for {self.slow_consumer_timeout:g} s"
+                        ) from None
+                    self.frames_sent += 1
+                for hook in sent_hooks:
+                    hook()
+
+    def _frames(self, parts: list[bytes]) -> list[bytes]:
+        """Join parts into frames, none over MAX_FRAME_BYTES (the most a client must accept)."""
+        limit = protocol.limits.MAX_FRAME_BYTES
+        if sum(len(p) for p in parts) + len(parts) <= limit:
+            return [protocol.join_batch(parts, self.codec)]
+        frames: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        for part in parts:
+            if group and size + len(part) + 1 > limit:
+                frames.append(protocol.join_batch(group, self.codec))
+                group, size = [], 0
+            group.append(part)
+            size += len(part) + 1
+        frames.append(protocol.join_batch(group, self.codec))
+        return frames
+
+    def _pack(self, sent_hooks: list[Callable[[], object]]) -> list[bytes]:
+        """Take one frame's worth of what is pending now: control, finishing streams, then one
+        fair turn per stream, up to ``max_batch_bytes`` (at least one message)."""
+        parts: list[bytes] = []
+        size = 0
+        cap = self.max_batch_bytes
+        control = self._control
+        while control and (size < cap or not parts):
+            m = control.popleft()
+            if self._on_sent:
+                hook = self._on_sent.pop(self._control_popped, None)
+                if hook is not None:
+                    sent_hooks.append(hook)
+            self._control_popped += 1
+            parts.append(m)
+            size += len(m)
+        for queue in (self._urgent, self._ready):
+            for _ in range(len(queue)):
+                if size >= cap and parts:
+                    break
+                stream = queue.popleft()
+                stream.scheduled = False
+                if stream.closed:
+                    continue
+                taken = stream._take(self.codec)
+                for m in taken:
+                    size += len(m)
+                parts.extend(taken)
+        if control or self._urgent or self._ready:
+            self._wakeup.set()  # more to send: loop again without waiting
+        return parts

@@ -1,0 +1,251 @@
+"""The API for backend authors: a request context with emit, checkpoints and step helpers.
+
+A backend is an object with ``async def run(self, ctx: RequestContext) -> None``. It streams its
+answer with ``await ctx.emit(text)`` and wraps every long operation in one of the step helpers:
+
+==========================  ==================================================================
+``ctx.llm_call(fn)``        one non-abortable LLM call (seed: "Cannot cancel during active LLM
+                            call"), then a checkpoint
+``ctx.tool_call(fn)``       one MCP tool call, then a checkpoint
+``ctx.agent_call(fn)``      one A2A agent call, then a checkpoint
+``ctx.plan(fn)``            a planning / task-decomposition step, then a checkpoint
+``ctx.stream_llm(tokens)``  an *abortable* streaming LLM call: every token is a checkpoint and a
+                            cancel stops reading the upstream at once (beyond the seed, which
+                            cannot stop a running LLM call)
+==========================  ==================================================================
+
+Every helper checks the cancel flag *before* it starts (no new call after the flag, G5) and
+*after* it returns. A non-abortable operation runs in its own task behind ``asyncio.shield``: not
+even a last-resort cancellation of the pipeline task at shutdown interrupts it mid-way.
+
+Usage is honest: tokens are counted when consumed, including work finished after the cancel was
+read, until the pipeline halts (SPEC.md §5.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from protocol import CancelReason, ChatMessage, Usage
+
+from .cancellation import CancelToken, PipelineHalted
+
+__all__ = [
+    "Backend",
+    "ChunkSink",
+    "PipelineHalted",
+    "RequestContext",
+    "StepRecord",
+    "UsageMeter",
+]
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the gateway runs for each ``chat``."""
+
+    async def run(self, ctx: RequestContext) -> None: ...
+
+
+class ChunkSink(Protocol):
+    """Where emitted text goes: the connection's outbound queue for this request."""
+
+    def push(self, text: str) -> bool:
+        """Queue ``text``; True when the queue is over its cap and the producer should wait."""
+        ...
+
+    async def drained(self) -> None:
+        """Return once the queue is below its cap again (or the request ended)."""
+        ...
+
+
+@dataclass(slots=True)
+class UsageMeter:
+    """Tokens consumed by one request, and the backend's estimate of the whole."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: The backend's estimate of input+output tokens for the whole request, if it ran to the end.
+    expected_tokens: int = 0
+
+    def add(self, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError("token counts are never negative")
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+    def expect(self, total_tokens: int) -> None:
+        """Record how many tokens the whole request would take; used for ``saved_tokens``."""
+        self.expected_tokens = max(0, total_tokens)
+
+    @property
+    def saved_tokens(self) -> int:
+        return max(0, self.expected_tokens - self.input_tokens - self.output_tokens)
+
+    def snapshot(self, *, cancelled: bool, final: bool) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            saved_tokens=self.saved_tokens if cancelled else 0,
+            final=final,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One step a pipeline started: for observability and for tests of G5."""
+
+    kind: str  # "llm" | "tool" | "agent" | "plan" | "llm_stream"
+    name: str
+    #: Whether the cancel flag was already set when the step started (must never be true).
+    after_cancel: bool
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    """Everything a backend sees of one request."""
+
+    request_id: str
+    user_id: str
+    messages: Sequence[ChatMessage]
+    metadata: Mapping[str, Any]
+    #: Event-loop time (``loop.time()``) after which the request is cancelled with "timeout".
+    deadline: float | None
+    token: CancelToken
+    sink: ChunkSink
+    usage: UsageMeter = field(default_factory=UsageMeter)
+    steps: list[StepRecord] = field(default_factory=list)
+    #: Tokens an abortable stream produced after the cancel flag was set (should be <= 1).
+    tokens_after_cancel: int = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    @property
+    def cancel_reason(self) -> CancelReason | None:
+        return self.token.reason
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn (or the only message)."""
+        for turn in reversed(self.messages):
+            if turn.role == "user":
+                return turn.content
+        return self.messages[-1].content if self.messages else ""
+
+    def checkpoint(self, where: str = "checkpoint") -> None:
+        """Halt here if the request was cancelled: raises :class:`PipelineHalted`."""
+        reason = self.token.reason
+        if reason is not None:
+            raise PipelineHalted(reason, where)
+
+    async def emit(self, text: str) -> None:
+        """Stream ``text`` to the client. A checkpoint; waits while the reader is behind."""
+        self.checkpoint("emit")
+        if text and self.sink.push(text):
+            await self.sink.drained()
+
+    # -- step helpers ------------------------------------------------------------------------
+
+    async def llm_call(self, call: Callable[[], Awaitable[T]], *, name: str = "llm") -> T:
+        """One non-abortable LLM call, then a checkpoint. Record its tokens with ``usage.add``."""
+        return await self._step("llm", name, call)
+
+    async def tool_call(self, call: Callable[[], Awaitable[T]], *, name: str = "tool") -> T:
+        """One non-abortable tool (MCP) call, then a checkpoint."""
+        return await self._step("tool", name, call)
+
+    async def agent_call(self, call: Callable[[], Awaitable[T]], *, name: str = "agent") -> T:
+        """One non-abortable agent (A2A) call, then a checkpoint."""
+        return await self._step("agent", name, call)
+
+    async def plan(self, call: Callable[[], Awaitable[T]], *, name: str = "plan") -> T:
+        """A planning / task-decomposition step, then a checkpoint."""
+        return await self._step("plan", name, call)
+
+    async def stream_llm(
+        self,
+        tokens: AsyncIterable[str],
+        *,
+        input_tokens: int = 0,
+        name: str = "llm_stream",
+        emit: bool = True,
+    ) -> str:
+        """Read an abortable token stream, emitting each token; returns the text read.
+
+        Every token counts as one output token. A cancel stops the read at once, even between
+        tokens, and closes the upstream (``aclose``) so a real provider stops generating; the
+        step then halts with :class:`PipelineHalted`.
+        """
+        parts: list[str] = []
+
+        async def read() -> None:
+            # The read starts one loop turn after it is scheduled: check again (G5).
+            self._begin("llm_stream", name)
+            self.usage.add(input_tokens=input_tokens)
+            async for piece in tokens:
+                self.usage.add(output_tokens=1)
+                if self.token.cancelled:
+                    self.tokens_after_cancel += 1
+                    return
+                parts.append(piece)
+                if emit:
+                    await self.emit(piece)
+
+        try:
+            self.checkpoint(name)
+            reader = asyncio.ensure_future(read())
+            # Abortable by declaration: the only place the gateway cancels a task it runs.
+            unregister = self.token.on_cancel(reader.cancel)
+            try:
+                await reader
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    reader.cancel()  # this task was cancelled from outside: propagate
+                    raise
+                # else: the reader was aborted by the token; the checkpoint below halts
+            finally:
+                unregister()
+        finally:
+            close = getattr(tokens, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+        self.checkpoint(name)
+        return "".join(parts)
+
+    async def _step(self, kind: str, name: str, call: Callable[[], Awaitable[T]]) -> T:
+        self.checkpoint(name)
+
+        async def guarded() -> T:
+            # The operation starts one loop turn after it is scheduled: check again, so no call
+            # starts after the flag even if the cancel arrived in between (G5).
+            self._begin(kind, name)
+            return await call()
+
+        inner = asyncio.ensure_future(guarded())
+        try:
+            result = await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            # The pipeline task itself was cancelled (last resort at shutdown): let the
+            # non-abortable operation finish, then propagate.
+            if not inner.done():
+                with contextlib.suppress(BaseException):
+                    await inner
+            raise
+        self.checkpoint(name)
+        return result
+
+    def _begin(self, kind: str, name: str) -> None:
+        # G5: no new LLM, tool or agent call starts after the flag. The record is written where
+        # the operation really starts; tests check it against the backend's own evidence.
+        self.checkpoint(name)
+        self.steps.append(StepRecord(kind=kind, name=name, after_cancel=self.token.cancelled))

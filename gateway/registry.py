@@ -1,0 +1,197 @@
+"""Where requests are found by ``(user, request_id)``: cancel routing and status lookup.
+
+The gateway talks to a :class:`RequestRegistry`, never to another connection directly. The
+in-memory registry below serves one process; a broker-backed one (several gateway nodes, where a
+cancel may arrive at a node that does not hold the stream) implements the same interface by
+forwarding :meth:`RequestRegistry.cancel` to the node that owns the request, which decides the
+race locally and atomically (SPEC.md §6 G4). Connection code does not change.
+
+Isolation (SPEC.md §4): every lookup is keyed by the *authenticated* user, so another user's
+request is indistinguishable from an unknown one: ``not_found``.
+
+Finished requests are remembered for ``retention_seconds`` and at most ``retention_count``
+entries, so a late cancel still answers ``already_completed`` / ``already_cancelled``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol import CancelReason, CancelStatus, Usage
+
+__all__ = [
+    "DuplicateRequest",
+    "InMemoryRegistry",
+    "LiveRequest",
+    "RequestKey",
+    "RequestRecord",
+    "RequestRegistry",
+    "RequestStatus",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    #: The authenticated user; "" is the anonymous user, which no ``user_id`` field can name.
+    user_id: str
+    request_id: str
+
+
+class RequestStatus(enum.StrEnum):
+    """Status words of ``GET /v1/requests/{id}`` (SPEC.md §8)."""
+
+    ACTIVE = "active"
+    CANCELLING = "cancelling"  # cancelled on the wire; the pipeline has not halted yet
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What ``GET`` reports about a request."""
+
+    request_id: str
+    status: RequestStatus
+    usage: Usage
+    reason: CancelReason | None = None
+    created_at: float = 0.0  # wall-clock seconds
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"request_id": self.request_id, "status": self.status.value}
+        if self.reason is not None:
+            body["reason"] = self.reason.value
+        body["usage"] = {
+            "input_tokens": self.usage.input_tokens,
+            "output_tokens": self.usage.output_tokens,
+            "saved_tokens": self.usage.saved_tokens,
+            "final": self.usage.final,
+        }
+        body["created_at"] = self.created_at
+        if self.finished_at is not None:
+            body["finished_at"] = self.finished_at
+        return body
+
+
+class DuplicateRequest(Exception):
+    """The user already has an active request with this id."""
+
+
+class LiveRequest(Protocol):
+    """What the registry needs from a request running on this node."""
+
+    @property
+    def key(self) -> RequestKey: ...
+
+    @property
+    def serial(self) -> int:
+        """Unique per request in this process: tells a reused id's records apart."""
+        ...
+
+    def cancel(self, reason: CancelReason) -> CancelStatus:
+        """Decide the cancel atomically (no await) and return its outcome."""
+        ...
+
+    def record(self) -> RequestRecord: ...
+
+
+class RequestRegistry(Protocol):
+    """Request lookup and cancel routing. Async where a broker would need the network."""
+
+    def add(self, request: LiveRequest) -> None:
+        """Register an active request; raises :class:`DuplicateRequest`."""
+        ...
+
+    def finished(self, request: LiveRequest) -> None:
+        """The request reached its terminal response, or (called again) its pipeline halted:
+        keep its latest record for late cancels and GET. The id is free for reuse."""
+        ...
+
+    async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus: ...
+
+    async def lookup(self, key: RequestKey) -> RequestRecord | None: ...
+
+    def active(self) -> list[LiveRequest]: ...
+
+    def __len__(self) -> int:
+        """Entries held: active plus retained."""
+        ...
+
+
+class InMemoryRegistry:
+    """One process's requests: a dict of active ones and a bounded LRU of finished records."""
+
+    def __init__(self, *, retention_seconds: float = 300.0, retention_count: int = 10_000) -> None:
+        self.retention_seconds = retention_seconds
+        self.retention_count = retention_count
+        self._active: dict[RequestKey, LiveRequest] = {}
+        # key -> (monotonic time finished, serial of the request, record)
+        self._finished: OrderedDict[RequestKey, tuple[float, int, RequestRecord]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._active) + len(self._finished)
+
+    def add(self, request: LiveRequest) -> None:
+        key = request.key
+        if key in self._active:
+            raise DuplicateRequest(key.request_id)
+        # An id may be reused once its request has reached its response (SPEC.md §5.6).
+        self._finished.pop(key, None)
+        self._active[key] = request
+
+    def finished(self, request: LiveRequest) -> None:
+        key = request.key
+        if self._active.get(key) is request:
+            del self._active[key]
+        else:
+            entry = self._finished.get(key)
+            if entry is None or entry[1] != request.serial:
+                return  # the id was reused (or expired) meanwhile: that record is gone
+        self._finished[key] = (time.monotonic(), request.serial, request.record())
+        self._finished.move_to_end(key)
+        self._expire()
+
+    async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        return self.cancel_now(key, reason)
+
+    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        """Synchronous cancel for callers on this node's event loop."""
+        request = self._active.get(key)
+        if request is not None:
+            return request.cancel(reason)
+        record = self._record(key)
+        if record is None:
+            return CancelStatus.NOT_FOUND
+        if record.status in (RequestStatus.CANCELLED, RequestStatus.CANCELLING):
+            return CancelStatus.ALREADY_CANCELLED
+        return CancelStatus.ALREADY_COMPLETED
+
+    async def lookup(self, key: RequestKey) -> RequestRecord | None:
+        request = self._active.get(key)
+        if request is not None:
+            return request.record()
+        return self._record(key)
+
+    def active(self) -> list[LiveRequest]:
+        return list(self._active.values())
+
+    def _record(self, key: RequestKey) -> RequestRecord | None:
+        self._expire()
+        entry = self._finished.get(key)
+        return entry[2] if entry is not None else None
+
+    def _expire(self) -> None:
+        finished = self._finished
+        while len(finished) > self.retention_count:
+            finished.popitem(last=False)
+        horizon = time.monotonic() - self.retention_seconds
+        while finished:
+            key, (at, _, _) = next(iter(finished.items()))
+            if at >= horizon:
+                break
+            del finished[key]

@@ -1,0 +1,220 @@
+"""The gateway process: one event loop, one websockets server, HTTP on the same port.
+
+:class:`Gateway` owns what is shared by connections (config, backend, auth, request registry,
+metrics) and the shutdown sequence (SPEC.md §5.5, issue: SIGTERM/SIGINT): stop accepting, let
+in-flight requests finish within the grace period, cancel the rest with reason "shutdown", close
+connections with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import NegotiationError
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+import protocol
+from protocol import CancelReason, CloseCode
+
+from .auth import Authenticator
+from .backends import load_backend
+from .config import Config
+from .connection import Connection
+from .http_api import process_request
+from .observability import GatewayObserver, configure_logging
+from .pipeline import Backend
+from .registry import InMemoryRegistry
+
+__all__ = ["Gateway", "run"]
+
+log = structlog.get_logger("muxgate")
+
+
+def _select_subprotocol(
+    conn: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """SPEC.md §2.2: msgpack if offered, else JSON; none offered means JSON; only unknown
+    ones offered: HTTP 400."""
+    for name in protocol.SUBPROTOCOLS:
+        if name in offered:
+            return Subprotocol(name)
+    if offered:
+        raise NegotiationError(f"unsupported subprotocols; offer one of {protocol.SUBPROTOCOLS}")
+    return None
+
+
+class Gateway:
+    """A running muxgate gateway. Use as ``async with Gateway(config) as gw:``."""
+
+    def __init__(self, config: Config | None = None, *, backend: Backend | None = None) -> None:
+        self.config = config = config or Config()
+        self.backend: Backend = backend or load_backend(config.backend, **config.backend_options)
+        self.auth = Authenticator(
+            client_keys=config.client_keys,
+            jwt_secret=config.jwt_secret,
+            jwt_audience=config.jwt_audience,
+        )
+        self.auth_mode = self.auth.mode
+        self.registry = InMemoryRegistry(
+            retention_seconds=config.retention_seconds, retention_count=config.retention_count
+        )
+        self.observer = GatewayObserver(self._totals)
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: Server | None = None
+        self._closed_totals = [0, 0]
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def track(self, task: asyncio.Future[Any]) -> None:
+        """Keep a reference to a background task until it ends (and let shutdown await it)."""
+        if isinstance(task, asyncio.Task):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @property
+    def tasks(self) -> set[asyncio.Task[Any]]:
+        """Pipeline and housekeeping tasks still running (empty when idle: nothing leaks)."""
+        return {t for t in self._tasks if not t.done()}
+
+    def _totals(self) -> tuple[int, int]:
+        chunks, frames = self._closed_totals
+        for conn in self.connections:
+            chunks += conn.outbound.chunks_sent
+            frames += conn.outbound.frames_sent
+        return chunks, frames
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        sockname = next(iter(self._server.sockets)).getsockname()
+        return int(sockname[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}{protocol.WS_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        self._server = await serve(
+            self._handle,
+            config.host,
+            config.port,
+            subprotocols=[Subprotocol(s) for s in protocol.SUBPROTOCOLS],
+            select_subprotocol=_select_subprotocol,
+            process_request=self._process_request,
+            max_size=config.max_frame_bytes,
+            # permessage-deflate costs ~100 KiB per connection and CPU per frame; chat tokens
+            # are tiny, batching already amortises framing.
+            compression=None,
+            server_header="muxgate",
+        )
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        return await process_request(self, conn, request)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if len(self.connections) >= self.config.max_connections:
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "connection limit reached")
+            return
+        conn = Connection(self, ws)
+        self.connections.add(conn)
+        self.observer.connections.inc()
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.observer.connections.dec()
+            self._closed_totals[0] += conn.outbound.chunks_sent
+            self._closed_totals[1] += conn.outbound.frames_sent
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain: no new connections or chats; wait up to ``grace`` s; cancel the rest; close."""
+        if self._server is None:
+            return
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.draining = True
+        self._server.close(close_connections=False)  # stop accepting
+        running = self.tasks
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        for request in self.registry.active():
+            request.cancel(CancelReason.SHUTDOWN)
+        # Pipelines halt at their next checkpoint; give them the grace again, then (last
+        # resort) cancel the task: step helpers shield non-abortable operations even then.
+        running = self.tasks
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await conn.outbound.flushed()
+        closes = [
+            conn.ws.close(CloseCode.GOING_AWAY, "server shutdown") for conn in self.connections
+        ]
+        if closes:
+            await asyncio.gather(*closes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown(grace=0.0 if exc_info[0] is not None else None)
+
+
+def run(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (the ``muxgate serve`` command)."""
+    configure_logging(config.log_format, config.log_level)
+    asyncio.run(_serve_forever(config))
+
+
+async def _serve_forever(config: Config) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    if not config.auth_required:
+        log.warning(
+            "auth.disabled",
+            detail="no client keys and no JWT secret configured: anyone who can reach this port "
+            "may act as any user (dev mode). Set MUXGATE_CLIENT_KEYS or MUXGATE_JWT_SECRET.",
+        )
+    log.info(
+        "gateway.started",
+        url=gateway.url,
+        http=gateway.http_url,
+        backend=config.backend,
+        auth="client_keys+jwt"
+        if config.client_keys and config.jwt_secret
+        else "client_keys"
+        if config.client_keys
+        else "jwt"
+        if config.jwt_secret
+        else "none (dev mode)",
+        max_streams=config.max_streams,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway.draining", grace_seconds=config.shutdown_grace)
+    await gateway.shutdown()
+    log.info("gateway.stopped")
