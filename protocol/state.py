@@ -122,6 +122,15 @@ TRANSITIONS: Final[dict[Sender, dict[tuple[RequestState, Event], RequestState]]]
     },
 }
 
+# States where a chunk is accepted; a chunk never changes the state (checked at import).
+_CHUNK_STATES: Final = {
+    role: tuple(s for (s, e), nxt in table.items() if e is _E.CHUNK and nxt is s)
+    for role, table in TRANSITIONS.items()
+}
+assert all(
+    nxt is s for table in TRANSITIONS.values() for (s, e), nxt in table.items() if e is _E.CHUNK
+)
+
 #: The outcome of a cancel that finds the request in a state (G4).
 CANCEL_OUTCOMES: Final[dict[RequestState, CancelStatus]] = {
     _S.ACTIVE: CancelStatus.CANCELLED,
@@ -151,6 +160,7 @@ class RequestStateMachine:
 
     __slots__ = (
         "_cancels_unanswered",
+        "_chunk_states",
         "_parts",
         "_transitions",
         "next_seq",
@@ -171,6 +181,7 @@ class RequestStateMachine:
         self.usage_pending = False
         self._parts: list[str] = []
         self._transitions = TRANSITIONS[role]
+        self._chunk_states = _CHUNK_STATES[role]
         self._cancels_unanswered = 0
 
     def __repr__(self) -> str:
@@ -190,7 +201,11 @@ class RequestStateMachine:
 
     def on_chunk(self, seq: int, text: str) -> None:
         """A chunk was sent (gateway) or received (client)."""
-        self._advance(Event.CHUNK)
+        # Hot path (once per chunk): a chunk never changes the state, so membership in the
+        # table-derived tuple replaces the (state, event) lookup; tuple membership compares by
+        # identity first and skips hashing the enums.
+        if self.state not in self._chunk_states:
+            self._advance(Event.CHUNK)  # raises the refusal
         if not self.stream:
             raise self._violation("chunk for a request with stream=false")
         if seq != self.next_seq:
