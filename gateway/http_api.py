@@ -37,10 +37,17 @@ _CANCEL_HTTP_STATUS = {
 }
 
 
+def _with_content_type(response: Response, content_type: str) -> Response:
+    # ``respond`` already set text/plain, and ``Headers`` is a multidict whose ``[]=`` *adds* a
+    # value: replace it, or clients see two Content-Types and most read the first.
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 def _json(conn: ServerConnection, status: HTTPStatus, body: object) -> Response:
     response = conn.respond(status, orjson.dumps(body).decode())
-    response.headers["Content-Type"] = "application/json"
-    return response
+    return _with_content_type(response, "application/json")
 
 
 def _error(conn: ServerConnection, status: HTTPStatus, code: ErrorCode, message: str) -> Response:
@@ -80,8 +87,7 @@ async def process_request(
         if method != "GET":
             return _not_allowed(conn, "GET")
         response = conn.respond(HTTPStatus.OK, gateway.observer.render().decode())
-        response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-        return response
+        return _with_content_type(response, "text/plain; version=0.0.4; charset=utf-8")
     return _error(conn, HTTPStatus.NOT_FOUND, ErrorCode.INVALID_FIELD, "no such endpoint")
 
 
