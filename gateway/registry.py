@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol import CancelReason, CancelStatus, Usage
+from protocol import CancelReason, CancelStatus, ErrorInfo, Usage
 
 __all__ = [
     "DuplicateRequest",
@@ -59,6 +59,7 @@ class RequestRecord:
     status: RequestStatus
     usage: Usage
     reason: CancelReason | None = None
+    error: ErrorInfo | None = None
     created_at: float = 0.0  # wall-clock seconds
     finished_at: float | None = None
 
@@ -66,6 +67,8 @@ class RequestRecord:
         body: dict[str, object] = {"request_id": self.request_id, "status": self.status.value}
         if self.reason is not None:
             body["reason"] = self.reason.value
+        if self.error is not None:
+            body["error"] = {"code": str(self.error.code), "message": self.error.message}
         body["usage"] = {
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,

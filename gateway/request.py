@@ -129,6 +129,7 @@ class Request:
             status=self.status,
             usage=self.ctx.usage.snapshot(cancelled=self.reason is not None, final=final),
             reason=self.reason,
+            error=self.error,
             created_at=self.created_at,
             finished_at=None if self.status is RequestStatus.ACTIVE else time.time(),
         )

@@ -339,11 +339,6 @@ async def test_get_completed(gateway: Gateway) -> None:
         assert body["usage"]["final"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPEC.md §8.2: GET of a failed request must carry error {code, message}; "
-    "RequestRecord has no error field and Request.record() (gateway/request.py) never fills it",
-)
 async def test_get_failed_carries_error(gateway: Gateway) -> None:
     async with WireClient.open(gateway.url) as client:
         await client.chat("bad-1", metadata={"fail_at_token": 2})

@@ -153,8 +153,10 @@ class WireClient:
     async def final_usage(self, request_id: str, timeout: float = 10.0) -> protocol.Usage:
         track = self.tracks[request_id]
         await self.wait_for(
-            lambda: track.response is not None
-            and (track.response.usage.final or track.usage_report is not None),
+            lambda: (
+                track.response is not None
+                and (track.response.usage.final or track.usage_report is not None)
+            ),
             timeout,
         )
         assert track.response is not None
