@@ -1,0 +1,937 @@
+"""Run every muxgate benchmark scenario and write the results (the ``make bench`` equivalent).
+
+    python3 -m pip install -e '.[bench]'
+    python3 bench/run.py                 # full run, under 5 minutes on 2 cores
+    python3 bench/run.py --quick         # CI smoke: tiny loads, results in bench/results/quick
+    python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec)
+    python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
+    python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
+
+Every server (the gateway, the bare ``websockets`` ceiling, the FastAPI peer) runs in its own
+process, and so does every load generator (``bench/loadgen.py``); server CPU time comes from
+``/proc/<pid>/stat`` over the measured window, RSS from ``/proc/<pid>/status``. Writes
+``latest.json`` (all figures + the machine), ``latest.md`` (the tables README shows) and
+``cancel_latency.png`` (CDF of client-observed cancel latency) into ``bench/results/``.
+
+Nothing asserts a speed: the run fails only if a scenario could not run or a result file is
+missing. Correctness observations (chunks after a terminal response, verification of the
+sampled stream) are reported as figures, as the issue asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from procstat import cpu_seconds, raise_nofile, rss_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PY = sys.executable
+SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("MUXGATE_CONFIG", None)
+    for key in [k for k in env if k.startswith("MUXGATE_")]:
+        del env[key]  # the benchmark sets everything by flag
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+class Server:
+    """A server process on a fresh port; ``stop()`` sends SIGTERM (SIGKILL after 15 s)."""
+
+    def __init__(self, kind: str, argv: list[str], port: int, stderr_path: Path) -> None:
+        self.kind = kind
+        self.port = port
+        self.stderr_path = stderr_path
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=self._stderr
+        )
+        self.pid = self.proc.pid
+        self.url = f"ws://127.0.0.1:{port}/v1/ws"
+        self.http = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        if self.kind == "ceiling":
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"ceiling server did not start: {self.stderr_tail()}")
+            return
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited at start: {self.stderr_tail()}")
+            if _http_ok(self.http + "/healthz"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.kind} not ready after {timeout} s: {self.stderr_tail()}")
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_bytes()[-n:].decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+class Bench:
+    def __init__(self, quick: bool, out: Path) -> None:
+        self.quick = quick
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(prefix="muxgate-bench-"))
+        self.log = print
+        #: When set, gateways run under cProfile writing here (``--profile``).
+        self.profile_to: Path | None = None
+        #: When set, gateways run under bench/gcprobe.py with this GC mode (``--gc-probe``).
+        self.gc_probe: str | None = None
+        self.last_probe: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def server(self, kind: str, *flags: str, name: str | None = None) -> Iterator[Server]:
+        port = free_port()
+        if kind == "gateway":
+            argv = [PY, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            if self.profile_to is not None:
+                argv[1:1] = ["-m", "cProfile", "-o", str(self.profile_to)]
+            elif self.gc_probe is not None:
+                report = self.tmp / f"{name or kind}-{port}.probe.json"
+                probe = [str(BENCH / "gcprobe.py"), "--gc", self.gc_probe, "--report", str(report)]
+                argv[1:4] = [*probe, "--", "serve"]
+            argv += ["--log-level", "warning", "--log-format", "json", "--shutdown-grace", "1"]
+        elif kind == "ceiling":
+            argv = [PY, str(BENCH / "ceiling_server.py"), "--port", str(port)]
+        else:
+            argv = [PY, str(BENCH / "fastapi_peer.py"), "--port", str(port)]
+        argv += list(flags)  # later flags win (argparse): scenarios may override the above
+        srv = Server(kind, argv, port, self.tmp / f"{name or kind}-{port}.stderr")
+        try:
+            srv.wait_ready()
+            yield srv
+        finally:
+            srv.stop()
+            if kind == "gateway" and self.gc_probe is not None:
+                probe = self.tmp / f"{name or kind}-{port}.probe.json"
+                self.last_probe = json.loads(probe.read_text()) if probe.exists() else None
+
+    def loadgen(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        argv = [PY, str(BENCH / "loadgen.py"), *args]
+        r = subprocess.run(
+            argv, cwd=ROOT, env=_env(), capture_output=True, timeout=timeout, check=False
+        )
+        if r.returncode != 0 or not r.stdout.strip():
+            raise RuntimeError(
+                f"loadgen {args[0]} failed ({r.returncode}): {r.stderr.decode()[-3000:]}"
+            )
+        return dict(json.loads(r.stdout.splitlines()[-1]))
+
+    # -- scenario 1 ------------------------------------------------------------------------------
+
+    def throughput(self) -> dict[str, Any]:
+        q = self.quick
+        conns, streams = (4, 8) if q else (8, 16)
+        window = (
+            ["--warmup", "0.3", "--duration", "0.7"] if q else ["--warmup", "1", "--duration", "4"]
+        )
+        common = ["--conns", str(conns), "--streams", str(streams), *window]
+        runs: dict[str, dict[str, Any]] = {}
+        sizes = {"json": 66, "msgpack": 50}
+        targets: list[tuple[str, str, tuple[str, ...], bool]] = [
+            ("gateway", "gateway", (), True),
+            ("gateway_unbatched", "gateway", ("--max-batch-bytes", "0"), True),
+            ("ceiling", "ceiling", ("--streams", str(streams)), False),
+            ("fastapi", "fastapi", (), True),
+        ]
+        # Full: a fresh server per run. Quick: one server for both codecs (fewer start-ups).
+        codecs = ("json", "msgpack")
+        groups = [codecs] if q else [(c,) for c in codecs]
+        for label, kind, flags, verify in targets:
+            for group in groups:
+                extra = flags
+                if kind == "ceiling":
+                    extra = (*flags, "--message-bytes", str(sizes[group[0]]))
+                done = []
+                with self.server(kind, *extra, name=f"{label}-{'-'.join(group)}") as srv:
+                    for codec in group:
+                        args = ["throughput", "--url", srv.url, "--codec", codec]
+                        args += ["--server-pid", str(srv.pid), *common]
+                        if verify:
+                            args.append("--verify")
+                        r = self.loadgen(*args)
+                        verified = r["verify"] and r["verify"]["mean_chunk_message_bytes"]
+                        if label == "gateway" and verified:
+                            sizes[codec] = round(r["verify"]["mean_chunk_message_bytes"])
+                        r["message_bytes"] = sizes[group[0]] if kind == "ceiling" else None
+                        runs[f"{label}/{codec}"] = r
+                        done.append(codec)
+                        self.log(
+                            f"  {label:18} {codec:8} {r['chunks_per_s']:>9,} chunks/s  "
+                            f"{r['server_cpu_s_per_million_chunks']:>6} CPU-s/M chunks  "
+                            f"{r['chunks_per_frame']} chunks/frame  server "
+                            f"{r['server_cpu_util']:.2f} client {r['client_cpu_util']:.2f} CPU"
+                        )
+                if kind == "gateway" and self.last_probe is not None:
+                    for codec in done:
+                        runs[f"{label}/{codec}"]["gc_probe"] = self.last_probe
+        ratios: dict[str, Any] = {}
+        for codec in ("json", "msgpack"):
+            ceiling = runs[f"ceiling/{codec}"]["chunks_per_server_cpu_s"]
+            for label in ("gateway", "gateway_unbatched", "fastapi"):
+                value = runs[f"{label}/{codec}"]["chunks_per_server_cpu_s"]
+                ratios[f"{label}_vs_ceiling/{codec}"] = (
+                    round(value / ceiling, 3) if value and ceiling else None
+                )
+            gw, fa = runs[f"gateway/{codec}"], runs[f"fastapi/{codec}"]
+            ratios[f"gateway_vs_fastapi/{codec}"] = (
+                round(gw["chunks_per_server_cpu_s"] / fa["chunks_per_server_cpu_s"], 3)
+                if gw["chunks_per_server_cpu_s"] and fa["chunks_per_server_cpu_s"]
+                else None
+            )
+        self.log("  ratios (chunks per server-CPU-second): " + json.dumps(ratios))
+        return {
+            "load": {"conns": conns, "streams_per_conn": streams, "token_delay_ms": 0},
+            "runs": runs,
+            "ratios": ratios,
+        }
+
+    # -- scenario 2 ------------------------------------------------------------------------------
+
+    def cancel(self) -> dict[str, Any]:
+        q = self.quick
+        if q:
+            conns, streams, duration = 4, 100, 1.0
+            timing = ["--ramp", "0.2", "--settle", "0.2", "--drain", "0.3"]
+        else:
+            conns, streams, duration = 10, 1000, 20.0
+            timing = ["--ramp", "1", "--settle", "1", "--drain", "1"]
+        load = [
+            "--conns", str(conns), "--streams", str(streams), "--token-delay-ms", "50",
+            "--interval-ms", "10", "--duration", str(duration), *timing,
+        ]  # fmt: skip
+        # 1,000 streams on 10 connections is 100 per connection: above the default max_streams.
+        max_streams = str(max(64, -(-streams // conns) + 8))
+        runs: dict[str, dict[str, Any]] = {}
+        for label, via in (("gateway_frame", "frame"), ("gateway_http", "http")):
+            with self.server("gateway", "--max-streams", max_streams, name=label) as srv:
+                runs[label] = self.loadgen(
+                    "cancel", "--url", srv.url, "--via", via, "--http-base", srv.http,
+                    "--metrics", srv.http, "--server-pid", str(srv.pid), *load,
+                    timeout=duration + 90,
+                )  # fmt: skip
+            if self.last_probe is not None:
+                runs[label]["gc_probe"] = self.last_probe
+            self._log_cancel(label, runs[label])
+        with self.server("fastapi", name="fastapi_frame") as srv:
+            runs["fastapi_frame"] = self.loadgen(
+                "cancel", "--url", srv.url, "--via", "frame", "--server-pid", str(srv.pid),
+                *load, timeout=duration + 90,
+            )  # fmt: skip
+        self._log_cancel("fastapi_frame", runs["fastapi_frame"])
+        return {
+            "load": {
+                "conns": conns,
+                "streams": streams,
+                "tokens_per_s_per_stream": 20,
+                "cancel_every_ms": 10,
+                "seconds": duration,
+                "gateway_max_streams": int(max_streams),
+            },
+            "runs": runs,
+        }
+
+    def _log_cancel(self, label: str, r: dict[str, Any]) -> None:
+        lat = r["latency"]
+        self.log(
+            f"  {label:14} {r['cancels']} cancels  p50 {lat['p50_ms']:.2f}  p99 {lat['p99_ms']:.2f}"
+            f"  max {lat['max_ms']:.2f} ms  after-terminal {r['chunks_after_terminal']}  "
+            f"between {r['chunks_between_cancel_and_terminal']['total']}  "
+            f"server {r['server_cpu_util']:.2f} client {r['client_cpu_util']:.2f} "
+            f"rest {r['rest_of_machine_cpu_util']:.2f} CPU"
+        )
+
+    # -- scenario 3 ------------------------------------------------------------------------------
+
+    def connections(self) -> dict[str, Any]:
+        want = 300 if self.quick else 10_000
+        procs_n = 2 if self.quick else 4
+        soft, hard = raise_nofile()
+        count = min(want, soft - 256)  # the gateway needs a descriptor per connection, plus some
+        limited = count < want
+        per = [count // procs_n + (1 if i < count % procs_n else 0) for i in range(procs_n)]
+        with self.server("gateway", "--max-connections", str(count + 100), name="conns") as srv:
+            self._warm(srv)
+            time.sleep(0.5)
+            rss0 = rss_bytes(srv.pid)
+            argv = [PY, str(BENCH / "loadgen.py"), "connections", "--url", srv.url]
+            gens = [
+                subprocess.Popen(
+                    [*argv, "--count", str(n), "--concurrency", "16", "--tag", str(i)],
+                    cwd=ROOT,
+                    env=_env(),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+                for i, n in enumerate(per)
+            ]
+            try:
+                ready = [self._event(g) for g in gens]
+                cpu0 = cpu_seconds(srv.pid)
+                stages = {}
+                for stage in ("connect", "chat"):
+                    for g in gens:
+                        assert g.stdin is not None
+                        g.stdin.write(stage.encode() + b"\n")
+                        g.stdin.flush()
+                    events = [self._event(g, timeout=240) for g in gens]
+                    stages[stage] = {
+                        "seconds": max(e["t1"] for e in events) - min(e["t0"] for e in events),
+                        "ok": sum(e["ok"] for e in events),
+                        "failed": sum(e["failed"] for e in events),
+                        "first_error": next(
+                            (e["first_error"] for e in events if e["first_error"]), None
+                        ),
+                        "server_cpu_s": cpu_seconds(srv.pid) - cpu0,
+                    }
+                    cpu0 = cpu_seconds(srv.pid)
+                    time.sleep(1.0)  # let the gateway settle (first tokens, freed buffers)
+                    stages[stage]["rss"] = rss_bytes(srv.pid)
+                for g in gens:
+                    assert g.stdin is not None
+                    g.stdin.write(b"close\n")
+                    g.stdin.flush()
+                for g in gens:
+                    self._event(g)
+            finally:
+                for g in gens:
+                    with contextlib.suppress(Exception):
+                        g.kill()
+                    g.wait()
+        conn, chat = stages["connect"], stages["chat"]
+        n_conn, n_req = conn["ok"], chat["ok"]
+        kib = 1024
+        result = {
+            "connections_wanted": want,
+            "connections": n_conn,
+            "limited_by_nofile": limited,
+            "nofile": {"run_py_soft": soft, "hard": hard, "loadgen": ready[0]["nofile"]},
+            "loadgen_processes": procs_n,
+            "accept_seconds": round(conn["seconds"], 3),
+            "accepts_per_s": round(n_conn / conn["seconds"]) if conn["seconds"] else None,
+            "accept_failed": conn["failed"],
+            "accept_first_error": conn["first_error"],
+            "gateway_cpu_ms_per_accept": round(conn["server_cpu_s"] / n_conn * 1000, 3)
+            if n_conn
+            else None,
+            "chat_seconds": round(chat["seconds"], 3),
+            "chats_ok": n_req,
+            "chats_failed": chat["failed"],
+            "rss_base_mib": round(rss0 / kib / kib, 1),
+            "rss_connected_mib": round(conn["rss"] / kib / kib, 1),
+            "rss_with_streams_mib": round(chat["rss"] / kib / kib, 1),
+            "rss_per_connection_kib": round((conn["rss"] - rss0) / n_conn / kib, 2)
+            if n_conn
+            else None,
+            "rss_per_connection_with_stream_kib": round((chat["rss"] - rss0) / n_conn / kib, 2)
+            if n_conn
+            else None,
+            "rss_per_active_request_kib": round((chat["rss"] - conn["rss"]) / n_req / kib, 2)
+            if n_req
+            else None,
+        }
+        self.log(
+            f"  {n_conn} connections in {result['accept_seconds']} s  "
+            f"{result['rss_per_connection_kib']} KiB/connection  "
+            f"{result['rss_per_active_request_kib']} KiB/active request"
+        )
+        return result
+
+    def _warm(self, srv: Server) -> None:
+        """One connection with a short request: lazy imports and caches before the baseline."""
+        from websockets.sync.client import connect
+
+        with connect(srv.url, subprotocols=["muxgate.v1.json"], compression=None) as ws:  # type: ignore[list-item]
+            ws.send('{"type":"chat","request_id":"warm","message":"hi","metadata":'
+                    '{"tokens":3,"token_delay_ms":0,"plan_ms":0,"tool_ms":0}}')  # fmt: skip
+            while '"type":"response"' not in str(ws.recv(timeout=10)):
+                pass
+
+    @staticmethod
+    def _event(proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the loadgen answers every command; it never hangs idle
+        if not line:
+            raise RuntimeError(f"loadgen connections exited ({proc.poll()})")
+        return dict(json.loads(line))
+
+    # -- scenario 4 ------------------------------------------------------------------------------
+
+    def halt(self) -> dict[str, Any]:
+        q = self.quick
+        conns, streams, duration = (2, 50, 1.0) if q else (2, 200, 5.0)
+        flags = ("--log-format", "json", "--log-level", "info", "--max-streams", "128")
+        with self.server("gateway", *flags, name="halt") as srv:
+            r = self.loadgen(
+                "cancel", "--url", srv.url, "--server-pid", str(srv.pid), "--no-ping",
+                "--conns", str(conns), "--streams", str(streams), "--token-delay-ms", "50",
+                "--interval-ms", "10", "--duration", str(duration), "--ramp", "0.3",
+                "--settle", "0.3", "--drain", "0.5", timeout=duration + 60,
+            )  # fmt: skip
+            srv.stop()
+            lines = srv.stderr_path.read_text(errors="replace").splitlines()
+        halts, after = [], []
+        for line in lines:
+            if '"request.cancelled"' not in line:
+                continue
+            event = json.loads(line)
+            if event.get("reason") != "client":
+                continue
+            halts.append(float(event["halt_ms"]))
+            after.append(int(event["tokens_after_cancel"]))
+        halts.sort()
+
+        def pct(p: float) -> float | None:
+            return halts[min(len(halts) - 1, int(p * len(halts)))] if halts else None
+
+        hist: dict[str, int] = {}
+        for n in after:
+            hist[str(n)] = hist.get(str(n), 0) + 1
+        result = {
+            "load": {"conns": conns, "streams": streams, "token_delay_ms": 50, "seconds": duration},
+            "cancels_sent": r["cancels"],
+            "cancel_log_lines": len(halts),
+            "halt_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": halts[-1] if halts else None},
+            "tokens_after_cancel": {
+                "max": max(after) if after else None,
+                "mean": round(sum(after) / len(after), 3) if after else None,
+                "histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+                "over_target_1": sum(1 for n in after if n > 1),
+            },
+            "client_latency": r["latency"],
+        }
+        self.log(
+            f"  {len(halts)} cancels logged  halt p50 {pct(0.5)} p99 {pct(0.99)} max "
+            f"{result['halt_ms']['max']} ms  "
+            f"tokens after cancel max {result['tokens_after_cancel']['max']}"
+        )
+        return result
+
+    # -- profile ---------------------------------------------------------------------------------
+
+    def profile(self) -> dict[str, Any]:
+        """The gateway under cProfile: the throughput load (JSON, batching) and a cancel load
+        (500 streams, so that the profiled gateway is not saturated).
+
+        cProfile slows Python code several times, so these runs are for *where* the time goes
+        (shares of the gateway's busy time by layer), never for figures.
+        """
+        q = self.quick
+        out: dict[str, Any] = {}
+        loads = {
+            "throughput": lambda srv: self.loadgen(
+                "throughput", "--url", srv.url, "--codec", "json", "--server-pid", str(srv.pid),
+                "--conns", "8", "--streams", "16", "--warmup", "0.5",
+                "--duration", "1" if q else "5",
+            ),
+            "cancel": lambda srv: self.loadgen(
+                "cancel", "--url", srv.url, "--server-pid", str(srv.pid), "--no-ping",
+                "--conns", "10", "--streams", "100" if q else "500", "--token-delay-ms", "50",
+                "--duration", "1" if q else "5", "--ramp", "0.5", "--settle", "0.5",
+                "--drain", "0.5",
+            ),
+        }  # fmt: skip
+        for name, run in loads.items():
+            self.profile_to = self.tmp / f"gateway-{name}.prof"
+            try:
+                with self.server("gateway", "--max-streams", "128", name=f"profile-{name}") as srv:
+                    r = run(srv)
+            finally:
+                prof, self.profile_to = self.profile_to, None
+            out[name] = {"load_result_under_profiler": {
+                k: r.get(k) for k in ("chunks_per_s", "chunks_per_frame", "server_cpu_util")
+            }, **summarize_profile(prof)}  # fmt: skip
+            self.log(f"  {name}: " + ", ".join(
+                f"{k} {v}%" for k, v in list(out[name]["busy_share_pct"].items())[:8]
+            ))  # fmt: skip
+        return out
+
+    # -- scenario 5 ------------------------------------------------------------------------------
+
+    def codec(self) -> dict[str, Any]:
+        out = self.tmp / "codec.json"
+        seconds = "0.02" if self.quick else "0.25"
+        subprocess.run(
+            [PY, str(BENCH / "bench_codec.py"), "--seconds", seconds, "--json-out", str(out)],
+            cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        results = json.loads(out.read_text())["results"]
+        for r in results:
+            self.log(f"  {r['codec']:8} {r['case']:34} {r['ns']:>8} ns  {r['bytes']} B")
+        return {"results": results}
+
+
+def _layer(filename: str, name: str) -> str:
+    if "select.epoll" in name or "select.select" in name:
+        return "idle"
+    if filename == "~":
+        if "_socket.socket" in name and "send" in name:
+            return "socket send (syscall)"
+        if "_socket.socket" in name or "recv" in name:
+            return "socket recv (syscall)"
+        return "builtins (C)"
+    for key, layer in (
+        ("gateway/backends/", "backend (simulated LLM)"),
+        ("gateway/pipeline", "gateway: pipeline (RequestContext)"),
+        ("gateway/outbound", "gateway: outbound (writer, batching)"),
+        ("gateway/", "gateway: other"),
+        ("protocol/", "protocol (encode, state machine)"),
+        ("websockets/", "websockets"),
+        ("asyncio/", "asyncio (event loop, tasks, timers)"),
+        ("structlog", "logging"),
+        ("prometheus_client", "metrics"),
+    ):
+        if key in filename:
+            return layer
+    return "other Python"
+
+
+def summarize_profile(path: Path) -> dict[str, Any]:
+    """Shares of the gateway's busy (non-idle) time by layer, and the top functions."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    layers: dict[str, float] = {}
+    rows = []
+    for (filename, line, name), (_cc, ncalls, tottime, cumtime, _callers) in raw.items():
+        layer = _layer(filename, name)
+        layers[layer] = layers.get(layer, 0.0) + tottime
+        short = filename.replace(str(ROOT) + "/", "").split("site-packages/")[-1]
+        rows.append((tottime, cumtime, ncalls, f"{short}:{line}({name})", layer))
+    busy = sum(v for k, v in layers.items() if k != "idle") or 1.0
+    share = {k: round(v / busy * 100, 1) for k, v in sorted(layers.items(), key=lambda kv: -kv[1])}
+    share.pop("idle", None)
+    rows.sort(reverse=True)
+    top = [
+        {"function": f, "tottime_pct": round(t / busy * 100, 1), "calls": n}
+        for t, _c, n, f, layer in rows
+        if layer != "idle"
+    ][:20]
+    gateway_cum = sorted(
+        ((c, n, f) for _t, c, n, f, layer in rows if layer.startswith(("gateway", "backend"))),
+        reverse=True,
+    )[:12]
+    return {
+        "busy_seconds": round(busy, 2),
+        "busy_share_pct": share,
+        "top_tottime": top,
+        "top_gateway_cumulative": [
+            {"function": f, "cumtime_pct": round(c / busy * 100, 1), "calls": n}
+            for c, n, f in gateway_cum
+        ],
+    }
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--", "gateway", "protocol"))
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "packages": {
+            name: version(name)
+            for name in ("websockets", "orjson", "msgpack", "fastapi", "uvicorn", "starlette")
+        },
+        "event_loop": "asyncio (default selector loop) for every server",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit or None,
+        "gateway_uncommitted_changes": dirty,
+    }
+
+
+def _cpu_idle_fraction(seconds: float = 1.0) -> float:
+    """Machine-wide idle CPU share over ``seconds`` (from /proc/stat): other load skews figures."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# muxgate benchmark results"
+        + (" (quick smoke: tiny loads, not figures)" if results["quick"] else ""),
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, websockets "
+        f"{m['packages']['websockets']}, {m['date']} (commit {m['commit']}"
+        f"{', plus uncommitted gateway changes' if m.get('gateway_uncommitted_changes') else ''}). "
+        "Every server runs on the default asyncio loop in its own process; so does the load "
+        "generator. Server CPU from /proc over the measured window.",
+        "",
+    ]
+    idle = [
+        v["machine_idle_before"]
+        for v in results["scenarios"].values()
+        if "machine_idle_before" in v
+    ]
+    if idle and min(idle) < 0.9:
+        lines += [
+            f"Note: the machine was only {min(idle):.0%} idle before some scenario (other "
+            "processes were running); those figures are skewed.",
+            "",
+        ]
+    s = results["scenarios"]
+    tp = s.get("throughput")
+    if tp and "runs" in tp:
+        load = tp["load"]
+        lines += [
+            f"## 1. Throughput: {load['conns']} connections x {load['streams_per_conn']} streams, "
+            "zero-delay token-sized chunks",
+            "",
+            "| server | codec | chunks/s | server CPU-s per M chunks | chunks per server-CPU-s "
+            "| vs ceiling | chunks/frame | tokens/chunk |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        names = {
+            "gateway": "muxgate (batching)",
+            "gateway_unbatched": "muxgate, `--max-batch-bytes 0`",
+            "ceiling": "bare websockets, 1 msg/frame (ceiling)",
+            "fastapi": "FastAPI/uvicorn, task per request",
+        }
+        for label, name in names.items():
+            for codec in ("json", "msgpack"):
+                r = tp["runs"].get(f"{label}/{codec}")
+                if not r:
+                    continue
+                ratio = (
+                    1.0 if label == "ceiling" else tp["ratios"].get(f"{label}_vs_ceiling/{codec}")
+                )
+                lines.append(
+                    f"| {name} | {codec} | {_f(r['chunks_per_s'])} | "
+                    f"{_f(r['server_cpu_s_per_million_chunks'])} | "
+                    f"{_f(r['chunks_per_server_cpu_s'])} | {_f(ratio)}x | "
+                    f"{_f(r['chunks_per_frame'], 1)} | {_f(r['tokens_per_chunk'])} |"
+                )
+        r = tp["ratios"]
+        lines += [
+            "",
+            "Gateway/ceiling in chunks per server-CPU-second (issue 4 target: >= 1.5x, aim 3x): "
+            f"JSON {_f(r.get('gateway_vs_ceiling/json'))}x, "
+            f"msgpack {_f(r.get('gateway_vs_ceiling/msgpack'))}x; batching disabled: JSON "
+            f"{_f(r.get('gateway_unbatched_vs_ceiling/json'))}x, msgpack "
+            f"{_f(r.get('gateway_unbatched_vs_ceiling/msgpack'))}x; muxgate/FastAPI: JSON "
+            f"{_f(r.get('gateway_vs_fastapi/json'))}x, msgpack "
+            f"{_f(r.get('gateway_vs_fastapi/msgpack'))}x. The ceiling sends pre-encoded chunk "
+            "messages padded to the gateway's mean chunk message size "
+            f"({_f(tp['runs'].get('ceiling/json', {}).get('message_bytes'))} B JSON, "
+            f"{_f(tp['runs'].get('ceiling/msgpack', {}).get('message_bytes'))} B msgpack), "
+            "one per frame, in a loop per connection. Server CPU includes the embedded "
+            "simulated backend producing the tokens.",
+            "",
+        ]
+    ca = s.get("cancel")
+    if ca and "runs" in ca:
+        load = ca["load"]
+        lines += [
+            f"## 2. Cancel under load: {load['streams']:,} streams at 20 tokens/s on "
+            f"{load['conns']} connections, a random stream cancelled every 10 ms for "
+            f"{load['seconds']:g} s",
+            "",
+            "Latency: client-observed, from sending the cancel to receiving that request's "
+            "`response`. HTTP: from opening the `DELETE` connection, in a separate process.",
+            "",
+            "| server, cancel via | cancels | p50 ms | p99 ms | max ms | chunks after terminal "
+            "| chunks between cancel and terminal | app ping RTT p99 ms | server CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        names = {
+            "gateway_frame": "muxgate, `cancel` frame",
+            "gateway_http": "muxgate, `DELETE /v1/requests/{id}`",
+            "fastapi_frame": "FastAPI/uvicorn, `cancel` frame",
+        }
+        for label, name in names.items():
+            r = ca["runs"].get(label)
+            if not r:
+                continue
+            lat, btw = r["latency"], r["chunks_between_cancel_and_terminal"]
+            lines.append(
+                f"| {name} | {_f(r['cancels'])} | {_f(lat['p50_ms'])} | {_f(lat['p99_ms'])} | "
+                f"{_f(lat['max_ms'])} | {_f(r['chunks_after_terminal'])} | "
+                f"{_f(btw['total'])} (max {_f(btw['max'])}/cancel) | "
+                f"{_f(r['ping_rtt']['p99_ms'])} | {_f(r['server_cpu_util'])} |"
+            )
+        lines += [
+            "",
+            "Target (issue 4): p99 < 2 ms, aim 1 ms; chunks after terminal must be 0. "
+            "App ping RTT: an application `ping` every 10 ms on the same connections, "
+            "half-way between cancels; it shows how fast the server answers any control "
+            "message under this load.",
+            "",
+            "![cancel latency CDF](cancel_latency.png)",
+            "",
+        ]
+    co = s.get("connections")
+    if co and "connections" in co:
+        lines += [
+            f"## 3. Connections and memory: {co['connections']:,} connections, "
+            "one slow stream each",
+            "",
+            "| figure | value |",
+            "|---|---:|",
+            f"| time to accept all (handshake + ping/pong), s | {_f(co['accept_seconds'])} |",
+            f"| accepts per second | {_f(co['accepts_per_s'])} |",
+            f"| gateway CPU per accept, ms | {_f(co['gateway_cpu_ms_per_accept'], 3)} |",
+            f"| gateway RSS: base / connected / with streams, MiB | {_f(co['rss_base_mib'], 1)} / "
+            f"{_f(co['rss_connected_mib'], 1)} / {_f(co['rss_with_streams_mib'], 1)} |",
+            f"| RSS per connection, KiB (target < 50, aim 30) | "
+            f"{_f(co['rss_per_connection_kib'])} |",
+            f"| RSS per connection with its stream, KiB | "
+            f"{_f(co['rss_per_connection_with_stream_kib'])} |",
+            f"| RSS per active request, KiB | {_f(co['rss_per_active_request_kib'])} |",
+            f"| failed accepts / chats | {_f(co['accept_failed'])} / {_f(co['chats_failed'])} |",
+            "",
+        ]
+        if co["limited_by_nofile"]:
+            lines += [f"Limited by RLIMIT_NOFILE: {co['nofile']}.", ""]
+    ha = s.get("halt")
+    if ha and "halt_ms" in ha:
+        t = ha["tokens_after_cancel"]
+        lines += [
+            "## 4. Backend halt (from the gateway's `request.cancelled` log lines)",
+            "",
+            "Cancels mid-stream (simulated abortable LLM at 20 tokens/s); target: <= 1 token "
+            "produced after the cancel.",
+            "",
+            "| cancels | halt p50 ms | halt p99 ms | halt max ms | tokens after cancel: max "
+            "| mean | cancels with > 1 |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {_f(ha['cancel_log_lines'])} | {_f(ha['halt_ms']['p50'], 3)} | "
+            f"{_f(ha['halt_ms']['p99'], 3)} | {_f(ha['halt_ms']['max'], 3)} | {_f(t['max'])} | "
+            f"{_f(t['mean'], 3)} | {_f(t['over_target_1'])} |",
+            "",
+        ]
+    cd = s.get("codec")
+    if cd and "results" in cd:
+        lines += [
+            "## 5. Codec micro-benchmark (ns per chunk message)",
+            "",
+            "| codec | case | ns | bytes |",
+            "|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {r['codec']} | {r['case']} | {_f(float(r['ns']), 1)} | {r['bytes']} |"
+            for r in cd["results"]
+        ]
+        lines.append("")
+    errors = {k: v["error"] for k, v in s.items() if "error" in v}
+    if errors:
+        lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], samples: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    names = {
+        "gateway_frame": "muxgate, cancel frame",
+        "gateway_http": "muxgate, HTTP DELETE",
+        "fastapi_frame": "FastAPI/uvicorn, cancel frame",
+    }
+    for label, name in names.items():
+        values = sorted(samples.get(label) or [])
+        if not values:
+            continue
+        n = len(values)
+        p99 = values[min(n - 1, int(0.99 * n))]
+        ax.step(values, [(i + 1) / n for i in range(n)], where="post",
+                label=f"{name} (p50 {values[n // 2]:.2f}, p99 {p99:.2f} ms)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("client-observed cancel → terminal response latency (ms, log scale)")
+    ax.set_ylabel("fraction of cancels")
+    ax.axhline(0.99, color="grey", lw=0.6, ls=":")
+    ax.axvline(2.0, color="red", lw=0.6, ls="--", label="target p99 < 2 ms")
+    load = results["scenarios"].get("cancel", {}).get("load", {})
+    ax.set_title(
+        f"Cancel under load: {load.get('streams', '?')} streams x 20 tok/s, "
+        f"cancel every 10 ms ({results['machine']['cores']} cores)"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke: tiny loads, a few seconds")
+    p.add_argument("--only", choices=SCENARIOS, action="append", help="run only this scenario")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results[/quick])")
+    p.add_argument(
+        "--gc-probe",
+        choices=["default", "off", "tuned"],
+        help="diagnostic: run gateways under bench/gcprobe.py (GC pauses, event-loop stalls)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run the gateway under cProfile (throughput and cancel loads): profile.json",
+    )
+    a = p.parse_args()
+    out: Path = a.out or (BENCH / "results" / "quick" if a.quick else BENCH / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    raise_nofile()
+    bench = Bench(a.quick, out)
+    bench.gc_probe = a.gc_probe
+    started = time.monotonic()
+    results: dict[str, Any] = {"quick": a.quick, "machine": machine(), "scenarios": {}}
+    print(f"# muxgate bench ({'quick' if a.quick else 'full'}) on {results['machine']['cpu']}, "
+          f"{results['machine']['cores']} cores; results in {out}")  # fmt: skip
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "throughput": bench.throughput,
+        "cancel": bench.cancel,
+        "connections": bench.connections,
+        "halt": bench.halt,
+        "codec": bench.codec,
+    }
+    failed = []
+    for name in a.only or SCENARIOS:
+        idle = _cpu_idle_fraction(0.5)
+        print(f"## {name}  (machine {idle:.0%} idle before it)", flush=True)
+        if idle < 0.9:
+            print(f"#  warning: other processes use {1 - idle:.0%} of the CPU; figures will skew")
+        t0 = time.monotonic()
+        try:
+            results["scenarios"][name] = steps[name]()
+        except Exception:
+            failed.append(name)
+            results["scenarios"][name] = {"error": traceback.format_exc()}
+            print(traceback.format_exc(), file=sys.stderr)
+        results["scenarios"][name]["wall_seconds"] = round(time.monotonic() - t0, 1)
+        results["scenarios"][name]["machine_idle_before"] = round(idle, 3)
+        results["scenarios"][name]["loadavg_after"] = os.getloadavg()[0]
+    if a.profile:
+        print("## profile (cProfile: shares of the gateway's busy time)", flush=True)
+        try:
+            (out / "profile.json").write_text(json.dumps(bench.profile(), indent=1) + "\n")
+        except Exception:
+            failed.append("profile")
+            print(traceback.format_exc(), file=sys.stderr)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    # The raw cancel latencies (for the plot) go to their own compact file.
+    samples: dict[str, list[float]] = {}
+    for label, run in results["scenarios"].get("cancel", {}).get("runs", {}).items():
+        samples[label] = run.pop("latencies_ms", [])
+    samples_path = out / "cancel_latencies.json"
+    if a.only and (out / "latest.json").exists():
+        # A partial run updates its scenarios in the last results.
+        previous = json.loads((out / "latest.json").read_text())
+        previous["scenarios"].update(results["scenarios"])
+        previous["machine"] = results["machine"]
+        results = previous
+        if not samples and samples_path.exists():
+            samples = json.loads(samples_path.read_text())
+    samples_path.write_text(json.dumps(samples, separators=(",", ":")) + "\n")
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "latest.md").write_text(markdown(results))
+    plot(results, samples, out / "cancel_latency.png")
+    files = ("latest.json", "latest.md", "cancel_latency.png")
+    missing = [f for f in files if not (out / f).exists() or not (out / f).stat().st_size]
+    print(f"# done in {results['wall_seconds']} s; wrote {', '.join(files)} in {out}")
+    if failed or missing:
+        print(f"# FAILED: scenarios {failed}, empty files {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
