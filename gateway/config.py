@@ -9,6 +9,7 @@ list in the environment and repeated flags; ``backend_options`` is a TOML table 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -96,8 +97,9 @@ class Config:
         if self.max_timeout_ms > limits.MAX_TIMEOUT_MS:
             raise ConfigError(f"max_timeout_ms must be at most {limits.MAX_TIMEOUT_MS}")
         for name in ("slow_consumer_timeout", "hello_timeout", "rate_limit", "shutdown_grace"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:  # "nan" would switch the check off
+                raise ConfigError(f"{name} must be a positive finite number")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("log_format must be auto, json or console")
         if any(not key for key in self.client_keys):
@@ -143,7 +145,7 @@ def _convert(name: str, raw: Any, source: str) -> Any:
                 return raw
             return {"1": True, "true": True, "0": False, "false": False}[str(raw).lower()]
         if hint is int:
-            if isinstance(raw, bool):
+            if isinstance(raw, bool | float):  # int(1.5) would silently truncate
                 raise TypeError("not an integer")
             return int(raw)
         if hint is float:

@@ -124,12 +124,14 @@ class Connection:
             if self._text and isinstance(data, bytes):
                 # SPEC.md §2.2: a binary frame on a JSON connection; nothing in it is processed.
                 self._first_message_seen()
-                self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
+                if self._admit(None):  # bad input counts towards the rate like any message
+                    self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
                 continue
             for result in protocol.decode(data, self.codec, Sender.CLIENT):
                 if isinstance(result, RemoteProtocolError):
                     self._first_message_seen()
-                    self._error(result.code, result.message, result.request_id)
+                    if self._admit(result):
+                        self._error(result.code, result.message, result.request_id)
                     continue
                 message = cast(ClientMessage, result)  # decode(..., Sender.CLIENT) ensures it
                 if not isinstance(message, Cancel) and not self._admit(message):
@@ -183,7 +185,7 @@ class Connection:
             )
         )
 
-    def _admit(self, message: ClientMessage) -> bool:
+    def _admit(self, message: ClientMessage | RemoteProtocolError | None) -> bool:
         """Token bucket: refuse (rate_limited) beyond the rate; close 4029 if it goes on."""
         config = self.gateway.config
         now = time.monotonic()
@@ -221,11 +223,26 @@ class Connection:
         else:
             log.error("connection.writer_failed", connection_id=self.id, exc_info=exc)
             code, reason = CloseCode.INTERNAL_ERROR, "internal error"
-        self.gateway.track(asyncio.ensure_future(self.ws.close(code, reason)))
+        # Nothing more can be written: the requests stop now (G7), not when the TCP connection
+        # finally dies, which for a peer that does not read may be much later.
+        if self.mux is not None:
+            self.mux.disconnect()
+        self.outbound.close()
+        self.gateway.track(asyncio.ensure_future(self.close(code, reason)))
 
     async def _flush_and_close(self, code: CloseCode, reason: str) -> None:
         """Give queued messages (the error explaining the close) a moment, then close."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await self.outbound.flushed()
-        await self.ws.close(code, reason)
+        await self.close(code, reason)
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Close with ``code``. A peer that does not read cannot take the close frame either
+        (``close`` would wait for the socket to drain forever): drop the TCP connection after
+        the close timeout."""
+        try:
+            async with asyncio.timeout(self.ws.close_timeout or 10.0):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()

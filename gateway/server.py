@@ -9,7 +9,6 @@ connections with 1001.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -147,8 +146,10 @@ class Gateway:
         if self._server is None:
             return
         grace = self.config.shutdown_grace if grace is None else grace
+        # From now on WebSocket handshakes get 503 and chats `unavailable`, while the HTTP API
+        # keeps working during the grace period and /healthz says "draining" (SPEC.md §5.7):
+        # the listener stays open until the connections are closed.
         self.draining = True
-        self._server.close(close_connections=False)  # stop accepting
         running = self.tasks
         if running:
             await asyncio.wait(running, timeout=grace)
@@ -163,15 +164,23 @@ class Gateway:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        for conn in list(self.connections):
-            with contextlib.suppress(Exception):
-                await conn.outbound.flushed()
-        closes = [
-            conn.ws.close(CloseCode.GOING_AWAY, "server shutdown") for conn in self.connections
-        ]
+        self._server.close(close_connections=False)  # stop accepting
+        closes = [self._close_going_away(conn, max(grace, 1.0)) for conn in self.connections]
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
         await self._server.wait_closed()
+
+    @staticmethod
+    async def _close_going_away(conn: Connection, flush_timeout: float) -> None:
+        """Send what is queued (the cancelled responses), then close with 1001. A client that
+        does not take its last frames in time cannot take a close frame either: drop it."""
+        try:
+            async with asyncio.timeout(flush_timeout):
+                await conn.outbound.flushed()
+        except TimeoutError:
+            conn.ws.transport.abort()
+            return
+        await conn.close(CloseCode.GOING_AWAY, "server shutdown")
 
     async def __aenter__(self) -> Gateway:
         await self.start()

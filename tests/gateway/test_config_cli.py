@@ -1,0 +1,210 @@
+"""Configuration (defaults < TOML < environment < flags) and the ``muxgate`` command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import cli
+from gateway.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = REPO / "protocol" / "SPEC.md"
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "muxgate.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- load_config ---------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = load_config(environ={})
+    assert config == Config()
+    assert config.port == 8001 and config.host == "127.0.0.1"  # noqa: PT018
+    assert config.backend == "simulated"
+    assert not config.auth_required
+
+
+def test_precedence_defaults_toml_env_flags(tmp_path: Path) -> None:
+    toml = _toml(
+        tmp_path,
+        'host = "0.0.0.0"\nport = 9000\nmax_streams = 10\nrate_limit = 7\nbackend = "echo"\n',
+    )
+    env = {"MUXGATE_MAX_STREAMS": "20", "MUXGATE_PORT": "9001"}
+    flags = {"max_streams": "30", "port": None}  # None: flag not given
+
+    config = load_config(environ={}, toml_path=toml)
+    assert (config.host, config.port, config.max_streams) == ("0.0.0.0", 9000, 10)
+    config = load_config(environ=env, toml_path=toml)
+    assert (config.host, config.port, config.max_streams) == ("0.0.0.0", 9001, 20)
+    config = load_config(environ=env, toml_path=toml, flags=flags)
+    assert (config.host, config.port, config.max_streams) == ("0.0.0.0", 9001, 30)
+    assert config.backend == "echo"
+    assert config.shutdown_grace == Config().shutdown_grace  # untouched: the default
+    # The TOML file may also come from MUXGATE_CONFIG.
+    config = load_config(environ={"MUXGATE_CONFIG": str(toml)})
+    assert config.port == 9000
+
+
+def test_type_conversion(tmp_path: Path) -> None:
+    env = {
+        "MUXGATE_PORT": "8080",
+        "MUXGATE_RATE_LIMIT": "12.5",
+        "MUXGATE_SLOW_CONSUMER_TIMEOUT": "3",
+        "MUXGATE_JWT_SECRET": "s3cret",
+        "MUXGATE_LOG_FORMAT": "json",
+    }
+    config = load_config(environ=env)
+    assert config.port == 8080 and type(config.port) is int  # noqa: PT018
+    assert config.rate_limit == 12.5
+    assert config.slow_consumer_timeout == 3.0 and type(config.slow_consumer_timeout) is float  # noqa: PT018
+    assert config.jwt_secret == "s3cret" and config.auth_required  # noqa: PT018
+    # TOML: an integer where a float is expected; a table for backend_options.
+    toml = _toml(tmp_path, "shutdown_grace = 2\n[backend_options]\ntokens = 5\nplan_ms = 0\n")
+    config = load_config(environ={}, toml_path=toml)
+    assert config.shutdown_grace == 2.0 and type(config.shutdown_grace) is float  # noqa: PT018
+    assert config.backend_options == {"tokens": 5, "plan_ms": 0}
+    # An empty optional setting means "not set".
+    assert load_config(environ={"MUXGATE_JWT_AUDIENCE": ""}).jwt_audience is None
+
+
+def test_client_keys_from_comma_separated_env(tmp_path: Path) -> None:
+    config = load_config(environ={"MUXGATE_CLIENT_KEYS": "key-one, key-two,,key-three "})
+    assert config.client_keys == ("key-one", "key-two", "key-three")
+    assert config.auth_required
+    toml = _toml(tmp_path, 'client_keys = ["a-key", "b-key"]\n')
+    assert load_config(environ={}, toml_path=toml).client_keys == ("a-key", "b-key")
+    assert load_config(environ={}, flags={"client_keys": ["f1", "f2"]}).client_keys == (
+        "f1",
+        "f2",
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"MUXGATE_MAX_STREAMS": "abc"}, "max_streams"),
+        ({"MUXGATE_MAX_STREAMS": "0"}, "max_streams"),
+        ({"MUXGATE_MAX_STREAMS": "1.5"}, "max_streams"),
+        ({"MUXGATE_PORT": "70000"}, "port"),
+        ({"MUXGATE_RATE_LIMIT": "fast"}, "rate_limit"),
+        ({"MUXGATE_RATE_LIMIT": "0"}, "rate_limit"),
+        ({"MUXGATE_RATE_LIMIT": "nan"}, "rate_limit"),
+        ({"MUXGATE_SLOW_CONSUMER_TIMEOUT": "inf"}, "slow_consumer_timeout"),
+        ({"MUXGATE_SHUTDOWN_GRACE": "-1"}, "shutdown_grace"),
+        ({"MUXGATE_MAX_FRAME_BYTES": "100"}, "max_frame_bytes"),
+        ({"MUXGATE_MAX_BATCH_BYTES": "-1"}, "max_batch_bytes"),
+        ({"MUXGATE_MAX_TIMEOUT_MS": "3600001"}, "max_timeout_ms"),
+        ({"MUXGATE_LOG_FORMAT": "xml"}, "log_format"),
+        ({"MUXGATE_JWT_SECRET": ""}, None),  # "" means unset for an optional setting: valid
+        ({"MUXGATE_MAX_PENDING_CHARS": "300000"}, "max_pending_chars"),
+    ],
+)
+def test_invalid_env_values_name_the_setting(env: dict[str, str], setting: str | None) -> None:
+    if setting is None:
+        load_config(environ=env)
+        return
+    with pytest.raises(ConfigError, match=setting):
+        load_config(environ=env)
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ("max_streams = true\n", "max_streams"),
+        ('max_streams = "many"\n', "max_streams"),
+        ("max_streams = 1.5\n", "max_streams"),
+        ('backend_options = "tokens=5"\n', "backend_options"),
+        ("rate_limit = nan\n", "rate_limit"),
+    ],
+)
+def test_invalid_toml_values_name_the_setting(tmp_path: Path, text: str, setting: str) -> None:
+    with pytest.raises(ConfigError, match=setting):
+        load_config(environ={}, toml_path=_toml(tmp_path, text))
+
+
+def test_unknown_or_broken_toml_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_stream"):
+        load_config(environ={}, toml_path=_toml(tmp_path, "max_stream = 3\n"))
+    with pytest.raises(ConfigError, match=r"muxgate\.toml"):
+        load_config(environ={}, toml_path=_toml(tmp_path, "max_streams = \n"))
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
+        load_config(environ={}, toml_path=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_config(environ={}, flags={"nonsense": "1"})
+
+
+def test_flags_are_converted_and_checked() -> None:
+    assert load_config(environ={}, flags={"rate_burst": "17"}).rate_burst == 17
+    with pytest.raises(ConfigError, match="--max-streams"):
+        load_config(environ={}, flags={"max_streams": "abc"})
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _muxgate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=REPO,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_serve_with_bad_flag_exits_2_with_a_message() -> None:
+    done = _muxgate("serve", "--max-streams", "abc")
+    assert done.returncode == 2
+    assert "max_streams" in done.stderr and "abc" in done.stderr  # noqa: PT018
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_bad_env_exits_2() -> None:
+    done = _muxgate("serve", env={"MUXGATE_PORT": "99999"})
+    assert done.returncode == 2
+    assert "port" in done.stderr
+
+
+def test_spec_prints_the_specification() -> None:
+    done = _muxgate("spec")
+    assert done.returncode == 0
+    assert done.stdout == SPEC.read_text(encoding="utf-8")
+
+
+def test_no_command_exits_2() -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+
+
+def test_serve_passes_flags_env_and_toml_to_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Config] = []
+    monkeypatch.setattr("gateway.server.run", seen.append)
+    for key in [k for k in os.environ if k.startswith("MUXGATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MUXGATE_RATE_BURST", "9")
+    monkeypatch.setenv("MUXGATE_MAX_STREAMS", "5")
+    toml = _toml(tmp_path, "max_streams = 4\nrate_burst = 3\nretention_count = 77\n")
+    argv: list[Any] = ["serve", "--config", str(toml), "--max-streams", "6"]
+    argv += ["--client-key", "k1", "--client-key", "k2", "--shutdown-grace", "1"]
+    assert cli.main(argv) == 0
+    (config,) = seen
+    assert config.max_streams == 6  # flag over env over TOML
+    assert config.rate_burst == 9  # env over TOML
+    assert config.retention_count == 77  # TOML over default
+    assert config.client_keys == ("k1", "k2")
+    assert config.shutdown_grace == 1.0
