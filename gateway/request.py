@@ -176,8 +176,11 @@ class Request:
     async def _run(self) -> None:
         try:
             await self.backend.run(self.ctx)
-        except PipelineHalted:
-            pass
+        except PipelineHalted as exc:
+            if self.status is RequestStatus.ACTIVE:
+                # Halted although nobody cancelled (a backend raised it itself): without this
+                # the request would never get its response (G1). It is the backend's failure.
+                self._fail(exc)
         except asyncio.CancelledError:
             # Only a last resort at shutdown cancels this task; the cancel decides the response.
             self.cancel(CancelReason.SHUTDOWN)
