@@ -129,6 +129,9 @@ class Connection:
                 continue
             for result in protocol.decode(data, self.codec, Sender.CLIENT):
                 if isinstance(result, RemoteProtocolError):
+                    if result.message_type == "hello" and self.mux is None:
+                        # SPEC.md §4.4 (5): a refused first hello closes, even in dev mode.
+                        self._refuse_with(result.code, result.message)
                     self._first_message_seen()
                     if self._admit(result):
                         self._error(result.code, result.message, result.request_id)
@@ -166,7 +169,10 @@ class Connection:
             self._welcome(self._principal)
 
     def _refuse(self, exc: AuthError) -> NoReturn:
-        self._error(exc.code, exc.message)
+        self._refuse_with(exc.code, exc.message)
+
+    def _refuse_with(self, code: ErrorCode | str, message: str) -> NoReturn:
+        self._error(code, message)
         raise _Closing(CloseCode.UNAUTHORIZED, "unauthorized")
 
     def _welcome(self, principal: Principal) -> None:

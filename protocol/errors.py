@@ -95,14 +95,23 @@ class ProtocolError(Exception):
     code: ErrorCode | str
     message: str
     request_id: str | None
+    #: The refused message's ``type`` when it had a known one (e.g. so a gateway can tell a
+    #: refused ``hello`` from other bad input); not part of equality.
+    message_type: str | None
 
     def __init__(
-        self, code: ErrorCode | str, message: str, *, request_id: str | None = None
+        self,
+        code: ErrorCode | str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        message_type: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.message_type = message_type
 
     def __repr__(self) -> str:
         rid = f", request_id={self.request_id!r}" if self.request_id is not None else ""

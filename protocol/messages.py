@@ -671,7 +671,9 @@ def parse_message(obj: JSONValue, sender: Sender) -> Message:
     try:
         return _from_wire(type_, obj)
     except LocalProtocolError as exc:
-        raise RemoteProtocolError(exc.code, exc.message, request_id=_valid_request_id(obj)) from exc
+        raise RemoteProtocolError(
+            exc.code, exc.message, request_id=_valid_request_id(obj), message_type=type_
+        ) from exc
 
 
 def _valid_request_id(obj: Mapping[str, JSONValue]) -> str | None:

@@ -157,12 +157,6 @@ async def test_dev_mode_hello_credentials_are_ignored(gateway: Gateway) -> None:
     assert (await get(gateway, "r1", {"X-Muxi-User-Id": "dave"})).status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/connection.py: a first hello that fails validation is answered with "
-    "welcome + invalid_field and the connection stays open; SPEC.md §3.2/§4.4 item 5 require "
-    "its error, no welcome, then close 4001 (also in dev mode)",
-)
 @pytest.mark.parametrize("mode", ["dev", "client-key-header"])
 async def test_invalid_first_hello_is_refused_4001(mode: str) -> None:
     settings: dict[str, Any] = {} if mode == "dev" else {"client_keys": (KEY,)}
