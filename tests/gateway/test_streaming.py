@@ -24,7 +24,8 @@ async def test_chat_streams_and_completes(gateway: Gateway, codec: Codec) -> Non
         # by the client's state machine).
         assert [c.seq for c in track.chunks] == list(range(len(track.chunks)))
         assert "".join(c.text for c in track.chunks) == response.content
-        assert response.usage.final and response.usage.output_tokens > 0
+        assert response.usage.final
+        assert response.usage.output_tokens > 0
         assert client.welcome is not None
     await settled(gateway)
 
