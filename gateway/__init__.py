@@ -1,3 +1,61 @@
-"""muxgate gateway: the asyncio WebSocket server, pipelines, backends, Python SDK and CLI."""
+"""muxgate gateway: the asyncio WebSocket server, pipelines, backends, Python SDK and CLI.
 
-__all__: list[str] = []
+The SDK is re-exported here: ``from gateway import Client, AsyncClient`` (see
+``gateway/client/``).
+"""
+
+from .client import (
+    AsyncChatStream,
+    AsyncClient,
+    CancelReason,
+    CancelResult,
+    CancelStatus,
+    ChatFuture,
+    ChatStream,
+    Chunk,
+    Client,
+    ConnectError,
+    ConnectionLost,
+    ErrorInfo,
+    Forbidden,
+    GatewayShuttingDown,
+    InvalidRequest,
+    MuxgateError,
+    ProtocolViolation,
+    RequestFailed,
+    RequestInfo,
+    RequestRefused,
+    Response,
+    ResponseStatus,
+    TransportError,
+    Unauthorized,
+    Usage,
+)
+
+__all__ = [
+    "AsyncChatStream",
+    "AsyncClient",
+    "CancelReason",
+    "CancelResult",
+    "CancelStatus",
+    "ChatFuture",
+    "ChatStream",
+    "Chunk",
+    "Client",
+    "ConnectError",
+    "ConnectionLost",
+    "ErrorInfo",
+    "Forbidden",
+    "GatewayShuttingDown",
+    "InvalidRequest",
+    "MuxgateError",
+    "ProtocolViolation",
+    "RequestFailed",
+    "RequestInfo",
+    "RequestRefused",
+    "Response",
+    "ResponseStatus",
+    "TransportError",
+    "Unauthorized",
+    "Usage",
+]

@@ -1,5 +1,6 @@
 """The ``muxgate`` command line: ``muxgate serve`` runs the gateway; ``muxgate spec`` prints the
-wire protocol specification."""
+wire protocol specification; ``muxgate chat`` and ``muxgate cancel`` are the SDK on the terminal
+(``gateway/chat_cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from importlib.resources import files
 
+from . import chat_cli
 from .config import Config, ConfigError, load_config
 
 __all__ = ["main"]
@@ -50,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("spec", help="print the wire protocol specification (protocol/SPEC.md)")
+    chat_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("chat", "cancel"):
+        return chat_cli.run(args)
     if args.command == "spec":
         sys.stdout.write(files("protocol").joinpath("SPEC.md").read_text(encoding="utf-8"))
         return 0

@@ -1,0 +1,494 @@
+"""``AsyncClient``: the asyncio SDK. ``Client`` (``_sync.py``) runs one of these in a thread.
+
+Cancellation is native: whatever stops the caller waiting -- ``task.cancel()``, an
+``asyncio.timeout``/``wait_for`` expiring, leaving an ``async for`` over a stream, ``aclose()``
+-- queues the ``cancel`` frame for the request on the way out (see ``Connection.stop``), so the
+gateway stops the pipeline at its next checkpoint (SPEC.md §5.3) while the connection stays
+open for the other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from protocol import CancelResult, Chat, ChatMessage, Codec, Usage, limits
+
+from ._config import CodecName, Settings, check_request_id, check_user_id
+from ._connection import Connection, Exchange
+from ._errors import InvalidRequest, MuxgateError, RequestRefused, TransportError, mapped_errors
+from ._http import cancel_over_http, get_over_http
+from ._models import Chunk, RequestInfo, Response
+
+__all__ = ["AsyncChatStream", "AsyncClient", "MessagesLike"]
+
+#: ``messages=``: a conversation, oldest first, as ``{"role": ..., "content": ...}`` mappings or
+#: :class:`protocol.ChatMessage`.
+MessagesLike = Sequence[Mapping[str, str] | ChatMessage]
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def build_chat(
+    message: str | None,
+    *,
+    request_id: str | None,
+    user_id: str | None,
+    timeout: float | None,
+    metadata: Mapping[str, Any] | None,
+    messages: MessagesLike | None,
+    stream: bool,
+) -> Chat:
+    """A validated ``chat`` message (raises :class:`InvalidRequest`; nothing is sent)."""
+    if request_id is None:
+        request_id = new_request_id()
+    check_request_id(request_id)
+    check_user_id(user_id)
+    timeout_ms: int | None = None
+    if timeout is not None:
+        if not 0 < timeout <= limits.MAX_TIMEOUT_MS / 1000:
+            raise InvalidRequest(f"timeout must be in (0, {limits.MAX_TIMEOUT_MS // 1000}] s")
+        timeout_ms = max(1, math.ceil(timeout * 1000))
+    turns: tuple[ChatMessage, ...] | None = None
+    with mapped_errors("chat"):
+        if messages is not None:
+            turns = tuple(
+                m
+                if isinstance(m, ChatMessage)
+                else ChatMessage(role=m["role"], content=m["content"])  # type: ignore[arg-type]
+                for m in messages
+            )
+        return Chat(
+            request_id=request_id,
+            message=message,
+            messages=turns,
+            stream=stream,
+            user_id=user_id,
+            timeout_ms=timeout_ms,
+            metadata=dict(metadata) if metadata is not None else None,
+        )
+
+
+class AsyncClient:
+    """An asyncio client of a muxgate gateway: one WebSocket, any number of concurrent requests.
+
+    Every argument is optional (see ``gateway/client/_config.py`` for the environment
+    variables): ``url`` (``ws://``/``wss://``/``http://``/``https://``; default
+    ``MUXGATE_URL`` or ``ws://localhost:8001``), ``client_key`` (``MUXGATE_CLIENT_KEY``) or
+    ``token`` (``MUXGATE_TOKEN``), ``user_id`` (the default user of every call), ``codec``
+    (``"json"`` or ``"msgpack"``), ``connect_timeout`` in seconds.
+
+    The connection opens on the first call and reopens on the next call after it dropped.
+    The client is bound to the event loop it is first used in; use ``async with`` or call
+    :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client_key: str | None = None,
+        token: str | None = None,
+        user_id: str | None = None,
+        codec: CodecName | Codec = "json",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._settings = Settings.resolve(
+            url,
+            client_key=client_key,
+            token=token,
+            user_id=user_id,
+            codec=codec,
+            connect_timeout=connect_timeout,
+        )
+        self._conn: Connection | None = None
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Requests whose chat is not on the wire yet: request_id -> resolved once it is
+        #: (with its connection and exchange) or once it never will be (None).
+        self._starting: dict[str, asyncio.Future[tuple[Connection, Exchange] | None]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.url!r}, codec={self.codec.name.lower()!r})"
+
+    @property
+    def url(self) -> str:
+        """The WebSocket endpoint."""
+        return self._settings.ws_url
+
+    @property
+    def http_url(self) -> str:
+        """The base of the HTTP API."""
+        return self._settings.http_url
+
+    @property
+    def codec(self) -> Codec:
+        return self._settings.codec
+
+    @property
+    def user_id(self) -> str | None:
+        """The default user of this client's calls (``None``: the anonymous user)."""
+        return self._settings.user_id
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.is_open
+
+    # -- chat --------------------------------------------------------------------------------
+
+    async def chat(
+        self,
+        message: str | None = None,
+        *,
+        request_id: str | None = None,
+        user_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the gateway's deadline (timeout_ms)
+        metadata: Mapping[str, Any] | None = None,
+        messages: MessagesLike | None = None,
+    ) -> Response:
+        """Send one chat and return its :class:`Response` (``completed`` or ``cancelled``).
+
+        ``timeout`` (seconds) is the gateway's deadline for the request (``timeout_ms``): when
+        it expires the response is ``cancelled`` with reason ``timeout``. A ``failed`` request
+        raises :class:`RequestFailed`. Cancelling the awaiting task cancels the request.
+        """
+        chat = build_chat(
+            message,
+            request_id=request_id,
+            user_id=user_id,
+            timeout=timeout,
+            metadata=metadata,
+            messages=messages,
+            stream=False,
+        )
+        return await self._run(chat, self._announce(chat))
+
+    def chat_async(
+        self,
+        message: str | None = None,
+        *,
+        request_id: str | None = None,
+        user_id: str | None = None,
+        timeout: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        messages: MessagesLike | None = None,
+    ) -> asyncio.Task[Response]:
+        """Start :meth:`chat` in a task and return the task (call from a running loop).
+
+        The request counts as started at once: :meth:`cancel_request` with its id, even right
+        away, cancels it in-band. ``task.cancel()`` cancels it on the gateway.
+        """
+        chat = build_chat(
+            message,
+            request_id=request_id,
+            user_id=user_id,
+            timeout=timeout,
+            metadata=metadata,
+            messages=messages,
+            stream=False,
+        )
+        loop = asyncio.get_running_loop()
+        announced = self._announce(chat)
+        task = loop.create_task(self._run(chat, announced), name=f"muxgate-{chat.request_id}")
+        # Cancelled before it ever ran: nothing was sent, and a cancel_request must not wait.
+        task.add_done_callback(lambda _: self._unannounce(chat.request_id, announced))
+        return task
+
+    def chat_stream(
+        self,
+        message: str | None = None,
+        *,
+        request_id: str | None = None,
+        user_id: str | None = None,
+        timeout: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        messages: MessagesLike | None = None,
+    ) -> AsyncChatStream:
+        """A streamed chat: ``async for chunk in client.chat_stream(...)`` yields
+        :class:`Chunk`s (``chunk.text``) as they arrive; the chat is sent when iteration
+        starts. Afterwards ``stream.response`` is the final :class:`Response`. Leaving the loop
+        early (``break``, an exception, a timeout) or ``aclose()`` cancels the request."""
+        chat = build_chat(
+            message,
+            request_id=request_id,
+            user_id=user_id,
+            timeout=timeout,
+            metadata=metadata,
+            messages=messages,
+            stream=True,
+        )
+        return AsyncChatStream(self, chat)
+
+    # -- cancel and inspect ------------------------------------------------------------------
+
+    async def cancel_request(self, request_id: str, *, user_id: str | None = None) -> CancelResult:
+        """Cancel a request by id; ``result.status`` is ``cancelled``, ``already_cancelled``,
+        ``already_completed`` or ``not_found`` (never raised).
+
+        In-band (a ``cancel`` frame, reason ``client``) when the request runs on this client's
+        connection; otherwise ``DELETE /v1/requests/{id}`` (reason ``api``), so any process
+        holding the credentials can cancel by id. ``user_id`` defaults to the client's.
+        """
+        check_request_id(request_id)
+        check_user_id(user_id)
+        self._check_open()
+        announced = self._starting.get(request_id)
+        if announced is not None:
+            await asyncio.shield(announced)  # its chat goes out first, then the cancel
+        conn = self._conn
+        if conn is not None and conn.is_open and self._loop is asyncio.get_running_loop():
+            exchange = conn.exchanges.get(request_id)
+            wanted = user_id if user_id is not None else self._settings.user_id
+            if exchange is not None and (wanted is None or conn.user_of(wanted) == exchange.user):
+                waiter = conn.cancel_nowait(exchange, want_result=True)
+                assert waiter is not None
+                try:
+                    status = await asyncio.shield(waiter)
+                except TransportError:
+                    pass  # the connection dropped meanwhile (G7): ask over HTTP below
+                else:
+                    return CancelResult(request_id=request_id, status=status)
+        return await cancel_over_http(self._settings, request_id, user_id)
+
+    async def get_request(self, request_id: str, *, user_id: str | None = None) -> RequestInfo:
+        """``GET /v1/requests/{id}``: status, cancel reason, error and usage of a request of
+        this user, running or remembered (``status`` ``not_found`` otherwise)."""
+        check_request_id(request_id)
+        check_user_id(user_id)
+        self._check_open()
+        return await get_over_http(self._settings, request_id, user_id)
+
+    async def final_usage(
+        self,
+        response: Response,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - mirrors Client.final_usage
+    ) -> Usage:
+        """The final token figures of ``response`` (SPEC.md §5.4).
+
+        A cancelled response may carry figures that still grow until the pipeline halts; the
+        final ones follow in a ``usage`` message, which this waits for (at most ``timeout``
+        seconds). If the connection dropped first, they are read over HTTP (``GET``).
+        """
+        if response.usage.final:
+            return response.usage
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        future = response._final_usage
+        if future is not None and future.get_loop() is loop:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(future)
+            except MuxgateError:
+                pass  # the connection dropped first: the figures are kept for GET (§5.4)
+        delay = 0.05
+        while True:
+            info = await get_over_http(self._settings, response.request_id, response._user_id)
+            if info.usage is not None and info.usage.final:
+                return info.usage
+            if loop.time() + delay > deadline:
+                raise TimeoutError(f"the final usage of {response.request_id} is not known yet")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the connection. Requests still in flight fail with :class:`ConnectionLost`
+        (and the gateway cancels them, reason ``disconnect``). Idempotent."""
+        self._closed = True
+        for announced in list(self._starting.values()):
+            if not announced.done():
+                announced.set_result(None)
+        conn, self._conn = self._conn, None
+        if conn is not None and self._loop is asyncio.get_running_loop():
+            await conn.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+
+    def _announce(self, chat: Chat) -> asyncio.Future[tuple[Connection, Exchange] | None]:
+        """Register a chat about to be sent, so a cancel for its id waits for it."""
+        self._check_open()
+        rid = chat.request_id
+        if rid in self._starting:
+            raise RequestRefused(
+                "duplicate_request_id", "request_id is being started", request_id=rid
+            )
+        announced: asyncio.Future[tuple[Connection, Exchange] | None]
+        announced = asyncio.get_running_loop().create_future()
+        self._starting[rid] = announced
+        return announced
+
+    async def _connection(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use, or a new event loop (a script calling asyncio.run twice): the old
+            # connection belongs to a loop that is gone.
+            self._loop, self._conn, self._lock = loop, None, asyncio.Lock()
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            return conn
+        assert self._lock is not None
+        async with self._lock:
+            self._check_open()
+            conn = self._conn
+            if conn is None or not conn.is_open:
+                conn = self._conn = await Connection.open(self._settings)
+            return conn
+
+    async def start(
+        self,
+        chat: Chat,
+        announced: asyncio.Future[tuple[Connection, Exchange] | None],
+    ) -> tuple[Connection, Exchange]:
+        """Connect if needed and put ``chat`` on the wire; resolve its announcement."""
+        rid = chat.request_id
+        try:
+            conn = await self._connection()
+            exchange = await conn.start(chat)
+        except BaseException:
+            self._unannounce(rid, announced)
+            raise
+        self._unannounce(rid, announced, (conn, exchange))
+        return conn, exchange
+
+    def _unannounce(
+        self,
+        request_id: str,
+        announced: asyncio.Future[tuple[Connection, Exchange] | None],
+        sent: tuple[Connection, Exchange] | None = None,
+    ) -> None:
+        if not announced.done():
+            announced.set_result(sent)
+        if self._starting.get(request_id) is announced:
+            del self._starting[request_id]
+
+    async def _run(
+        self,
+        chat: Chat,
+        announced: asyncio.Future[tuple[Connection, Exchange] | None],
+    ) -> Response:
+        conn, exchange = await self.start(chat, announced)
+        try:
+            await exchange.wait_done()
+        except asyncio.CancelledError:
+            conn.stop(exchange)  # queue the cancel frame before giving up (task cancelled)
+            raise
+        return exchange.outcome()
+
+
+class AsyncChatStream:
+    """The chunks of one streamed chat, as an async iterator (see
+    :meth:`AsyncClient.chat_stream`). Also an async context manager that cancels the request
+    if it is left before the end."""
+
+    def __init__(self, client: AsyncClient, chat: Chat) -> None:
+        self._client = client
+        self._chat = chat
+        self._conn: Connection | None = None
+        self._exchange: Exchange | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The final response, once iteration has ended.
+        self.response: Response | None = None
+
+    def __repr__(self) -> str:
+        state = self._exchange.machine.state.name if self._exchange else "NOT_STARTED"
+        return f"AsyncChatStream({self.request_id!r}, {state})"
+
+    @property
+    def request_id(self) -> str:
+        return self._chat.request_id
+
+    @property
+    def text(self) -> str:
+        """Everything streamed so far (also what was dropped after a cancel was sent)."""
+        return self._exchange.machine.text if self._exchange is not None else ""
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        exchange = self._exchange
+        if exchange is None:
+            if self._closed:
+                raise StopAsyncIteration
+            client = self._client
+            self._conn, exchange = await client.start(self._chat, client._announce(self._chat))
+            self._exchange = exchange
+            self._loop = asyncio.get_running_loop()
+        try:
+            chunk = await exchange.next_chunk()
+        except asyncio.CancelledError:
+            self._stop()  # the consumer was cancelled mid-stream: cancel the request too
+            raise
+        if chunk is not None:
+            return chunk
+        self._closed = True
+        self.response = exchange.outcome()  # raises RequestFailed or the connection's error
+        raise StopAsyncIteration
+
+    async def cancel(self) -> Response | None:
+        """Cancel the request and wait for its final :class:`Response` (``cancelled``, or
+        ``completed`` if it won the race). ``None`` if the chat was never sent."""
+        exchange, conn = self._exchange, self._conn
+        self._closed = True
+        if exchange is None or conn is None:
+            return None
+        conn.stop(exchange)
+        await exchange.wait_done()
+        self.response = exchange.outcome()
+        return self.response
+
+    async def aclose(self) -> None:
+        """Stop iterating; cancel the request unless it already has its answer."""
+        self._closed = True
+        self._stop()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._exchange is not None and self._conn is not None:
+            self._conn.stop(self._exchange)
+
+    def __del__(self) -> None:
+        # Leaving ``async for`` early drops the last reference: cancel on the gateway then.
+        # Always through the loop (a finalizer may run in any thread, or mid-callback).
+        exchange, conn, loop = self._exchange, self._conn, self._loop
+        if exchange is None or conn is None or loop is None or exchange.done:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: the connection is gone (G7)
+            loop.call_soon_threadsafe(conn.stop, exchange)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
