@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import protocol
 from protocol import (
@@ -38,6 +39,10 @@ from protocol import (
 )
 
 __all__ = ["ContentTooLarge", "Outbound", "SlowConsumer", "Stream"]
+
+
+#: Pending texts of one request beyond which a writer turn coalesces them into one chunk.
+COALESCE_AFTER = 16
 
 
 class SlowConsumer(Exception):
@@ -134,19 +139,24 @@ class Stream:
         """The writer's turn: this stream's pending text as one chunk (+ its response)."""
         out: list[bytes] = []
         machine = self.machine
-        if self.pending and machine.stream:
-            text = self.pending[0] if len(self.pending) == 1 else "".join(self.pending)
-            self.pending.clear()
+        pending = self.pending
+        if pending and machine.stream:
+            # Each emitted text is its own chunk while the reader keeps up; once more than
+            # COALESCE_AFTER texts wait (the reader is behind), they go out as one chunk.
+            texts = pending if len(pending) <= COALESCE_AFTER else ["".join(pending)]
+            request_id = self.request_id
+            for text in texts:
+                seq = machine.next_seq
+                try:
+                    encoded = protocol.encode_chunk(request_id, seq, text, codec)
+                except (TypeError, ValueError):  # a backend emitted a lone surrogate
+                    text = text.encode("utf-8", "replace").decode("utf-8")
+                    encoded = protocol.encode_chunk(request_id, seq, text, codec)
+                machine.on_chunk(seq, text)
+                out.append(encoded)
+            self._outbound.chunks_sent += len(texts)
+            self.pending = []
             self.pending_chars = 0
-            seq = machine.next_seq
-            try:
-                encoded = protocol.encode_chunk(self.request_id, seq, text, codec)
-            except (TypeError, ValueError):  # a backend emitted a lone surrogate: not UTF-8
-                text = text.encode("utf-8", "replace").decode("utf-8")
-                encoded = protocol.encode_chunk(self.request_id, seq, text, codec)
-            machine.on_chunk(seq, text)
-            out.append(encoded)
-            self._outbound.chunks_sent += 1
             self._wake_producer()
         terminal = self._terminal
         if terminal is not None:
@@ -205,6 +215,10 @@ class Outbound:
         self._urgent: deque[Stream] = deque()
         self._ready: deque[Stream] = deque()
         self._wakeup = asyncio.Event()
+        #: Event-loop time the current send began (None when not sending): the watchdog's input.
+        self.send_started: float | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._slow = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -288,6 +302,18 @@ class Outbound:
         self._ready.clear()
         self._wakeup.set()
 
+    def stuck_for(self, now: float) -> float:
+        """Seconds the writer has been blocked in one send (0 when not sending)."""
+        started = self.send_started
+        return 0.0 if started is None else now - started
+
+    def abort_slow(self) -> None:
+        """The watchdog's verdict: the client stopped reading; the writer ends with
+        :class:`SlowConsumer` and the connection closes (4008)."""
+        if self._task is not None and not self._task.done():
+            self._slow = True
+            self._task.cancel()
+
     async def flushed(self) -> None:
         """Return once everything queued so far has been handed to the socket."""
         await self._idle.wait()
@@ -298,6 +324,8 @@ class Outbound:
         Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
         """
         batching = self.max_batch_bytes > 0
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
         while not self._closed:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -312,13 +340,18 @@ class Outbound:
                 # Without batching (a benchmark baseline) every message is its own frame.
                 frames = parts if not batching or len(parts) == 1 else self._frames(parts)
                 for frame in frames:
+                    # No timer per send (a Timeout and a heap entry per frame): the gateway's
+                    # watchdog reads send_started and calls abort_slow() (see stuck_for).
+                    self.send_started = loop.time()
                     try:
-                        async with asyncio.timeout(self.slow_consumer_timeout):
-                            await self._send(frame)
-                    except TimeoutError:
-                        raise SlowConsumer(
-                            f"no progress writing for {self.slow_consumer_timeout:g} s"
-                        ) from None
+                        await self._send(frame)
+                    except asyncio.CancelledError:
+                        if self._slow:
+                            raise SlowConsumer(
+                                f"no progress writing for {self.slow_consumer_timeout:g} s"
+                            ) from None
+                        raise
+                    self.send_started = None
                     self.frames_sent += 1
                 for hook in sent_hooks:
                     hook()

@@ -189,15 +189,18 @@ class RequestContext:
         async def read() -> None:
             # The read starts one loop turn after it is scheduled: check again (G5).
             self._begin("llm_stream", name)
-            self.usage.add(input_tokens=input_tokens)
+            usage, token, sink = self.usage, self.token, self.sink
+            usage.add(input_tokens=input_tokens)
+            # Hot path, once per token: emit() inlined (no coroutine per token); the cancel
+            # check below is its checkpoint.
             async for piece in tokens:
-                self.usage.add(output_tokens=1)
-                if self.token.cancelled:
+                usage.output_tokens += 1
+                if token.reason is not None:
                     self.tokens_after_cancel += 1
                     return
                 parts.append(piece)
-                if emit:
-                    await self.emit(piece)
+                if emit and piece and sink.push(piece):
+                    await sink.drained()
 
         try:
             self.checkpoint(name)

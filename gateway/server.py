@@ -69,6 +69,7 @@ class Gateway:
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._closed_totals = [0, 0]
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -122,6 +123,20 @@ class Gateway:
             compression=None,
             server_header="muxgate",
         )
+        self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
+
+    async def _watch_writers(self) -> None:
+        """One timer for the whole gateway instead of one per frame sent: a writer blocked in
+        one send longer than ``slow_consumer_timeout`` has a client that stopped reading."""
+        limit = self.config.slow_consumer_timeout
+        period = min(1.0, limit / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for conn in self.connections:
+                if conn.outbound.stuck_for(now) > limit:
+                    conn.outbound.abort_slow()
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         return await process_request(self, conn, request)
@@ -169,6 +184,8 @@ class Gateway:
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
         await self._server.wait_closed()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     @staticmethod
     async def _close_going_away(conn: Connection, flush_timeout: float) -> None:

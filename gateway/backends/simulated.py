@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 #: The system prompt the simulated LLM calls are "sent"; it counts towards their input tokens.
+#: With token_delay_ms 0, tokens come in bursts of this many between event-loop turns.
+ZERO_DELAY_BURST: Final = 8
+
 SYSTEM_PROMPT: Final = (
     "You are the muxgate simulated assistant. Plan the task, call tools when they help, "
     "and answer in plain sentences."
@@ -368,13 +371,18 @@ class SimulatedBackend:
         """The simulated LLM's answer tokens ``start`` to ``stop`` (of ``settings.tokens``).
 
         Sleeps ``token_delay_ms`` before each token; with 0 it still yields to the event loop
-        every token, so other streams get their turns.
+        every ``ZERO_DELAY_BURST`` tokens, so other streams get their turns.
         """
         delay = settings.token_delay_ms / 1000
         for index in range(start, stop):
             if index == settings.fail_at_token:
                 raise RuntimeError(f"simulated LLM failure after {index} tokens")
-            await asyncio.sleep(delay)
+            if delay:
+                await asyncio.sleep(delay)
+            elif index % ZERO_DELAY_BURST == 0:
+                # Zero delay (benchmarks): a real provider's tokens arrive in network reads of
+                # several tokens; yielding every token would measure the event loop, not us.
+                await asyncio.sleep(0)
             word = next(words)
             if index == settings.tokens - 1:  # the answer ends with a full stop
                 word = word.rstrip(".,") + "."
