@@ -100,7 +100,8 @@ class Stream:
         self.pending_chars += len(text)
         if not self.machine.stream:  # stream=false: kept for the final content only
             return False
-        self._outbound._schedule(self)
+        if not self.scheduled:  # already queued for the writer's next turn: nothing to wake
+            self._outbound._schedule(self)
         return self.pending_chars > self._outbound.max_pending_chars
 
     async def drained(self) -> None:

@@ -231,6 +231,20 @@ def _sentence(rng: _SplitMix64) -> list[str]:
     return words
 
 
+#: Sentences (as tokens with their leading space) the answers are drawn from. Building a
+#: sentence costs ~15 random draws; drawing one from a pool costs one, so at zero delay the
+#: simulated LLM costs the gateway little beside the real work (benchmarks measure the gateway).
+_POOL_SIZE: Final = 512
+_pool: list[tuple[str, ...]] = []
+
+
+def _sentence_pool() -> list[tuple[str, ...]]:
+    if not _pool:
+        rng = _SplitMix64(0x6D7578)
+        _pool.extend(tuple(" " + word for word in _sentence(rng)) for _ in range(_POOL_SIZE))
+    return _pool
+
+
 def word_stream(seed: int, topic: str | None = None) -> Iterator[str]:
     """An endless, deterministic stream of tokens: words with a leading space."""
     rng = _SplitMix64(seed)
@@ -238,8 +252,9 @@ def word_stream(seed: int, topic: str | None = None) -> Iterator[str]:
         opening = [*_noun_phrase(rng), rng.pick(_VERBS), *_noun_phrase(rng)]
         opening[-1] += "."
         yield from (" " + word for word in ["On", topic + ",", *opening])
+    pool = _sentence_pool()
     while True:
-        yield from (" " + word for word in _sentence(rng))
+        yield from pool[rng.next() % _POOL_SIZE]
 
 
 # -- the backend ------------------------------------------------------------------------------
