@@ -121,6 +121,8 @@ class Multiplexer:
             self.outbound.send_after(stream, result)
         else:
             self.outbound.send_control(result)
+        # The cancelled response (and this result) go out now, not at the writer's next turn.
+        await self.outbound.send_control_now()
 
     def disconnect(self) -> None:
         """G7: the connection closed; cancel its requests (their pipelines halt on their own)."""

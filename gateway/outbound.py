@@ -374,13 +374,12 @@ class Outbound:
         frames.append(protocol.join_batch(group, self.codec))
         return frames
 
-    def _pack(self, sent_hooks: list[Callable[[], object]]) -> list[bytes]:
-        """Take one frame's worth of what is pending now: control, finishing streams, then one
-        fair turn per stream, up to ``max_batch_bytes`` (at least one message)."""
-        parts: list[bytes] = []
-        size = 0
-        cap = self.max_batch_bytes
+    def _take_control(
+        self, parts: list[bytes], sent_hooks: list[Callable[[], object]], cap: int
+    ) -> int:
+        """Move queued control messages into ``parts`` (at least one, up to ``cap`` bytes)."""
         control = self._control
+        size = 0
         while control and (size < cap or not parts):
             m = control.popleft()
             if self._on_sent:
@@ -390,6 +389,32 @@ class Outbound:
             self._control_popped += 1
             parts.append(m)
             size += len(m)
+        return size
+
+    async def send_control_now(self) -> None:
+        """Write the queued control messages from the caller's task, without waiting for the
+        writer's turn: one event-loop turn less between reading a cancel and writing its
+        response. Order holds: control messages always go before any chunk, and websockets
+        writes each frame to the transport synchronously, in call order."""
+        if self._closed or not self._control or self.send_started is not None:
+            # The writer is blocked in a send and may hold more packed frames: they must go
+            # first (a chunk packed before the cancel is never written after its response).
+            return
+        parts: list[bytes] = []
+        hooks: list[Callable[[], object]] = []
+        self._take_control(parts, hooks, protocol.limits.MAX_FRAME_BYTES // 2)
+        await self._send(parts[0] if len(parts) == 1 else protocol.join_batch(parts, self.codec))
+        self.frames_sent += 1
+        for hook in hooks:
+            hook()
+
+    def _pack(self, sent_hooks: list[Callable[[], object]]) -> list[bytes]:
+        """Take one frame's worth of what is pending now: control, finishing streams, then one
+        fair turn per stream, up to ``max_batch_bytes`` (at least one message)."""
+        parts: list[bytes] = []
+        cap = self.max_batch_bytes
+        control = self._control
+        size = self._take_control(parts, sent_hooks, cap)
         for queue in (self._urgent, self._ready):
             for _ in range(len(queue)):
                 if size >= cap and parts:
