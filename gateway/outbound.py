@@ -128,10 +128,6 @@ class Stream:
     def finishing(self) -> bool:
         return self._terminal is not None
 
-    def text(self) -> str:
-        """All text emitted so far (sent and pending): the completed ``content``."""
-        return self.machine.text + "".join(self.pending)
-
     def _wake_producer(self) -> None:
         if self._drained is not None:
             self._drained.set()
@@ -229,11 +225,6 @@ class Outbound:
 
     # -- producers (all synchronous: no await between decision and effect) --------------------
 
-    def open_stream(self, request_id: str, *, stream: bool = True) -> Stream:
-        s = Stream(self, request_id, stream=stream)
-        self.attach_stream(s)
-        return s
-
     def attach_stream(self, stream: Stream) -> None:
         if stream.request_id in self.streams:
             raise ValueError(f"stream {stream.request_id!r} is already open")
@@ -258,21 +249,15 @@ class Outbound:
         self._wakeup.set()
 
     def cancel_stream(
-        self,
-        stream: Stream,
-        response: Response,
-        *trailer: GatewayMessage,
-        on_sent: Callable[[], object] | None = None,
+        self, stream: Stream, response: Response, *, on_sent: Callable[[], object] | None = None
     ) -> None:
-        """G2: drop the stream's pending text and queue its cancelled response (+ trailer).
+        """G2: drop the stream's pending text and queue its cancelled response, in one step.
 
         The caller has already fed the cancel to the stream's state machine.
         """
         stream.machine.on_response(response)  # refuses anything but a cancelled response now
         stream._close()
         self.send_control(response, on_sent=on_sent)
-        if trailer:
-            self.send_control(*trailer)
 
     def send_after(self, stream: Stream, message: GatewayMessage) -> None:
         """Queue ``message`` after ``stream``'s response (sent now if the response is out)."""
