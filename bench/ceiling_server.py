@@ -75,7 +75,14 @@ def main() -> int:
             print("ready", flush=True)
             await stop.wait()
 
-    asyncio.run(run())
+    # The same event loop the gateway picks ("auto": uvloop when installed), so the ceiling
+    # stays the same server minus muxgate.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
     return 0
 
 

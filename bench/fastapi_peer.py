@@ -130,7 +130,9 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args()
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", loop="asyncio")
+    uvicorn.run(
+        app, host=a.host, port=a.port, log_level="warning", loop="auto"
+    )  # uvloop when installed, like muxgate
     return 0
 
 

@@ -24,7 +24,7 @@ from protocol import CancelReason, CloseCode
 
 from .auth import Authenticator
 from .backends import load_backend
-from .config import Config
+from .config import Config, ConfigError
 from .connection import Connection
 from .http_api import process_request
 from .observability import GatewayObserver, configure_logging
@@ -210,10 +210,28 @@ class Gateway:
 def run(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain (the ``muxgate serve`` command)."""
     configure_logging(config.log_format, config.log_level)
-    asyncio.run(_serve_forever(config))
+    loop_name = _event_loop(config.event_loop)
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(_serve_forever(config, loop_name))
+    else:
+        asyncio.run(_serve_forever(config, loop_name))
 
 
-async def _serve_forever(config: Config) -> None:
+def _event_loop(setting: str) -> str:
+    if setting == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if setting == "uvloop":
+            raise ConfigError("event_loop = uvloop, but uvloop is not installed") from None
+        return "asyncio"
+    return "uvloop"
+
+
+async def _serve_forever(config: Config, loop_name: str = "asyncio") -> None:
     gateway = Gateway(config)
     await gateway.start()
     if not config.auth_required:
@@ -227,6 +245,7 @@ async def _serve_forever(config: Config) -> None:
         url=gateway.url,
         http=gateway.http_url,
         backend=config.backend,
+        event_loop=loop_name,
         auth="client_keys+jwt"
         if config.client_keys and config.jwt_secret
         else "client_keys"
