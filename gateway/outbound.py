@@ -287,6 +287,7 @@ class Outbound:
         self._urgent.clear()
         self._ready.clear()
         self._wakeup.set()
+        self._idle.set()  # nothing will be sent any more: whoever awaits flushed() may go on
 
     def stuck_for(self, now: float) -> float:
         """Seconds the writer has been blocked in one send (0 when not sending)."""
