@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import protocol
@@ -40,6 +40,8 @@ from protocol import (
 
 __all__ = ["ContentTooLarge", "Outbound", "SlowConsumer", "Stream"]
 
+
+MAX_FRAME = protocol.limits.MAX_FRAME_BYTES
 
 #: Pending texts of one request beyond which a writer turn coalesces them into one chunk.
 COALESCE_AFTER = 16
@@ -60,6 +62,7 @@ class Stream:
         "_drained",
         "_outbound",
         "_terminal",
+        "cancelled",
         "closed",
         "emitted_chars",
         "machine",
@@ -84,6 +87,8 @@ class Stream:
         self.trailer: list[bytes] = []
         self.scheduled = False
         self.closed = False
+        #: Set by a cancel: packed chunks not yet written are dropped (see Outbound._frames).
+        self.cancelled = False
         self.emitted_chars = 0
         self.max_content_chars = 1 << 62
         self._drained: asyncio.Event | None = None
@@ -256,6 +261,7 @@ class Outbound:
         The caller has already fed the cancel to the stream's state machine.
         """
         stream.machine.on_response(response)  # refuses anything but a cancelled response now
+        stream.cancelled = True
         stream._close()
         self.send_control(response, on_sent=on_sent)
 
@@ -320,12 +326,17 @@ class Outbound:
                 if len(self._control) > self.max_control:
                     raise SlowConsumer("control queue full: the client is not reading")
                 sent_hooks: list[Callable[[], object]] = []
-                parts = self._pack(sent_hooks)
+                owners: list[Stream | None] = []
+                parts = self._pack(sent_hooks, owners)
                 if not parts:
                     self._idle.set()
                     break
-                # Without batching (a benchmark baseline) every message is its own frame.
-                frames = parts if not batching or len(parts) == 1 else self._frames(parts)
+                if len(parts) == 1:
+                    frames: Iterable[bytes] = parts
+                elif batching and sum(len(p) for p in parts) + len(parts) <= MAX_FRAME:
+                    frames = [protocol.join_batch(parts, self.codec)]
+                else:  # several frames (batching off, or over MAX_FRAME_BYTES): see _frames
+                    frames = self._frames(parts, owners, batching)
                 for frame in frames:
                     # No timer per send (a Timeout and a heap entry per frame): the gateway's
                     # watchdog reads send_started and calls abort_slow() (see stuck_for).
@@ -343,22 +354,30 @@ class Outbound:
                 for hook in sent_hooks:
                     hook()
 
-    def _frames(self, parts: list[bytes]) -> list[bytes]:
-        """Join parts into frames, none over MAX_FRAME_BYTES (the most a client must accept)."""
-        limit = protocol.limits.MAX_FRAME_BYTES
-        if sum(len(p) for p in parts) + len(parts) <= limit:
-            return [protocol.join_batch(parts, self.codec)]
-        frames: list[bytes] = []
+    def _frames(
+        self, parts: list[bytes], owners: list[Stream | None], batching: bool
+    ) -> Iterator[bytes]:
+        """Frames of at most MAX_FRAME_BYTES (one message each without batching), built lazily.
+
+        Every frame after the first is written after an await (the previous send's drain),
+        when a cancel may have been read: chunks of requests cancelled meanwhile are dropped
+        here, so none is written after its cancelled response (G2)."""
         group: list[bytes] = []
         size = 0
-        for part in parts:
-            if group and size + len(part) + 1 > limit:
-                frames.append(protocol.join_batch(group, self.codec))
+        first = True
+        for part, owner in zip(parts, owners, strict=True):
+            if not first and owner is not None and owner.cancelled:
+                continue
+            if group and (not batching or size + len(part) + 1 > MAX_FRAME):
+                yield protocol.join_batch(group, self.codec) if len(group) > 1 else group[0]
+                first = False
                 group, size = [], 0
+                if owner is not None and owner.cancelled:
+                    continue
             group.append(part)
             size += len(part) + 1
-        frames.append(protocol.join_batch(group, self.codec))
-        return frames
+        if group:
+            yield protocol.join_batch(group, self.codec) if len(group) > 1 else group[0]
 
     def _take_control(
         self, parts: list[bytes], sent_hooks: list[Callable[[], object]], cap: int
@@ -394,13 +413,16 @@ class Outbound:
         for hook in hooks:
             hook()
 
-    def _pack(self, sent_hooks: list[Callable[[], object]]) -> list[bytes]:
+    def _pack(
+        self, sent_hooks: list[Callable[[], object]], owners: list[Stream | None]
+    ) -> list[bytes]:
         """Take one frame's worth of what is pending now: control, finishing streams, then one
         fair turn per stream, up to ``max_batch_bytes`` (at least one message)."""
         parts: list[bytes] = []
         cap = self.max_batch_bytes
         control = self._control
         size = self._take_control(parts, sent_hooks, cap)
+        owners.extend([None] * len(parts))
         for queue in (self._urgent, self._ready):
             for _ in range(len(queue)):
                 if size >= cap and parts:
@@ -413,6 +435,7 @@ class Outbound:
                 for m in taken:
                     size += len(m)
                 parts.extend(taken)
+                owners.extend([stream] * len(taken))
         if control or self._urgent or self._ready:
             self._wakeup.set()  # more to send: loop again without waiting
         return parts
