@@ -4,58 +4,7 @@ The SDK is re-exported here: ``from gateway import Client, AsyncClient`` (see
 ``gateway/client/``).
 """
 
-from .client import (
-    AsyncChatStream,
-    AsyncClient,
-    CancelReason,
-    CancelResult,
-    CancelStatus,
-    ChatFuture,
-    ChatStream,
-    Chunk,
-    Client,
-    ConnectError,
-    ConnectionLost,
-    ErrorInfo,
-    Forbidden,
-    GatewayShuttingDown,
-    InvalidRequest,
-    MuxgateError,
-    ProtocolViolation,
-    RequestFailed,
-    RequestInfo,
-    RequestRefused,
-    Response,
-    ResponseStatus,
-    TransportError,
-    Unauthorized,
-    Usage,
-)
+from . import client as _client
+from .client import *  # noqa: F403 - the SDK's public names, listed once in gateway/client
 
-__all__ = [
-    "AsyncChatStream",
-    "AsyncClient",
-    "CancelReason",
-    "CancelResult",
-    "CancelStatus",
-    "ChatFuture",
-    "ChatStream",
-    "Chunk",
-    "Client",
-    "ConnectError",
-    "ConnectionLost",
-    "ErrorInfo",
-    "Forbidden",
-    "GatewayShuttingDown",
-    "InvalidRequest",
-    "MuxgateError",
-    "ProtocolViolation",
-    "RequestFailed",
-    "RequestInfo",
-    "RequestRefused",
-    "Response",
-    "ResponseStatus",
-    "TransportError",
-    "Unauthorized",
-    "Usage",
-]
+__all__ = list(_client.__all__)

@@ -99,12 +99,11 @@ class UsageMeter:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """One step a pipeline started: for observability and for tests of G5."""
+    """One step a pipeline started (observability). Recorded only after the checkpoint that
+    guards its start passed, so no step ever starts after the cancel flag (G5)."""
 
     kind: str  # "llm" | "tool" | "agent" | "plan" | "llm_stream"
     name: str
-    #: Whether the cancel flag was already set when the step started (must never be true).
-    after_cancel: bool
 
 
 @dataclass(slots=True, eq=False)
@@ -248,7 +247,7 @@ class RequestContext:
         return result
 
     def _begin(self, kind: str, name: str) -> None:
-        # G5: no new LLM, tool or agent call starts after the flag. The record is written where
-        # the operation really starts; tests check it against the backend's own evidence.
+        # G5: no new LLM, tool or agent call starts after the flag. Called where the operation
+        # really starts; tests check G5 against the backend's own evidence.
         self.checkpoint(name)
-        self.steps.append(StepRecord(kind=kind, name=name, after_cancel=self.token.cancelled))
+        self.steps.append(StepRecord(kind=kind, name=name))

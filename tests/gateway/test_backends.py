@@ -331,7 +331,6 @@ async def test_steps_in_order_plan_stream_tool_stream() -> None:
     _, ctx = await run_text(SimulatedBackend(tokens=10, **FAST))
     assert kinds(ctx) == ["plan", "llm_stream", "tool", "llm_stream"]
     assert [step.name for step in ctx.steps] == ["plan", "answer", "search", "answer-continued"]
-    assert not any(step.after_cancel for step in ctx.steps)
 
 
 async def test_agent_call_only_when_agent_ms_is_set() -> None:
@@ -423,7 +422,6 @@ async def test_cancel_during_the_answer_halts_at_the_next_token(
     burst_end = -(-cancel_after // ZERO_DELAY_BURST) * ZERO_DELAY_BURST
     assert emitted_at_cancel == (cancel_after if token_delay_ms else burst_end)
     assert ctx.tokens_after_cancel <= 1
-    assert not any(step.after_cancel for step in ctx.steps)
     if cancel_after < 10:
         assert kinds(ctx) == ["plan", "llm_stream"]
     else:

@@ -97,18 +97,9 @@ async def closed_with(client: WireClient, code: int) -> None:
     client.violations[:] = [v for v in client.violations if not isinstance(v, ConnectionClosed)]
 
 
-@contextlib.asynccontextmanager
-async def attached(ws: ClientConnection, codec: Codec) -> AsyncIterator[WireClient]:
+def attached(ws: ClientConnection, codec: Codec) -> Any:
     """A strict client over a connection opened by hand (to choose subprotocols freely)."""
-    client = WireClient(ws, codec)
-    try:
-        yield client
-    finally:
-        client._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await client._reader
-    if client.violations:
-        raise client.violations[0]
+    return WireClient.attach(ws, codec)
 
 
 # --- 1. bad input is contained (G6) --------------------------------------------------------------

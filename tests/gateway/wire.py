@@ -80,20 +80,27 @@ class WireClient:
         **kwargs: Any,
     ) -> Any:
         protos = [codec.subprotocol] if subprotocols is None else subprotocols
-        async with connect(
+        ws = await connect(
             url,
             subprotocols=protos,  # type: ignore[arg-type]
             additional_headers=dict(headers or {}),
             max_size=protocol.limits.MAX_FRAME_BYTES,
             **kwargs,
-        ) as ws:
-            client = cls(ws, codec)
-            try:
-                yield client
-            finally:
-                client._reader.cancel()
-                with contextlib.suppress(BaseException):
-                    await client._reader
+        )
+        async with ws, cls.attach(ws, codec) as client:
+            yield client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def attach(cls, ws: ClientConnection, codec: Codec) -> Any:
+        """The strict client over a connection opened by hand; raises its first violation."""
+        client = cls(ws, codec)
+        try:
+            yield client
+        finally:
+            client._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await client._reader
         if client.violations:
             raise client.violations[0]
 
