@@ -1,0 +1,73 @@
+package protocol
+
+import "unicode/utf8"
+
+// Protocol bounds (SPEC.md §2.5; protocol/limits.py).
+const (
+	MaxFrameBytes        = 1 << 20
+	MaxBatchMessages     = 1024
+	DefaultBatchBytes    = 65536
+	DefaultMaxStreams    = 64
+	MaxRequestIDLength   = 128
+	MaxUserIDLength      = 128
+	MaxMessageChars      = 262144
+	MaxMessages          = 512
+	MaxMetadataBytes     = 16384
+	MaxMetadataDepth     = 8
+	MaxTimeoutMs         = 3600000
+	MaxTokenChars        = 8192
+	MaxClientKeyChars    = 256
+	MaxReasonChars       = 256
+	MaxErrorMessageChars = 1024
+	MaxPingIDChars       = 128
+	MaxConnectionIDChars = 128
+	MaxSafeInteger       = 1<<53 - 1
+	MaxStreamsLimit      = 1000000 // upper bound of welcome.limits.max_streams
+	MinFrameBytesLimit   = 1024    // lower bound of welcome.limits.max_frame_bytes
+)
+
+// DefaultPort is the gateway's default TCP port; WSPath its WebSocket endpoint (SPEC.md §2.1).
+const (
+	DefaultPort = 8001
+	WSPath      = "/v1/ws"
+)
+
+func idChar(c byte, at bool) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+		c == '.' || c == '_' || c == ':' || c == '-' || at && c == '@'
+}
+
+func matchID(s string, at bool) bool {
+	if len(s) < 1 || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !idChar(s[i], at) {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidRequestID reports whether s matches REQUEST_ID_PATTERN [A-Za-z0-9._:-]{1,128}.
+func ValidRequestID(s string) bool { return matchID(s, false) }
+
+// ValidUserID reports whether s matches USER_ID_PATTERN [A-Za-z0-9._:@-]{1,128}.
+func ValidUserID(s string) bool { return matchID(s, true) }
+
+// ValidErrorCode reports whether s matches ERROR_CODE_PATTERN [a-z][a-z0-9_]{0,63}.
+func ValidErrorCode(s string) bool {
+	if len(s) < 1 || len(s) > 64 || s[0] < 'a' || s[0] > 'z' {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// chars counts code points, as every "characters" limit of the spec does (not bytes).
+func chars(s string) int { return utf8.RuneCountInString(s) }
