@@ -74,6 +74,11 @@ class Config:
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,
     #: so lower cancel latency under load), else asyncio's; or "asyncio" / "uvloop".
     event_loop: str = "auto"
+    #: The browser demo at ``/`` and ``/dashboard`` (files built into gateway/webui/).
+    webui: bool = True
+    #: The dashboard feed (``/v1/stats``): one snapshot per interval, to at most this many.
+    stats_interval_ms: int = 500
+    max_stats_subscribers: int = 100
     log_format: str = "auto"  # "auto" (console on a terminal, else JSON), "json", "console"
     log_level: str = "info"
 
@@ -87,6 +92,8 @@ class Config:
             "max_timeout_ms",
             "rate_burst",
             "retention_count",
+            "stats_interval_ms",
+            "max_stats_subscribers",
         )
         for name in _positive:
             if getattr(self, name) < 1:

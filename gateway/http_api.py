@@ -1,4 +1,5 @@
-"""HTTP on the WebSocket port (SPEC.md §8): cancel and status by id, health, metrics.
+"""HTTP on the WebSocket port (SPEC.md §8): cancel and status by id, health, metrics, live
+stats, and the web demo's files.
 
 websockets parses every request line and hands it to ``process_request`` before the WebSocket
 handshake; body-less ``DELETE`` and ``GET`` are accepted (it refuses only bodies), so the seed's
@@ -21,6 +22,7 @@ from protocol import CancelReason, CancelStatus, ErrorCode
 
 from .auth import AuthError
 from .registry import RequestKey
+from .stats import STATS_PATH
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -75,6 +77,12 @@ async def process_request(
                 conn, HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.UNAVAILABLE, "shutting down"
             )
         return None  # the WebSocket handshake goes on
+    if path == STATS_PATH:
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None  # the dashboard feed: a WebSocket (gateway.stats.StatsFeed)
+        return _json(conn, HTTPStatus.OK, gateway.stats.snapshot())
     if path.startswith(_REQUESTS_PREFIX):
         return await _request_by_id(gateway, conn, request, unquote(path[len(_REQUESTS_PREFIX) :]))
     if path == "/healthz":
@@ -88,6 +96,19 @@ async def process_request(
             return _not_allowed(conn, "GET")
         response = conn.respond(HTTPStatus.OK, gateway.observer.render().decode())
         return _with_content_type(response, "text/plain; version=0.0.4; charset=utf-8")
+    webui = gateway.webui
+    if webui is not None and webui.owns(path):
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        page = webui.respond(path)
+        if page is not None:
+            return page
+        return _error(
+            conn,
+            HTTPStatus.NOT_FOUND,
+            ErrorCode.INVALID_FIELD,
+            "the web demo is not built: cd web-demo && npm ci && npm run build",
+        )
     return _error(conn, HTTPStatus.NOT_FOUND, ErrorCode.INVALID_FIELD, "no such endpoint")
 
 

@@ -16,7 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol import ResponseStatus
+
 from .registry import RequestStatus
+from .stats import LiveStats
 
 if TYPE_CHECKING:
     from .request import Request
@@ -64,7 +67,8 @@ class _TotalsCollector(Collector):
 class GatewayObserver:
     """Implements :class:`request.RequestObserver`; owns this gateway's metrics registry."""
 
-    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, totals: Callable[[], tuple[int, int]], live: LiveStats) -> None:
+        self.live = live
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("muxgate_connections", "Open WebSocket connections.", registry=r)
@@ -106,21 +110,29 @@ class GatewayObserver:
 
     def request_started(self, request: Request) -> None:
         self.active_requests.inc()
+        self.live.request_started()
 
     def request_answered(self, request: Request) -> None:
         self.active_requests.dec()
         status = "cancelled" if request.reason is not None else request.status.value
         reason = request.reason.value if request.reason is not None else ""
         self.responses.labels(status, reason).inc()
+        self.live.request_answered(ResponseStatus(status), request.reason)
 
     def cancel_sent(self, request: Request) -> None:
         if request.cancel_read_at is not None and request.cancel_sent_at is not None:
-            self.cancel_latency.observe(request.cancel_sent_at - request.cancel_read_at)
+            latency = request.cancel_sent_at - request.cancel_read_at
+            self.cancel_latency.observe(latency)
+            self.live.cancel_latency(latency)
 
     def request_halted(self, request: Request) -> None:
         usage = request.ctx.usage
         self.tokens.labels("input").inc(usage.input_tokens)
         self.tokens.labels("output").inc(usage.output_tokens)
+        cancelled = request.status is RequestStatus.CANCELLED
+        self.live.tokens_used(
+            usage.input_tokens, usage.output_tokens, usage.saved_tokens if cancelled else 0
+        )
         key = request.key
         fields: dict[str, object] = {
             "request_id": key.request_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from .http_api import process_request
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend
 from .registry import InMemoryRegistry
+from .stats import STATS_PATH, LiveStats, StatsFeed
+from .webui import WebUI
 
 __all__ = ["Gateway", "run"]
 
@@ -64,7 +67,12 @@ class Gateway:
         self.registry = InMemoryRegistry(
             retention_seconds=config.retention_seconds, retention_count=config.retention_count
         )
-        self.observer = GatewayObserver(self._totals)
+        self.stats = LiveStats(lambda: len(self.connections), time.monotonic)
+        self.observer = GatewayObserver(self._totals, self.stats)
+        self.stats_feed = StatsFeed(
+            self.stats, config.stats_interval_ms / 1000, config.max_stats_subscribers
+        )
+        self.webui = WebUI() if config.webui else None
         self.connections: set[Connection] = set()
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -142,6 +150,9 @@ class Gateway:
         return await process_request(self, conn, request)
 
     async def _handle(self, ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path.partition("?")[0] == STATS_PATH:
+            await self.stats_feed.serve(ws)
+            return
         if len(self.connections) >= self.config.max_connections:
             await ws.close(CloseCode.TRY_AGAIN_LATER, "connection limit reached")
             return
@@ -180,6 +191,7 @@ class Gateway:
             if pending:
                 await asyncio.wait(pending)
         self._server.close(close_connections=False)  # stop accepting
+        await self.stats_feed.close()
         closes = [self._close_going_away(conn, max(grace, 1.0)) for conn in self.connections]
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
