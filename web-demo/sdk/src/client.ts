@@ -1,0 +1,616 @@
+/**
+ * `Muxi`: a client of a muxgate gateway. One WebSocket per client, any number of concurrent
+ * requests multiplexed over it by `request_id` (mirrors the Python `AsyncClient`).
+ *
+ * Cancellation is native: aborting a call's `AbortSignal`, leaving a `for await` over a stream
+ * (`break`, `return`, an exception) or `stream.cancel()` queues the protocol's `cancel` frame at
+ * once, so the gateway stops writing that request's chunks and halts its pipeline at the next
+ * checkpoint (SPEC.md §5.3), while the connection stays open for the other requests.
+ * `cancelRequest(id)` cancels by id: in-band when the request runs on this client's connection,
+ * else over HTTP (`DELETE /v1/requests/{id}`), so any process with the credentials can cancel.
+ *
+ * The connection opens on the first call and reopens on the next call after it dropped, with
+ * exponential backoff between failed attempts (and before reconnecting after close codes that
+ * ask for it: 1013, 4008, 4029).
+ */
+
+import type { CodecName } from "./codec.js";
+import {
+  type Connection,
+  type ConnectionSettings,
+  type Deferred,
+  type Exchange,
+  type WebSocketConstructor,
+  Connection as Conn,
+  deferred,
+  toUsage,
+} from "./connection.js";
+import {
+  ConnectError,
+  InvalidRequest,
+  MuxgateError,
+  ProtocolError,
+  ProtocolViolation,
+  Unauthorized,
+  errorFromCode,
+} from "./errors.js";
+import { MAX_TIMEOUT_MS, REQUEST_ID_PATTERN, USER_ID_PATTERN } from "./limits.js";
+import type { CancelOptions, ChatParams, Chunk, RequestInfo, Response, Usage } from "./types.js";
+import { type CancelStatus, type ChatMessage, type Message, checkOutgoing } from "./wire.js";
+
+export interface ReconnectOptions {
+  /** Connection attempts per call before giving up with `ConnectError` (default 6). */
+  attempts?: number;
+  /** First backoff delay (default 100 ms); doubles per failed attempt, with jitter. */
+  initialDelayMs?: number;
+  /** Largest backoff delay (default 5000 ms). */
+  maxDelayMs?: number;
+}
+
+export interface MuxiOptions {
+  /** `ws(s)://` or `http(s)://` URL of the gateway; without a path the WebSocket is `/v1/ws`.
+   * Default: in a browser the page's own origin, in Node `MUXGATE_URL` or `ws://localhost:8001`. */
+  url?: string;
+  /** A client key (trusted servers only, never browsers; Node default `MUXGATE_CLIENT_KEY`). */
+  clientKey?: string;
+  /** A user token (HS256 JWT, for browsers; Node default `MUXGATE_TOKEN`). */
+  token?: string;
+  /** The default user of every call (Node default `MUXGATE_USER_ID`; none: the anonymous user). */
+  userId?: string;
+  /** `"json"` (default) or `"msgpack"`. */
+  codec?: CodecName;
+  /** A WebSocket implementation; default `globalThis.WebSocket`, else the `ws` package. */
+  WebSocket?: WebSocketConstructor;
+  /** `fetch` for the HTTP API; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  connectTimeoutMs?: number;
+  reconnect?: ReconnectOptions;
+  /** Unread characters a stream may buffer before it is cancelled with `SlowConsumer`
+   * (default 8 Mi): memory per request stays bounded whatever the consumer does. */
+  maxBufferedChars?: number;
+  /** Called when the connection opens or closes (e.g. to show it in a UI). */
+  onConnectionChange?: (state: ConnectionState) => void;
+}
+
+export interface ConnectionState {
+  connected: boolean;
+  connectionId?: string;
+  /** Why it closed (when `connected` is false after a connection). */
+  error?: MuxgateError;
+}
+
+const DEFAULT_PORT = 8001;
+const WS_PATH = "/v1/ws";
+const RETRY_AFTER_CLOSE = new Set([1013, 4008, 4029]);
+
+function env(name: string): string | undefined {
+  const proc = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process;
+  const value = proc?.env?.[name];
+  return value === "" ? undefined : value;
+}
+
+function defaultUrl(): string {
+  const loc = (globalThis as { location?: { protocol: string; host: string } }).location;
+  if (loc !== undefined && (loc.protocol === "http:" || loc.protocol === "https:")) {
+    return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}${WS_PATH}`;
+  }
+  return env("MUXGATE_URL") ?? `ws://localhost:${DEFAULT_PORT}`;
+}
+
+/** (WebSocket URL, HTTP base URL without trailing slash) for a gateway URL. */
+export function gatewayUrls(url: string): { wsUrl: string; httpUrl: string } {
+  let parsed: URL;
+  try {
+    parsed = new URL(url.trim());
+  } catch {
+    throw new InvalidRequest(`gateway URL must be ws(s):// or http(s)://host[:port]: ${JSON.stringify(url)}`);
+  }
+  const scheme = parsed.protocol.replace(/:$/, "");
+  const secure = scheme === "wss" || scheme === "https";
+  if (!["ws", "wss", "http", "https"].includes(scheme) || !parsed.host) {
+    throw new InvalidRequest(`gateway URL must be ws(s):// or http(s)://host[:port]: ${JSON.stringify(url)}`);
+  }
+  let path = parsed.pathname.replace(/\/+$/, "");
+  if (path.endsWith(WS_PATH)) path = path.slice(0, -WS_PATH.length);
+  return {
+    wsUrl: `${secure ? "wss" : "ws"}://${parsed.host}${path}${WS_PATH}${parsed.search}`,
+    httpUrl: `${secure ? "https" : "http"}://${parsed.host}${path}`,
+  };
+}
+
+function checkRequestId(requestId: unknown): asserts requestId is string {
+  if (typeof requestId !== "string" || !REQUEST_ID_PATTERN.test(requestId)) {
+    throw new InvalidRequest(`requestId must be 1-128 characters of [A-Za-z0-9._:-]: ${JSON.stringify(requestId)}`, "invalid_field");
+  }
+}
+
+function checkUserId(userId: unknown): void {
+  if (userId !== undefined && (typeof userId !== "string" || !USER_ID_PATTERN.test(userId))) {
+    throw new InvalidRequest(`userId must be 1-128 characters of [A-Za-z0-9._:@-]: ${JSON.stringify(userId)}`, "invalid_field");
+  }
+}
+
+function newRequestId(): string {
+  const c = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
+  if (c?.randomUUID) return `req_${c.randomUUID().replaceAll("-", "")}`;
+  return `req_${Date.now().toString(36)}${Math.random().toString(36).slice(2)}`;
+}
+
+function abortReason(signal: AbortSignal): unknown {
+  return signal.reason ?? new DOMException("This operation was aborted", "AbortError");
+}
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+async function loadWebSocket(): Promise<WebSocketConstructor> {
+  const native = (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+  if (native !== undefined) return native;
+  // Node without a global WebSocket (Node 20): the `ws` package. The specifier is a variable
+  // so that bundlers never pull `ws` into a browser build.
+  const name = "ws";
+  try {
+    const mod = (await import(/* @vite-ignore */ name)) as { default?: WebSocketConstructor; WebSocket?: WebSocketConstructor };
+    return (mod.WebSocket ?? mod.default)!;
+  } catch {
+    throw new ConnectError("no WebSocket implementation: install the `ws` package or pass options.WebSocket");
+  }
+}
+
+/** The streamed chunks of one chat, as an async iterator (see {@link Muxi.chatStream}). */
+export class ChatStream implements AsyncIterableIterator<Chunk> {
+  /** The final response once iteration has ended (completed or cancelled). */
+  response: Response | undefined;
+  private exchange: Exchange | undefined;
+  private conn: Connection | undefined;
+  private starting: Promise<void> | undefined;
+  private closed = false;
+  private aborted: { reason: unknown } | undefined;
+  private readonly onAbort = () => this.abort();
+
+  constructor(
+    private readonly client: Muxi,
+    private readonly chat: ChatMessage,
+    private readonly signal: AbortSignal | undefined,
+  ) {
+    if (signal?.aborted) this.aborted = { reason: abortReason(signal) };
+    signal?.addEventListener("abort", this.onAbort, { once: true });
+  }
+
+  get requestId(): string {
+    return this.chat.request_id;
+  }
+
+  /** Everything streamed so far (including text received after a cancel was sent). */
+  get text(): string {
+    return this.exchange?.text ?? "";
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+
+  async next(): Promise<IteratorResult<Chunk, undefined>> {
+    if (this.aborted) throw this.aborted.reason;
+    if (this.closed && this.exchange === undefined) return { done: true, value: undefined };
+    if (this.exchange === undefined) {
+      this.starting ??= this.client._start(this.chat, () => this.aborted !== undefined).then(([conn, exchange]) => {
+        this.conn = conn;
+        this.exchange = exchange;
+        if (this.aborted || this.closed) conn.stop(exchange);
+      });
+      await this.raceAbort(this.starting);
+    }
+    const exchange = this.exchange!;
+    for (;;) {
+      const aborted = this.aborted as { reason: unknown } | undefined; // may change across awaits
+      if (aborted) throw aborted.reason;
+      const chunk = exchange.chunks.shift();
+      if (chunk !== undefined) {
+        exchange.bufferedChars -= chunk.text.length;
+        return { done: false, value: chunk };
+      }
+      if (exchange.done || this.closed) {
+        this.finish();
+        if (exchange.done) this.response = exchange.outcome(); // throws RequestFailed or the connection's error
+        return { done: true, value: undefined };
+      }
+      await this.raceAbort(exchange.changed());
+    }
+  }
+
+  /** Leaving `for await` early calls this: cancel the request unless it already has its answer. */
+  async return(): Promise<IteratorResult<Chunk, undefined>> {
+    this.closed = true;
+    this.finish();
+    if (this.exchange && this.conn) this.conn.stop(this.exchange);
+    return { done: true, value: undefined };
+  }
+
+  async throw(error?: unknown): Promise<IteratorResult<Chunk, undefined>> {
+    await this.return();
+    throw error;
+  }
+
+  /** Cancels the request and waits for its final response (`cancelled`, or `completed` if it
+   * won the race); `undefined` if the chat was never sent. */
+  async cancel(): Promise<Response | undefined> {
+    this.closed = true;
+    this.finish();
+    if (this.starting && !this.exchange) await this.starting.catch(() => {});
+    const { exchange, conn } = this;
+    if (!exchange || !conn) return undefined;
+    conn.stop(exchange);
+    while (!exchange.done) await exchange.changed();
+    this.response = exchange.outcome();
+    return this.response;
+  }
+
+  private abort(): void {
+    if (this.aborted || !this.signal) return;
+    this.aborted = { reason: abortReason(this.signal) };
+    if (this.exchange && this.conn) {
+      this.conn.stop(this.exchange);
+      this.exchange.notify();
+    }
+  }
+
+  private finish(): void {
+    this.signal?.removeEventListener("abort", this.onAbort);
+  }
+
+  private raceAbort<T>(promise: Promise<T>): Promise<T> {
+    const signal = this.signal;
+    if (!signal) return promise;
+    return new Promise<T>((resolve, reject) => {
+      const onAbort = () => reject(abortReason(signal));
+      if (signal.aborted) return onAbort();
+      signal.addEventListener("abort", onAbort, { once: true });
+      promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+    });
+  }
+}
+
+type Started = [Connection, Exchange];
+
+/** A client of a muxgate gateway (the seed page's `Muxi`). See the module comment. */
+export class Muxi {
+  readonly wsUrl: string;
+  readonly httpUrl: string;
+  readonly codec: CodecName;
+  readonly userId: string | undefined;
+  private readonly clientKey: string | undefined;
+  private readonly token: string | undefined;
+  private readonly options: MuxiOptions;
+  private conn: Connection | undefined;
+  private connecting: Promise<Connection> | undefined;
+  private closed = false;
+  private lastClose: { code: number | undefined; at: number } | undefined;
+  private failedAttempts = 0;
+  /** Requests whose chat is not on the wire yet: a cancel for their id waits for them. */
+  private readonly starting = new Map<string, Deferred<Started | undefined>>();
+  private readonly finalUsages = new WeakMap<Response, { exchange: Exchange; userId: string | undefined }>();
+
+  constructor(options: MuxiOptions = {}) {
+    this.options = options;
+    const { wsUrl, httpUrl } = gatewayUrls(options.url ?? defaultUrl());
+    this.wsUrl = wsUrl;
+    this.httpUrl = httpUrl;
+    this.codec = options.codec ?? "json";
+    if (this.codec !== "json" && this.codec !== "msgpack") throw new InvalidRequest(`codec must be "json" or "msgpack", not ${JSON.stringify(this.codec)}`);
+    this.clientKey = options.clientKey ?? (options.token === undefined ? env("MUXGATE_CLIENT_KEY") : undefined);
+    this.token = options.token ?? (options.clientKey === undefined ? env("MUXGATE_TOKEN") : undefined);
+    if (this.clientKey !== undefined && this.token !== undefined) {
+      throw new InvalidRequest("give either a client key or a token, not both (SPEC.md §4.4)");
+    }
+    this.userId = options.userId ?? env("MUXGATE_USER_ID");
+    checkUserId(this.userId);
+  }
+
+  /** Whether the WebSocket is open now. */
+  get connected(): boolean {
+    return this.conn?.isOpen ?? false;
+  }
+
+  /** The gateway's id of the current connection (from `welcome`), if connected. */
+  get connectionId(): string | undefined {
+    return this.connected ? this.conn?.connectionId : undefined;
+  }
+
+  // -- chat ---------------------------------------------------------------------------------
+
+  /**
+   * Sends one chat and resolves with its {@link Response}: `completed`, or `cancelled` (by
+   * `cancelRequest`, a timeout, another client...). A `failed` request rejects with
+   * `RequestFailed`; aborting `params.signal` cancels the request on the gateway and rejects
+   * with the signal's reason. The request counts as started at once: `cancelRequest` with its
+   * id, even right away, cancels it in-band.
+   */
+  chat(params: ChatParams): Promise<Response> {
+    let chat: ChatMessage;
+    try {
+      chat = this.buildChat(params, false);
+    } catch (exc) {
+      return Promise.reject(exc);
+    }
+    const signal = params.signal;
+    if (signal?.aborted) return Promise.reject(abortReason(signal));
+    let started: Started | undefined;
+    let aborted = false;
+    const result = new Promise<Response>((resolve, reject) => {
+      const onAbort = () => {
+        aborted = true;
+        if (started) started[0].stop(started[1]);
+        reject(abortReason(signal!));
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      const done = () => signal?.removeEventListener("abort", onAbort);
+      this._start(chat, () => aborted)
+        .then(async (s) => {
+          started = s;
+          const [conn, exchange] = s;
+          if (aborted) return conn.stop(exchange);
+          while (!exchange.done) await exchange.changed();
+          resolve(this.outcome(exchange));
+        })
+        .catch(reject)
+        .finally(done);
+    });
+    return result;
+  }
+
+  /**
+   * A streamed chat: `for await (const chunk of client.chatStream({...}))` yields chunks
+   * (`chunk.text`) as they arrive; the chat is sent when iteration starts. Afterwards
+   * `stream.response` is the final response. Leaving the loop early (`break`, an exception),
+   * `stream.cancel()` or aborting `params.signal` cancels the request. A request cancelled
+   * otherwise (`cancelRequest`, a timeout) ends the loop normally with a `cancelled` response.
+   */
+  chatStream(params: ChatParams): ChatStream {
+    const chat = this.buildChat(params, true);
+    return new ChatStream(this, chat, params.signal);
+  }
+
+  // -- cancel and inspect -------------------------------------------------------------------
+
+  /**
+   * Cancels a request by id and resolves with the outcome: `cancelled`, `already_cancelled`,
+   * `already_completed` or `not_found` (never thrown). In-band (a `cancel` frame, reason
+   * `client`) when the request runs on this client's connection; otherwise
+   * `DELETE /v1/requests/{id}` (reason `api`). `userId` defaults to the client's.
+   */
+  async cancelRequest(requestId: string, options: CancelOptions = {}): Promise<CancelStatus> {
+    checkRequestId(requestId);
+    checkUserId(options.userId);
+    this.checkOpen();
+    const announced = this.starting.get(requestId);
+    if (announced) await announced.promise.catch(() => undefined); // its chat goes out first
+    const conn = this.conn;
+    if (conn?.isOpen) {
+      const exchange = conn.exchanges.get(requestId);
+      const wanted = options.userId ?? this.userId;
+      if (exchange && !exchange.refused && (wanted === undefined || conn.userOf(wanted) === exchange.user)) {
+        const waiter = conn.cancel(exchange, true)!;
+        try {
+          return await waiter.promise;
+        } catch (exc) {
+          if (!(exc instanceof MuxgateError) || exc instanceof ProtocolViolation || exc instanceof Unauthorized) throw exc;
+          if (!conn.isOpen) { /* dropped meanwhile (G7): ask over HTTP below */ } else throw exc;
+        }
+      }
+    }
+    const res = await this.http("DELETE", requestId, options.userId, options.signal);
+    return res.status as CancelStatus;
+  }
+
+  /** `GET /v1/requests/{id}`: status, cancel reason, error and usage of a request of this user. */
+  async getRequest(requestId: string, options: CancelOptions = {}): Promise<RequestInfo> {
+    checkRequestId(requestId);
+    checkUserId(options.userId);
+    this.checkOpen();
+    const body = await this.http("GET", requestId, options.userId, options.signal);
+    const info: RequestInfo = { requestId, status: body.status as RequestInfo["status"] };
+    if (typeof body.reason === "string") info.reason = body.reason as RequestInfo["reason"];
+    if (body.error && typeof body.error === "object") info.error = body.error as RequestInfo["error"];
+    if (body.usage && typeof body.usage === "object") {
+      const u = body.usage as Record<string, unknown>;
+      info.usage = toUsage({
+        input_tokens: Number(u.input_tokens), output_tokens: Number(u.output_tokens),
+        saved_tokens: Number(u.saved_tokens), final: u.final !== false,
+      });
+    }
+    return info;
+  }
+
+  /**
+   * The final token figures of `response` (SPEC.md §5.4): a cancelled response may carry
+   * figures that still grow until the pipeline halts; the final ones follow in a `usage`
+   * message, which this waits for, or reads over HTTP if the connection dropped first.
+   */
+  async finalUsage(response: Response, options: { timeoutMs?: number } = {}): Promise<Usage> {
+    if (response.usage.final) return response.usage;
+    const deadline = Date.now() + (options.timeoutMs ?? 10_000);
+    const known = this.finalUsages.get(response);
+    if (known?.exchange.finalUsage) {
+      const timer = deferred<undefined>();
+      const t = setTimeout(() => timer.resolve(undefined), Math.max(0, deadline - Date.now()));
+      try {
+        const usage = await Promise.race([known.exchange.finalUsage.promise, timer.promise]);
+        if (usage) return usage;
+      } catch {
+        /* the connection dropped first: the figures are kept for GET (§5.4) */
+      } finally {
+        clearTimeout(t);
+      }
+    }
+    for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
+      const info = await this.getRequest(response.requestId, { userId: known?.userId });
+      if (info.usage?.final) return info.usage;
+      if (Date.now() + delay > deadline) throw new MuxgateError(`the final usage of ${response.requestId} is not known yet`);
+      await sleep(delay);
+    }
+  }
+
+  /** Closes the connection. Requests in flight fail with `ConnectionLost` (the gateway cancels
+   * them, reason `disconnect`). Idempotent. */
+  close(): void {
+    this.closed = true;
+    for (const announced of this.starting.values()) announced.resolve(undefined);
+    const conn = this.conn;
+    this.conn = undefined;
+    conn?.close();
+  }
+
+  // -- internals ----------------------------------------------------------------------------
+
+  private checkOpen(): void {
+    if (this.closed) throw new MuxgateError("the client is closed");
+  }
+
+  private buildChat(params: ChatParams, stream: boolean): ChatMessage {
+    this.checkOpen();
+    const requestId = params.requestId ?? newRequestId();
+    checkRequestId(requestId);
+    checkUserId(params.userId);
+    if (params.timeoutMs !== undefined && !(params.timeoutMs > 0 && params.timeoutMs <= MAX_TIMEOUT_MS)) {
+      throw new InvalidRequest(`timeoutMs must be in (0, ${MAX_TIMEOUT_MS}]`, "invalid_field");
+    }
+    const chat: Message = { type: "chat", request_id: requestId, stream };
+    if (params.message !== undefined) chat.message = params.message;
+    if (params.messages !== undefined) chat.messages = params.messages.map((m) => ({ role: m.role, content: m.content }));
+    if (params.userId !== undefined) chat.user_id = params.userId;
+    if (params.timeoutMs !== undefined) chat.timeout_ms = Math.max(1, Math.ceil(params.timeoutMs));
+    if (params.metadata !== undefined) chat.metadata = params.metadata;
+    try {
+      return checkOutgoing(chat);
+    } catch (exc) {
+      if (exc instanceof ProtocolError) throw new InvalidRequest(exc.message, exc.code);
+      throw exc;
+    }
+  }
+
+  private outcome(exchange: Exchange): Response {
+    const response = exchange.outcome();
+    if (!response.usage.final) this.finalUsages.set(response, { exchange, userId: exchange.chatUserId });
+    return response;
+  }
+
+  /** Connects if needed and puts `chat` on the wire. @internal */
+  async _start(chat: ChatMessage, isAborted: () => boolean): Promise<Started> {
+    const rid = chat.request_id;
+    if (this.starting.has(rid)) throw errorFromCode("duplicate_request_id", "request_id is being started", rid);
+    const announced = deferred<Started | undefined>();
+    this.starting.set(rid, announced);
+    try {
+      const conn = await this.connection(isAborted);
+      if (isAborted()) throw new DOMException("This operation was aborted", "AbortError");
+      const exchange = await conn.start(chat, isAborted);
+      const started: Started = [conn, exchange];
+      announced.resolve(started);
+      return started;
+    } catch (exc) {
+      announced.resolve(undefined);
+      throw exc;
+    } finally {
+      if (this.starting.get(rid) === announced) this.starting.delete(rid);
+    }
+  }
+
+  private connection(isAborted: () => boolean = () => false): Promise<Connection> {
+    this.checkOpen();
+    if (this.conn?.isOpen) return Promise.resolve(this.conn);
+    this.connecting ??= this.reconnect(isAborted).finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private backoff(attempt: number): number {
+    const r = this.options.reconnect ?? {};
+    const initial = r.initialDelayMs ?? 100;
+    const max = r.maxDelayMs ?? 5000;
+    const base = Math.min(max, initial * 2 ** attempt);
+    return base / 2 + Math.random() * (base / 2); // "equal jitter": spread reconnecting clients
+  }
+
+  private async reconnect(isAborted: () => boolean): Promise<Connection> {
+    const attempts = Math.max(1, this.options.reconnect?.attempts ?? 6);
+    const WebSocket = this.options.WebSocket ?? (await loadWebSocket());
+    const settings: ConnectionSettings = {
+      wsUrl: this.wsUrl,
+      codec: this.codec,
+      clientKey: this.clientKey,
+      token: this.token,
+      userId: this.userId,
+      connectTimeoutMs: this.options.connectTimeoutMs ?? 10_000,
+      maxBufferedChars: this.options.maxBufferedChars ?? 8 * 1024 * 1024,
+      WebSocket,
+    };
+    // The gateway asked us to slow down (1013 at capacity, 4008 slow, 4029 rate): back off first.
+    const last = this.lastClose;
+    if (last?.code !== undefined && RETRY_AFTER_CLOSE.has(last.code)) {
+      const wait = last.at + this.backoff(this.failedAttempts + 3) - Date.now();
+      if (wait > 0) await sleep(wait);
+    }
+    for (let attempt = 0; ; attempt++) {
+      this.checkOpen();
+      try {
+        const conn = await Conn.open(settings, {
+          onClose: (c, error) => {
+            this.lastClose = { code: c.closeCode, at: Date.now() };
+            if (this.conn === c) {
+              this.conn = undefined;
+              this.options.onConnectionChange?.({ connected: false, error });
+            }
+          },
+        });
+        if (this.closed) {
+          conn.close();
+          this.checkOpen();
+        }
+        this.failedAttempts = 0;
+        this.conn = conn;
+        this.options.onConnectionChange?.({ connected: true, connectionId: conn.connectionId! });
+        return conn;
+      } catch (exc) {
+        // Credentials fail again (4001), a gateway that breaks the protocol will again.
+        if (!(exc instanceof ConnectError) || attempt + 1 >= attempts || isAborted()) throw exc;
+        this.failedAttempts++;
+        await sleep(this.backoff(attempt));
+      }
+    }
+  }
+
+  private async http(
+    method: "GET" | "DELETE",
+    requestId: string,
+    userId: string | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<Record<string, unknown>> {
+    const headers: Record<string, string> = {};
+    if (this.clientKey !== undefined) headers["X-Muxi-Client-Key"] = this.clientKey;
+    if (this.token !== undefined) headers.Authorization = `Bearer ${this.token}`;
+    const user = userId ?? this.userId;
+    if (user !== undefined) headers["X-Muxi-User-Id"] = user;
+    const doFetch = this.options.fetch ?? globalThis.fetch;
+    const url = `${this.httpUrl}/v1/requests/${encodeURIComponent(requestId)}`;
+    let res: globalThis.Response;
+    try {
+      res = await doFetch(url, { method, headers, signal: signal ?? null });
+    } catch (exc) {
+      if (signal?.aborted) throw exc;
+      throw new ConnectError(`${method} ${url}: ${String(exc)}`);
+    }
+    let body: Record<string, unknown> = {};
+    try {
+      body = (await res.json()) as Record<string, unknown>;
+    } catch {
+      /* not JSON: judged by the status below */
+    }
+    // 200 cancelled/already_cancelled, 409 already_completed, 404 not_found: answers, not errors.
+    if (res.status === 200 || res.status === 404 || (method === "DELETE" && res.status === 409)) {
+      if (typeof body.status === "string") return body;
+    }
+    const error = (body.error ?? {}) as { code?: string; message?: string };
+    if (res.status === 401) throw new Unauthorized(error.message);
+    if (typeof error.code === "string") throw errorFromCode(error.code, error.message ?? `HTTP ${res.status}`, requestId);
+    throw new ConnectError(`${method} ${url}: HTTP ${res.status}`, res.status);
+  }
+}

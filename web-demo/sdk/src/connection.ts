@@ -1,0 +1,576 @@
+/**
+ * One WebSocket to the gateway, multiplexed: the SDK's I/O edge (mirrors the Python SDK,
+ * gateway/client/_connection.py).
+ *
+ * Theory of operation
+ * -------------------
+ * Incoming frames are decoded with `decode` and each message is routed by `request_id` to its
+ * {@link Exchange}, which checks what SPEC.md §5.1 forbids: a chunk after the response, a seq
+ * gap, content that differs from the chunks (G1-G3), a `usage` report nobody announced, a
+ * `cancel_result` for no cancel. A violation closes the connection and fails every request on
+ * it with {@link ProtocolViolation}: nothing the gateway says afterwards can be trusted.
+ *
+ * Sending is synchronous: messages are encoded into an outbox and flushed once per microtask
+ * turn, so whatever is pending goes out as one batched frame (SPEC.md §2.4) within the
+ * `welcome` limits, and a `cancel` can be queued from an abort handler without awaiting.
+ *
+ * Opening sends a `hello` (credentials and the default `user_id`: browsers cannot set
+ * handshake headers, §4.4) and waits for `welcome`, so bad credentials fail at connect time with
+ * {@link Unauthorized} and the limits are known before the first chat (§3.5).
+ *
+ * A request holds one of the connection's `max_streams` slots from its chat until it is
+ * finished (§5.6: its response arrived, the late `usage` too if announced, and every cancel sent
+ * for it was answered). Callers beyond the limit wait for a slot instead of being refused.
+ */
+
+import { type CodecName, SUBPROTOCOLS, codecOfSubprotocol, decode, encode, joinBatch, payloadBytes } from "./codec.js";
+import {
+  ConnectError,
+  ConnectionLost,
+  InvalidRequest,
+  type MuxgateError,
+  ProtocolError,
+  ProtocolViolation,
+  RequestFailed,
+  RequestRefused,
+  SlowConsumer,
+  errorFromClose,
+  errorFromCode,
+} from "./errors.js";
+import { DEFAULT_MAX_STREAMS, MAX_BATCH_MESSAGES, MAX_FRAME_BYTES } from "./limits.js";
+import type { Chunk, Response, Usage } from "./types.js";
+import {
+  type CancelStatus,
+  type ChatMessage,
+  type GatewayMessage,
+  type Message,
+  type ResponseMessage,
+  type WelcomeMessage,
+  type WireLimits,
+  type WireUsage,
+  checkOutgoing,
+} from "./wire.js";
+
+/** The subset of the WebSocket API the SDK uses (browsers' native one, or the `ws` package). */
+export interface WebSocketLike {
+  readonly protocol: string;
+  readonly readyState: number;
+  binaryType: string;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string | Uint8Array): void;
+  close(code?: number, reason?: string): void;
+}
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+export interface ConnectionSettings {
+  wsUrl: string;
+  codec: CodecName;
+  clientKey: string | undefined;
+  token: string | undefined;
+  userId: string | undefined;
+  connectTimeoutMs: number;
+  maxBufferedChars: number;
+  WebSocket: WebSocketConstructor;
+}
+
+// Close code a client uses when the peer broke the protocol (RFC 6455 §7.4.1).
+const CLOSE_PROTOCOL_ERROR = 1002;
+
+export interface Deferred<T> {
+  promise: Promise<T>;
+  resolve(value: T): void;
+  reject(error: unknown): void;
+  settled: boolean;
+}
+
+export function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const d: Deferred<T> = {
+    promise: new Promise<T>((res, rej) => ((resolve = res), (reject = rej))),
+    resolve: (v) => { if (!d.settled) { d.settled = true; resolve(v); } },
+    reject: (e) => { if (!d.settled) { d.settled = true; reject(e); } },
+    settled: false,
+  };
+  d.promise.catch(() => {}); // a rejection nobody waits for is not an unhandled rejection
+  return d;
+}
+
+export function toUsage(u: WireUsage): Usage {
+  return { inputTokens: u.input_tokens, outputTokens: u.output_tokens, savedTokens: u.saved_tokens, final: u.final };
+}
+
+function toResponse(m: ResponseMessage): Response {
+  const r: Response = { requestId: m.request_id, status: m.status, content: m.content, usage: toUsage(m.usage) };
+  if (m.reason !== undefined) r.reason = m.reason;
+  if (m.error !== undefined) r.error = { ...m.error };
+  return r;
+}
+
+/** One request on one connection, as this client has seen it. */
+export class Exchange {
+  readonly requestId: string;
+  readonly chatUserId: string | undefined;
+  /** The effective user (SPEC.md §4.5) as far as the client can tell ("" = anonymous). */
+  readonly user: string;
+  readonly stream: boolean;
+  nextSeq = 0;
+  /** Everything streamed so far, kept to check G3 while it can fit in a frame. */
+  text = "";
+  private textKept = true;
+  /** Chunks not yet read by the consumer; only kept while someone streams (bounded). */
+  readonly chunks: Chunk[] = [];
+  bufferedChars = 0;
+  keepChunks: boolean;
+  cancelSent = false;
+  response: Response | undefined;
+  error: MuxgateError | undefined;
+  refused = false;
+  usagePending = false;
+  finalUsage: Deferred<Usage> | undefined;
+  /** One entry per cancel sent and not yet answered: the caller's deferred, or null. */
+  readonly pendingCancels: (Deferred<CancelStatus> | null)[] = [];
+  private listeners = new Set<() => void>();
+
+  constructor(chat: ChatMessage, user: string) {
+    this.requestId = chat.request_id;
+    this.chatUserId = chat.user_id;
+    this.user = user;
+    this.stream = chat.stream;
+    this.keepChunks = chat.stream;
+  }
+
+  /** The caller has its answer: a response, or an error. */
+  get done(): boolean {
+    return this.response !== undefined || this.error !== undefined;
+  }
+
+  /** SPEC.md §5.6: nothing more will arrive about this request on this connection. */
+  get finished(): boolean {
+    return (this.response !== undefined || this.refused) && !this.usagePending && this.pendingCancels.length === 0;
+  }
+
+  /** Resolves at the next change (a chunk, the answer, an error). */
+  changed(): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => { this.listeners.delete(wake); resolve(); };
+      this.listeners.add(wake);
+    });
+  }
+
+  notify(): void {
+    for (const wake of [...this.listeners]) wake();
+  }
+
+  /** The response; throws the request's error, or {@link RequestFailed}. */
+  outcome(): Response {
+    if (this.response === undefined) throw this.error!;
+    if (this.response.status === "failed") throw new RequestFailed(this.response);
+    return this.response;
+  }
+
+  addText(text: string): void {
+    if (!this.textKept) return;
+    this.text += text;
+    if (this.text.length > MAX_FRAME_BYTES) { this.textKept = false; this.text = ""; }
+  }
+
+  /** Whether the completed content can be checked against the chunks (G3). */
+  get textComplete(): boolean {
+    return this.textKept;
+  }
+
+  fail(error: MuxgateError): void {
+    if (!this.done) this.error = error;
+    this.finalUsage?.reject(error);
+    for (const waiter of this.pendingCancels.splice(0)) waiter?.reject(error);
+    this.notify();
+  }
+}
+
+export interface ConnectionEvents {
+  onClose(conn: Connection, error: MuxgateError): void;
+}
+
+/** One open WebSocket to the gateway. Create with {@link Connection.open}. */
+export class Connection {
+  readonly exchanges = new Map<string, Exchange>();
+  welcome: WelcomeMessage | undefined;
+  limits: WireLimits = {
+    max_streams: DEFAULT_MAX_STREAMS,
+    max_frame_bytes: MAX_FRAME_BYTES,
+    max_batch_messages: MAX_BATCH_MESSAGES,
+    max_timeout_ms: 3_600_000,
+  };
+  /** Why the connection ended; set once, when it does. */
+  error: MuxgateError | undefined;
+  closeCode: number | undefined;
+  private readonly welcomed = deferred<WelcomeMessage>();
+  private closeError: MuxgateError | undefined;
+  private outbox: (string | Uint8Array)[] = [];
+  private flushScheduled = false;
+  private slotWaiters: (() => void)[] = [];
+
+  private constructor(
+    private readonly ws: WebSocketLike,
+    readonly settings: ConnectionSettings,
+    private readonly events: ConnectionEvents,
+  ) {}
+
+  /** Connects, sends `hello`, waits for `welcome` (within `settings.connectTimeoutMs`). */
+  static open(settings: ConnectionSettings, events: ConnectionEvents): Promise<Connection> {
+    const url = settings.wsUrl;
+    let ws: WebSocketLike;
+    try {
+      ws = new settings.WebSocket(url, [SUBPROTOCOLS[settings.codec]]);
+    } catch (exc) {
+      return Promise.reject(new ConnectError(`connect to ${url}: ${String(exc)}`));
+    }
+    ws.binaryType = "arraybuffer";
+    const conn = new Connection(ws, settings, events);
+    return new Promise<Connection>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        fail(new ConnectError(`connect to ${url}: timed out after ${settings.connectTimeoutMs} ms`));
+        conn.abort();
+      }, settings.connectTimeoutMs);
+      let opened = false;
+      const fail = (error: MuxgateError) => { clearTimeout(timer); reject(error); };
+      ws.onopen = () => {
+        opened = true;
+        if (codecOfSubprotocol(ws.protocol) !== settings.codec) {
+          fail(new ProtocolViolation(`the gateway chose subprotocol ${JSON.stringify(ws.protocol)}`));
+          conn.abort(CLOSE_PROTOCOL_ERROR, "wrong subprotocol");
+          return;
+        }
+        const hello: Message = { type: "hello" };
+        if (settings.token !== undefined) hello.token = settings.token;
+        if (settings.clientKey !== undefined) hello.client_key = settings.clientKey;
+        if (settings.userId !== undefined) hello.user_id = settings.userId;
+        try {
+          conn.send(hello);
+        } catch (exc) {
+          fail(exc as MuxgateError);
+          conn.abort();
+        }
+      };
+      ws.onerror = () => {
+        if (!opened) {
+          // Browsers say nothing more (a refused handshake looks like a network error).
+          fail(new ConnectError(`connect to ${url}: could not open the WebSocket`));
+        }
+      };
+      ws.onmessage = (ev) => conn.onFrame(ev.data);
+      ws.onclose = (ev) => {
+        conn.closeCode = ev.code;
+        conn.end(conn.closeError ?? errorFromClose(ev.code, ev.reason ?? ""));
+        if (!opened) fail(new ConnectError(`connect to ${url}: the WebSocket closed (${ev.code})`));
+      };
+      conn.welcomed.promise.then(
+        () => { clearTimeout(timer); resolve(conn); },
+        (error: MuxgateError) => fail(error),
+      );
+    });
+  }
+
+  get isOpen(): boolean {
+    return this.error === undefined;
+  }
+
+  get connectionId(): string | undefined {
+    return this.welcome?.connection_id;
+  }
+
+  /** The connection's default user: `welcome.user_id`, else the anonymous user. */
+  userOf(userId: string | undefined): string {
+    return userId ?? this.welcome?.user_id ?? "";
+  }
+
+  // -- sending ------------------------------------------------------------------------------
+
+  /** Queues one message for the next flush (never blocks; flushes batch). */
+  send(message: Message): void {
+    if (this.error !== undefined) throw this.error;
+    let canonical: Message;
+    try {
+      canonical = checkOutgoing(message);
+    } catch (exc) {
+      if (exc instanceof ProtocolError) throw new InvalidRequest(exc.message, exc.code);
+      throw exc;
+    }
+    const data = encode(canonical, this.settings.codec);
+    const size = payloadBytes(data);
+    if (size > this.limits.max_frame_bytes) {
+      throw new InvalidRequest(
+        `${message.type} message of ${size} bytes exceeds the gateway's max_frame_bytes (${this.limits.max_frame_bytes})`,
+      );
+    }
+    this.outbox.push(data);
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      queueMicrotask(() => this.flush());
+    }
+  }
+
+  private flush(): void {
+    this.flushScheduled = false;
+    const outbox = this.outbox;
+    while (outbox.length && this.error === undefined) {
+      const batch = [outbox.shift()!];
+      let size = payloadBytes(batch[0]!);
+      while (
+        outbox.length &&
+        batch.length < this.limits.max_batch_messages &&
+        size + 1 + payloadBytes(outbox[0]!) <= this.limits.max_frame_bytes
+      ) {
+        size += 1 + payloadBytes(outbox[0]!);
+        batch.push(outbox.shift()!);
+      }
+      try {
+        this.ws.send(joinBatch(batch, this.settings.codec));
+      } catch {
+        return; // the socket is closing: onclose fails what is in flight
+      }
+    }
+  }
+
+  /** Sends `chat` once a stream slot is free; its exchange is registered when this resolves. */
+  async start(chat: ChatMessage, isAborted: () => boolean): Promise<Exchange> {
+    this.checkUnique(chat.request_id);
+    while (this.exchanges.size >= this.limits.max_streams) {
+      if (this.error !== undefined) throw this.error;
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+      if (isAborted()) throw new Error("aborted");
+    }
+    if (this.error !== undefined) throw this.error;
+    this.checkUnique(chat.request_id);
+    const exchange = new Exchange(chat, this.userOf(chat.user_id));
+    this.send(chat);
+    this.exchanges.set(chat.request_id, exchange);
+    return exchange;
+  }
+
+  private checkUnique(requestId: string): void {
+    // SPEC.md §5.6: unique per connection among unfinished requests. Refused here, because the
+    // gateway's error would be indistinguishable from one about the running request.
+    if (this.exchanges.has(requestId)) {
+      throw new RequestRefused("duplicate_request_id", "request_id is active on this connection", requestId);
+    }
+  }
+
+  /** Queues a `cancel` for `exchange`; from now on its chunks are dropped. Returns a deferred
+   * of the `cancel_result` if asked for. */
+  cancel(exchange: Exchange, wantResult = false): Deferred<CancelStatus> | null {
+    const waiter = wantResult ? deferred<CancelStatus>() : null;
+    if (this.error !== undefined) {
+      waiter?.reject(this.error);
+      return waiter;
+    }
+    const cancel: Message = { type: "cancel", request_id: exchange.requestId };
+    if (exchange.chatUserId !== undefined) cancel.user_id = exchange.chatUserId;
+    this.send(cancel);
+    exchange.cancelSent = true;
+    exchange.pendingCancels.push(waiter);
+    exchange.keepChunks = false;
+    exchange.chunks.length = 0;
+    exchange.bufferedChars = 0;
+    return waiter;
+  }
+
+  /** The caller gave up on `exchange` (aborted, stream left): cancel it on the gateway unless
+   * it already has its answer or a cancel is on its way. */
+  stop(exchange: Exchange): void {
+    exchange.keepChunks = false;
+    exchange.chunks.length = 0;
+    exchange.bufferedChars = 0;
+    if (this.error === undefined && !exchange.done && !exchange.cancelSent) this.cancel(exchange);
+  }
+
+  // -- closing ------------------------------------------------------------------------------
+
+  /** Sends what is queued (cancels go out first), then closes with 1000. */
+  close(): void {
+    if (this.error !== undefined) return;
+    this.closeError = new ConnectionLost("the client closed the connection", 1000);
+    this.flush();
+    try {
+      this.ws.close(1000);
+    } catch {
+      /* already closing */
+    }
+    this.end(this.closeError);
+  }
+
+  abort(code = 1000, reason = ""): void {
+    this.closeError ??= new ConnectionLost("connection aborted");
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      /* already closing */
+    }
+    this.end(this.closeError);
+  }
+
+  private end(error: MuxgateError): void {
+    if (this.error !== undefined) return;
+    this.error = error;
+    this.welcomed.reject(error);
+    const exchanges = [...this.exchanges.values()];
+    this.exchanges.clear();
+    for (const exchange of exchanges) exchange.fail(error);
+    this.outbox = [];
+    for (const wake of this.slotWaiters.splice(0)) wake();
+    this.events.onClose(this, error);
+  }
+
+  private violation(error: ProtocolViolation): void {
+    this.closeError = error;
+    this.abort(CLOSE_PROTOCOL_ERROR, "protocol violation");
+  }
+
+  // -- reading ------------------------------------------------------------------------------
+
+  private onFrame(data: unknown): void {
+    if (this.error !== undefined) return;
+    const isText = typeof data === "string";
+    if (isText !== (this.settings.codec === "json")) {
+      this.violation(new ProtocolViolation("a frame of the wrong kind for the codec"));
+      return;
+    }
+    const payload = isText ? (data as string) : new Uint8Array(data as ArrayBuffer);
+    try {
+      for (const item of decode(payload, this.settings.codec, "gateway")) {
+        if (this.error !== undefined) return;
+        if (item instanceof ProtocolError) {
+          if (item.code === "unknown_type") continue; // SPEC.md §3.1, §10: newer gateways may send more
+          throw new ProtocolViolation(`the gateway sent an invalid message: ${item.code}: ${item.message}`, item.requestId);
+        }
+        this.onMessage(item as GatewayMessage);
+      }
+    } catch (exc) {
+      this.violation(exc instanceof ProtocolViolation ? exc : new ProtocolViolation(`internal client error: ${String(exc)}`));
+    }
+  }
+
+  private exchange(requestId: string, what: string): Exchange {
+    const exchange = this.exchanges.get(requestId);
+    if (exchange === undefined || exchange.refused) {
+      throw new ProtocolViolation(`${what} for unknown request ${requestId}`, requestId);
+    }
+    return exchange;
+  }
+
+  private onMessage(m: GatewayMessage): void {
+    if (this.welcome === undefined && m.type !== "welcome" && m.type !== "error") {
+      throw new ProtocolViolation(`${m.type} before welcome`);
+    }
+    switch (m.type) {
+      case "chunk": {
+        const ex = this.exchange(m.request_id, "chunk");
+        if (ex.response !== undefined) throw new ProtocolViolation(`chunk after the response of ${m.request_id}`, m.request_id);
+        if (!ex.stream) throw new ProtocolViolation(`chunk for non-streamed request ${m.request_id}`, m.request_id);
+        if (m.seq !== ex.nextSeq) throw new ProtocolViolation(`chunk seq ${m.seq} of ${m.request_id}, expected ${ex.nextSeq}`, m.request_id);
+        ex.nextSeq++;
+        ex.addText(m.text);
+        if (ex.keepChunks) {
+          ex.chunks.push({ requestId: m.request_id, seq: m.seq, text: m.text });
+          ex.bufferedChars += m.text.length;
+          if (ex.bufferedChars > this.settings.maxBufferedChars) {
+            // Bounded per-request buffer: a reader this far behind is dropped, not buffered.
+            ex.error = new SlowConsumer(m.request_id, this.settings.maxBufferedChars);
+            this.stop(ex);
+          }
+          ex.notify();
+        }
+        return;
+      }
+      case "response": {
+        const ex = this.exchange(m.request_id, "response");
+        if (ex.response !== undefined) throw new ProtocolViolation(`a second response for ${m.request_id}`, m.request_id);
+        if (m.status === "completed" && ex.stream && ex.textComplete && m.content !== ex.text) {
+          throw new ProtocolViolation(`content of ${m.request_id} differs from its chunks (G3)`, m.request_id);
+        }
+        ex.response = toResponse(m);
+        if (!m.usage.final) {
+          ex.usagePending = true;
+          ex.finalUsage = deferred<Usage>();
+        }
+        ex.notify();
+        this.maybeFinished(ex);
+        return;
+      }
+      case "usage": {
+        const ex = this.exchange(m.request_id, "usage");
+        if (!ex.usagePending) throw new ProtocolViolation(`usage for ${m.request_id} that announced none`, m.request_id);
+        ex.usagePending = false;
+        ex.finalUsage?.resolve(toUsage(m.usage));
+        this.maybeFinished(ex);
+        return;
+      }
+      case "cancel_result": {
+        const ex = this.exchanges.get(m.request_id);
+        if (ex === undefined || ex.pendingCancels.length === 0) {
+          throw new ProtocolViolation(`cancel_result for no cancel of ${m.request_id}`, m.request_id);
+        }
+        if (!ex.refused) {
+          const status = ex.response?.status;
+          const ok =
+            m.status === "not_found" ||
+            ((m.status === "cancelled" || m.status === "already_cancelled") && status === "cancelled") ||
+            (m.status === "already_completed" && (status === "completed" || status === "failed"));
+          if (!ok) throw new ProtocolViolation(`cancel_result ${m.status} for ${m.request_id} in state ${status ?? "active"}`, m.request_id);
+        }
+        ex.pendingCancels.shift()?.resolve(m.status);
+        this.maybeFinished(ex);
+        return;
+      }
+      case "error":
+        this.onError(m.code, m.message, m.request_id);
+        return;
+      case "welcome":
+        if (this.welcome !== undefined) throw new ProtocolViolation("a second welcome");
+        this.welcome = m;
+        this.limits = m.limits;
+        this.welcomed.resolve(m);
+        return;
+      case "pong":
+        return;
+    }
+  }
+
+  private onError(code: string, message: string, requestId: string | undefined): void {
+    const error = errorFromCode(code, message, requestId);
+    const ex = requestId !== undefined ? this.exchanges.get(requestId) : undefined;
+    if (ex === undefined) {
+      // Not about a request of ours: about the connection (unauthorized before the close 4001),
+      // or a message the gateway could not attribute. Some request may never be answered: end
+      // the connection rather than hang.
+      this.closeError = error;
+      if (code !== "unauthorized") this.abort(1000, "unexpected gateway error");
+      else if (this.welcome === undefined) this.welcomed.reject(error);
+      return;
+    }
+    if (ex.response === undefined && !ex.refused && ex.nextSeq === 0) {
+      // The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
+      ex.refused = true;
+      ex.error = error;
+      ex.keepChunks = false;
+      ex.notify();
+    } else if (ex.pendingCancels.length) {
+      ex.pendingCancels.shift()?.reject(error);
+    } else {
+      throw new ProtocolViolation(`error ${code} about request ${requestId} that sent nothing to refuse`, requestId);
+    }
+    this.maybeFinished(ex);
+  }
+
+  private maybeFinished(ex: Exchange): void {
+    if (ex.finished && this.exchanges.get(ex.requestId) === ex) {
+      this.exchanges.delete(ex.requestId);
+      this.slotWaiters.shift()?.();
+    }
+  }
+}
+

@@ -1,0 +1,142 @@
+/**
+ * The SDK's errors: one small tree (mirrors the Python SDK, gateway/client/_errors.py).
+ *
+ * ```text
+ * MuxgateError                  .code: the wire error code when there is one (SPEC.md §7)
+ *  ├── InvalidRequest           our own bad input, refused before anything is sent
+ *  ├── TransportError           the network, not the request
+ *  │    ├── ConnectError        could not open the WebSocket / reach the HTTP API
+ *  │    └── ConnectionLost      the WebSocket closed while the request was in flight
+ *  │         │                  (.closeCode, .closeReason); the next call reconnects
+ *  │         └── GatewayShuttingDown   closed with 1001: the gateway is draining
+ *  ├── ProtocolViolation        the gateway broke the protocol (SPEC.md §5.1, G1-G3)
+ *  ├── Unauthorized             credentials missing or invalid (error/close 4001, HTTP 401)
+ *  ├── RequestRefused           an `error` refused a chat or cancel (.requestId), e.g.
+ *  │    │                       too_many_streams, duplicate_request_id, rate_limited
+ *  │    └── Forbidden           valid credentials that may not act for that user (HTTP 403)
+ *  ├── SlowConsumer             a stream's reader fell too far behind its bounded buffer
+ *  └── RequestFailed            the request ended with status `failed` (.response)
+ * ```
+ *
+ * A *cancelled* request is not an error: `chat()` resolves with its `Response` whose `status`
+ * is `"cancelled"` (the seed page's behaviour). Aborting an `AbortSignal` rejects with the
+ * signal's `reason` (an `AbortError` `DOMException` by default), as `fetch` does, after the SDK
+ * has sent the `cancel` frame.
+ *
+ * {@link ProtocolError} is not part of the tree: it is what the codec reports for one bad
+ * message of a frame (the gateway's view of the peer's bad input, used by the vectors).
+ */
+
+import type { Response } from "./types.js";
+
+export class MuxgateError extends Error {
+  /** The wire error code (SPEC.md §7), when there is one. */
+  readonly code: string | undefined;
+  constructor(message: string, code?: string) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+export class InvalidRequest extends MuxgateError {}
+
+export class TransportError extends MuxgateError {}
+
+export class ConnectError extends TransportError {
+  /** The HTTP status of a refused handshake or API call, if known. */
+  readonly status: number | undefined;
+  constructor(message: string, status?: number) {
+    super(message);
+    this.status = status;
+  }
+}
+
+export class ConnectionLost extends TransportError {
+  readonly closeCode: number | undefined;
+  readonly closeReason: string;
+  constructor(message: string, closeCode?: number, closeReason = "") {
+    super(message);
+    this.closeCode = closeCode;
+    this.closeReason = closeReason;
+  }
+}
+
+export class GatewayShuttingDown extends ConnectionLost {}
+
+export class ProtocolViolation extends MuxgateError {
+  readonly requestId: string | undefined;
+  constructor(message: string, requestId?: string) {
+    super(message, "protocol_violation");
+    this.requestId = requestId;
+  }
+}
+
+export class Unauthorized extends MuxgateError {
+  constructor(message = "missing or invalid credentials") {
+    super(message, "unauthorized");
+  }
+}
+
+export class RequestRefused extends MuxgateError {
+  readonly requestId: string | undefined;
+  readonly detail: string;
+  constructor(code: string, detail: string, requestId?: string) {
+    super(`${code}: ${detail}`, code);
+    this.detail = detail;
+    this.requestId = requestId;
+  }
+}
+
+export class Forbidden extends RequestRefused {
+  constructor(detail: string, requestId?: string) {
+    super("forbidden", detail, requestId);
+  }
+}
+
+export class SlowConsumer extends MuxgateError {
+  readonly requestId: string;
+  constructor(requestId: string, limit: number) {
+    super(`stream ${requestId} buffered more than ${limit} characters unread; it was cancelled`);
+    this.requestId = requestId;
+  }
+}
+
+export class RequestFailed extends MuxgateError {
+  readonly response: Response;
+  readonly requestId: string;
+  constructor(response: Response) {
+    const code = response.error?.code ?? "internal";
+    const message = response.error?.message ?? "the request failed";
+    super(`request ${response.requestId} failed: ${code}: ${message}`, code);
+    this.response = response;
+    this.requestId = response.requestId;
+  }
+}
+
+/** One refused message of a decoded frame: the error the gateway (or a client) answers with. */
+export class ProtocolError extends Error {
+  readonly code: string;
+  readonly requestId: string | undefined;
+  constructor(code: string, message: string, requestId?: string) {
+    super(message);
+    this.name = "ProtocolError";
+    this.code = code;
+    this.requestId = requestId;
+  }
+}
+
+/** The exception for a gateway `error` message or an HTTP error body. */
+export function errorFromCode(code: string, message: string, requestId?: string): MuxgateError {
+  if (code === "unauthorized") return new Unauthorized(message);
+  if (code === "forbidden") return new Forbidden(message, requestId);
+  return new RequestRefused(code, message, requestId);
+}
+
+/** The exception for requests in flight when the WebSocket closed (SPEC.md §2.6). */
+export function errorFromClose(code: number | undefined, reason: string): MuxgateError {
+  const shown = code !== undefined ? `${code} ${reason}`.trim() : "no close frame";
+  if (code === 1001) return new GatewayShuttingDown(`the gateway is shutting down (close ${shown})`, code, reason);
+  if (code === 4001) return new Unauthorized(`the gateway refused the credentials (close ${shown})`);
+  return new ConnectionLost(`connection lost (close ${shown})`, code, reason);
+}

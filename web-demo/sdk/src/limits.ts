@@ -1,0 +1,34 @@
+/**
+ * Protocol limits (SPEC.md §2.5). Character counts are Unicode code points, never UTF-16 code
+ * units: use {@link charCount}, not `String.length`.
+ */
+
+export const MAX_FRAME_BYTES = 1_048_576;
+export const MAX_BATCH_MESSAGES = 1024;
+export const DEFAULT_MAX_STREAMS = 64;
+export const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
+export const USER_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
+export const MAX_MESSAGE_CHARS = 262_144;
+export const MAX_MESSAGES = 512;
+export const MAX_METADATA_BYTES = 16_384;
+export const MAX_METADATA_DEPTH = 8;
+export const MAX_TIMEOUT_MS = 3_600_000;
+export const MAX_TOKEN_CHARS = 8192;
+export const MAX_CLIENT_KEY_CHARS = 256;
+export const MAX_REASON_CHARS = 256;
+export const MAX_ERROR_MESSAGE_CHARS = 1024;
+export const MAX_PING_ID_CHARS = 128;
+export const MAX_CONNECTION_ID_CHARS = 128;
+export const ERROR_CODE_PATTERN = /^[a-z][a-z0-9_]{0,63}$/;
+export const MAX_SAFE_INTEGER = Number.MAX_SAFE_INTEGER;
+
+/** Code points in `s` (SPEC.md §1: a "character" is a code point). */
+export function charCount(s: string): number {
+  // Fast path: every UTF-16 unit is at least one code point's worth, and at most two units make one.
+  let surrogates = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0xdc00 && c <= 0xdfff) surrogates++;
+  }
+  return s.length - surrogates;
+}

@@ -1,0 +1,12 @@
+import { fileURLToPath } from "node:url";
+import { defineConfig } from "vitest/config";
+
+export default defineConfig({
+  resolve: { alias: { "@muxgate/sdk": fileURLToPath(new URL("./sdk/src/index.ts", import.meta.url)) } },
+  test: {
+    projects: [
+      { extends: true, test: { name: "unit", include: ["test/unit/**/*.test.ts"] } },
+      { extends: true, test: { name: "gateway", include: ["test/gateway/**/*.test.ts"], testTimeout: 30_000, hookTimeout: 30_000 } },
+    ],
+  },
+});
