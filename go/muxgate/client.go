@@ -1,0 +1,607 @@
+package muxgate
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"iter"
+	"math/big"
+	mrand "math/rand/v2"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/muxgate/muxgate/go/protocol"
+)
+
+// Client is a client of a muxgate gateway: one WebSocket, any number of concurrent requests,
+// multiplexed by request id. It is safe for concurrent use by many goroutines. The connection
+// opens on the first call, and reopens (with backoff while the gateway is unreachable) on the
+// next call after it dropped. Close it when done.
+type Client struct {
+	s    settings
+	sErr error // a bad option or environment value, reported by every call
+	http *http.Client
+	own  *http.Transport // closed by Close when the HTTP client is ours
+
+	ctx    context.Context // cancelled by Close: stops dialing
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // dialers and ChatAsync tasks
+
+	mu       sync.Mutex
+	conn     *conn
+	dialing  *dialCall
+	closed   bool
+	starting map[string]*announcement
+}
+
+// announcement is a request whose chat is not on the wire yet, so that a CancelRequest for
+// its id (even right after ChatAsync returns) waits for it and then cancels it in-band.
+type announcement struct {
+	done chan struct{}
+}
+
+type dialCall struct {
+	done chan struct{}
+	conn *conn
+	err  error
+}
+
+// NewClient returns a client; nothing is opened until the first call. An invalid option or
+// environment value (a bad URL, both a client key and a token) is returned by every call.
+func NewClient(opts ...Option) *Client {
+	s, err := resolve(opts)
+	c := &Client{s: s, sErr: err, starting: map[string]*announcement{}}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	if s.httpClient != nil {
+		c.http = s.httpClient
+	} else {
+		c.own = http.DefaultTransport.(*http.Transport).Clone()
+		c.http = &http.Client{Transport: c.own, Timeout: s.connectTimeout}
+	}
+	return c
+}
+
+// URL is the gateway's WebSocket endpoint.
+func (c *Client) URL() string { return c.s.wsURL }
+
+// HTTPURL is the base of the gateway's HTTP API.
+func (c *Client) HTTPURL() string { return c.s.httpURL }
+
+// Close closes the connection (after sending any queued cancels). Requests still in flight end
+// with a *ConnectionLostError wrapping ErrClosed, and the gateway cancels them (reason
+// disconnect). Close waits for the client's goroutines to stop. It is idempotent.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	conn := c.conn
+	c.conn = nil
+	for id, a := range c.starting {
+		close(a.done)
+		delete(c.starting, id)
+	}
+	c.mu.Unlock()
+	c.cancel()
+	if conn != nil {
+		conn.close()
+	}
+	c.wg.Wait()
+	if c.own != nil {
+		c.own.CloseIdleConnections()
+	}
+	return nil
+}
+
+// --- connection -------------------------------------------------------------------------
+
+// connection returns the open connection, dialing if needed; concurrent callers share one dial.
+func (c *Client) connection(ctx context.Context) (*conn, error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, ErrClosed
+		}
+		if c.conn != nil && c.conn.alive() {
+			conn := c.conn
+			c.mu.Unlock()
+			return conn, nil
+		}
+		d := c.dialing
+		if d == nil {
+			d = &dialCall{done: make(chan struct{})}
+			c.dialing = d
+			c.wg.Add(1)
+			go c.dial(d)
+		}
+		c.mu.Unlock()
+		select {
+		case <-d.done:
+			if d.err != nil {
+				return nil, d.err
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// dial opens a connection for everyone waiting, retrying transient failures (refused, 503 while
+// a gateway drains, a gateway restarting) with exponential backoff and jitter, within the
+// connect timeout. Unauthorized and protocol mismatches are not retried.
+func (c *Client) dial(d *dialCall) {
+	defer c.wg.Done()
+	ctx, cancel := context.WithTimeout(c.ctx, c.s.connectTimeout)
+	defer cancel()
+	backoff := 50 * time.Millisecond
+	for {
+		conn, err := dial(ctx, &c.s)
+		if err == nil {
+			d.conn = conn
+			break
+		}
+		d.err = err
+		if !retryable(err) {
+			break
+		}
+		wait := backoff/2 + mrand.N(backoff/2+1)
+		backoff = min(backoff*2, 2*time.Second)
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+			continue
+		case <-ctx.Done():
+			t.Stop()
+		}
+		break
+	}
+	c.mu.Lock()
+	c.dialing = nil
+	if d.conn != nil {
+		d.err = nil
+		if c.closed {
+			d.err = ErrClosed
+		} else {
+			c.conn = d.conn
+		}
+	}
+	c.mu.Unlock()
+	if d.err != nil && d.conn != nil {
+		d.conn.close()
+		d.conn = nil
+	}
+	close(d.done)
+}
+
+func retryable(err error) bool {
+	var pe *ProtocolError
+	if errors.As(err, &pe) || errors.Is(err, ErrInvalidRequest) {
+		return false
+	}
+	var ce *ConnectError
+	if errors.As(err, &ce) && ce.Status != 0 && ce.Status != 503 && ce.Status != 502 && ce.Status != 504 {
+		return false
+	}
+	return true
+}
+
+// --- requests -----------------------------------------------------------------------------
+
+func newRequestID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		n, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+		return "req_" + n.String()
+	}
+	return "req_" + hex.EncodeToString(b[:])
+}
+
+// build validates req into a chat message; nothing is sent when it fails.
+func (c *Client) build(req *ChatRequest, stream bool) (*protocol.Chat, error) {
+	if c.sErr != nil {
+		return nil, c.sErr
+	}
+	if req == nil {
+		return nil, invalidf("nil ChatRequest")
+	}
+	chat := &protocol.Chat{RequestID: req.RequestID, Stream: stream, UserID: req.UserID}
+	if chat.RequestID == "" {
+		chat.RequestID = newRequestID()
+	}
+	if !protocol.ValidRequestID(chat.RequestID) {
+		return nil, invalidf("request id must be 1-128 characters of [A-Za-z0-9._:-]: %q", chat.RequestID)
+	}
+	if chat.UserID != "" && !protocol.ValidUserID(chat.UserID) {
+		return nil, invalidf("user id must be 1-128 characters of [A-Za-z0-9._:@-]: %q", chat.UserID)
+	}
+	if req.Messages != nil && req.Message == "" {
+		chat.Messages = make([]protocol.ChatMessage, len(req.Messages))
+		for i, m := range req.Messages {
+			chat.Messages[i] = protocol.ChatMessage{Role: protocol.Role(m.Role), Content: m.Content}
+		}
+	} else {
+		if req.Messages != nil {
+			return nil, invalidf("give Message or Messages, not both")
+		}
+		msg := req.Message
+		chat.Message = &msg
+	}
+	if req.Timeout < 0 {
+		return nil, invalidf("negative timeout")
+	}
+	if req.Timeout > 0 {
+		ms := (req.Timeout + time.Millisecond - 1) / time.Millisecond
+		if ms > protocol.MaxTimeoutMs {
+			return nil, invalidf("timeout above %d ms", protocol.MaxTimeoutMs)
+		}
+		chat.TimeoutMs = int64(ms)
+	}
+	if req.Metadata != nil {
+		raw, err := json.Marshal(req.Metadata)
+		if err != nil {
+			return nil, invalidf("metadata: %v", err)
+		}
+		v, err := protocol.ParseJSON(raw)
+		if err != nil || v.Kind != protocol.KindObject {
+			return nil, invalidf("metadata is not a JSON object")
+		}
+		chat.Metadata = v.Object
+	}
+	if err := chat.Validate(); err != nil {
+		return nil, invalidf("%v", err)
+	}
+	return chat, nil
+}
+
+// announce registers a request about to be sent.
+func (c *Client) announce(id string) (*announcement, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	if _, dup := c.starting[id]; dup {
+		return nil, &ProtocolError{Code: protocol.CodeDuplicateRequestID, Message: "request_id is being started", RequestID: id}
+	}
+	a := &announcement{done: make(chan struct{})}
+	c.starting[id] = a
+	return a, nil
+}
+
+func (c *Client) unannounce(id string, a *announcement) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.starting[id] == a {
+		delete(c.starting, id)
+		close(a.done)
+	}
+}
+
+// start connects if needed and puts chat on the wire.
+func (c *Client) start(ctx context.Context, chat *protocol.Chat, a *announcement) (*conn, *exchange, error) {
+	defer c.unannounce(chat.RequestID, a)
+	conn, err := c.connection(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	e, err := conn.start(ctx, chat)
+	if err != nil {
+		return nil, nil, err
+	}
+	return conn, e, nil
+}
+
+// await waits for e's terminal response. When ctx ends first, the cancel frame is already on
+// its way (AfterFunc); await then waits at most the cancel wait for the cancelled response and
+// returns a *CancelledError wrapping ctx.Err().
+func (c *Client) await(ctx context.Context, conn *conn, e *exchange) (*Response, error) {
+	select {
+	case <-e.done:
+		return outcome(e)
+	case <-ctx.Done():
+	}
+	conn.stop(e)
+	conn.mu.Lock()
+	answered := e.isDone() && !e.cancelSent
+	conn.mu.Unlock()
+	if answered { // the response came before the context ended: it is the answer
+		return outcome(e)
+	}
+	t := time.NewTimer(c.s.cancelWait)
+	defer t.Stop()
+	select {
+	case <-e.done:
+	case <-t.C:
+	}
+	conn.mu.Lock()
+	resp := e.response
+	conn.mu.Unlock()
+	return nil, &CancelledError{RequestID: e.id, Response: resp, Cause: ctx.Err()}
+}
+
+func outcome(e *exchange) (*Response, error) {
+	if e.err != nil {
+		return nil, e.err
+	}
+	if e.response.Status == StatusFailed {
+		return e.response, &RequestFailedError{Response: e.response}
+	}
+	return e.response, nil
+}
+
+func (c *Client) run(ctx context.Context, chat *protocol.Chat, a *announcement) (*Response, error) {
+	conn, e, err := c.start(ctx, chat, a)
+	if err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { conn.stop(e) })
+	defer stop()
+	return c.await(ctx, conn, e)
+}
+
+// Chat sends one chat (stream false) and returns its Response: completed, or cancelled when
+// the gateway cancelled it (CancelRequest from anywhere, DELETE, req.Timeout), with a nil
+// error. A failed request returns its Response and a *RequestFailedError.
+//
+// When ctx is cancelled or reaches its deadline first, the cancel frame is sent at once and
+// Chat returns a *CancelledError wrapping ctx.Err() (errors.Is(err, context.DeadlineExceeded)),
+// after the gateway's cancelled response or the cancel wait (WithCancelWait).
+func (c *Client) Chat(ctx context.Context, req *ChatRequest) (*Response, error) {
+	chat, err := c.build(req, false)
+	if err != nil {
+		return nil, err
+	}
+	a, err := c.announce(chat.RequestID)
+	if err != nil {
+		return nil, err
+	}
+	return c.run(ctx, chat, a)
+}
+
+// Task is a chat running in the background (ChatAsync).
+type Task struct {
+	id   string
+	done chan struct{}
+	resp *Response
+	err  error
+}
+
+// RequestID is the request's id (generated when the ChatRequest had none).
+func (t *Task) RequestID() string { return t.id }
+
+// Done is closed when the result is ready.
+func (t *Task) Done() <-chan struct{} { return t.done }
+
+// Wait blocks until the request ends and returns what Chat would have returned.
+func (t *Task) Wait() (*Response, error) {
+	<-t.done
+	return t.resp, t.err
+}
+
+// ChatAsync starts Chat in the background and returns at once. The request counts as started
+// immediately: CancelRequest with its id, even right away, waits for the chat to be sent and
+// cancels it in-band. Cancelling ctx cancels the request on the gateway.
+func (c *Client) ChatAsync(ctx context.Context, req *ChatRequest) *Task {
+	t := &Task{done: make(chan struct{})}
+	if req != nil {
+		t.id = req.RequestID
+	}
+	chat, err := c.build(req, false)
+	var a *announcement
+	if err == nil {
+		t.id = chat.RequestID
+		a, err = c.announce(chat.RequestID)
+	}
+	if err != nil {
+		t.err = err
+		close(t.done)
+		return t
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		t.resp, t.err = c.run(ctx, chat, a)
+		close(t.done)
+	}()
+	return t
+}
+
+// ChatStream sends a streamed chat when the range loop starts and yields its chunks as they
+// arrive. The loop ends after the last chunk when the request completes. Otherwise the last
+// iteration yields an error: a *CancelledError (the context ended: wrapping ctx.Err(); the
+// gateway cancelled it: with its Response; the consumer fell behind: wrapping
+// ErrSlowConsumer), a *RequestFailedError, a *ConnectionLostError.
+//
+// Leaving the loop early (break, return, panic) cancels the request on the gateway; so does
+// cancelling ctx, at once, even while the loop body runs. Each range over the returned
+// sequence starts a new request (with a new id when req.RequestID is empty).
+func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chunk, error] {
+	return func(yield func(Chunk, error) bool) {
+		chat, err := c.build(req, true)
+		if err != nil {
+			yield(Chunk{}, err)
+			return
+		}
+		a, err := c.announce(chat.RequestID)
+		if err != nil {
+			yield(Chunk{}, err)
+			return
+		}
+		conn, e, err := c.start(ctx, chat, a)
+		if err != nil {
+			yield(Chunk{}, err)
+			return
+		}
+		stop := context.AfterFunc(ctx, func() { conn.stop(e) })
+		defer stop()
+		finished := false
+		defer func() {
+			if !finished {
+				conn.stop(e) // the loop was left early (break, return, panic)
+			}
+		}()
+		for {
+			chunk, more, err := c.next(ctx, conn, e)
+			if more {
+				if !yield(chunk, nil) {
+					return
+				}
+				continue
+			}
+			finished = true
+			if err != nil {
+				yield(Chunk{}, err)
+			}
+			return
+		}
+	}
+}
+
+// next returns the next chunk (more), or the stream's end: nil after a completed request,
+// else its error.
+func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Chunk, bool, error) {
+	for {
+		if ctx.Err() != nil {
+			_, err := c.await(ctx, conn, e)
+			if err == nil { // answered before the context ended, but the consumer stops here
+				err = &CancelledError{RequestID: e.id, Response: e.response, Cause: ctx.Err()}
+			}
+			return Chunk{}, false, err
+		}
+		conn.mu.Lock()
+		if len(e.chunks) > 0 {
+			chunk := e.chunks[0]
+			e.chunks[0] = Chunk{}
+			e.chunks = e.chunks[1:]
+			e.chunkBytes -= len(chunk.Text)
+			conn.mu.Unlock()
+			return chunk, true, nil
+		}
+		overflowed := e.overflowed
+		done := e.isDone()
+		conn.mu.Unlock()
+		if overflowed {
+			t := time.NewTimer(c.s.cancelWait)
+			select {
+			case <-e.done:
+			case <-t.C:
+			}
+			t.Stop()
+			conn.mu.Lock()
+			resp := e.response
+			conn.mu.Unlock()
+			return Chunk{}, false, &CancelledError{RequestID: e.id, Response: resp, Cause: ErrSlowConsumer}
+		}
+		if done {
+			resp, err := outcome(e)
+			if err == nil && resp.Status == StatusCancelled {
+				err = &CancelledError{RequestID: e.id, Response: resp}
+			}
+			return Chunk{}, false, err
+		}
+		select {
+		case <-e.notify:
+		case <-ctx.Done():
+		}
+	}
+}
+
+// --- cancel and inspect -------------------------------------------------------------------
+
+// CancelRequest cancels a request by id and returns the protocol's status word: cancelled,
+// already_cancelled, already_completed or not_found (none of them is an error). userID ""
+// means the client's default user.
+//
+// When the request runs on this client's connection the cancel goes in-band (a cancel frame,
+// reason client); otherwise over HTTP DELETE /v1/requests/{id} (reason api), so any process
+// holding the credentials can cancel by id.
+func (c *Client) CancelRequest(ctx context.Context, requestID, userID string) (CancelResult, error) {
+	if c.sErr != nil {
+		return "", c.sErr
+	}
+	if !protocol.ValidRequestID(requestID) {
+		return "", invalidf("request id must be 1-128 characters of [A-Za-z0-9._:-]: %q", requestID)
+	}
+	if userID != "" && !protocol.ValidUserID(userID) {
+		return "", invalidf("user id must be 1-128 characters of [A-Za-z0-9._:@-]: %q", userID)
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return "", ErrClosed
+	}
+	a := c.starting[requestID]
+	conn := c.conn
+	c.mu.Unlock()
+	if a != nil { // its chat goes out first, then the cancel
+		select {
+		case <-a.done:
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+		c.mu.Lock()
+		conn = c.conn
+		c.mu.Unlock()
+	}
+	if conn != nil && conn.alive() {
+		user := userID
+		if user == "" {
+			user = c.s.user
+		}
+		if user == "" {
+			user = conn.defaultUser()
+		}
+		if waiter, ok := conn.cancelInBand(requestID, user); ok {
+			select {
+			case out := <-waiter:
+				if out.err == nil {
+					return out.status, nil
+				}
+				if !errors.Is(out.err, ErrConnectionLost) {
+					return "", out.err
+				}
+				// the connection dropped meanwhile (G7): ask over HTTP below
+			case <-ctx.Done():
+				return "", ctx.Err()
+			}
+		}
+	}
+	return c.cancelHTTP(ctx, requestID, userID)
+}
+
+// FinalUsage returns the final token figures of resp (SPEC.md §5.4). A cancelled response may
+// carry figures that still grow until the pipeline halts; the final ones follow in a usage
+// message, which this waits for. If the connection dropped first, they are read over HTTP.
+func (c *Client) FinalUsage(ctx context.Context, resp *Response) (Usage, error) {
+	if resp.Usage.Final || resp.late == nil {
+		return resp.Usage, nil
+	}
+	select {
+	case <-resp.late.done:
+		if resp.late.err == nil {
+			return resp.late.usage, nil
+		}
+	case <-ctx.Done():
+		return Usage{}, ctx.Err()
+	}
+	delay := 50 * time.Millisecond
+	for {
+		info, err := c.GetRequest(ctx, resp.RequestID, resp.userID)
+		if err != nil {
+			return Usage{}, err
+		}
+		if info.Usage != nil && info.Usage.Final {
+			return *info.Usage, nil
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return Usage{}, ctx.Err()
+		}
+		delay = min(delay*2, 500*time.Millisecond)
+	}
+}

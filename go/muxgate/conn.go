@@ -1,0 +1,670 @@
+package muxgate
+
+// One WebSocket to the gateway, multiplexed: the SDK's I/O edge.
+//
+// Theory of operation. A conn owns one WebSocket and two goroutines:
+//
+//   - the reader decodes every frame with protocol.Decode and routes each message by
+//     request_id to its exchange, checking what SPEC.md §5.1 lets a client check alone: no chunk
+//     or second response after the response, contiguous seq, no chunk for stream false, a
+//     completed content equal to the streamed text (G1-G3), a usage report only when announced,
+//     a cancel_result only for a cancel sent. A violation closes the connection (1002) and
+//     fails every request on it with a *ProtocolError (protocol_violation). The reader never
+//     blocks on a consumer: chunks go to the exchange's bounded buffer (see below).
+//   - the writer is the only goroutine that writes. Callers enqueue encoded messages under
+//     conn.mu and wake it; whatever is pending when it runs goes out as one batched frame
+//     (SPEC.md §2.4) within the welcome limits. A context's AfterFunc can therefore queue a
+//     cancel at once from any goroutine.
+//
+// Bounds. The outbox holds at most one chat per stream slot (a chat waits for one of the
+// welcome's max_streams slots before it is queued) and at most maxCancels cancels per request,
+// plus the hello: it cannot grow without bound. Each streaming request buffers the chunks its
+// consumer has not read yet: past maxPendingChunks pieces they are merged into one (chunk
+// boundaries carry no meaning, SPEC.md §5.2), and past the stream buffer's bytes
+// (WithStreamBuffer) the request is cancelled on the gateway and its stream ends with
+// ErrSlowConsumer. So a consumer that stops reading costs at most its own buffer and its own
+// request, never the other streams, and the connection holds at most max_streams buffers.
+//
+// A request holds its slot from its chat until it is finished (SPEC.md §5.6): response
+// received, the late usage too if one was announced, every cancel sent for it answered.
+
+import (
+	"context"
+	"errors"
+	"hash"
+	"hash/fnv"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/muxgate/muxgate/go/protocol"
+)
+
+const (
+	maxCancels       = 4    // unanswered cancels per request; more go over HTTP
+	maxPendingChunks = 1024 // buffered pieces per stream before merging
+	writeTimeout     = 10 * time.Second
+	closeGrace       = 2 * time.Second
+)
+
+type cancelOutcome struct {
+	status CancelResult
+	err    error
+}
+
+// exchange is one request on one connection as this client has seen it. Every field after the
+// first block is guarded by conn.mu.
+type exchange struct {
+	id         string
+	chatUserID string // the chat's user_id field ("" = the connection's default user)
+	user       string // the effective user as far as the client can tell
+	stream     bool
+
+	nextSeq      int64
+	streamed     hash.Hash64 // of the streamed text, to check a completed content (G3)
+	streamedLen  int
+	chunks       []Chunk
+	chunkBytes   int
+	keep         bool // someone reads the chunks
+	overflowed   bool
+	notify       chan struct{} // cap 1: a chunk or the end
+	response     *Response
+	err          error
+	done         chan struct{} // closed once response or err is set
+	refused      bool
+	cancelSent   bool
+	cancels      []chan cancelOutcome // unanswered cancels, in order (nil: nobody waits)
+	usagePending bool
+}
+
+func (e *exchange) isDone() bool {
+	select {
+	case <-e.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (e *exchange) wake() {
+	select {
+	case e.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (e *exchange) finishWith(resp *Response, err error) {
+	if e.isDone() {
+		return
+	}
+	e.response, e.err = resp, err
+	close(e.done)
+	e.wake()
+}
+
+type conn struct {
+	s        *settings
+	ws       *websocket.Conn
+	codec    protocol.Codec
+	ctx      context.Context
+	cancel   context.CancelFunc
+	welcomed chan struct{}
+	slots    chan struct{} // one per unfinished request, capacity welcome.limits.max_streams
+	done     chan struct{} // closed when the connection ended (err is set)
+	wakeW    chan struct{} // cap 1: the writer has work
+	stopped  sync.WaitGroup
+
+	mu        sync.Mutex
+	welcome   *protocol.Welcome
+	limits    protocol.Limits
+	exchanges map[string]*exchange
+	outbox    [][]byte
+	drained   chan struct{} // closed by the writer once the outbox is empty (for close)
+	err       error
+	announced error // an error the gateway sent before closing (unauthorized)
+}
+
+// dial opens the WebSocket, sends hello and waits for welcome (SPEC.md §3.5, §4.4). Credentials
+// travel in the handshake headers; the hello carries the default user.
+func dial(ctx context.Context, s *settings) (*conn, error) {
+	ws, resp, err := websocket.Dial(ctx, s.wsURL, &websocket.DialOptions{
+		Subprotocols:    []string{s.codec.Subprotocol()},
+		HTTPHeader:      s.credentials(),
+		CompressionMode: websocket.CompressionDisabled, // chat tokens are tiny; the gateway offers none
+	})
+	if err != nil {
+		status := 0
+		if resp != nil {
+			status = resp.StatusCode
+			if resp.Body != nil {
+				_ = resp.Body.Close()
+			}
+		}
+		if status == 401 {
+			err = &ProtocolError{Code: protocol.CodeUnauthorized, Message: "handshake refused (HTTP 401)"}
+		}
+		return nil, &ConnectError{URL: s.wsURL, Status: status, Err: err}
+	}
+	ws.SetReadLimit(protocol.MaxFrameBytes)
+	if codec, ok := protocol.CodecFromSubprotocol(ws.Subprotocol()); !ok || codec != s.codec {
+		_ = ws.Close(protocol.CloseProtocolError, "wrong subprotocol")
+		return nil, &ConnectError{URL: s.wsURL, Err: &ProtocolError{Code: protocol.CodeProtocolViolation, Message: "the gateway chose subprotocol " + ws.Subprotocol()}}
+	}
+	c := &conn{
+		s:         s,
+		ws:        ws,
+		codec:     s.codec,
+		welcomed:  make(chan struct{}),
+		done:      make(chan struct{}),
+		wakeW:     make(chan struct{}, 1),
+		limits:    protocol.DefaultLimits(),
+		exchanges: make(map[string]*exchange),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.stopped.Add(2)
+	go c.readLoop()
+	go c.writeLoop()
+	c.mu.Lock()
+	c.enqueueLocked(protocol.EncodeUnchecked(&protocol.Hello{UserID: s.user}, c.codec))
+	c.mu.Unlock()
+	select {
+	case <-c.welcomed:
+		return c, nil
+	case <-c.done:
+		c.wait()
+		return nil, &ConnectError{URL: s.wsURL, Err: c.err}
+	case <-ctx.Done():
+		c.abort(&ConnectionLostError{Code: -1, Err: ctx.Err()})
+		return nil, &ConnectError{URL: s.wsURL, Err: ctx.Err()}
+	}
+}
+
+func (c *conn) alive() bool {
+	select {
+	case <-c.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// defaultUser is the connection's default user: welcome.user_id, else the anonymous user.
+func (c *conn) defaultUser() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.welcome != nil {
+		return c.welcome.UserID
+	}
+	return ""
+}
+
+// --- sending ------------------------------------------------------------------------------
+
+func (c *conn) enqueueLocked(data []byte) {
+	c.outbox = append(c.outbox, data)
+	select {
+	case c.wakeW <- struct{}{}:
+	default:
+	}
+}
+
+// start queues chat once a stream slot is free and registers its exchange.
+func (c *conn) start(ctx context.Context, chat *protocol.Chat) (*exchange, error) {
+	data := protocol.EncodeUnchecked(chat, c.codec)
+	c.mu.Lock()
+	if int64(len(data)) > c.limits.MaxFrameBytes {
+		c.mu.Unlock()
+		return nil, invalidf("chat of %d bytes exceeds the gateway's max_frame_bytes (%d)", len(data), c.limits.MaxFrameBytes)
+	}
+	_, dup := c.exchanges[chat.RequestID]
+	c.mu.Unlock()
+	if dup {
+		return nil, duplicate(chat.RequestID)
+	}
+	// Beyond max_streams, wait for a slot rather than be refused with too_many_streams.
+	select {
+	case c.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-c.done:
+		return nil, c.err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		<-c.slots
+		return nil, c.err
+	}
+	if _, dup := c.exchanges[chat.RequestID]; dup {
+		<-c.slots
+		return nil, duplicate(chat.RequestID)
+	}
+	user := chat.UserID
+	if user == "" && c.welcome != nil {
+		user = c.welcome.UserID
+	}
+	e := &exchange{
+		id:         chat.RequestID,
+		chatUserID: chat.UserID,
+		user:       user,
+		stream:     chat.Stream,
+		keep:       chat.Stream,
+		notify:     make(chan struct{}, 1),
+		done:       make(chan struct{}),
+	}
+	if chat.Stream {
+		e.streamed = fnv.New64a()
+	}
+	c.exchanges[chat.RequestID] = e
+	c.enqueueLocked(data)
+	return e, nil
+}
+
+func duplicate(id string) error {
+	// SPEC.md §5.6: unique per connection among unfinished requests. Refused here: the
+	// gateway's error would be indistinguishable from one about the running request.
+	return &ProtocolError{Code: protocol.CodeDuplicateRequestID, Message: "request_id is active on this connection", RequestID: id}
+}
+
+// sendCancelLocked queues a cancel for e; waiter (may be nil) gets its cancel_result.
+func (c *conn) sendCancelLocked(e *exchange, waiter chan cancelOutcome) {
+	c.enqueueLocked(protocol.EncodeUnchecked(&protocol.Cancel{RequestID: e.id, UserID: e.chatUserID}, c.codec))
+	e.cancelSent = true
+	e.cancels = append(e.cancels, waiter)
+}
+
+// stop: the caller gave up on e (context done, stream left): cancel it on the gateway unless it
+// already has its answer or a cancel is on its way. Its buffered chunks are dropped.
+func (c *conn) stop(e *exchange) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e.keep = false
+	e.chunks, e.chunkBytes = nil, 0
+	if c.err == nil && !e.isDone() && !e.cancelSent {
+		c.sendCancelLocked(e, nil)
+	}
+}
+
+// cancelInBand sends a cancel for the request id of user if it runs on this connection; the
+// channel gets its cancel_result. ok is false when the request is not here (or too many
+// cancels for it are unanswered): the caller goes over HTTP.
+func (c *conn) cancelInBand(id, user string) (<-chan cancelOutcome, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.exchanges[id]
+	if c.err != nil || e == nil || e.refused || e.user != user || len(e.cancels) >= maxCancels {
+		return nil, false
+	}
+	waiter := make(chan cancelOutcome, 1)
+	c.sendCancelLocked(e, waiter)
+	return waiter, true
+}
+
+// --- the writer ---------------------------------------------------------------------------
+
+func (c *conn) writeLoop() {
+	defer c.stopped.Done()
+	kind := websocket.MessageBinary
+	if c.codec.IsText() {
+		kind = websocket.MessageText
+	}
+	for {
+		select {
+		case <-c.wakeW:
+		case <-c.ctx.Done():
+			return
+		}
+		for {
+			c.mu.Lock()
+			frame := c.takeBatchLocked()
+			if frame == nil {
+				if c.drained != nil {
+					close(c.drained)
+					c.drained = nil
+				}
+				c.mu.Unlock()
+				break
+			}
+			c.mu.Unlock()
+			ctx, cancel := context.WithTimeout(c.ctx, writeTimeout)
+			err := c.ws.Write(ctx, kind, frame)
+			cancel()
+			if err != nil {
+				c.abort(c.lost(err))
+				return
+			}
+		}
+	}
+}
+
+// takeBatchLocked pops what is pending into one frame, within the welcome limits (SPEC.md §2.4).
+func (c *conn) takeBatchLocked() []byte {
+	if len(c.outbox) == 0 {
+		return nil
+	}
+	size, n := len(c.outbox[0]), 1
+	for n < len(c.outbox) && int64(n) < c.limits.MaxBatchMessages &&
+		int64(size+1+len(c.outbox[n])) <= c.limits.MaxFrameBytes {
+		size += 1 + len(c.outbox[n])
+		n++
+	}
+	frame := protocol.JoinBatch(c.outbox[:n], c.codec)
+	clear(c.outbox[:n])
+	c.outbox = c.outbox[n:]
+	if len(c.outbox) == 0 {
+		c.outbox = nil // let the backing array go
+	}
+	return frame
+}
+
+// --- the reader ---------------------------------------------------------------------------
+
+// violation is the gateway breaking the protocol.
+func violation(format string, id string) *ProtocolError {
+	return &ProtocolError{Code: protocol.CodeProtocolViolation, Message: format, RequestID: id}
+}
+
+func (c *conn) readLoop() {
+	defer c.stopped.Done()
+	for {
+		kind, data, err := c.ws.Read(c.ctx)
+		if err != nil {
+			c.abort(c.lost(err))
+			return
+		}
+		if (kind == websocket.MessageText) != c.codec.IsText() {
+			c.breakOff(violation("a frame of the wrong kind for the codec", ""))
+			return
+		}
+		for _, r := range protocol.Decode(data, c.codec, protocol.SenderGateway) {
+			if r.Err != nil {
+				if r.Err.Code == protocol.CodeUnknownType {
+					continue // SPEC.md §3.1, §10: newer gateways may send more types
+				}
+				c.breakOff(violation("undecodable gateway message: "+r.Err.Error(), r.Err.RequestID))
+				return
+			}
+			c.mu.Lock()
+			perr := c.dispatchLocked(r.Message)
+			c.mu.Unlock()
+			if perr != nil {
+				c.breakOff(perr)
+				return
+			}
+		}
+	}
+}
+
+// lost maps a read or write failure to the error of the requests in flight (SPEC.md §2.6).
+func (c *conn) lost(err error) error {
+	c.mu.Lock()
+	announced := c.announced
+	c.mu.Unlock()
+	code := int(websocket.CloseStatus(err))
+	var ce websocket.CloseError
+	reason := ""
+	if errors.As(err, &ce) {
+		reason = ce.Reason
+	}
+	cause := err
+	switch {
+	case announced != nil:
+		cause = announced
+	case code == protocol.CloseUnauthorized:
+		cause = &ProtocolError{Code: protocol.CodeUnauthorized, Message: "the gateway refused the credentials"}
+	case code >= 0:
+		cause = nil
+	case errors.Is(err, io.EOF), errors.Is(err, context.Canceled):
+		cause = err
+	}
+	return &ConnectionLostError{Code: code, Reason: reason, Err: cause}
+}
+
+// breakOff closes the connection after a protocol violation (1002) or a gateway error that
+// leaves some request unanswerable (1000).
+func (c *conn) breakOff(err *ProtocolError) {
+	c.fail(err)
+	if err.Code == protocol.CodeProtocolViolation {
+		_ = c.ws.Close(protocol.CloseProtocolError, "protocol violation")
+	} else {
+		_ = c.ws.Close(websocket.StatusNormalClosure, "unexpected gateway error")
+	}
+	c.cancel()
+}
+
+// abort ends the connection with err and drops the socket without a close handshake.
+func (c *conn) abort(err error) {
+	c.fail(err)
+	c.cancel()
+	_ = c.ws.CloseNow()
+}
+
+// fail ends the connection: every unfinished exchange gets err (the gateway cancels them, G7).
+func (c *conn) fail(err error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.err = err
+	exchanges := c.exchanges
+	c.exchanges = map[string]*exchange{}
+	c.outbox = nil
+	if c.drained != nil {
+		close(c.drained)
+		c.drained = nil
+	}
+	for _, e := range exchanges {
+		e.finishWith(nil, err)
+		if r := e.response; r != nil && r.late != nil && e.usagePending {
+			r.late.err = err
+			close(r.late.done)
+		}
+		for _, w := range e.cancels {
+			if w != nil {
+				w <- cancelOutcome{err: err}
+			}
+		}
+		e.cancels = nil
+	}
+	close(c.done)
+	c.mu.Unlock()
+}
+
+// close flushes what is queued (cancels), then closes with 1000 and waits for the goroutines.
+func (c *conn) close() {
+	c.mu.Lock()
+	var drained chan struct{}
+	if c.err == nil && len(c.outbox) > 0 {
+		c.drained = make(chan struct{})
+		drained = c.drained
+	}
+	c.mu.Unlock()
+	if drained != nil {
+		t := time.NewTimer(closeGrace)
+		select {
+		case <-drained:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	c.fail(&ConnectionLostError{Code: protocol.CloseNormal, Err: ErrClosed})
+	_ = c.ws.Close(websocket.StatusNormalClosure, "")
+	c.cancel()
+	c.wait()
+}
+
+// wait returns once the reader and the writer have stopped.
+func (c *conn) wait() { c.stopped.Wait() }
+
+// maybeFinishLocked frees e's slot once nothing more will arrive about it (SPEC.md §5.6).
+func (c *conn) maybeFinishLocked(e *exchange) {
+	if (e.response != nil || e.refused) && !e.usagePending && len(e.cancels) == 0 && c.exchanges[e.id] == e {
+		delete(c.exchanges, e.id)
+		<-c.slots
+	}
+}
+
+func (c *conn) exchangeLocked(id, what string) (*exchange, *ProtocolError) {
+	e := c.exchanges[id]
+	if e == nil || e.refused {
+		return nil, violation(what+" for unknown request", id)
+	}
+	return e, nil
+}
+
+// dispatchLocked routes one gateway message; a non-nil result is a protocol violation.
+func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
+	if c.err != nil {
+		return nil
+	}
+	if c.welcome == nil {
+		switch m.(type) {
+		case *protocol.Welcome, *protocol.Error:
+		default:
+			return violation(m.Type()+" before welcome", "")
+		}
+	}
+	switch m := m.(type) {
+	case *protocol.Welcome:
+		if c.welcome != nil {
+			return violation("a second welcome", "")
+		}
+		c.welcome, c.limits = m, m.Limits
+		c.slots = make(chan struct{}, m.Limits.MaxStreams)
+		close(c.welcomed)
+	case *protocol.Chunk:
+		e, perr := c.exchangeLocked(m.RequestID, "chunk")
+		if perr != nil {
+			return perr
+		}
+		switch {
+		case e.response != nil:
+			return violation("chunk after the response (G1)", e.id)
+		case !e.stream:
+			return violation("chunk for a chat with stream false (G3)", e.id)
+		case m.Seq != e.nextSeq:
+			return violation("chunk seq out of order (G3)", e.id)
+		}
+		e.nextSeq++
+		_, _ = e.streamed.Write([]byte(m.Text))
+		e.streamedLen += len(m.Text)
+		if e.keep {
+			c.bufferLocked(e, m)
+		}
+	case *protocol.Response:
+		e, perr := c.exchangeLocked(m.RequestID, "response")
+		if perr != nil {
+			return perr
+		}
+		if e.response != nil {
+			return violation("a second response (G1)", e.id)
+		}
+		if m.Status == protocol.StatusCompleted && e.stream {
+			h := fnv.New64a()
+			_, _ = h.Write([]byte(m.Content))
+			if len(m.Content) != e.streamedLen || h.Sum64() != e.streamed.Sum64() {
+				return violation("completed content differs from the streamed chunks (G3)", e.id)
+			}
+		}
+		resp := responseOf(m, e.chatUserID)
+		e.usagePending = resp.late != nil
+		e.finishWith(resp, nil)
+		c.maybeFinishLocked(e)
+	case *protocol.UsageReport:
+		e, perr := c.exchangeLocked(m.RequestID, "usage")
+		if perr != nil {
+			return perr
+		}
+		if !e.usagePending {
+			return violation("usage report nobody announced (§5.4)", e.id)
+		}
+		e.usagePending = false
+		e.response.late.usage = usageOf(m.Usage)
+		close(e.response.late.done)
+		c.maybeFinishLocked(e)
+	case *protocol.CancelResult:
+		e := c.exchanges[m.RequestID]
+		if e == nil || len(e.cancels) == 0 {
+			return violation("cancel_result for no cancel", m.RequestID)
+		}
+		if !e.refused {
+			// §5.1: the result follows the response on the connection that runs the request.
+			switch m.Status {
+			case protocol.CancelCancelled, protocol.CancelAlreadyCancelled:
+				if e.response == nil || e.response.Status != StatusCancelled {
+					return violation("cancel_result "+string(m.Status)+" before a cancelled response", e.id)
+				}
+			case protocol.CancelAlreadyCompleted:
+				if e.response == nil || e.response.Status == StatusCancelled {
+					return violation("cancel_result already_completed before a completed response", e.id)
+				}
+			}
+		}
+		w := e.cancels[0]
+		e.cancels = e.cancels[1:]
+		if w != nil {
+			w <- cancelOutcome{status: CancelResult(m.Status)}
+		}
+		c.maybeFinishLocked(e)
+	case *protocol.Error:
+		return c.onErrorLocked(m)
+	case *protocol.Pong:
+		// we send no pings; WebSocket control frames keep the connection alive
+	}
+	return nil
+}
+
+// bufferLocked hands a chunk to the consumer's bounded buffer (see Bounds above).
+func (c *conn) bufferLocked(e *exchange, m *protocol.Chunk) {
+	if n := len(e.chunks); n >= maxPendingChunks {
+		e.chunks[n-1].Text += m.Text
+	} else {
+		e.chunks = append(e.chunks, Chunk{RequestID: m.RequestID, Seq: m.Seq, Text: m.Text})
+	}
+	e.chunkBytes += len(m.Text)
+	if e.chunkBytes > c.s.streamBuffer {
+		e.overflowed, e.keep = true, false
+		e.chunks, e.chunkBytes = nil, 0
+		if !e.cancelSent {
+			c.sendCancelLocked(e, nil)
+		}
+	}
+	e.wake()
+}
+
+func (c *conn) onErrorLocked(m *protocol.Error) *ProtocolError {
+	perr := &ProtocolError{Code: m.Code, Message: m.Message, RequestID: m.RequestID}
+	var e *exchange
+	if m.RequestID != "" {
+		e = c.exchanges[m.RequestID]
+	}
+	if e == nil {
+		// About the connection (unauthorized before the close 4001), or about a message of ours
+		// the gateway could not attribute: some request may never be answered, so end the
+		// connection rather than hang (the gateway closes it itself after unauthorized).
+		c.announced = perr
+		if m.Code == protocol.CodeUnauthorized {
+			return nil
+		}
+		return perr
+	}
+	switch {
+	case e.response == nil && !e.refused && e.nextSeq == 0:
+		// The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
+		e.refused = true
+		e.keep = false
+		e.finishWith(nil, perr)
+	case len(e.cancels) > 0:
+		if w := e.cancels[0]; w != nil {
+			w <- cancelOutcome{err: perr}
+		}
+		e.cancels = e.cancels[1:]
+	default:
+		return violation("error "+m.Code+" about a request that sent nothing to refuse", e.id)
+	}
+	c.maybeFinishLocked(e)
+	return nil
+}
