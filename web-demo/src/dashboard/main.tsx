@@ -1,0 +1,10 @@
+import { StrictMode } from "react";
+import { createRoot } from "react-dom/client";
+import "../style.css";
+import { Dashboard } from "./Dashboard";
+
+createRoot(document.getElementById("root")!).render(
+  <StrictMode>
+    <Dashboard />
+  </StrictMode>,
+);
