@@ -189,7 +189,7 @@ test("timeoutMs: the gateway cancels with reason timeout; chat resolves cancelle
   expect(r).toMatchObject({ status: "cancelled", reason: "timeout" });
 });
 
-test("reconnect: in-flight requests fail with ConnectionLost; the next call reconnects with backoff", async () => {
+test("reconnect: after a gateway crash in-flight requests fail with ConnectionLost; the next call reconnects with backoff", async () => {
   const own = await startGateway();
   const port = own.port;
   const c = new Muxi({ url: own.url, WebSocket, reconnect: { attempts: 40, initialDelayMs: 50, maxDelayMs: 200 } });
@@ -202,8 +202,9 @@ test("reconnect: in-flight requests fail with ConnectionLost; the next call reco
   const inflight = c.chat({ message: "long", metadata: SLOW });
   await c2.chat({ message: "hi", metadata: FAST });
   await waitFor(() => c.connected, "connected");
-  await own.stop();
-  await expect(inflight).rejects.toBeInstanceOf(ConnectionLost);
+  const lost = expect(inflight).rejects.toBeInstanceOf(ConnectionLost); // handled before it happens
+  await own.crash();
+  await lost;
   await waitFor(() => states.at(-1) === false, "disconnect event");
   // The gateway is down: this call retries with backoff until a new gateway listens on the port.
   const again = c.chat({ message: "again", metadata: FAST });

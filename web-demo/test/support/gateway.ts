@@ -17,6 +17,8 @@ export interface Gateway {
   /** Log lines seen so far (parsed JSON). */
   logs: Record<string, unknown>[];
   stop(): Promise<void>;
+  /** Kills the process at once (SIGKILL): connections drop without a close frame. */
+  crash(): Promise<void>;
 }
 
 export async function startGateway(args: string[] = [], timeoutMs = 20_000): Promise<Gateway> {
@@ -65,6 +67,12 @@ export async function startGateway(args: string[] = [], timeoutMs = 20_000): Pro
         const killer = setTimeout(() => child.kill("SIGKILL"), 5000);
         await exited;
         clearTimeout(killer);
+      }
+    },
+    async crash() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill("SIGKILL");
+        await exited;
       }
     },
   };
