@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import resource
@@ -498,6 +499,12 @@ class CancelRun:
                 await asyncio.sleep(lag)
         await asyncio.sleep(a.settle)
         streaming_at_start = len(self.candidates)
+        # The load generator is the measuring instrument: its own collector pauses would be
+        # counted as server latency. It creates little cyclic garbage in a run of seconds, so
+        # the collector is off during the measured window (the same for every server measured).
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         metrics0 = parse_metrics(await http_get(a.metrics, "/metrics")) if a.metrics else None
         cpu0, t0, ru0 = cpu_seconds(a.server_pid), monotonic(), resource.getrusage(0)
         busy0 = busy_cpu_seconds()
@@ -537,6 +544,7 @@ class CancelRun:
         window_chunks, window_frames = self.chunks - chunks0, self.frames - frames0
         active_at_end = sum(1 for s in self.streams.values() if s.state in (PENDING, STREAMING))
         await asyncio.sleep(a.drain)  # late terminals, and any chunk that would follow them
+        gc.enable()
         self.replenish = False
         server_side = None
         if a.metrics:

@@ -35,6 +35,7 @@ from typing import Any, Final
 from protocol import ChatMessage
 
 from ..pipeline import RequestContext
+from .token_clock import TokenClock
 
 __all__ = [
     "METADATA_KEYS",
@@ -294,6 +295,7 @@ class SimulatedBackend:
         self.plan_ms = min(_check_count(where, "plan_ms", plan_ms), self.max_delay_ms)
         self.tool_ms = min(_check_count(where, "tool_ms", tool_ms), self.max_delay_ms)
         self.agent_ms = min(_check_count(where, "agent_ms", agent_ms), self.max_delay_ms)
+        self._clock: TokenClock | None = None
 
     def __repr__(self) -> str:
         return (
@@ -385,15 +387,17 @@ class SimulatedBackend:
     ) -> AsyncIterator[str]:
         """The simulated LLM's answer tokens ``start`` to ``stop`` (of ``settings.tokens``).
 
-        Sleeps ``token_delay_ms`` before each token; with 0 it still yields to the event loop
+        Sleeps ``token_delay_ms`` before each token (on the backend's shared
+        :class:`TokenClock`); with 0 it still yields to the event loop
         every ``ZERO_DELAY_BURST`` tokens, so other streams get their turns.
         """
         delay = settings.token_delay_ms / 1000
+        sleep = self._token_clock().sleep
         for index in range(start, stop):
             if index == settings.fail_at_token:
                 raise RuntimeError(f"simulated LLM failure after {index} tokens")
             if delay:
-                await asyncio.sleep(delay)
+                await sleep(delay)
             elif index % ZERO_DELAY_BURST == 0:
                 # Zero delay (benchmarks): a real provider's tokens arrive in network reads of
                 # several tokens; yielding every token would measure the event loop, not us.
@@ -404,6 +408,14 @@ class SimulatedBackend:
             yield word
         if stop == settings.tokens and settings.fail_at_token == settings.tokens:
             raise RuntimeError(f"simulated LLM failure after {stop} tokens")
+
+    def _token_clock(self) -> TokenClock:
+        """The clock of the running loop (a backend object may outlive a loop in tests)."""
+        loop = asyncio.get_running_loop()
+        clock = self._clock
+        if clock is None or clock.loop is not loop:
+            clock = self._clock = TokenClock(loop)
+        return clock
 
     # -- the pipeline -------------------------------------------------------------------------
 

@@ -273,7 +273,10 @@ def test_server_defaults_are_clamped_to_server_limits() -> None:
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every ``asyncio.sleep`` delay requested; the sleep itself only yields (no waiting)."""
+    """Every delay requested of ``asyncio.sleep`` or of the token clock, in order; the sleep
+    itself only yields (no waiting)."""
+    from gateway.backends.token_clock import TokenClock
+
     real_sleep = asyncio.sleep
     requested: list[float] = []
 
@@ -281,7 +284,11 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         requested.append(delay)
         return await real_sleep(0, result)
 
+    async def clock_spy(self: TokenClock, delay: float) -> None:
+        await spy(delay)
+
     monkeypatch.setattr(asyncio, "sleep", spy)
+    monkeypatch.setattr(TokenClock, "sleep", clock_spy)
     return requested
 
 
@@ -659,3 +666,40 @@ async def test_load_by_entry_point(custom_module: str, monkeypatch: pytest.Monke
     assert text == "from an entry point"
     with pytest.raises(ValueError, match="'custom'"):
         load_backend("nope")
+
+
+# -- the shared token clock ---------------------------------------------------------------------
+
+
+async def test_token_clock_sleeps_about_the_delay_and_shares_timers() -> None:
+    from gateway.backends.token_clock import TICK, TokenClock
+
+    loop = asyncio.get_running_loop()
+    clock = TokenClock(loop)
+    start = loop.time()
+    woke: list[float] = []
+
+    async def sleeper() -> None:
+        await clock.sleep(0.02)
+        woke.append(loop.time())
+
+    sleepers = [asyncio.create_task(sleeper()) for _ in range(50)]
+    await asyncio.sleep(0)  # every sleeper registers within the same tick or the next
+    assert 1 <= clock.pending_ticks <= 2  # 50 sleepers, not 50 timers
+    await asyncio.gather(*sleepers)
+    assert len(woke) == 50
+    assert min(woke) >= start + 0.02 - TICK  # rounded to the nearest tick, never earlier
+    assert clock.pending_ticks == 0  # nothing left behind
+
+
+async def test_token_clock_cancelling_one_waiter_leaves_the_others() -> None:
+    from gateway.backends.token_clock import TokenClock
+
+    clock = TokenClock(asyncio.get_running_loop())
+    first = asyncio.create_task(clock.sleep(0.01))
+    second = asyncio.create_task(clock.sleep(0.01))
+    await asyncio.sleep(0)
+    first.cancel()
+    await second  # still woken by the shared tick
+    assert first.cancelled()
+    assert clock.pending_ticks == 0

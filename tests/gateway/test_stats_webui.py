@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,21 @@ async def test_webui_can_be_switched_off() -> None:
         answer = await http("GET", gw.http_url + "/")
         assert answer.status == 404
         assert answer.json()["error"]["message"] == "no such endpoint"
+
+
+async def test_the_shipped_demo_is_built_and_every_asset_it_names_is_served() -> None:
+    """The README's run command serves a working page: the committed build (gateway/webui/)."""
+    async with running_gateway() as gw:
+        assert gw.webui is not None
+        assert gw.webui.built, "gateway/webui/ is missing: cd web-demo && npm ci && npm run build"
+        for page in ("/", "/dashboard"):
+            answer = await http("GET", gw.http_url + page)
+            assert answer.status == 200
+            assert answer.content_types == ["text/html; charset=utf-8"]
+            html = answer.body.decode()
+            assets = re.findall(r'(?:src|href)="(/assets/[^"]+)"', html)
+            assert assets, html
+            for asset in assets:
+                loaded = await http("GET", gw.http_url + asset)
+                assert loaded.status == 200, asset
+                assert loaded.body

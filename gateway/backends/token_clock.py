@@ -1,0 +1,56 @@
+"""A shared clock for simulated token streams: one event-loop timer per millisecond tick for all
+the streams due on it, instead of one timer per token per stream.
+
+Why: at 1,000 streams x 20 tokens/s, ``asyncio.sleep`` per token keeps ~1,000 loop timers alive
+and allocates a future, a timer handle (and under uvloop a libuv timer) for every token. Those
+short-lived objects are what the garbage collector keeps re-scanning, and its pauses are what a
+cancel waits behind. A real provider's tokens arrive as socket reads, which cost no timers at all;
+the simulation should not cost the gateway more than a real upstream would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+__all__ = ["TokenClock"]
+
+#: Deadlines are rounded to the nearest tick: token timing stays right on average.
+TICK: Final = 0.001
+
+
+class TokenClock:
+    """Sleeps of one event loop, grouped by tick. Each waiter has its own future, so cancelling
+    one waiter (an aborted LLM read) never touches the others."""
+
+    __slots__ = ("_loop", "_ticks")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ticks: dict[int, list[asyncio.Future[None]]] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
+    def pending_ticks(self) -> int:
+        """Ticks with a timer armed (bounded by the longest delay in ticks)."""
+        return len(self._ticks)
+
+    async def sleep(self, delay: float) -> None:
+        """Like ``asyncio.sleep(delay)``, to within half a tick."""
+        loop = self._loop
+        tick = round((loop.time() + delay) / TICK)
+        waiters = self._ticks.get(tick)
+        if waiters is None:
+            waiters = self._ticks[tick] = []
+            loop.call_at(tick * TICK, self._fire, tick)
+        future: asyncio.Future[None] = loop.create_future()
+        waiters.append(future)
+        await future
+
+    def _fire(self, tick: int) -> None:
+        for future in self._ticks.pop(tick):
+            if not future.done():  # a cancelled waiter stays in the list until its tick
+                future.set_result(None)
