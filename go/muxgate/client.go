@@ -283,14 +283,17 @@ func (c *Client) unannounce(id string, a *announcement) {
 func (c *Client) start(ctx context.Context, chat *protocol.Chat, a *announcement) (*conn, *exchange, error) {
 	defer c.unannounce(chat.RequestID, a)
 	conn, err := c.connection(ctx)
-	if err != nil {
-		return nil, nil, err
+	if err == nil {
+		var e *exchange
+		if e, err = conn.start(ctx, chat); err == nil {
+			return conn, e, nil
+		}
 	}
-	e, err := conn.start(ctx, chat)
-	if err != nil {
-		return nil, nil, err
+	if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
+		// The context ended before the chat was sent (waiting for the connection or a slot).
+		err = &CancelledError{RequestID: chat.RequestID, Cause: ctxErr}
 	}
-	return conn, e, nil
+	return nil, nil, err
 }
 
 // await waits for e's terminal response. When ctx ends first, the cancel frame is already on

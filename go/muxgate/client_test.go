@@ -31,7 +31,9 @@ func newClient(t *testing.T, url string, opts ...muxgate.Option) *muxgate.Client
 
 var ids atomic.Int64
 
-func rid(prefix string) string { return fmt.Sprintf("%s-%d-%d", prefix, time.Now().UnixNano(), ids.Add(1)) }
+func rid(prefix string) string {
+	return fmt.Sprintf("%s-%d-%d", prefix, time.Now().UnixNano(), ids.Add(1))
+}
 
 // waitStatus polls GET /v1/requests/{id} until its status is one of want.
 func waitStatus(t *testing.T, c *muxgate.Client, id, user string, want ...string) *muxgate.RequestInfo {
