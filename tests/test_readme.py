@@ -18,3 +18,13 @@ def test_readme_has_python_examples() -> None:
 @pytest.mark.parametrize("source", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_python_example_runs(source: str) -> None:
     exec(compile(source, str(README), "exec"), {"__name__": "readme_example"})
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """CI (`.ci/run`) must run exactly the command the README gives for all tests."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("Run all tests", 1)[1]
+    command = re.search(r"^```bash\n(.*?)\n```", section, re.M | re.S)
+    assert command is not None
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert command.group(1).strip() in ci.splitlines()
