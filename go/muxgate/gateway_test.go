@@ -75,8 +75,9 @@ func (g *gateway) start(port string) error {
 		for sc.Scan() {
 			line := sc.Text()
 			g.mu.Lock()
-			if len(g.logs) < 2000 {
-				g.logs = append(g.logs, line)
+			g.logs = append(g.logs, line)
+			if len(g.logs) > 20000 { // keep the most recent lines
+				g.logs = append(g.logs[:0], g.logs[10000:]...)
 			}
 			g.mu.Unlock()
 			var ev map[string]any
