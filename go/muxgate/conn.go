@@ -177,6 +177,7 @@ func dial(ctx context.Context, s *settings) (*conn, error) {
 		return nil, &ConnectError{URL: s.wsURL, Err: c.err}
 	case <-ctx.Done():
 		c.abort(&ConnectionLostError{Code: -1, Err: ctx.Err()})
+		c.wait()
 		return nil, &ConnectError{URL: s.wsURL, Err: ctx.Err()}
 	}
 }
