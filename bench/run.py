@@ -650,8 +650,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, websockets "
         f"{m['packages']['websockets']}, {m['date']} (commit {m['commit']}"
         f"{', plus uncommitted gateway changes' if m.get('gateway_uncommitted_changes') else ''}). "
-        "Every server runs on the default asyncio loop in its own process; so does the load "
-        "generator. Server CPU from /proc over the measured window.",
+        "Every server runs in its own process on uvloop when installed (muxgate's `event_loop = "
+        "auto`, uvicorn's `loop=auto`, the ceiling likewise); the load generator runs on asyncio "
+        "in processes of its own, with its garbage collector off during the measured window. "
+        "Server CPU from /proc over the measured window.",
         "",
     ]
     idle = [
