@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import orjson
@@ -164,6 +166,11 @@ def _too_large(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.FRAME_TOO_LARGE, what)
 
 
+# 20 digits in a row: a number orjson may not read exactly (beyond 64 bits).
+_LONG_DIGITS_B: Final = re.compile(rb"[0-9]{20}")
+_LONG_DIGITS_S: Final = re.compile(r"[0-9]{20}")
+
+
 def _json_objects(data: bytes | str) -> list[object]:
     """Split a JSON frame into decoded objects; a bad line becomes an error in its place."""
     lines: list[bytes] | list[str] = (
@@ -177,9 +184,16 @@ def _json_objects(data: bytes | str) -> list[object]:
         if not (line.strip(b" \t\r") if isinstance(line, bytes) else line.strip(" \t\r")):
             continue
         try:
-            out.append(orjson.loads(line))
+            obj = orjson.loads(line)
         except orjson.JSONDecodeError:
             out.append(RemoteProtocolError(ErrorCode.BAD_FRAME, "invalid JSON"))
+            continue
+        if (_LONG_DIGITS_B if isinstance(line, bytes) else _LONG_DIGITS_S).search(line):
+            # orjson reads an integer literal beyond 64 bits as a float (1e+20), which would
+            # then pass as a float where SPEC.md §2.3 refuses an out-of-range integer. Such
+            # literals are rare: re-read the line with the exact (slower) parser.
+            obj = json.loads(line)
+        out.append(obj)
     return out
 
 

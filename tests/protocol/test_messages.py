@@ -1021,3 +1021,30 @@ def test_error_classes():
     assert "request_id='r'" in repr(remote)
     assert {remote}  # hashable
     assert all(limits.ERROR_CODE_PATTERN.fullmatch(code) for code in ErrorCode)
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["9007199254740992", "18446744073709551615", "100000000000000000000", "-100000000000000000000"],
+)
+@pytest.mark.parametrize("as_bytes", [True, False])
+def test_json_integer_beyond_safe_range_is_refused_even_beyond_64_bits(
+    literal: str, as_bytes: bool
+) -> None:
+    # orjson reads an integer literal beyond 64 bits as a float; it must not pass as one.
+    text = f'{{"type":"chat","request_id":"r1","message":"hi","metadata":{{"n":{literal}}}}}'
+    (result,) = decode(text.encode() if as_bytes else text, Codec.JSON, Sender.CLIENT)
+    assert isinstance(result, RemoteProtocolError)
+    assert result.code == ErrorCode.INVALID_FIELD
+    assert result.request_id == "r1"
+
+
+def test_long_digit_runs_that_are_not_big_integers_decode_as_before() -> None:
+    text = (
+        '{"type":"chat","request_id":"r1","message":"100000000000000000000",'
+        '"metadata":{"f":1e20,"g":0.100000000000000000000}}'
+    )
+    (chat,) = decode(text, Codec.JSON, Sender.CLIENT)
+    assert isinstance(chat, Chat)
+    assert chat.message == "100000000000000000000"
+    assert chat.metadata == {"f": 1e20, "g": 0.1}
