@@ -188,7 +188,10 @@ def _json_objects(data: bytes | str) -> list[object]:
         except orjson.JSONDecodeError:
             out.append(RemoteProtocolError(ErrorCode.BAD_FRAME, "invalid JSON"))
             continue
-        if (_LONG_DIGITS_B if isinstance(line, bytes) else _LONG_DIGITS_S).search(line):
+        long_digits = (
+            _LONG_DIGITS_B.search(line) if isinstance(line, bytes) else _LONG_DIGITS_S.search(line)
+        )
+        if long_digits:
             # orjson reads an integer literal beyond 64 bits as a float (1e+20), which would
             # then pass as a float where SPEC.md §2.3 refuses an out-of-range integer. Such
             # literals are rare: re-read the line with the exact (slower) parser.
