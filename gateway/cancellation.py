@@ -9,6 +9,7 @@ with :meth:`CancelToken.on_cancel` to stop reading at once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from protocol import CancelReason
 
@@ -55,11 +56,14 @@ class CancelToken:
         """Run ``callback`` on cancel (now, if already cancelled); returns an unregister."""
         if self.reason is not None:
             callback()
-            return lambda: None
+            return _nothing
         self._callbacks.append(callback)
+        return partial(self._remove, callback)
 
-        def remove() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
+    def _remove(self, callback: Callable[[], object]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
 
-        return remove
+
+def _nothing() -> None:
+    pass

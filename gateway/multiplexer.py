@@ -9,6 +9,7 @@ touches no other request (G6).
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import TYPE_CHECKING
 
 from protocol import (
@@ -104,7 +105,10 @@ class Multiplexer:
             return
         self.requests.add(request)
         gateway.track(task)
-        task.add_done_callback(lambda _: self.requests.discard(request))
+        task.add_done_callback(partial(self._finished, request))
+
+    def _finished(self, request: Request, _task: object) -> None:
+        self.requests.discard(request)
 
     async def cancel(self, cancel: Cancel) -> None:
         rid = cancel.request_id

@@ -184,26 +184,11 @@ class RequestContext:
         step then halts with :class:`PipelineHalted`.
         """
         parts: list[str] = []
-
-        async def read() -> None:
-            # The read starts one loop turn after it is scheduled: check again (G5).
-            self._begin("llm_stream", name)
-            usage, token, sink = self.usage, self.token, self.sink
-            usage.add(input_tokens=input_tokens)
-            # Hot path, once per token: emit() inlined (no coroutine per token); the cancel
-            # check below is its checkpoint.
-            async for piece in tokens:
-                usage.output_tokens += 1
-                if token.reason is not None:
-                    self.tokens_after_cancel += 1
-                    return
-                parts.append(piece)
-                if emit and piece and sink.push(piece):
-                    await sink.drained()
-
         try:
             self.checkpoint(name)
-            reader = asyncio.ensure_future(read())
+            reader = asyncio.ensure_future(
+                self._read_llm_stream(tokens, parts, input_tokens, name, emit)
+            )
             # Abortable by declaration: the only place the gateway cancels a task it runs.
             unregister = self.token.on_cancel(reader.cancel)
             try:
@@ -223,6 +208,26 @@ class RequestContext:
                     await close()
         self.checkpoint(name)
         return "".join(parts)
+
+    async def _read_llm_stream(
+        self, tokens: AsyncIterable[str], parts: list[str], input_tokens: int, name: str, emit: bool
+    ) -> None:
+        # A method, not a closure: closures cost a function and a cell per free variable for
+        # every active request, all scanned by the garbage collector (whose pauses delay cancels).
+        # The read starts one loop turn after it is scheduled: check again (G5).
+        self._begin("llm_stream", name)
+        usage, token, sink = self.usage, self.token, self.sink
+        usage.add(input_tokens=input_tokens)
+        # Hot path, once per token: emit() inlined (no coroutine per token); the cancel check
+        # below is its checkpoint.
+        async for piece in tokens:
+            usage.output_tokens += 1
+            if token.reason is not None:
+                self.tokens_after_cancel += 1
+                return
+            parts.append(piece)
+            if emit and piece and sink.push(piece):
+                await sink.drained()
 
     async def _step(self, kind: str, name: str, call: Callable[[], Awaitable[T]]) -> T:
         self.checkpoint(name)
