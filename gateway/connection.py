@@ -1,8 +1,9 @@
 """One WebSocket connection: authenticate, read and decode frames, run the writer, close.
 
 This is the I/O edge. Frames are decoded by ``protocol``; each valid message goes to the
-:class:`Multiplexer`, each invalid one gets its ``error`` (G6). The single writer task is the
-connection's :class:`Outbound`. Whatever ends the connection (client close, slow consumer,
+:class:`Multiplexer`, each invalid one gets its ``error`` (G6). Everything written goes
+through the connection's :class:`Outbound` (synchronous writes while the socket takes data, a
+writer task while it does not). Whatever ends the connection (client close, slow consumer,
 flood, shutdown), the ``finally`` cancels its requests with reason "disconnect" (G7) and stops
 the writer, so nothing of it is left running.
 """
@@ -16,8 +17,9 @@ import time
 from typing import TYPE_CHECKING, NoReturn, cast
 
 import structlog
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 import protocol
 from protocol import (
@@ -62,9 +64,14 @@ class Connection:
         self.id = secrets.token_hex(8)
         self.codec = Codec.from_subprotocol(ws.subprotocol)
         config = gateway.config
+        # The transport's high-water mark, as websockets set it (``write_limit``): above it,
+        # frames wait for the drain in the writer task instead of being written at once.
+        self._high_water = ws.transport.get_write_buffer_limits()[1]
         self.outbound = Outbound(
             self._send,
             self.codec,
+            write=self._write,
+            writable=self._writable,
             max_batch_bytes=config.max_batch_bytes,
             max_pending_chars=config.max_pending_chars,
             max_control=config.max_control_messages,
@@ -79,6 +86,18 @@ class Connection:
 
     async def _send(self, frame: bytes) -> None:
         await self.ws.send(frame, text=self._text)
+
+    def _writable(self) -> bool:
+        ws = self.ws
+        return (
+            ws.protocol.state is State.OPEN
+            and ws.transport.get_write_buffer_size() <= self._high_water
+        )
+
+    def _write(self, frame: bytes) -> None:
+        # websockets' public synchronous write (no await, no flow control: _writable is ours).
+        # A failed write raises (ExceptionGroup); the writer task then ends the connection.
+        broadcast((self.ws,), frame, text=self._text, raise_exceptions=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -13,7 +13,12 @@ Why this shape (SPEC.md §2.4, §6 G1-G3):
   pending text as one chunk. That is also the backpressure coalescing: when the reader is slow,
   text accumulates and goes out in fewer, larger chunks (``seq`` stays contiguous).
 - **Batching without latency.** The writer never waits to fill a frame: it packs what is pending
-  when it wakes, up to ``max_batch_bytes``, and sends.
+  when it runs, up to ``max_batch_bytes``, and sends.
+- **No task switch per frame.** While the socket takes data, a loop callback (scheduled once per
+  loop iteration by the first producer) packs and writes synchronously: everything produced in
+  one iteration goes out in the next, with no await per frame. Only when the socket is full (the
+  client is behind) does the writer task take over and await the drain; once it has caught up,
+  writing is synchronous again.
 - **Bounded memory.** A stream holding more than ``max_pending_chars`` makes its producer wait at
   its next emit; a writer stuck in ``send`` longer than ``slow_consumer_timeout`` ends the
   connection (close 4008).
@@ -157,7 +162,7 @@ class Stream:
                 machine.on_chunk(seq, text)
                 out.append(encoded)
             self._outbound.chunks_sent += len(texts)
-            self.pending = []
+            pending.clear()  # (texts is pending itself, or a new list: both done with)
             self.pending_chars = 0
             self._wake_producer()
         terminal = self._terminal
@@ -190,19 +195,28 @@ class Stream:
 
 
 class Outbound:
-    """Owns everything this connection will send; one writer task drains it."""
+    """Owns everything this connection will send.
+
+    ``send(frame)`` writes a frame and awaits the drain. With ``write``/``writable``, frames are
+    written synchronously (``write``) while ``writable()`` says the socket takes data (its
+    buffer is below the high-water mark); without, every frame goes through the writer task.
+    """
 
     def __init__(
         self,
         send: Callable[[bytes], Awaitable[None]],
         codec: Codec,
         *,
+        write: Callable[[bytes], None] | None = None,
+        writable: Callable[[], bool] | None = None,
         max_batch_bytes: int = protocol.limits.DEFAULT_BATCH_BYTES,
         max_pending_chars: int = 65_536,
         max_control: int = 4096,
         slow_consumer_timeout: float = 30.0,
     ) -> None:
         self._send = send
+        self._write = write
+        self._writable = writable
         self.codec = codec
         self.max_batch_bytes = max_batch_bytes
         self.max_pending_chars = max_pending_chars
@@ -217,6 +231,11 @@ class Outbound:
         self._urgent: deque[Stream] = deque()
         self._ready: deque[Stream] = deque()
         self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        #: True while the writer task owns writing: the socket was full, or a failure is pending.
+        self._writer_owns = write is None or writable is None
+        self._failure: BaseException | None = None
         #: Event-loop time the current send began (None when not sending): the watchdog's input.
         self.send_started: float | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -250,8 +269,7 @@ class Outbound:
             control.append(m if isinstance(m, bytes) else protocol.encode(m, self.codec))
         if on_sent is not None:
             self._on_sent[len(control) - 1 + self._control_popped] = on_sent
-        self._idle.clear()
-        self._wakeup.set()
+        self._wake()
 
     def cancel_stream(
         self, stream: Stream, response: Response, *, on_sent: Callable[[], object] | None = None
@@ -278,7 +296,56 @@ class Outbound:
         elif not stream.scheduled:
             stream.scheduled = True
             self._ready.append(stream)
+        self._wake()
+
+    def _wake(self) -> None:
         self._idle.clear()
+        if self._writer_owns:
+            self._wakeup.set()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+
+    # -- synchronous writing (the socket takes data) -----------------------------------------
+
+    def _flush(self) -> None:
+        """Pack and write everything pending, without awaiting (a loop callback).
+
+        A packed frame is always written at once (at most one batch over the socket's
+        high-water mark): nothing packed waits while a cancel could be read (G2)."""
+        self._flush_scheduled = False
+        if self._closed or self._writer_owns:
+            return
+        write, writable = self._write, self._writable
+        assert write is not None
+        assert writable is not None
+        try:
+            while True:
+                if len(self._control) > self.max_control:
+                    raise SlowConsumer("control queue full: the client is not reading")
+                if not writable():  # the client is behind: the writer task awaits the drain
+                    self._hand_over()
+                    return
+                sent_hooks: list[Callable[[], object]] = []
+                owners: list[Stream | None] = []
+                parts = self._pack(sent_hooks, owners)
+                if not parts:
+                    self._idle.set()
+                    return
+                for frame in self._frames_of(parts, owners):
+                    write(frame)
+                    self.frames_sent += 1
+                for hook in sent_hooks:
+                    hook()
+        except Exception as exc:  # raised by the writer task, which ends the connection
+            self._hand_over(failure=exc)
+
+    def _hand_over(self, *, failure: BaseException | None = None) -> None:
+        self._writer_owns = True
+        self._failure = failure
         self._wakeup.set()
 
     # -- the writer --------------------------------------------------------------------------
@@ -312,16 +379,17 @@ class Outbound:
         await self._idle.wait()
 
     async def run(self) -> None:
-        """The writer task: wake, pack what is pending into frames, send, repeat.
+        """The writer task: it writes whenever the socket is full (awaiting the drain), and
+        every frame when there is no ``write_now``; otherwise it sleeps.
 
         Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
         """
-        batching = self.max_batch_bytes > 0
-        loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         while not self._closed:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._failure is not None:
+                raise self._failure
             while not self._closed:
                 if len(self._control) > self.max_control:
                     raise SlowConsumer("control queue full: the client is not reading")
@@ -331,28 +399,36 @@ class Outbound:
                 if not parts:
                     self._idle.set()
                     break
-                if len(parts) == 1:
-                    frames: Iterable[bytes] = parts
-                elif batching and sum(len(p) for p in parts) + len(parts) <= MAX_FRAME:
-                    frames = [protocol.join_batch(parts, self.codec)]
-                else:  # several frames (batching off, or over MAX_FRAME_BYTES): see _frames
-                    frames = self._frames(parts, owners, batching)
-                for frame in frames:
-                    # No timer per send (a Timeout and a heap entry per frame): the gateway's
-                    # watchdog reads send_started and calls abort_slow() (see stuck_for).
-                    self.send_started = loop.time()
-                    try:
-                        await self._send(frame)
-                    except asyncio.CancelledError:
-                        if self._slow:
-                            raise SlowConsumer(
-                                f"no progress writing for {self.slow_consumer_timeout:g} s"
-                            ) from None
-                        raise
-                    self.send_started = None
-                    self.frames_sent += 1
+                await self._send_frames(self._frames_of(parts, owners))
                 for hook in sent_hooks:
                     hook()
+            if self._write is not None and self._writable is not None:
+                self._writer_owns = False  # caught up: synchronous writes again
+
+    def _frames_of(self, parts: list[bytes], owners: list[Stream | None]) -> Iterable[bytes]:
+        if len(parts) == 1:
+            return parts
+        if self.max_batch_bytes > 0 and sum(len(p) for p in parts) + len(parts) <= MAX_FRAME:
+            return (protocol.join_batch(parts, self.codec),)
+        # Several frames (batching off, or over MAX_FRAME_BYTES): see _frames.
+        return self._frames(parts, owners, self.max_batch_bytes > 0)
+
+    async def _send_frames(self, frames: Iterable[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        for frame in frames:
+            # No timer per send (a Timeout and a heap entry per frame): the gateway's
+            # watchdog reads send_started and calls abort_slow() (see stuck_for).
+            self.send_started = loop.time()
+            try:
+                await self._send(frame)
+            except asyncio.CancelledError:
+                if self._slow:
+                    raise SlowConsumer(
+                        f"no progress writing for {self.slow_consumer_timeout:g} s"
+                    ) from None
+                raise
+            self.send_started = None
+            self.frames_sent += 1
 
     def _frames(
         self, parts: list[bytes], owners: list[Stream | None], batching: bool
@@ -401,6 +477,10 @@ class Outbound:
         writer's turn: one event-loop turn less between reading a cancel and writing its
         response. Order holds: control messages always go before any chunk, and websockets
         writes each frame to the transport synchronously, in call order."""
+        if not self._writer_owns:
+            if self._control:
+                self._flush()  # control first, then whatever else is pending: written now
+            return
         if self._closed or not self._control or self.send_started is not None:
             # The writer is blocked in a send and may hold more packed frames: they must go
             # first (a chunk packed before the cancel is never written after its response).
@@ -420,7 +500,6 @@ class Outbound:
         fair turn per stream, up to ``max_batch_bytes`` (at least one message)."""
         parts: list[bytes] = []
         cap = self.max_batch_bytes
-        control = self._control
         size = self._take_control(parts, sent_hooks, cap)
         owners.extend([None] * len(parts))
         for queue in (self._urgent, self._ready):
@@ -436,6 +515,4 @@ class Outbound:
                     size += len(m)
                 parts.extend(taken)
                 owners.extend([stream] * len(taken))
-        if control or self._urgent or self._ready:
-            self._wakeup.set()  # more to send: loop again without waiting
         return parts

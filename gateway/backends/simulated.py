@@ -388,16 +388,20 @@ class SimulatedBackend:
         """The simulated LLM's answer tokens ``start`` to ``stop`` (of ``settings.tokens``).
 
         Sleeps ``token_delay_ms`` before each token (on the backend's shared
-        :class:`TokenClock`); with 0 it still yields to the event loop
+        :class:`TokenClock`, each deadline counted from the previous one, so the pace holds
+        however late the loop runs); with 0 it still yields to the event loop
         every ``ZERO_DELAY_BURST`` tokens, so other streams get their turns.
         """
         delay = settings.token_delay_ms / 1000
-        sleep = self._token_clock().sleep
+        schedule = self._token_clock().schedule
+        due: float | None = None  # each token's deadline counts from the last one's
         for index in range(start, stop):
             if index == settings.fail_at_token:
                 raise RuntimeError(f"simulated LLM failure after {index} tokens")
             if delay:
-                await sleep(delay)
+                due, wake = schedule(delay, due)
+                if wake is not None:
+                    await wake
             elif index % ZERO_DELAY_BURST == 0:
                 # Zero delay (benchmarks): a real provider's tokens arrive in network reads of
                 # several tokens; yielding every token would measure the event loop, not us.

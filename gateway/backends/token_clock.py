@@ -38,17 +38,37 @@ class TokenClock:
         """Ticks with a timer armed (bounded by the longest delay in ticks)."""
         return len(self._ticks)
 
-    async def sleep(self, delay: float) -> None:
-        """Like ``asyncio.sleep(delay)``, to within half a tick."""
+    def schedule(
+        self, delay: float, since: float | None = None
+    ) -> tuple[float, asyncio.Future[None] | None]:
+        """A wake-up ``delay`` seconds after ``since`` (default: now), to within half a tick:
+        returns the deadline and a future to await, or None when the deadline has passed.
+
+        Pass the previous deadline as ``since``: a stream then keeps its own pace however late
+        the loop wakes it, the way a remote provider's tokens arrive on the provider's clock.
+        Counting from "now" would shift every stream woken late by the same lag, so streams
+        would merge into ever larger groups due on the same tick, and each group's burst would
+        make the loop later still. A deadline already past needs no wait, as a socket read
+        finds tokens waiting. (A plain function, not a coroutine: one object less per token.)
+        """
         loop = self._loop
-        tick = round((loop.time() + delay) / TICK)
+        deadline = (loop.time() if since is None else since) + delay
+        tick = round(deadline / TICK)
+        if tick * TICK <= loop.time():
+            return deadline, None
         waiters = self._ticks.get(tick)
         if waiters is None:
             waiters = self._ticks[tick] = []
             loop.call_at(tick * TICK, self._fire, tick)
         future: asyncio.Future[None] = loop.create_future()
         waiters.append(future)
-        await future
+        return deadline, future
+
+    async def sleep(self, delay: float) -> None:
+        """Like ``asyncio.sleep(delay)``, to within half a tick."""
+        _, future = self.schedule(delay)
+        if future is not None:
+            await future
 
     def _fire(self, tick: int) -> None:
         for future in self._ticks.pop(tick):

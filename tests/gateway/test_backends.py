@@ -284,11 +284,16 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         requested.append(delay)
         return await real_sleep(0, result)
 
-    async def clock_spy(self: TokenClock, delay: float) -> None:
-        await spy(delay)
+    def clock_spy(
+        self: TokenClock, delay: float, since: float | None = None
+    ) -> tuple[float, asyncio.Future[None] | None]:
+        requested.append(delay)
+        wake = asyncio.get_running_loop().create_future()
+        wake.set_result(None)  # awaiting it only yields
+        return (since or 0.0) + delay, wake
 
     monkeypatch.setattr(asyncio, "sleep", spy)
-    monkeypatch.setattr(TokenClock, "sleep", clock_spy)
+    monkeypatch.setattr(TokenClock, "schedule", clock_spy)
     return requested
 
 
@@ -702,4 +707,24 @@ async def test_token_clock_cancelling_one_waiter_leaves_the_others() -> None:
     first.cancel()
     await second  # still woken by the shared tick
     assert first.cancelled()
+    assert clock.pending_ticks == 0
+
+
+async def test_token_clock_deadlines_count_from_the_last_one_not_from_a_late_wake_up() -> None:
+    """A stream keeps its pace however late the loop runs (as a remote provider's tokens do):
+    its next deadline counts from its last deadline, and one already past needs no wait."""
+    from gateway.backends.token_clock import TokenClock
+
+    loop = asyncio.get_running_loop()
+    clock = TokenClock(loop)
+    now = loop.time()
+    due, wake = clock.schedule(0.05, now - 0.2)  # the loop woke this stream 0.15 s late
+    assert due == pytest.approx(now - 0.15)
+    assert wake is None  # already due: no timer, no future
+    assert clock.pending_ticks == 0
+    due, wake = clock.schedule(0.05, now + 0.02)
+    assert due == pytest.approx(now + 0.07)
+    assert wake is not None
+    await wake
+    assert loop.time() >= due - 0.001
     assert clock.pending_ticks == 0

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import protocol
-from gateway.outbound import Outbound, Stream
+from gateway.outbound import Outbound, SlowConsumer, Stream
 from protocol import CancelReason, Codec, Response, ResponseStatus, Sender, Usage
 
 
@@ -67,3 +67,117 @@ async def test_chunks_packed_before_a_cancel_are_not_written_after_it(batch_byte
     chunks = [m for m in messages if isinstance(m, protocol.Chunk)]
     assert chunks == written_before, "only chunks written before the cancel was read"
     assert len(chunks) < 3
+
+
+class Socket:
+    """A socket the test fills and drains: ``write`` while it takes data, else ``send``."""
+
+    def __init__(self) -> None:
+        self.taking = True
+        self.written: list[tuple[str, bytes]] = []  # ("write" | "send", frame)
+        self.send_started = asyncio.Event()
+        self.drained = asyncio.Event()
+
+    def writable(self) -> bool:
+        return self.taking
+
+    def write(self, frame: bytes) -> None:
+        assert self.taking, "a synchronous write while the socket is full"
+        self.written.append(("write", frame))
+
+    async def send(self, frame: bytes) -> None:
+        self.written.append(("send", frame))
+        self.send_started.set()
+        await self.drained.wait()
+
+    def messages(self) -> list[tuple[str, protocol.Message]]:
+        out: list[tuple[str, protocol.Message]] = []
+        for how, frame in self.written:
+            for item in protocol.decode(frame, Codec.JSON, Sender.GATEWAY):
+                assert not isinstance(item, protocol.RemoteProtocolError)
+                out.append((how, item))
+        return out
+
+
+def cancelled(request_id: str) -> Response:
+    return Response(
+        request_id=request_id,
+        status=ResponseStatus.CANCELLED,
+        reason=CancelReason.CLIENT,
+        usage=Usage(final=False),
+    )
+
+
+async def test_writes_synchronously_until_the_socket_is_full_then_the_writer_awaits_the_drain() -> (
+    None
+):
+    sock = Socket()
+    outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
+    writer = asyncio.create_task(outbound.run())
+    first, second = Stream(outbound, "a", stream=True), Stream(outbound, "b", stream=True)
+    outbound.attach_stream(first)
+    outbound.attach_stream(second)
+
+    # Socket taking data: everything pushed in one loop turn goes out in one synchronous write.
+    first.push("one")
+    second.push("two")
+    await outbound.flushed()
+    assert [how for how, _ in sock.written] == ["write"]
+    assert len(sock.messages()) == 2
+
+    # Socket full: nothing is written synchronously; the writer task sends and awaits the drain.
+    sock.taking = False
+    first.push("three")
+    await sock.send_started.wait()
+    assert sock.written[-1][0] == "send"
+    # A cancel read meanwhile: its response follows what was already handed over, in order.
+    second.machine.on_cancel()
+    outbound.cancel_stream(second, cancelled("b"))
+    second_text_after_cancel = second.push("never sent")
+    assert second_text_after_cancel is False
+    sock.taking = True
+    sock.drained.set()
+    await outbound.flushed()
+    hows = [how for how, _ in sock.written]
+    assert hows[:2] == ["write", "send"]
+    messages = [m for _, m in sock.messages()]
+    assert messages[-1] == cancelled("b")
+    assert not any(isinstance(m, protocol.Chunk) and m.text == "never sent" for m in messages)
+
+    # Drained and caught up: synchronous writes again.
+    before = len(sock.written)
+    first.push("four")
+    await outbound.flushed()
+    assert [how for how, _ in sock.written[before:]] == ["write"]
+    outbound.close()
+    await writer
+
+
+async def test_control_overflow_in_a_synchronous_flush_ends_the_writer_as_a_slow_consumer() -> None:
+    sock = Socket()
+    outbound = Outbound(
+        sock.send, Codec.JSON, write=sock.write, writable=sock.writable, max_control=3
+    )
+    writer = asyncio.create_task(outbound.run())
+    for n in range(5):  # all queued before the flush callback runs
+        outbound.send_control(protocol.Pong(id=n))
+    with pytest.raises(SlowConsumer):
+        await writer
+    assert sock.written == []
+
+
+async def test_send_control_now_writes_the_cancelled_response_before_returning() -> None:
+    """The cancel path: the response is on the socket when the cancel handler returns, not at
+    the next loop turn (one turn less of cancel latency)."""
+    sock = Socket()
+    outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
+    writer = asyncio.create_task(outbound.run())
+    stream = Stream(outbound, "r1", stream=True)
+    outbound.attach_stream(stream)
+    stream.push("pending text of the cancelled request")
+    stream.machine.on_cancel()
+    outbound.cancel_stream(stream, cancelled("r1"))
+    await outbound.send_control_now()
+    assert [m for _, m in sock.messages()] == [cancelled("r1")]
+    outbound.close()
+    await writer
