@@ -233,6 +233,7 @@ class Outbound:
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        self._flushing = False  # a sent hook may cancel a request, which flushes: not twice
         #: True while the writer task owns writing: the socket was full, or a failure is pending.
         self._writer_owns = write is None or writable is None
         self._failure: BaseException | None = None
@@ -311,15 +312,29 @@ class Outbound:
 
     # -- synchronous writing (the socket takes data) -----------------------------------------
 
+    def flush_now(self) -> None:
+        """Write what is pending now, before returning, if the socket takes data (the cancel
+        path: the cancelled response goes out before any bookkeeping). Otherwise the writer
+        task owns writing and sends it in order."""
+        if not self._writer_owns and not self._flushing:
+            self._flush()
+
     def _flush(self) -> None:
         """Pack and write everything pending, without awaiting (a loop callback).
 
         A packed frame is always written at once (at most one batch over the socket's
         high-water mark): nothing packed waits while a cancel could be read (G2)."""
         self._flush_scheduled = False
-        if self._closed or self._writer_owns:
+        if self._closed or self._writer_owns or self._flushing:
             return
-        write, writable = self._write, self._writable
+        self._flushing = True
+        try:
+            self._write_pending()
+        finally:
+            self._flushing = False
+
+    def _write_pending(self) -> None:
+        write, writable = self._write, self._writable  # set: see _writer_owns
         assert write is not None
         assert writable is not None
         try:
@@ -479,7 +494,7 @@ class Outbound:
         writes each frame to the transport synchronously, in call order."""
         if not self._writer_owns:
             if self._control:
-                self._flush()  # control first, then whatever else is pending: written now
+                self.flush_now()  # control first, then whatever else is pending
             return
         if self._closed or not self._control or self.send_started is not None:
             # The writer is blocked in a send and may hold more packed frames: they must go

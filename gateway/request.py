@@ -152,6 +152,7 @@ class Request:
             usage=self.ctx.usage.snapshot(cancelled=True, final=False),
         )
         self.outbound.cancel_stream(self.stream, response, on_sent=self._cancel_sent)
+        self.outbound.flush_now()  # on the socket now; the bookkeeping below can wait
         self._answered()
         return CancelStatus.CANCELLED
 
