@@ -73,16 +73,43 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def cores() -> tuple[set[int], set[int]] | None:
+    """Latency scenarios: the server process on one core, the load generator on the others,
+    as if on separate machines. Sharing cores, the scheduler can run the client's work between
+    a cancel's arrival and the server's wake-up; that is the client's latency, not the server's.
+    None (no pinning) on a single core or where affinity is not supported."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(allowed) < 2:
+        return None
+    return {allowed[0]}, set(allowed[1:])
+
+
+def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class Server:
     """A server process on a fresh port; ``stop()`` sends SIGTERM (SIGKILL after 15 s)."""
 
-    def __init__(self, kind: str, argv: list[str], port: int, stderr_path: Path) -> None:
+    def __init__(
+        self, kind: str, argv: list[str], port: int, stderr_path: Path, cpus: set[int] | None
+    ) -> None:
         self.kind = kind
         self.port = port
         self.stderr_path = stderr_path
         self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=self._stderr
+            argv,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            preexec_fn=_pinned(cpus),
         )
         self.pid = self.proc.pid
         self.url = f"ws://127.0.0.1:{port}/v1/ws"
@@ -130,6 +157,9 @@ class Bench:
         #: When set, gateways run under bench/gcprobe.py with this GC mode (``--gc-probe``).
         self.gc_probe: str | None = None
         self.last_probe: dict[str, Any] | None = None
+        #: Pin server and load generator to separate cores in the latency scenarios (``cores``).
+        self.pin = True
+        self._cpus: tuple[set[int], set[int]] | None = None
 
     @contextlib.contextmanager
     def server(self, kind: str, *flags: str, name: str | None = None) -> Iterator[Server]:
@@ -148,7 +178,13 @@ class Bench:
         else:
             argv = [PY, str(BENCH / "fastapi_peer.py"), "--port", str(port)]
         argv += list(flags)  # later flags win (argparse): scenarios may override the above
-        srv = Server(kind, argv, port, self.tmp / f"{name or kind}-{port}.stderr")
+        srv = Server(
+            kind,
+            argv,
+            port,
+            self.tmp / f"{name or kind}-{port}.stderr",
+            self._cpus[0] if self._cpus else None,
+        )
         try:
             srv.wait_ready()
             yield srv
@@ -161,7 +197,13 @@ class Bench:
     def loadgen(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         argv = [PY, str(BENCH / "loadgen.py"), *args]
         r = subprocess.run(
-            argv, cwd=ROOT, env=_env(), capture_output=True, timeout=timeout, check=False
+            argv,
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            preexec_fn=_pinned(self._cpus[1] if self._cpus else None),
         )
         if r.returncode != 0 or not r.stdout.strip():
             raise RuntimeError(
@@ -240,7 +282,26 @@ class Bench:
 
     # -- scenario 2 ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[dict[str, list[int]] | None]:
+        """Within: servers on one core, load generators on the others (see ``cores``)."""
+        self._cpus = cores() if self.pin else None
+        try:
+            yield (
+                {"server": sorted(self._cpus[0]), "load_generator": sorted(self._cpus[1])}
+                if self._cpus
+                else None
+            )
+        finally:
+            self._cpus = None
+
     def cancel(self) -> dict[str, Any]:
+        with self.pinned() as cpus:
+            result = self._cancel()
+        result["load"]["cpus"] = cpus
+        return result
+
+    def _cancel(self) -> dict[str, Any]:
         q = self.quick
         if q:
             conns, streams, duration = 4, 100, 1.0
@@ -410,6 +471,12 @@ class Bench:
     # -- scenario 4 ------------------------------------------------------------------------------
 
     def halt(self) -> dict[str, Any]:
+        with self.pinned() as cpus:
+            result = self._halt()
+        result["cpus"] = cpus
+        return result
+
+    def _halt(self) -> dict[str, Any]:
         q = self.quick
         conns, streams, duration = (2, 50, 1.0) if q else (2, 200, 5.0)
         flags = ("--log-format", "json", "--log-level", "info", "--max-streams", "128")
@@ -610,11 +677,19 @@ def machine() -> dict[str, Any]:
             name: version(name)
             for name in ("websockets", "orjson", "msgpack", "fastapi", "uvicorn", "starlette")
         },
-        "event_loop": "asyncio (default selector loop) for every server",
+        "event_loop": "uvloop for every server" if _has_uvloop() else "asyncio for every server",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit or None,
         "gateway_uncommitted_changes": dirty,
     }
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cpu_idle_fraction(seconds: float = 1.0) -> float:
@@ -725,7 +800,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"{load['seconds']:g} s",
             "",
             "Latency: client-observed, from sending the cancel to receiving that request's "
-            "`response`. HTTP: from opening the `DELETE` connection, in a separate process.",
+            "`response`. HTTP: from opening the `DELETE` connection, in a separate process. "
+            + (
+                f"Each server on core {load['cpus']['server']}, the load generator on "
+                f"{load['cpus']['load_generator']} (as if on separate machines; `--no-pin` "
+                "to share)."
+                if load.get("cpus")
+                else "Server and load generator share the cores (not pinned)."
+            ),
             "",
             "| server, cancel via | cancels | p50 ms | p99 ms | max ms | chunks after terminal "
             "| chunks between cancel and terminal | app ping RTT p99 ms | server CPU |",
@@ -868,12 +950,19 @@ def main() -> int:
         action="store_true",
         help="also run the gateway under cProfile (throughput and cancel loads): profile.json",
     )
+    p.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="latency scenarios: do not pin server and load generator to separate cores",
+    )
     a = p.parse_args()
     out: Path = a.out or (BENCH / "results" / "quick" if a.quick else BENCH / "results")
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
     bench = Bench(a.quick, out)
     bench.gc_probe = a.gc_probe
+    bench.pin = a.pin
     started = time.monotonic()
     results: dict[str, Any] = {"quick": a.quick, "machine": machine(), "scenarios": {}}
     print(f"# muxgate bench ({'quick' if a.quick else 'full'}) on {results['machine']['cpu']}, "
