@@ -395,7 +395,7 @@ class Outbound:
 
     async def run(self) -> None:
         """The writer task: it writes whenever the socket is full (awaiting the drain), and
-        every frame when there is no ``write_now``; otherwise it sleeps.
+        every frame when there is no ``write``; otherwise it sleeps.
 
         Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
         """
