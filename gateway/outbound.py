@@ -339,14 +339,10 @@ class Outbound:
         assert writable is not None
         try:
             while True:
-                if len(self._control) > self.max_control:
-                    raise SlowConsumer("control queue full: the client is not reading")
                 if not writable():  # the client is behind: the writer task awaits the drain
                     self._hand_over()
                     return
-                sent_hooks: list[Callable[[], object]] = []
-                owners: list[Stream | None] = []
-                parts = self._pack(sent_hooks, owners)
+                parts, owners, sent_hooks = self._next_batch()
                 if not parts:
                     self._idle.set()
                     return
@@ -406,11 +402,7 @@ class Outbound:
             if self._failure is not None:
                 raise self._failure
             while not self._closed:
-                if len(self._control) > self.max_control:
-                    raise SlowConsumer("control queue full: the client is not reading")
-                sent_hooks: list[Callable[[], object]] = []
-                owners: list[Stream | None] = []
-                parts = self._pack(sent_hooks, owners)
+                parts, owners, sent_hooks = self._next_batch()
                 if not parts:
                     self._idle.set()
                     break
@@ -419,6 +411,14 @@ class Outbound:
                     hook()
             if self._write is not None and self._writable is not None:
                 self._writer_owns = False  # caught up: synchronous writes again
+
+    def _next_batch(self) -> tuple[list[bytes], list[Stream | None], list[Callable[[], object]]]:
+        """One frame's worth of messages, their owners, and the hooks to run once written."""
+        if len(self._control) > self.max_control:
+            raise SlowConsumer("control queue full: the client is not reading")
+        sent_hooks: list[Callable[[], object]] = []
+        owners: list[Stream | None] = []
+        return self._pack(sent_hooks, owners), owners, sent_hooks
 
     def _frames_of(self, parts: list[bytes], owners: list[Stream | None]) -> Iterable[bytes]:
         if len(parts) == 1:
