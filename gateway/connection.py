@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import secrets
 import time
-from typing import TYPE_CHECKING, NoReturn, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import structlog
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
 
 import protocol
 from protocol import (
@@ -43,7 +45,7 @@ from .outbound import Outbound, SlowConsumer
 if TYPE_CHECKING:
     from .server import Gateway
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "EagerServerConnection"]
 
 log = structlog.get_logger("muxgate.connection")
 
@@ -55,6 +57,42 @@ class _Closing(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class EagerServerConnection(ServerConnection):
+    """websockets' server connection plus one hook: a complete data frame may be taken by
+    ``read_early`` in the loop turn that read it, instead of being queued for ``recv()``.
+
+    Why: a cancel is the one message whose latency is the product. Queued, it waits for the
+    reader task's next turn, behind every callback already scheduled (under load, hundreds of
+    token wake-ups). Order is kept: ``read_early`` is offered a frame only when no message is
+    queued before it (``queued``: messages handed to the queue and not yet taken by recv()).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_early: Callable[[Frame], bool] | None = None
+        self.queued = 0
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
+            read_early = self.read_early
+            if (
+                read_early is not None
+                and self.queued == 0
+                and event.fin
+                and event.opcode is not Opcode.CONT
+                and read_early(event)
+            ):
+                return
+            if event.fin:
+                self.queued += 1
+        super().process_event(event)
+
+
+_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+#: Only frames holding this are decoded early: chats, pings and hellos take the usual path.
+_CANCEL_MARK = {Codec.JSON: b'"cancel"', Codec.MSGPACK: b"\xa6cancel"}
 
 
 class Connection:
@@ -83,6 +121,12 @@ class Connection:
         self._tokens = float(config.rate_burst)
         self._refill_at = time.monotonic()
         self._strikes = 0
+        #: True while the reader task waits in recv() (not while it handles a message).
+        self._waiting = False
+        #: Cancels answered in the loop turn that read them (see EagerServerConnection).
+        self.cancels_read_early = 0
+        if isinstance(ws, EagerServerConnection):
+            ws.read_early = self._read_early
 
     async def _send(self, frame: bytes) -> None:
         await self.ws.send(frame, text=self._text)
@@ -130,7 +174,7 @@ class Connection:
         except AuthError as exc:
             self._auth_error = exc
         hello_timeout = None if self._principal is not None else self.gateway.config.hello_timeout
-        recv = self.ws.recv
+        recv = self._recv
         while True:
             if self.mux is None and hello_timeout is not None:
                 try:
@@ -164,6 +208,36 @@ class Connection:
                 self._first_message_seen()
                 assert self.mux is not None
                 await self.mux.dispatch(message)
+
+    async def _recv(self) -> str | bytes:
+        ws = self.ws
+        self._waiting = True
+        try:
+            data = await ws.recv()
+        finally:
+            self._waiting = False
+        if isinstance(ws, EagerServerConnection):
+            ws.queued -= 1
+        return data
+
+    def _read_early(self, frame: Frame) -> bool:
+        """Answer a frame of cancels now, in the loop turn that read it, if the reader task is
+        waiting with nothing queued (so nothing read before it is still unhandled). Anything
+        else — another message, a bad frame, a frame before authentication — is declined and
+        takes the usual path through recv()."""
+        mux = self.mux
+        if mux is None or not self._waiting or (frame.opcode is Opcode.TEXT) != self._text:
+            return False
+        data = bytes(frame.data)
+        if _CANCEL_MARK[self.codec] not in data:
+            return False
+        results = protocol.decode(data, self.codec, Sender.CLIENT)
+        if not all(isinstance(r, Cancel) for r in results):
+            return False  # invalid UTF-8 and bad messages too: their errors come from there
+        for cancel in results:
+            mux.cancel_now(cast(Cancel, cancel))
+        self.cancels_read_early += len(results)
+        return True
 
     def _hello(self, hello: Hello, headers: object) -> None:
         try:

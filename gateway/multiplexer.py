@@ -16,6 +16,7 @@ from protocol import (
     Cancel,
     CancelReason,
     CancelResult,
+    CancelStatus,
     Chat,
     ChatMessage,
     ClientMessage,
@@ -118,6 +119,24 @@ class Multiplexer:
             self.error(exc.code, exc.message, rid)
             return
         status = await self.gateway.registry.cancel(RequestKey(user, rid), CancelReason.CLIENT)
+        self._cancel_result(rid, status)
+        # The cancelled response (and this result) go out now, not at the writer's next turn.
+        await self.outbound.send_control_now()
+
+    def cancel_now(self, cancel: Cancel) -> None:
+        """:meth:`cancel`, synchronously (this process's registry): for a cancel read in the
+        loop turn that received it. The cancelled response is written before this returns
+        (Request.cancel); the result goes with the next write."""
+        rid = cancel.request_id
+        try:
+            user = self.principal.user_for(cancel.user_id)
+        except AuthError as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        status = self.gateway.registry.cancel_now(RequestKey(user, rid), CancelReason.CLIENT)
+        self._cancel_result(rid, status)
+
+    def _cancel_result(self, rid: str, status: CancelStatus) -> None:
         result = CancelResult(request_id=rid, status=status)
         stream = self.outbound.streams.get(rid)
         if stream is not None and stream.finishing:
@@ -125,8 +144,6 @@ class Multiplexer:
             self.outbound.send_after(stream, result)
         else:
             self.outbound.send_control(result)
-        # The cancelled response (and this result) go out now, not at the writer's next turn.
-        await self.outbound.send_control_now()
 
     def disconnect(self) -> None:
         """G7: the connection closed; cancel its requests (their pipelines halt on their own)."""

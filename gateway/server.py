@@ -27,7 +27,7 @@ from protocol import CancelReason, CloseCode
 from .auth import Authenticator
 from .backends import load_backend
 from .config import Config, ConfigError
-from .connection import Connection
+from .connection import Connection, EagerServerConnection
 from .http_api import process_request
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend
@@ -131,6 +131,7 @@ class Gateway:
             # are tiny, batching already amortises framing.
             compression=None,
             server_header="muxgate",
+            create_connection=EagerServerConnection,  # cancels read in the turn they arrive
         )
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
 

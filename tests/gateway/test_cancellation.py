@@ -31,8 +31,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import msgpack
 import pytest
 
+import protocol
 from gateway.backends.simulated import SimulatedBackend, SimulationSettings
 from gateway.pipeline import PipelineHalted, RequestContext
 from gateway.registry import RequestKey, RequestRecord, RequestStatus
@@ -44,6 +46,7 @@ from protocol import (
     CancelStatus,
     Chat,
     Codec,
+    Message,
     Ping,
     ResponseStatus,
     Usage,
@@ -1299,3 +1302,81 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
         assert not gw.registry.active(), f"seed={seed}: active requests left"
         assert len(gw.registry) <= n, f"seed={seed}: {len(gw.registry)} registry entries"
         await no_connections_left(gw)
+
+
+# -- cancels read in the loop turn that receives them --------------------------------------------
+
+
+def _connection(gateway: Gateway) -> Any:
+    (conn,) = gateway.connections
+    return conn
+
+
+def _frames_in_one_write(client: WireClient, *messages: Message) -> None:
+    """Each message its own WebSocket frame, all in one TCP write: the gateway reads them in
+    one ``data_received``, before its reader task runs."""
+    ws = client.ws
+    for m in messages:
+        data = protocol.encode(m, client.codec)
+        if client.codec is Codec.JSON:
+            ws.protocol.send_text(data)
+        else:
+            ws.protocol.send_binary(data)
+    ws.transport.write(b"".join(ws.protocol.data_to_send()))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+async def test_a_cancel_is_answered_in_the_loop_turn_that_reads_it(
+    gateway: Gateway, codec: Codec
+) -> None:
+    async with WireClient.open(gateway.url, codec) as client:
+        track = await client.chat("r1", metadata=ENDLESS)
+        await client.chunks("r1", 2)
+        await client.cancel("r1")
+        assert (await client.response("r1")).status is ResponseStatus.CANCELLED
+        assert (await client.cancel_result("r1")).status is CancelStatus.CANCELLED
+        assert after_response(track)[0] == "CancelResult"
+        assert _connection(gateway).cancels_read_early == 1
+    await settled(gateway)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+async def test_a_cancel_queued_behind_its_chat_is_not_read_before_it(
+    gateway: Gateway, codec: Codec
+) -> None:
+    """Order holds: a cancel arriving in the same read as the chat it cancels (so the chat is
+    still queued for the reader) takes the usual path and finds its request."""
+    async with WireClient.open(gateway.url, codec) as client:
+        for n in range(20):
+            rid = f"r{n}"
+            track = client.track(rid)
+            track.machine.on_cancel()
+            track.cancel_sent_at = time.monotonic()
+            _frames_in_one_write(
+                client, Chat(request_id=rid, message="hi", metadata=ENDLESS), Cancel(request_id=rid)
+            )
+            assert (await client.response(rid)).status is ResponseStatus.CANCELLED
+            assert (await client.cancel_result(rid)).status is CancelStatus.CANCELLED
+        assert _connection(gateway).cancels_read_early == 0
+    await settled(gateway)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+async def test_a_frame_of_cancels_with_a_bad_one_takes_the_usual_path(
+    gateway: Gateway, codec: Codec
+) -> None:
+    """G6 through the early reader: it declines a frame it cannot take whole; the usual path
+    answers the good cancel and gives the bad message its error."""
+    async with WireClient.open(gateway.url, codec) as client:
+        track = await client.chat("r1", metadata=ENDLESS)
+        await client.chunks("r1", 1)
+        track.machine.on_cancel()
+        good = protocol.encode(Cancel(request_id="r1"), codec)
+        bad = (  # a cancel without its request_id
+            b'{"type":"cancel"}' if codec is Codec.JSON else msgpack.packb({"type": "cancel"})
+        )
+        await client.send_raw(protocol.join_batch([good, bad], codec))
+        assert (await client.response("r1")).status is ResponseStatus.CANCELLED
+        await client.wait_for(lambda: bool(client.errors or track.errors))
+        assert _connection(gateway).cancels_read_early == 0
+    await settled(gateway)
