@@ -74,6 +74,13 @@ class Config:
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,
     #: so lower cancel latency under load), else asyncio's; or "asyncio" / "uvloop".
     event_loop: str = "auto"
+    #: ``muxgate serve``: net new objects between young-generation garbage collections
+    #: (Python's default: 700). At 700 a collection comes every few tens of milliseconds and
+    #: scans every waiting stream's per-token objects (a future, its wake-up), which then get
+    #: scanned again in older generations: pauses a cancel waits behind. Higher, most of them
+    #: die (by reference count) before any collection sees them. Cycles wait longer: at most
+    #: this many objects' worth.
+    gc_young_threshold: int = 20_000
     #: The browser demo at ``/`` and ``/dashboard`` (files built into gateway/webui/).
     webui: bool = True
     #: The dashboard feed (``/v1/stats``): one snapshot per interval, to at most this many.
@@ -94,6 +101,7 @@ class Config:
             "retention_count",
             "stats_interval_ms",
             "max_stats_subscribers",
+            "gc_young_threshold",
         )
         for name in _positive:
             if getattr(self, name) < 1:

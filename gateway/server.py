@@ -253,6 +253,8 @@ async def _serve_forever(config: Config, loop_name: str = "asyncio") -> None:
     # per-request objects. Full collections are the longest pauses a cancel can wait behind.
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(config.gc_young_threshold, older, oldest)
     if not config.auth_required:
         log.warning(
             "auth.disabled",
@@ -273,6 +275,7 @@ async def _serve_forever(config: Config, loop_name: str = "asyncio") -> None:
         if config.jwt_secret
         else "none (dev mode)",
         max_streams=config.max_streams,
+        gc_threshold=gc.get_threshold(),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

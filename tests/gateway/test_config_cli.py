@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +210,33 @@ def test_serve_passes_flags_env_and_toml_to_the_server(
     assert config.retention_count == 77  # TOML over default
     assert config.client_keys == ("k1", "k2")
     assert config.shutdown_grace == 1.0
+
+
+def test_serve_sets_the_young_collection_threshold() -> None:
+    """``gc_young_threshold`` reaches the collector of the serving process (its started line
+    says which thresholds it runs with)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")}
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--log-format"]
+    command += ["json", "--gc-young-threshold", "12345", "--shutdown-grace", "0.1"]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        started = None
+        for line in process.stderr:
+            if '"gateway.started"' in line:
+                started = json.loads(line)
+                break
+        assert started is not None, "the gateway did not start"
+        assert started["gc_threshold"][0] == 12345
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    assert process.returncode == 0
