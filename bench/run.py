@@ -726,8 +726,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['packages']['websockets']}, {m['date']} (commit {m['commit']}"
         f"{', plus uncommitted gateway changes' if m.get('gateway_uncommitted_changes') else ''}). "
         "Every server runs in its own process on uvloop when installed (muxgate's `event_loop = "
-        "auto`, uvicorn's `loop=auto`, the ceiling likewise); the load generator runs on asyncio "
-        "in processes of its own, with its garbage collector off during the measured window. "
+        "auto`, uvicorn's `loop=auto`, the ceiling likewise); so does the load generator, in "
+        "processes of its own, with its garbage collector off during the measured window. "
         "Server CPU from /proc over the measured window.",
         "",
     ]
