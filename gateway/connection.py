@@ -21,6 +21,7 @@ import structlog
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
 
 import protocol
@@ -60,22 +61,36 @@ class _Closing(Exception):
 
 
 class EagerServerConnection(ServerConnection):
-    """websockets' server connection plus one hook: a complete data frame may be taken by
-    ``read_early`` in the loop turn that read it, instead of being queued for ``recv()``.
+    """websockets' server connection plus two hooks, so that a cancel takes effect in the loop
+    turn that read it: a complete data frame may be taken by ``read_early`` instead of being
+    queued for ``recv()``; an HTTP request may be answered by ``answer_early`` (the class's,
+    set per gateway) before the handler task's turn, which then sends ``early_response``.
 
     Why: a cancel is the one message whose latency is the product. Queued, it waits for the
-    reader task's next turn, behind every callback already scheduled (under load, hundreds of
-    token wake-ups). Order is kept: ``read_early`` is offered a frame only when no message is
-    queued before it (``queued``: messages handed to the queue and not yet taken by recv()).
+    reader (or handler) task's next turn, behind every callback already scheduled (under load,
+    hundreds of token wake-ups). Order is kept: ``read_early`` is offered a frame only when no
+    message is queued before it (``queued``: messages handed to the queue and not yet taken by
+    recv()); an HTTP request is the only message of its connection.
     """
+
+    #: ``(connection, request) -> response or None`` (None: the usual path).
+    answer_early: Callable[[ServerConnection, Request], Response | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_early: Callable[[Frame], bool] | None = None
         self.queued = 0
+        self.early_response: Response | None = None
 
     def process_event(self, event: Event) -> None:
-        if isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
+        if isinstance(event, Request) and self.request is None:
+            answer_early = type(self).answer_early
+            if answer_early is not None:
+                try:
+                    self.early_response = answer_early(self, event)
+                except Exception:  # a bug: the usual path answers (or fails) on its own
+                    log.exception("connection.answer_early_failed")
+        elif isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
             read_early = self.read_early
             if (
                 read_early is not None

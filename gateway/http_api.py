@@ -10,7 +10,7 @@ handshake; body-less ``DELETE`` and ``GET`` are accepted (it refuses only bodies
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote
 
 import orjson
@@ -27,7 +27,7 @@ from .stats import STATS_PATH
 if TYPE_CHECKING:
     from .server import Gateway
 
-__all__ = ["process_request"]
+__all__ = ["answer_early", "process_request"]
 
 _REQUESTS_PREFIX = "/v1/requests/"
 
@@ -64,9 +64,27 @@ def _not_allowed(conn: ServerConnection, allow: str) -> Response:
     return response
 
 
+def answer_early(gateway: Gateway, conn: ServerConnection, request: Request) -> Response | None:
+    """``DELETE /v1/requests/{id}`` answered in the loop turn that read the request, not the
+    handler task's next one (see connection.EagerServerConnection); None for anything else."""
+    if request.method != "DELETE":
+        return None
+    path = request.path.partition("?")[0]
+    if not path.startswith(_REQUESTS_PREFIX):
+        return None
+    request_id = unquote(path[len(_REQUESTS_PREFIX) :])
+    key = _request_key(gateway, conn, request, request_id)
+    if isinstance(key, Response):
+        return key
+    return _cancelled(conn, request_id, gateway.registry.cancel_now(key, CancelReason.API))
+
+
 async def process_request(
     gateway: Gateway, conn: ServerConnection, request: Request
 ) -> Response | None:
+    early = getattr(conn, "early_response", None)
+    if early is not None:
+        return cast(Response, early)
     path = request.path.partition("?")[0]
     method = request.method
     if path == protocol.WS_PATH:
@@ -115,8 +133,32 @@ async def process_request(
 async def _request_by_id(
     gateway: Gateway, conn: ServerConnection, request: Request, request_id: str
 ) -> Response:
-    method = request.method
-    if method not in ("GET", "DELETE"):
+    key = _request_key(gateway, conn, request, request_id)
+    if isinstance(key, Response):
+        return key
+    if request.method == "DELETE":
+        return _cancelled(conn, request_id, await gateway.registry.cancel(key, CancelReason.API))
+    record = await gateway.registry.lookup(key)
+    if record is None:
+        return _json(
+            conn,
+            HTTPStatus.NOT_FOUND,
+            {"request_id": request_id, "status": CancelStatus.NOT_FOUND.value},
+        )
+    return _json(conn, HTTPStatus.OK, record.to_json())
+
+
+def _cancelled(conn: ServerConnection, request_id: str, status: CancelStatus) -> Response:
+    return _json(
+        conn, _CANCEL_HTTP_STATUS[status], {"request_id": request_id, "status": status.value}
+    )
+
+
+def _request_key(
+    gateway: Gateway, conn: ServerConnection, request: Request, request_id: str
+) -> RequestKey | Response:
+    """The caller's key for ``request_id``, or the error response (method, id, credentials)."""
+    if request.method not in ("GET", "DELETE"):
         return _not_allowed(conn, "GET, DELETE")
     if not protocol.limits.REQUEST_ID_PATTERN.fullmatch(request_id):
         return _error(
@@ -129,17 +171,4 @@ async def _request_by_id(
         user = gateway.auth.from_http_headers(request.headers).user_for(None)
     except AuthError as exc:
         return _error(conn, HTTPStatus(exc.http_status), ErrorCode(exc.code), exc.message)
-    key = RequestKey(user, request_id)
-    if method == "DELETE":
-        status = await gateway.registry.cancel(key, CancelReason.API)
-        return _json(
-            conn, _CANCEL_HTTP_STATUS[status], {"request_id": request_id, "status": status.value}
-        )
-    record = await gateway.registry.lookup(key)
-    if record is None:
-        return _json(
-            conn,
-            HTTPStatus.NOT_FOUND,
-            {"request_id": request_id, "status": CancelStatus.NOT_FOUND.value},
-        )
-    return _json(conn, HTTPStatus.OK, record.to_json())
+    return RequestKey(user, request_id)

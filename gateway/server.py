@@ -28,7 +28,7 @@ from .auth import Authenticator
 from .backends import load_backend
 from .config import Config, ConfigError
 from .connection import Connection, EagerServerConnection
-from .http_api import process_request
+from .http_api import answer_early, process_request
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend
 from .registry import InMemoryRegistry
@@ -131,7 +131,8 @@ class Gateway:
             # are tiny, batching already amortises framing.
             compression=None,
             server_header="muxgate",
-            create_connection=EagerServerConnection,  # cancels read in the turn they arrive
+            # Cancels (frames and DELETEs) take effect in the loop turn that reads them.
+            create_connection=self._connection_class(),
         )
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
 
@@ -147,6 +148,17 @@ class Gateway:
             for conn in self.connections:
                 if conn.outbound.stuck_for(now) > limit:
                     conn.outbound.abort_slow()
+
+    def _connection_class(self) -> type[EagerServerConnection]:
+        """This gateway's connections: early HTTP answers need the gateway."""
+        gateway = self
+
+        class GatewayConnection(EagerServerConnection):
+            @staticmethod
+            def answer_early(conn: ServerConnection, request: Request) -> Response | None:
+                return answer_early(gateway, conn, request)
+
+        return GatewayConnection
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         return await process_request(self, conn, request)

@@ -1380,3 +1380,32 @@ async def test_a_frame_of_cancels_with_a_bad_one_takes_the_usual_path(
         await client.wait_for(lambda: bool(client.errors or track.errors))
         assert _connection(gateway).cancels_read_early == 0
     await settled(gateway)
+
+
+async def test_http_delete_is_answered_in_the_loop_turn_that_reads_it(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DELETE is decided when its request is parsed, not in the handler task's turn: the
+    usual path is never reached (it would fail here), and every answer is still right."""
+    from gateway import http_api
+
+    async def usual_path(*args: Any) -> Any:
+        raise AssertionError("DELETE took the usual path")
+
+    monkeypatch.setattr(http_api, "_request_by_id", usual_path)
+    async with WireClient.open(gateway.url) as client:
+        await client.chat("r1", metadata=ENDLESS)
+        await client.chunks("r1", 2)
+        assert await http(gateway, "DELETE", "r1") == (
+            200,
+            {"request_id": "r1", "status": "cancelled"},
+        )
+        response = await client.response("r1")
+        assert (response.status, response.reason) == (ResponseStatus.CANCELLED, CancelReason.API)
+        assert await http(gateway, "DELETE", "r1") == (
+            200,
+            {"request_id": "r1", "status": "already_cancelled"},
+        )
+        assert (await http(gateway, "DELETE", "nobody"))[0] == 404
+        assert (await http(gateway, "DELETE", "bad%20id"))[0] == 400
+    await settled(gateway)
