@@ -66,6 +66,7 @@ class Stream:
     __slots__ = (
         "_drained",
         "_outbound",
+        "_prefix",
         "_terminal",
         "cancelled",
         "closed",
@@ -82,6 +83,7 @@ class Stream:
     def __init__(self, outbound: Outbound, request_id: str, *, stream: bool) -> None:
         self._outbound = outbound
         self.request_id = request_id
+        self._prefix = protocol.chunk_prefix(request_id, outbound.codec)  # once per request
         self.machine = RequestStateMachine(request_id, Sender.GATEWAY, stream=stream)
         self.pending: list[str] = []
         self.pending_chars = 0
@@ -139,8 +141,9 @@ class Stream:
         return self._terminal is not None
 
     def _wake_producer(self) -> None:
-        if self._drained is not None:
-            self._drained.set()
+        drained = self._drained
+        if drained is not None and not drained.is_set():
+            drained.set()
 
     def _take(self, codec: Codec) -> list[bytes]:
         """The writer's turn: this stream's pending text as one chunk (+ its response)."""
@@ -151,14 +154,14 @@ class Stream:
             # Each emitted text is its own chunk while the reader keeps up; once more than
             # COALESCE_AFTER texts wait (the reader is behind), they go out as one chunk.
             texts = pending if len(pending) <= COALESCE_AFTER else ["".join(pending)]
-            request_id = self.request_id
+            prefix, encode = self._prefix, protocol.encode_chunk_from
             for text in texts:
                 seq = machine.next_seq
                 try:
-                    encoded = protocol.encode_chunk(request_id, seq, text, codec)
+                    encoded = encode(prefix, seq, text, codec)
                 except (TypeError, ValueError):  # a backend emitted a lone surrogate
                     text = text.encode("utf-8", "replace").decode("utf-8")
-                    encoded = protocol.encode_chunk(request_id, seq, text, codec)
+                    encoded = encode(prefix, seq, text, codec)
                 machine.on_chunk(seq, text)
                 out.append(encoded)
             self._outbound.chunks_sent += len(texts)
@@ -423,7 +426,7 @@ class Outbound:
     def _frames_of(self, parts: list[bytes], owners: list[Stream | None]) -> Iterable[bytes]:
         if len(parts) == 1:
             return parts
-        if self.max_batch_bytes > 0 and sum(len(p) for p in parts) + len(parts) <= MAX_FRAME:
+        if self.max_batch_bytes > 0 and sum(map(len, parts)) + len(parts) <= MAX_FRAME:
             return (protocol.join_batch(parts, self.codec),)
         # Several frames (batching off, or over MAX_FRAME_BYTES): see _frames.
         return self._frames(parts, owners, self.max_batch_bytes > 0)
@@ -526,8 +529,7 @@ class Outbound:
                 if stream.closed:
                     continue
                 taken = stream._take(self.codec)
-                for m in taken:
-                    size += len(m)
+                size += sum(map(len, taken))
                 parts.extend(taken)
                 owners.extend([stream] * len(taken))
         return parts

@@ -30,11 +30,13 @@ from .messages import ChatMessage, ErrorInfo, Limits, Message, Sender, Usage, pa
 __all__ = [
     "SUBPROTOCOLS",
     "Codec",
+    "chunk_prefix",
     "decode",
     "decode_one",
     "encode",
     "encode_batch",
     "encode_chunk",
+    "encode_chunk_from",
     "join_batch",
     "to_wire",
 ]
@@ -143,10 +145,29 @@ def encode_chunk(request_id: str, seq: int, text: str, codec: Codec) -> bytes:
     The caller vouches for the fields (the gateway validated ``request_id`` when the chat
     arrived and counts ``seq`` itself); the bytes equal ``encode(Chunk(...), codec)``.
     """
-    wire = {"type": "chunk", "request_id": request_id, "seq": seq, "text": text}
+    return encode_chunk_from(chunk_prefix(request_id, codec), seq, text, codec)
+
+
+def chunk_prefix(request_id: str, codec: Codec) -> bytes:
+    """The bytes every chunk of ``request_id`` starts with: encode them once per request."""
     if codec is Codec.JSON:
-        return orjson.dumps(wire)
-    return _pack(wire)
+        return b'{"type":"chunk","request_id":' + orjson.dumps(request_id) + b',"seq":'
+    return _CHUNK_MAP_HEAD + _pack(request_id) + _SEQ_KEY
+
+
+def encode_chunk_from(prefix: bytes, seq: int, text: str, codec: Codec) -> bytes:
+    """:func:`encode_chunk` given the request's :func:`chunk_prefix`: only ``seq`` and
+    ``text`` are encoded (about half the time of encoding the whole map). Raises TypeError or
+    ValueError for a text the codec cannot encode (a lone surrogate), as ``encode`` does."""
+    if codec is Codec.JSON:
+        return b'%s%d,"text":%s}' % (prefix, seq, orjson.dumps(text))
+    return b"".join((prefix, _pack(seq), _TEXT_KEY, _pack(text)))
+
+
+# A chunk's msgpack map: 4 entries, keys in the canonical order (see to_wire).
+_CHUNK_MAP_HEAD = b"\x84" + _pack("type") + _pack("chunk") + _pack("request_id")
+_SEQ_KEY = _pack("seq")
+_TEXT_KEY = _pack("text")
 
 
 def join_batch(encoded: Sequence[bytes], codec: Codec) -> bytes:

@@ -181,3 +181,29 @@ async def test_send_control_now_writes_the_cancelled_response_before_returning()
     assert [m for _, m in sock.messages()] == [cancelled("r1")]
     outbound.close()
     await writer
+
+
+@pytest.mark.parametrize("codec", list(Codec), ids=lambda c: c.name.lower())
+async def test_a_lone_surrogate_is_sent_replaced_not_dropped(codec: Codec) -> None:
+    """A backend emitting text that is not valid Unicode still gets its chunk out, with the
+    bad code point replaced; the stream goes on."""
+    frames: list[bytes] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(frame)
+
+    outbound = Outbound(send, codec)
+    writer = asyncio.create_task(outbound.run())
+    stream = Stream(outbound, "r1", stream=True)
+    outbound.attach_stream(stream)
+    stream.push("a\ud800b")
+    await outbound.flushed()
+    stream.push("c")
+    await outbound.flushed()
+    chunks = [m for f in frames for m in protocol.decode(f, codec, Sender.GATEWAY)]
+    assert [(c.seq, c.text) for c in chunks if isinstance(c, protocol.Chunk)] == [
+        (0, "a?b"),
+        (1, "c"),
+    ]
+    outbound.close()
+    await writer

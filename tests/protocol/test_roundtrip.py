@@ -15,11 +15,13 @@ from protocol import (
     Codec,
     Message,
     Sender,
+    chunk_prefix,
     decode,
     decode_one,
     encode,
     encode_batch,
     encode_chunk,
+    encode_chunk_from,
     join_batch,
     to_wire,
 )
@@ -137,3 +139,20 @@ def test_chunk_wire_literal(codec, message: Message, expected):
         assert encode(message, codec) == b'{"type":"chunk","request_id":"r1","seq":0,"text":"Hi"}'
     else:
         assert encode(message, codec) == msgpack.packb(expected, use_bin_type=True)
+
+
+@CODECS
+@settings(max_examples=100)
+@given(rid=s.request_ids, seq=s.non_negative_safe_ints, text=s.texts(min_size=1, max_size=300))
+def test_encode_chunk_from_a_prefix_equals_encode_of_chunk(codec, rid, seq, text):
+    """The gateway encodes a request's chunk prefix once and then only seq and text."""
+    prefix = chunk_prefix(rid, codec)
+    assert encode_chunk_from(prefix, seq, text, codec) == encode(
+        Chunk(request_id=rid, seq=seq, text=text), codec
+    )
+
+
+@CODECS
+def test_encode_chunk_from_refuses_a_lone_surrogate(codec):
+    with pytest.raises((TypeError, ValueError)):
+        encode_chunk_from(chunk_prefix("r1", codec), 0, "a\ud800b", codec)
