@@ -50,8 +50,13 @@ def run(seconds: float) -> list[dict[str, object]]:
         frame: bytes | str = encoded.decode() if codec.is_text else encoded
         batch = protocol.join_batch([encoded] * 8, codec)
         batch_frame: bytes | str = batch.decode() if codec.is_text else batch
+        prefix = protocol.chunk_prefix(REQUEST_ID, codec)
         cases: dict[str, Callable[[], object]] = {
-            "encode_chunk (hot path)": lambda c=codec: protocol.encode_chunk(
+            # The gateway's hot path: the request's prefix is encoded once, at its start.
+            "encode_chunk_from(prefix) (hot path)": lambda c=codec, p=prefix: (
+                protocol.encode_chunk_from(p, 123, TEXT, c)
+            ),
+            "encode_chunk (one-off)": lambda c=codec: protocol.encode_chunk(
                 REQUEST_ID, 123, TEXT, c
             ),
             "encode(Chunk) (generic)": lambda c=codec: protocol.encode(chunk, c),
