@@ -1,4 +1,4 @@
-"""A shared clock for simulated token streams: one event-loop timer per millisecond tick for all
+"""A shared clock for simulated token streams: one event-loop timer per tick (0.2 ms) for all
 the streams due on it, instead of one timer per token per stream.
 
 Why: at 1,000 streams x 20 tokens/s, ``asyncio.sleep`` per token keeps ~1,000 loop timers alive
@@ -15,8 +15,11 @@ from typing import Final
 
 __all__ = ["TokenClock"]
 
-#: Deadlines are rounded to the nearest tick: token timing stays right on average.
-TICK: Final = 0.001
+#: Deadlines are rounded to the nearest tick: token timing stays right on average. Fine enough
+#: that streams due together stay few (at 1,000 streams x 20 tokens/s, ~4 per tick): a real
+#: provider's tokens arrive spread out, not in lock-step bursts that lengthen a loop turn (1 ms
+#: ticks woke ~20 streams at once; A/B under the cancel load: p99 1.86 / 1.73 -> 1.64 / 1.50 ms).
+TICK: Final = 0.0002
 
 
 class TokenClock:
