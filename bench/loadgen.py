@@ -28,6 +28,7 @@ import gc
 import json
 import random
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -632,46 +633,56 @@ class CancelRun:
         }
 
 
-async def http_canceller(a: argparse.Namespace) -> None:
+def http_canceller(a: argparse.Namespace) -> None:
     """Reads request ids on stdin; for each, ``DELETE /v1/requests/{id}`` on a new connection
-    (as a separate client would); on EOF prints ``[[rid, t_sent, t_done, status], ...]``."""
+    (as ``curl`` would); on EOF prints ``[[rid, t_sent, t_done, status], ...]``.
+
+    Plain blocking sockets, one cancel at a time (one per 10 ms is the load): the instrument
+    adds no event loop of its own between deciding to cancel and the request's bytes leaving.
+    """
     base = a.base.removeprefix("http://").rstrip("/")
     host, _, port = base.partition(":")
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     results: list[tuple[str, float, float, int]] = []
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def delete(rid: str) -> None:
+    _emit("ready")
+    while line := sys.stdin.buffer.readline():
+        rid = line.strip().decode()
         t_sent = monotonic()
         status = -1
         try:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(
-                f"DELETE /v1/requests/{rid} HTTP/1.1\r\nHost: {base}\r\n"
-                "User-Agent: muxgate-bench\r\nAccept: */*\r\n\r\n".encode()
-            )
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            writer.close()
-        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(
+                    f"DELETE /v1/requests/{rid} HTTP/1.1\r\nHost: {base}\r\n"
+                    "User-Agent: muxgate-bench\r\nAccept: */*\r\n\r\n".encode()
+                )
+                status = _read_http_status(sock)
+        except (OSError, ValueError, IndexError):
             pass
         results.append((rid, t_sent, monotonic(), status))
-
-    _emit("ready")
-    while line := await stdin.readline():
-        task = asyncio.create_task(delete(line.strip().decode()))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(tasks)
     _emit(results)
+
+
+def _read_http_status(sock: socket.socket) -> int:
+    """Read one whole HTTP response (headers, then Content-Length bytes); its status code."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise ValueError("connection closed before the headers ended")
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for header in lines[1:]:
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        more = sock.recv(65536)
+        if not more:
+            break
+        body += more
+    return int(lines[0].split()[1])
 
 
 # -- connections and memory ----------------------------------------------------------------------
@@ -819,7 +830,7 @@ def main() -> int:
         raise_nofile()
         _emit(run(CancelRun(a).run()))
     elif a.mode == "http-canceller":
-        run(http_canceller(a))
+        http_canceller(a)
     else:
         run(run_connections(a))
     return 0
