@@ -676,25 +676,35 @@ async def test_load_by_entry_point(custom_module: str, monkeypatch: pytest.Monke
 # -- the shared token clock ---------------------------------------------------------------------
 
 
-async def test_token_clock_sleeps_about_the_delay_and_shares_timers() -> None:
+async def test_token_clock_sleeps_about_the_delay_and_shares_timers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from gateway.backends.token_clock import TICK, TokenClock
 
     loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, callback, *args)
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
     clock = TokenClock(loop)
-    start = loop.time()
-    woke: list[float] = []
-
-    async def sleeper() -> None:
-        await clock.sleep(0.02)
-        woke.append(loop.time())
-
-    sleepers = [asyncio.create_task(sleeper()) for _ in range(50)]
-    await asyncio.sleep(0)  # every sleeper registers within the same tick or the next
-    assert 1 <= clock.pending_ticks <= 2  # 50 sleepers, not 50 timers
-    await asyncio.gather(*sleepers)
-    assert len(woke) == 50
-    assert min(woke) >= start + 0.02 - TICK  # rounded to the nearest tick, never earlier
+    due = loop.time() + 0.02
+    # 50 streams due at the same moment (deadlines counted from the same previous one).
+    wakes = [clock.schedule(0.0, due)[1] for _ in range(50)]
+    assert len(timers) == 1  # 50 sleepers, one timer
+    assert clock.pending_ticks == 1
+    await asyncio.gather(*(w for w in wakes if w is not None))
+    assert len(wakes) == 50
+    assert all(w is not None and w.done() for w in wakes)
+    assert loop.time() >= due - TICK  # rounded to the nearest tick, never earlier
     assert clock.pending_ticks == 0  # nothing left behind
+    # The plain sleep still waits about its delay.
+    start = loop.time()
+    await clock.sleep(0.01)
+    assert loop.time() >= start + 0.01 - TICK
 
 
 async def test_token_clock_cancelling_one_waiter_leaves_the_others() -> None:
