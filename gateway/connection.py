@@ -70,7 +70,10 @@ class EagerServerConnection(ServerConnection):
     reader (or handler) task's next turn, behind every callback already scheduled (under load,
     hundreds of token wake-ups). Order is kept: ``read_early`` is offered a frame only when no
     message is queued before it (``queued``: messages handed to the queue and not yet taken by
-    recv()); an HTTP request is the only message of its connection.
+    recv()); an HTTP request is the only message of its connection. ``process_event`` is
+    websockets' per-event step (ServerConnection overrides it for the handshake), not a
+    documented hook: if a release stopped calling it, cancels would take the usual path again,
+    and the tests that count early cancels would say so.
     """
 
     #: ``(connection, request) -> response or None`` (None: the usual path).

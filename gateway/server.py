@@ -260,6 +260,11 @@ def _event_loop(setting: str) -> str:
 async def _serve_forever(config: Config, loop_name: str = "asyncio") -> None:
     gateway = Gateway(config)
     await gateway.start()
+    # Before "gateway.started": whoever waits for that line may send SIGTERM right after it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # Everything alive now (modules, classes, the config) lives as long as the process: move it
     # out of the collector's sight, so each full collection scans only per-connection and
     # per-request objects. Full collections are the longest pauses a cancel can wait behind.
@@ -289,10 +294,6 @@ async def _serve_forever(config: Config, loop_name: str = "asyncio") -> None:
         max_streams=config.max_streams,
         gc_threshold=gc.get_threshold(),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway.draining", grace_seconds=config.shutdown_grace)
     await gateway.shutdown()
