@@ -348,10 +348,17 @@ class Connection:
         self.gateway.track(asyncio.ensure_future(self.close(code, reason)))
 
     async def _flush_and_close(self, code: CloseCode, reason: str) -> None:
-        """Give queued messages (the error explaining the close) a moment, then close."""
+        """Give queued messages (the error explaining the close) a moment, stop the requests,
+        then close."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await self.outbound.flushed()
+        # Nothing more will be sent. Stop the requests now (G7), not after the close handshake,
+        # which a client that does not read stretches to the close timeout while its pipelines
+        # go on spending tokens. The outbound closes first: no response is written any more.
+        self.outbound.close()
+        if self.mux is not None:
+            self.mux.disconnect()
         await self.close(code, reason)
 
     async def close(self, code: CloseCode, reason: str) -> None:
