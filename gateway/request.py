@@ -182,10 +182,17 @@ class Request:
                 # Halted although nobody cancelled (a backend raised it itself): without this
                 # the request would never get its response (G1). It is the backend's failure.
                 self._fail(exc)
-        except asyncio.CancelledError:
-            # Only a last resort at shutdown cancels this task; the cancel decides the response.
-            self.cancel(CancelReason.SHUTDOWN)
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Only a last resort at shutdown cancels this task; the cancel decides the
+                # response.
+                self.cancel(CancelReason.SHUTDOWN)
+                raise
+            # Nobody cancelled this task: the backend let a CancelledError of its own escape
+            # (an inner task it cancelled). That is its failure, not a cancel of the request.
+            if self.status is RequestStatus.ACTIVE:
+                self._fail(exc)
         except Exception as exc:  # the backend's failure is this request's, not the gateway's
             if self.status is RequestStatus.ACTIVE:
                 self._fail(exc)

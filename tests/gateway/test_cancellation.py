@@ -715,6 +715,30 @@ async def test_pipeline_halted_without_cancel_still_answers() -> None:
         assert not gw.registry.active()
 
 
+class RaisesCancelledError:
+    """A backend that lets a CancelledError of its own escape (e.g. from an inner task it
+    cancelled): its failure, not a cancel of the request."""
+
+    async def run(self, ctx: RequestContext) -> None:
+        ctx.sink.push("partial")
+        raise asyncio.CancelledError()
+
+
+async def test_a_cancelled_error_from_the_backend_is_its_failure_not_a_shutdown() -> None:
+    async with (
+        running_gateway(backend_impl=RaisesCancelledError()) as gw,
+        WireClient.open(gw.url, Codec.JSON) as client,
+    ):
+        await client.chat("r1")
+        response = await client.response("r1", timeout=5)
+        assert response.status is ResponseStatus.FAILED
+        assert response.error is not None
+        assert response.error.code == "backend_error"
+        await settled(gw)
+        found = await record(gw, "r1")
+        assert (found.status, found.reason) == (RequestStatus.FAILED, None)
+
+
 # -- G5: the backend halts at its next checkpoint ----------------------------------------------
 
 
