@@ -243,7 +243,8 @@ class Outbound:
         #: Event-loop time the current send began (None when not sending): the watchdog's input.
         self.send_started: float | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._slow = False
+        #: Why the writer task was cancelled (SlowConsumer's message), if it was.
+        self._slow: str | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -273,6 +274,12 @@ class Outbound:
             control.append(m if isinstance(m, bytes) else protocol.encode(m, self.codec))
         if on_sent is not None:
             self._on_sent[len(control) - 1 + self._control_popped] = on_sent
+        if len(control) > self.max_control and self.send_started is not None:
+            # The writer waits in a send on a client that does not read: end it now, not when
+            # that send returns (the next batch would find the overflow, but maybe only after
+            # the slow-consumer timeout, with the queue growing meanwhile).
+            self._abort("control queue full: the client is not reading")
+            return
         self._wake()
 
     def cancel_stream(
@@ -384,8 +391,11 @@ class Outbound:
     def abort_slow(self) -> None:
         """The watchdog's verdict: the client stopped reading; the writer ends with
         :class:`SlowConsumer` and the connection closes (4008)."""
-        if self._task is not None and not self._task.done():
-            self._slow = True
+        self._abort(f"no progress writing for {self.slow_consumer_timeout:g} s")
+
+    def _abort(self, reason: str) -> None:
+        if self._task is not None and not self._task.done() and self._slow is None:
+            self._slow = reason
             self._task.cancel()
 
     async def flushed(self) -> None:
@@ -440,10 +450,8 @@ class Outbound:
             try:
                 await self._send(frame)
             except asyncio.CancelledError:
-                if self._slow:
-                    raise SlowConsumer(
-                        f"no progress writing for {self.slow_consumer_timeout:g} s"
-                    ) from None
+                if self._slow is not None:
+                    raise SlowConsumer(self._slow) from None
                 raise
             self.send_started = None
             self.frames_sent += 1

@@ -207,3 +207,19 @@ async def test_a_lone_surrogate_is_sent_replaced_not_dropped(codec: Codec) -> No
     ]
     outbound.close()
     await writer
+
+
+async def test_control_overflow_ends_a_writer_blocked_in_a_send() -> None:
+    """The bound on queued control messages holds while the writer waits on a client that
+    stopped reading: the overflow ends the connection then, not when that send returns (the
+    slow-consumer timeout later) while pongs and errors pile up meanwhile."""
+    send = GatedSend()  # the first send blocks until released: it never is here
+    outbound = Outbound(send, Codec.JSON, max_control=3)
+    writer = asyncio.create_task(outbound.run())
+    outbound.send_control(protocol.Pong(id=0))
+    await send.first_started.wait()
+    for n in range(1, 5):
+        outbound.send_control(protocol.Pong(id=n))
+    async with asyncio.timeout(2):
+        with pytest.raises(SlowConsumer, match="control queue full"):
+            await writer
