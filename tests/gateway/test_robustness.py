@@ -476,19 +476,21 @@ async def test_forced_close_stops_requests_before_the_close_handshake() -> None:
     """A connection the gateway closes (here 4029) stops its requests once the error explaining
     the close is out, not when the close handshake ends: a client that does not read can stretch
     that to the close timeout (10 s), and its requests would go on spending tokens meanwhile."""
-    async with running_gateway(rate_limit=NO_REFILL, rate_burst=3) as gw:
-        async with WireClient.open(gw.url) as client:
-            await client.chat("long", metadata=LONG)
-            await client.chunks("long", 1)
-            client.ws.transport.pause_reading()  # from now on it reads nothing, not even a close
-            for i in range(10):
-                await client.send(Ping(id=i))
-            await settled(gw, timeout=3)  # the pipeline halted well before the close timeout
-            record = await gw.registry.lookup(RequestKey("", "long"))
-            assert record is not None
-            assert record.reason is CancelReason.DISCONNECT
-            client.ws.transport.resume_reading()
-            await closed_with(client, CloseCode.RATE_LIMITED)
+    async with (
+        running_gateway(rate_limit=NO_REFILL, rate_burst=3) as gw,
+        WireClient.open(gw.url) as client,
+    ):
+        await client.chat("long", metadata=LONG)
+        await client.chunks("long", 1)
+        client.ws.transport.pause_reading()  # from now on it reads nothing, not even a close
+        for i in range(10):
+            await client.send(Ping(id=i))
+        await settled(gw, timeout=3)  # the pipeline halted well before the close timeout
+        record = await gw.registry.lookup(RequestKey("", "long"))
+        assert record is not None
+        assert record.reason is CancelReason.DISCONNECT
+        client.ws.transport.resume_reading()
+        await closed_with(client, CloseCode.RATE_LIMITED)
 
 
 @pytest.mark.parametrize("codec", CODECS)

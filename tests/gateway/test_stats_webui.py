@@ -287,3 +287,40 @@ async def test_the_shipped_demo_is_built_and_every_asset_it_names_is_served() ->
                 loaded = await http("GET", gw.http_url + asset)
                 assert loaded.status == 200, asset
                 assert loaded.body
+
+
+async def test_feed_skips_a_subscriber_that_does_not_read_and_serves_the_others() -> None:
+    """A subscriber whose socket is not draining misses ticks: its buffer stops growing at the
+    limit, while a reading subscriber keeps getting frames."""
+    import socket
+
+    from gateway.stats import SUBSCRIBER_BUFFER_LIMIT
+
+    async with running_gateway(stats_interval_ms=1) as gw:
+        slow_sock = socket.create_connection((gw.config.host, gw.port))
+        slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        async with connect(stats_url(gw), sock=slow_sock) as slow, connect(stats_url(gw)) as fast:
+            await asyncio.wait_for(slow.recv(), 5)
+            slow.transport.pause_reading()  # from now on it reads nothing
+            server_side = next(
+                ws
+                for ws in gw.stats_feed._subscribers
+                if ws.remote_address[1] == slow_sock.getsockname()[1]
+            )
+            # Small kernel buffers, so the gateway's own buffer is what fills.
+            server_side.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+
+            async def frames(n: int) -> None:
+                for _ in range(n):
+                    await fast.recv()
+
+            async with asyncio.timeout(20):
+                while server_side.transport.get_write_buffer_size() <= SUBSCRIBER_BUFFER_LIMIT:
+                    await frames(1)  # the reading subscriber's frames are the clock
+                reached = server_side.transport.get_write_buffer_size()
+                await frames(200)  # 200 more ticks
+            assert server_side.transport.get_write_buffer_size() == reached  # all skipped
+            assert reached < SUBSCRIBER_BUFFER_LIMIT + 16 * 1024  # at most one frame over
+            slow.transport.abort()  # a close handshake would wait behind the backlog
