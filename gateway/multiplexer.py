@@ -112,14 +112,11 @@ class Multiplexer:
         self.requests.discard(request)
 
     async def cancel(self, cancel: Cancel) -> None:
-        rid = cancel.request_id
-        try:
-            user = self.principal.user_for(cancel.user_id)
-        except AuthError as exc:
-            self.error(exc.code, exc.message, rid)
+        key = self._cancel_key(cancel)
+        if key is None:
             return
-        status = await self.gateway.registry.cancel(RequestKey(user, rid), CancelReason.CLIENT)
-        self._cancel_result(rid, status)
+        status = await self.gateway.registry.cancel(key, CancelReason.CLIENT)
+        self._cancel_result(key.request_id, status)
         # The cancelled response (and this result) go out now, not at the writer's next turn.
         await self.outbound.send_control_now()
 
@@ -127,14 +124,20 @@ class Multiplexer:
         """:meth:`cancel`, synchronously (this process's registry): for a cancel read in the
         loop turn that received it. The cancelled response is written before this returns
         (Request.cancel); the result goes with the next write."""
-        rid = cancel.request_id
+        key = self._cancel_key(cancel)
+        if key is None:
+            return
+        status = self.gateway.registry.cancel_now(key, CancelReason.CLIENT)
+        self._cancel_result(key.request_id, status)
+
+    def _cancel_key(self, cancel: Cancel) -> RequestKey | None:
+        """The key a cancel names for this connection's principal (None: refused, error sent)."""
         try:
             user = self.principal.user_for(cancel.user_id)
         except AuthError as exc:
-            self.error(exc.code, exc.message, rid)
-            return
-        status = self.gateway.registry.cancel_now(RequestKey(user, rid), CancelReason.CLIENT)
-        self._cancel_result(rid, status)
+            self.error(exc.code, exc.message, cancel.request_id)
+            return None
+        return RequestKey(user, cancel.request_id)
 
     def _cancel_result(self, rid: str, status: CancelStatus) -> None:
         result = CancelResult(request_id=rid, status=status)

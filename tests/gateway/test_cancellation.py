@@ -700,33 +700,23 @@ class HaltsOnItsOwn:
         raise PipelineHalted(CancelReason.CLIENT, "backend")
 
 
-async def test_pipeline_halted_without_cancel_still_answers() -> None:
-    async with (
-        running_gateway(backend_impl=HaltsOnItsOwn()) as gw,
-        WireClient.open(gw.url, Codec.JSON) as client,
-    ):
-        await client.chat("r1")
-        response = await client.response("r1", timeout=5)
-        assert response.status is ResponseStatus.FAILED
-        assert response.error is not None
-        assert response.error.code == "backend_error"
-        await settled(gw)
-        assert (await record(gw, "r1")).status is RequestStatus.FAILED
-        assert not gw.registry.active()
-
-
 class RaisesCancelledError:
     """A backend that lets a CancelledError of its own escape (e.g. from an inner task it
-    cancelled): its failure, not a cancel of the request."""
+    cancelled): its failure, not a cancel of the request (not recorded as "shutdown")."""
 
     async def run(self, ctx: RequestContext) -> None:
         ctx.sink.push("partial")
         raise asyncio.CancelledError()
 
 
-async def test_a_cancelled_error_from_the_backend_is_its_failure_not_a_shutdown() -> None:
+@pytest.mark.parametrize(
+    "backend", [HaltsOnItsOwn, RaisesCancelledError], ids=["halted", "cancelled-error"]
+)
+async def test_a_backend_ending_itself_without_a_cancel_fails_the_request(
+    backend: type[HaltsOnItsOwn | RaisesCancelledError],
+) -> None:
     async with (
-        running_gateway(backend_impl=RaisesCancelledError()) as gw,
+        running_gateway(backend_impl=backend()) as gw,
         WireClient.open(gw.url, Codec.JSON) as client,
     ):
         await client.chat("r1")
@@ -737,6 +727,7 @@ async def test_a_cancelled_error_from_the_backend_is_its_failure_not_a_shutdown(
         await settled(gw)
         found = await record(gw, "r1")
         assert (found.status, found.reason) == (RequestStatus.FAILED, None)
+        assert not gw.registry.active()
 
 
 # -- G5: the backend halts at its next checkpoint ----------------------------------------------
