@@ -72,6 +72,7 @@ __all__ = [
     "Authenticator",
     "Principal",
     "PrincipalKind",
+    "has_credentials",
     "make_token",
 ]
 
@@ -439,6 +440,15 @@ def _bearer_token(headers: Mapping[str, str]) -> str | None:
     if not token or " " in token or "\t" in token:
         raise _unauthorized(_BAD_BEARER)
     return token
+
+
+def has_credentials(headers: Mapping[str, str]) -> bool:
+    """Whether a handshake presents credentials at all (valid or not): a client key header or
+    an ``Authorization`` header. Cheap: nothing is verified."""
+    return any(name.lower() in _CREDENTIAL_HEADERS for name in headers)
+
+
+_CREDENTIAL_HEADERS: Final = frozenset((HEADER_CLIENT_KEY, HEADER_AUTHORIZATION))
 
 
 def make_token(secret: str, sub: str, ttl_seconds: float = 3600, **claims: object) -> str:

@@ -63,9 +63,18 @@ class Config:
     max_timeout_ms: int = 600_000
     #: Seconds a connection without credentials has to send its hello.
     hello_timeout: float = 10.0
+    #: Connections that have not authenticated yet (no credentials in the handshake, hello
+    #: not yet welcomed), counted apart so that they can never fill ``max_connections``:
+    #: at most this many in all (default: a tenth of max_connections) and per client address
+    #: (0: no per-address limit; behind a proxy every client has the proxy's address).
+    max_unauthenticated_connections: int | None = None
+    max_unauthenticated_per_address: int = 64
     #: Inbound messages per second per connection (token bucket) and the burst allowed.
     rate_limit: float = 500.0
     rate_burst: int = 1000
+    #: Seconds a connection may keep sending above the rate (refused messages with no quiet
+    #: second between them) before it is closed with 4029 (SPEC.md §7.1).
+    rate_close_after: float = 5.0
     #: Finished requests remembered for late cancels and GET.
     retention_seconds: float = 300.0
     retention_count: int = 100_000
@@ -86,6 +95,10 @@ class Config:
     #: The dashboard feed (``/v1/stats``): one snapshot per interval, to at most this many.
     stats_interval_ms: int = 500
     max_stats_subscribers: int = 100
+    #: With auth on and this false, /metrics and /v1/stats (snapshot and feed) need a client key.
+    stats_public: bool = True
+    #: Feed slots kept for subscribers presenting a valid client key (beyond the anonymous ones).
+    max_operator_stats_subscribers: int = 8
     log_format: str = "auto"  # "auto" (console on a terminal, else JSON), "json", "console"
     log_level: str = "info"
 
@@ -102,6 +115,7 @@ class Config:
             "stats_interval_ms",
             "max_stats_subscribers",
             "gc_young_threshold",
+            "max_operator_stats_subscribers",
         )
         for name in _positive:
             if getattr(self, name) < 1:
@@ -114,7 +128,19 @@ class Config:
             raise ConfigError("max_batch_bytes must be >= 0 (0 disables batching)")
         if self.max_timeout_ms > limits.MAX_TIMEOUT_MS:
             raise ConfigError(f"max_timeout_ms must be at most {limits.MAX_TIMEOUT_MS}")
-        for name in ("slow_consumer_timeout", "hello_timeout", "rate_limit", "shutdown_grace"):
+        if self.max_unauthenticated_connections is not None and not (
+            1 <= self.max_unauthenticated_connections <= self.max_connections
+        ):
+            raise ConfigError("max_unauthenticated_connections must be in 1..max_connections")
+        if self.max_unauthenticated_per_address < 0:
+            raise ConfigError("max_unauthenticated_per_address must be >= 0 (0: no limit)")
+        for name in (
+            "slow_consumer_timeout",
+            "hello_timeout",
+            "rate_limit",
+            "rate_close_after",
+            "shutdown_grace",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:  # "nan" would switch the check off
                 raise ConfigError(f"{name} must be a positive finite number")
@@ -133,6 +159,12 @@ class Config:
             )
         if self.max_pending_chars > self.max_content_chars:
             raise ConfigError("max_pending_chars must not exceed max_content_chars")
+
+    @property
+    def unauthenticated_limit(self) -> int:
+        """``max_unauthenticated_connections``, or its default."""
+        limit = self.max_unauthenticated_connections
+        return limit if limit is not None else max(1, self.max_connections // 10)
 
     @property
     def auth_required(self) -> bool:

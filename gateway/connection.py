@@ -78,16 +78,33 @@ class EagerServerConnection(ServerConnection):
 
     #: ``(connection, request) -> response or None`` (None: the usual path).
     answer_early: Callable[[ServerConnection, Request], Response | None] | None = None
+    #: ``request -> bytes or None``: the largest frame this connection takes until it has
+    #: authenticated (None: ``max_size``). Decided on the handshake request, before the 101
+    #: is written, so no frame of the client's can be parsed under the larger limit.
+    preauth_max_size: Callable[[Request], int | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_early: Callable[[Frame], bool] | None = None
         self.queued = 0
         self.early_response: Response | None = None
+        #: Bytes of frames ``read_early`` may still take in this ``data_received`` call.
+        self.early_budget = 0
+
+    def data_received(self, data: bytes) -> None:
+        # One read's worth of early work is bounded (a read may hold hundreds of frames): the
+        # rest goes through recv(), whose bounded queue pauses reading (TCP backpressure).
+        self.early_budget = EARLY_BYTES_PER_READ
+        super().data_received(data)
 
     def process_event(self, event: Event) -> None:
         if isinstance(event, Request) and self.request is None:
-            answer_early = type(self).answer_early
+            cls = type(self)
+            if cls.preauth_max_size is not None:
+                limit = cls.preauth_max_size(event)
+                if limit is not None:
+                    self.protocol.max_message_size = limit
+            answer_early = cls.answer_early
             if answer_early is not None:
                 try:
                     self.early_response = answer_early(self, event)
@@ -100,17 +117,40 @@ class EagerServerConnection(ServerConnection):
                 and self.queued == 0
                 and event.fin
                 and event.opcode is not Opcode.CONT
-                and read_early(event)
+                and len(event.data) <= self.early_budget
+                and self._try_early(read_early, event)
             ):
                 return
             if event.fin:
                 self.queued += 1
         super().process_event(event)
 
+    def _try_early(self, read_early: Callable[[Frame], bool], frame: Frame) -> bool:
+        self.early_budget -= len(frame.data)
+        try:
+            return read_early(frame)
+        except Exception:  # a bug: decline, the usual path handles (or refuses) the frame
+            log.exception("connection.read_early_failed")
+            self.read_early = None  # once is enough: no traceback per frame
+            return False
+
 
 _DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+#: Frames answered early per read (bytes): ~350 cancels, well under a millisecond of work.
+EARLY_BYTES_PER_READ = 16_384
+#: Before authentication, a connection's frames are at most this large: a ``hello`` with the
+#: largest token and client key fits (SPEC.md §4.4); a 1 MiB frame of junk is refused by
+#: websockets from its header (1009) before its payload is read.
+PREAUTH_MAX_FRAME_BYTES = 16_384
+#: Messages handled before the reader yields to the loop (other connections' callbacks run).
+MESSAGES_PER_TURN = 64
+#: A rate excess ends (for the 4029 rule) once no message was refused for this long.
+RATE_EXCESS_QUIET = 1.0
 #: Only frames holding this are decoded early: chats, pings and hellos take the usual path.
 _CANCEL_MARK = {Codec.JSON: b'"cancel"', Codec.MSGPACK: b"\xa6cancel"}
+#: Rate tokens a frame refused for carrying too many messages costs: what the most messages a
+#: frame may carry would have cost, plus one.
+_FRAME_COST = protocol.limits.MAX_BATCH_MESSAGES + 1
 
 
 class Connection:
@@ -139,6 +179,21 @@ class Connection:
         self._tokens = float(config.rate_burst)
         self._refill_at = time.monotonic()
         self._strikes = 0
+        #: Start and last refusal of the current rate excess (None: not exceeding).
+        self._excess_since: float | None = None
+        self._last_refusal = 0.0
+        # SPEC.md §4.4: handshake credentials are checked now but decided on the first
+        # message, since a hello may replace them.
+        self._headers = ws.request.headers if ws.request is not None else {}
+        self._principal: Principal | None = None
+        self._auth_error: AuthError | None = None
+        try:
+            self._principal = gateway.auth.from_headers(self._headers)
+        except AuthError as exc:
+            self._auth_error = exc
+        #: Counted against the gateway's budget for connections that have not authenticated
+        #: until this is True (credentials in the handshake, or a welcomed hello).
+        self.authenticated = self._principal is not None
         #: True while the reader task waits in recv() (not while it handles a message).
         self._waiting = False
         #: Cancels answered in the loop turn that read them (see EagerServerConnection).
@@ -182,18 +237,18 @@ class Connection:
             log.debug("connection.closed", connection_id=self.id, close_code=self.ws.close_code)
 
     async def _read_loop(self) -> None:
-        # SPEC.md §4.4: handshake credentials are checked now but decided on the first message,
-        # since a hello may replace them.
-        headers = self.ws.request.headers if self.ws.request is not None else {}
-        self._principal: Principal | None = None
-        self._auth_error: AuthError | None = None
-        try:
-            self._principal = self.gateway.auth.from_headers(headers)
-        except AuthError as exc:
-            self._auth_error = exc
+        headers = self._headers
         hello_timeout = None if self._principal is not None else self.gateway.config.hello_timeout
         recv = self._recv
+        outbound = self.outbound
+        # Messages handled since the reader last yielded: recv() returns without suspending
+        # while frames are queued, so a flood would otherwise hold the loop (other clients
+        # wait) for as long as it keeps the queue full.
+        handled = 0
         while True:
+            if outbound.closed:  # the writer ended it (4008, 1011): its close is under way
+                await self._discard_until_closed()
+                return
             if self.mux is None and hello_timeout is not None:
                 try:
                     async with asyncio.timeout(hello_timeout):
@@ -209,12 +264,26 @@ class Connection:
                     self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
                 continue
             for result in protocol.decode(data, self.codec, Sender.CLIENT):
+                # Inbound backpressure: every message may queue an answer. A client that
+                # sends faster than it reads waits here (then in websockets' bounded queue,
+                # then in the kernel) instead of growing the gateway's memory.
+                if outbound.control_backlog:
+                    await outbound.control_room()
+                    handled = 0
+                elif handled >= MESSAGES_PER_TURN:
+                    await asyncio.sleep(0)
+                    handled = 0
+                if outbound.closed:
+                    break
+                handled += 1
                 if isinstance(result, RemoteProtocolError):
                     if result.message_type == "hello" and self.mux is None:
                         # SPEC.md §4.4 (5): a refused first hello closes, even in dev mode.
                         self._refuse_with(result.code, result.message)
                     self._first_message_seen()
-                    if self._admit(result):
+                    # A refused frame costs what its messages would have (SPEC.md §7.1).
+                    cost = _FRAME_COST if result.code is ErrorCode.FRAME_TOO_LARGE else 1
+                    if self._admit(result, cost):
                         self._error(result.code, result.message, result.request_id)
                     continue
                 message = cast(ClientMessage, result)  # decode(..., Sender.CLIENT) ensures it
@@ -244,7 +313,12 @@ class Connection:
         else — another message, a bad frame, a frame before authentication — is declined and
         takes the usual path through recv()."""
         mux = self.mux
-        if mux is None or not self._waiting or (frame.opcode is Opcode.TEXT) != self._text:
+        if (
+            mux is None
+            or not self._waiting
+            or (frame.opcode is Opcode.TEXT) != self._text
+            or self.outbound.control_backlog  # answers wait unwritten: the reader paces
+        ):
             return False
         data = bytes(frame.data)
         if _CANCEL_MARK[self.codec] not in data:
@@ -289,6 +363,12 @@ class Connection:
     def _welcome(self, principal: Principal) -> None:
         config = self.gateway.config
         self.mux = Multiplexer(self.gateway, self.outbound, principal)
+        # Authenticated: frames up to the configured size (see PREAUTH_MAX_FRAME_BYTES), and
+        # out of the budget for connections that have not authenticated.
+        self.ws.protocol.max_message_size = config.max_frame_bytes
+        if not self.authenticated:
+            self.authenticated = True
+            self.gateway.connection_authenticated(self)
         self.outbound.send_control(
             Welcome(
                 connection_id=self.id,
@@ -302,20 +382,30 @@ class Connection:
             )
         )
 
-    def _admit(self, message: ClientMessage | RemoteProtocolError | None) -> bool:
-        """Token bucket: refuse (rate_limited) beyond the rate; close 4029 if it goes on."""
+    def _admit(self, message: ClientMessage | RemoteProtocolError | None, cost: int = 1) -> bool:
+        """Token bucket: refuse (rate_limited) beyond the rate; close 4029 if it goes on.
+
+        "Goes on" (SPEC.md §7.1) is either of: more than ``rate_burst`` refusals in a row (a
+        client that ignores ``rate_limited`` entirely), or refusals for ``rate_close_after``
+        seconds with no quiet second between them (a client that keeps sending above the
+        rate: the bucket refills, so some of its messages pass and the count in a row
+        restarts, but the excess never stops)."""
         config = self.gateway.config
         now = time.monotonic()
         self._tokens = min(
             float(config.rate_burst), self._tokens + (now - self._refill_at) * config.rate_limit
         )
         self._refill_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        cost = min(cost, config.rate_burst)  # a full bucket always admits one frame
+        if self._tokens >= cost:
+            self._tokens -= cost
             self._strikes = 0
             return True
         self._strikes += 1
-        if self._strikes > config.rate_burst:
+        if self._excess_since is None or now - self._last_refusal > RATE_EXCESS_QUIET:
+            self._excess_since = now
+        self._last_refusal = now
+        if self._strikes > config.rate_burst or now - self._excess_since >= config.rate_close_after:
             raise _Closing(CloseCode.RATE_LIMITED, "rate limit exceeded")
         self._error(
             ErrorCode.RATE_LIMITED,
@@ -359,7 +449,24 @@ class Connection:
         self.outbound.close()
         if self.mux is not None:
             self.mux.disconnect()
-        await self.close(code, reason)
+        discard = asyncio.create_task(self._discard_until_closed())
+        try:
+            await self.close(code, reason)
+        finally:
+            discard.cancel()
+
+    async def _discard_until_closed(self) -> None:
+        """Read and drop whatever the client still sends until its close frame arrives.
+
+        Once the reader stops, websockets' queue of received frames fills and it stops reading
+        the socket, so the client's close frame would never be read and the close handshake
+        would last the whole close timeout (the connection's memory with it)."""
+        ws = self.ws
+        if isinstance(ws, EagerServerConnection):
+            ws.read_early = None
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.recv(decode=False)
 
     async def close(self, code: CloseCode, reason: str) -> None:
         """Close with ``code``. A peer that does not read cannot take the close frame either

@@ -98,7 +98,13 @@ async def process_request(
     if path == STATS_PATH:
         if method != "GET":
             return _not_allowed(conn, "GET")
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        refused = _stats_refused(gateway, conn, request)
+        if refused is not None:
+            return refused  # the feed too: refused before the handshake
+        # get_all, not get: Headers.get raises MultipleValuesError on a repeated header (a 500
+        # and a logged traceback for a client's mistake). websockets' handshake answers a
+        # malformed upgrade itself (400).
+        if any("websocket" in value.lower() for value in request.headers.get_all("Upgrade")):
             return None  # the dashboard feed: a WebSocket (gateway.stats.StatsFeed)
         return _json(conn, HTTPStatus.OK, gateway.stats.snapshot())
     if path.startswith(_REQUESTS_PREFIX):
@@ -112,6 +118,9 @@ async def process_request(
     if path == "/metrics":
         if method != "GET":
             return _not_allowed(conn, "GET")
+        refused = _stats_refused(gateway, conn, request)
+        if refused is not None:
+            return refused
         response = conn.respond(HTTPStatus.OK, gateway.observer.render().decode())
         return _with_content_type(response, "text/plain; version=0.0.4; charset=utf-8")
     webui = gateway.webui
@@ -128,6 +137,24 @@ async def process_request(
             "the web demo is not built: cd web-demo && npm ci && npm run build",
         )
     return _error(conn, HTTPStatus.NOT_FOUND, ErrorCode.INVALID_FIELD, "no such endpoint")
+
+
+def _stats_refused(gateway: Gateway, conn: ServerConnection, request: Request) -> Response | None:
+    """``/metrics`` and ``/v1/stats`` (snapshot and feed), SPEC.md §8.3: open to anyone unless
+    auth is on and ``stats_public`` is false; then only a valid client key (an operator; a
+    user's token is not one) gets in. None: go on; else the refusal (401, or 400 for a
+    malformed X-Muxi-User-Id)."""
+    if gateway.config.stats_public or not gateway.auth.required:
+        return None
+    try:
+        principal = gateway.auth.from_http_headers(request.headers)
+    except AuthError as exc:
+        return _error(conn, HTTPStatus(exc.http_status), ErrorCode(exc.code), exc.message)
+    if principal.kind != "client_key":
+        return _error(
+            conn, HTTPStatus.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, "the stats need a client key"
+        )
+    return None
 
 
 async def _request_by_id(

@@ -159,6 +159,14 @@ class GatewayObserver:
             )
             log.info("request.cancelled", **fields)
         elif request.status is RequestStatus.FAILED:
-            log.error("request.failed", exc_info=getattr(request, "failure", None), **fields)
+            if request.error is not None:
+                fields["error_code"] = request.error.code
+            if request.failure_expected:
+                # Explained to the client (its bad input, an answer too large, a failure the
+                # backend expects): one line like any request's, no traceback; a client can
+                # cause these at will, so never above info.
+                log.info("request.failed", **fields)
+            else:  # a bug in the backend: worth a traceback
+                log.error("request.failed", exc_info=request.failure, **fields)
         else:
             log.info("request.finished", **fields)

@@ -21,7 +21,10 @@ Why this shape (SPEC.md §2.4, §6 G1-G3):
   writing is synchronous again.
 - **Bounded memory.** A stream holding more than ``max_pending_chars`` makes its producer wait at
   its next emit; a writer stuck in ``send`` longer than ``slow_consumer_timeout`` ends the
-  connection (close 4008).
+  connection (close 4008). Control messages are answers to the client's own messages: past half
+  of ``max_control`` queued, the connection's reader stops taking messages until they are
+  written (``control_room``), and past ``max_control`` (a client that does not read at all)
+  the connection ends at once (4008), on every path.
 """
 
 from __future__ import annotations
@@ -224,6 +227,10 @@ class Outbound:
         self.max_batch_bytes = max_batch_bytes
         self.max_pending_chars = max_pending_chars
         self.max_control = max_control
+        #: control_backlog from the high mark; control_room returns at the low one.
+        self._control_high = max(1, max_control // 2)
+        self._control_low = max_control // 4
+        self._room: asyncio.Event | None = None
         self.slow_consumer_timeout = slow_consumer_timeout
         self.streams: dict[str, Stream] = {}
         self._control: deque[bytes] = deque()
@@ -267,17 +274,18 @@ class Outbound:
         Never raises: past ``max_control`` queued messages the client is not reading, and the
         writer ends the connection (:class:`SlowConsumer`), so producers need no error path.
         """
-        if self._closed:
-            return
+        if self._closed or self._slow is not None:
+            return  # gone, or going: nothing queued now would be written
         control = self._control
         for m in messages:
             control.append(m if isinstance(m, bytes) else protocol.encode(m, self.codec))
         if on_sent is not None:
             self._on_sent[len(control) - 1 + self._control_popped] = on_sent
-        if len(control) > self.max_control and self.send_started is not None:
-            # The writer waits in a send on a client that does not read: end it now, not when
-            # that send returns (the next batch would find the overflow, but maybe only after
-            # the slow-consumer timeout, with the queue growing meanwhile).
+        if len(control) > self.max_control:
+            # The bound holds on every path, at once: whether the writer waits in a send on a
+            # client that does not read, or writes synchronously and has not had its turn.
+            # The reader stops taking messages well before this (control_room), so only a
+            # client that does not read gets here.
             self._abort("control queue full: the client is not reading")
             return
         self._wake()
@@ -382,6 +390,13 @@ class Outbound:
         self._ready.clear()
         self._wakeup.set()
         self._idle.set()  # nothing will be sent any more: whoever awaits flushed() may go on
+        if self._room is not None:
+            self._room.set()
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more will be written (the connection is ending)."""
+        return self._closed
 
     def stuck_for(self, now: float) -> float:
         """Seconds the writer has been blocked in one send (0 when not sending)."""
@@ -394,9 +409,15 @@ class Outbound:
         self._abort(f"no progress writing for {self.slow_consumer_timeout:g} s")
 
     def _abort(self, reason: str) -> None:
-        if self._task is not None and not self._task.done() and self._slow is None:
-            self._slow = reason
-            self._task.cancel()
+        """End the writer with :class:`SlowConsumer` (the connection closes with 4008)."""
+        if self._slow is not None or self._closed:
+            return
+        self._slow = reason
+        task = self._task
+        if self.send_started is not None and task is not None and not task.done():
+            task.cancel()  # blocked in a send: _send_frames turns this into SlowConsumer
+        else:  # waiting for work (or not started): it raises the failure when it wakes
+            self._hand_over(failure=SlowConsumer(reason))
 
     async def flushed(self) -> None:
         """Return once everything queued so far has been handed to the socket."""
@@ -496,28 +517,45 @@ class Outbound:
             self._control_popped += 1
             parts.append(m)
             size += len(m)
+        room = self._room
+        if room is not None and len(control) <= self._control_low:
+            room.set()
         return size
 
+    # -- inbound backpressure ----------------------------------------------------------------
+
+    @property
+    def control_backlog(self) -> bool:
+        """Whether the reader should stop taking messages: answers (errors, pongs, cancel
+        results) wait unwritten up to the high-water mark, half of ``max_control``."""
+        return len(self._control) >= self._control_high
+
+    async def control_room(self) -> None:
+        """Return once the control queue is down to a quarter of ``max_control`` (or the
+        outbound closed). The reader awaits this before taking the next message while
+        :attr:`control_backlog` holds: every message may queue an answer, so a client that
+        sends faster than it reads is slowed to its own reading pace (its frames wait in
+        websockets' bounded queue, then in the kernel: TCP backpressure), instead of the queue
+        growing to ``max_control`` and the connection ending."""
+        while len(self._control) > self._control_low and not self._closed:
+            room = self._room
+            if room is None:
+                room = self._room = asyncio.Event()
+            room.clear()
+            await room.wait()
+
     async def send_control_now(self) -> None:
-        """Write the queued control messages from the caller's task, without waiting for the
-        writer's turn: one event-loop turn less between reading a cancel and writing its
-        response. Order holds: control messages always go before any chunk, and websockets
-        writes each frame to the transport synchronously, in call order."""
-        if not self._writer_owns:
-            if self._control:
-                self.flush_now()  # control first, then whatever else is pending
-            return
-        if self._closed or not self._control or self.send_started is not None:
-            # The writer is blocked in a send and may hold more packed frames: they must go
-            # first (a chunk packed before the cancel is never written after its response).
-            return
-        parts: list[bytes] = []
-        hooks: list[Callable[[], object]] = []
-        self._take_control(parts, hooks, protocol.limits.MAX_FRAME_BYTES // 2)
-        await self._send(parts[0] if len(parts) == 1 else protocol.join_batch(parts, self.codec))
-        self.frames_sent += 1
-        for hook in hooks:
-            hook()
+        """Write the queued control messages now, from the caller's task, if the socket takes
+        data (the cancel path: one event-loop turn less between reading a cancel and writing
+        its response). Order holds: control messages always go before any chunk.
+
+        While the socket is full, the writer task owns writing and sends them in order after
+        what it already packed. The caller never awaits a send itself: a reader blocked in a
+        send on a client that does not read would be invisible to the slow-consumer watchdog
+        (which watches the writer), and the connection would hang instead of closing (4008).
+        """
+        if not self._writer_owns and self._control:
+            self.flush_now()  # control first, then whatever else is pending
 
     def _pack(
         self, sent_hooks: list[Callable[[], object]], owners: list[Stream | None]

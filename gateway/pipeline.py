@@ -20,6 +20,13 @@ even a last-resort cancellation of the pipeline task at shutdown interrupts it m
 
 Usage is honest: tokens are counted when consumed, including work finished after the cancel was
 read, until the pipeline halts (SPEC.md §5.4).
+
+Failing a request on purpose: raise :class:`InvalidRequest` for client input the backend refuses
+(a ``metadata`` value of the wrong type or out of range) and :class:`BackendFailure` for any other
+failure the backend expects and can explain (an upstream that answered 503). Their code and
+message go to the client in ``response.error``; the gateway logs the request's one line at info
+level, with the code and without a traceback. Any other exception is a bug: the client gets
+``backend_error`` with a generic message and the log an error with the traceback.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from protocol import CancelReason, ChatMessage, Usage
+from protocol import CancelReason, ChatMessage, ErrorCode, ErrorInfo, Usage
+from protocol.limits import MAX_ERROR_MESSAGE_CHARS
 
 from .cancellation import CancelToken, PipelineHalted
 
 __all__ = [
     "Backend",
+    "BackendFailure",
     "ChunkSink",
+    "InvalidRequest",
     "PipelineHalted",
     "RequestContext",
     "StepRecord",
@@ -44,6 +54,42 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class BackendFailure(Exception):
+    """Raised by a backend to end its request ``failed`` with this ``code`` and ``message``
+    (``response.error``, SPEC.md §3.7): a failure it expected and explains, not a bug.
+
+    Both go to the client as they are: the message must be safe to show (no secret, no stack,
+    no upstream internals) and is cut to ``MAX_ERROR_MESSAGE_CHARS``. The gateway logs the
+    request's one ``request.failed`` line at info level with ``error_code`` and no traceback
+    (not the message: it may quote the client's input). A ``code`` that is not a snake_case
+    word (``ERROR_CODE_PATTERN``) raises ValueError here, where the mistake is.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        message = str(message)
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[: MAX_ERROR_MESSAGE_CHARS - 1] + "…"
+        try:
+            self.error = ErrorInfo(code=str(code), message=message)
+        except Exception as exc:  # LocalProtocolError: a bug of the backend that raised this
+            raise ValueError(f"not a valid response.error: {exc}") from None
+        super().__init__(f"{self.error.code}: {self.error.message}")
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+    @property
+    def message(self) -> str:
+        return self.error.message
+
+
+class InvalidRequest(BackendFailure, ValueError):
+    """The client's input refused by the backend (a ``metadata`` value of the wrong type or
+    out of range): the request fails with ``code``, normally ``invalid_field``, and a message
+    naming the field and what it must be. A ValueError too, for callers that catch those."""
 
 
 @runtime_checkable

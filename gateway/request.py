@@ -36,7 +36,7 @@ from protocol import (
 
 from .cancellation import CancelToken, PipelineHalted
 from .outbound import ContentTooLarge, Outbound, Stream
-from .pipeline import Backend, RequestContext
+from .pipeline import Backend, BackendFailure, RequestContext
 from .registry import RequestKey, RequestRecord, RequestRegistry, RequestStatus
 
 __all__ = ["Request", "RequestObserver"]
@@ -110,6 +110,9 @@ class Request:
         self.halted_at: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
+        #: True when the failure was expected and explained to the client (the backend raised
+        #: BackendFailure, or the answer would not fit a frame): no traceback in the log.
+        self.failure_expected = False
         self._deadline_handle: asyncio.TimerHandle | None = None
 
     # -- LiveRequest -------------------------------------------------------------------------
@@ -211,10 +214,15 @@ class Request:
 
     def _fail(self, exc: BaseException) -> None:
         self.status = RequestStatus.FAILED
-        # Details may be sensitive: the client gets a code and a generic message; the log the rest.
-        if isinstance(exc, ContentTooLarge):  # the answer would not fit a frame
+        if isinstance(exc, BackendFailure):  # the backend explains it (e.g. invalid_field)
+            self.error = exc.error
+            self.failure_expected = True
+        elif isinstance(exc, ContentTooLarge):  # the answer would not fit a frame
             self.error = ErrorInfo(code=ErrorCode.FRAME_TOO_LARGE, message=str(exc))
+            self.failure_expected = True
         else:
+            # A bug. Details may be sensitive: the client gets a code and a generic message;
+            # the log the rest, with the traceback.
             self.error = ErrorInfo(code=ErrorCode.BACKEND_ERROR, message="the backend failed")
         self.failure = exc
         self.stream.finish(

@@ -24,10 +24,10 @@ from websockets.typing import Subprotocol
 import protocol
 from protocol import CancelReason, CloseCode
 
-from .auth import Authenticator
+from .auth import Authenticator, has_credentials
 from .backends import load_backend
 from .config import Config, ConfigError
-from .connection import Connection, EagerServerConnection
+from .connection import PREAUTH_MAX_FRAME_BYTES, Connection, EagerServerConnection
 from .http_api import answer_early, process_request
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend
@@ -71,10 +71,17 @@ class Gateway:
         self.stats = LiveStats(lambda: len(self.connections), time.monotonic)
         self.observer = GatewayObserver(self._totals, self.stats)
         self.stats_feed = StatsFeed(
-            self.stats, config.stats_interval_ms / 1000, config.max_stats_subscribers
+            self.stats,
+            config.stats_interval_ms / 1000,
+            config.max_stats_subscribers,
+            max_operator_subscribers=config.max_operator_stats_subscribers,
+            auth=self.auth,
         )
         self.webui = WebUI() if config.webui else None
         self.connections: set[Connection] = set()
+        #: Connections that have not authenticated yet, by client address (see _admit).
+        self._unauthenticated: dict[str, int] = {}
+        self._unauthenticated_total = 0
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
@@ -131,6 +138,10 @@ class Gateway:
             # are tiny, batching already amortises framing.
             compression=None,
             server_header="muxgate",
+            # Frames queued for the reader before websockets stops reading the socket (TCP
+            # backpressure): with frames of up to max_frame_bytes, this bounds a connection's
+            # unread input. The reader drains it at once unless the client does not read.
+            max_queue=4,
             # Cancels (frames and DELETEs) take effect in the loop turn that reads them.
             create_connection=self._connection_class(),
         )
@@ -158,6 +169,15 @@ class Gateway:
             def answer_early(conn: ServerConnection, request: Request) -> Response | None:
                 return answer_early(gateway, conn, request)
 
+            @staticmethod
+            def preauth_max_size(request: Request) -> int | None:
+                # Without credentials in the handshake, the first frame must be a hello: a
+                # small one (checked on presence only: invalid credentials are refused on
+                # the first message, which then closes the connection).
+                if not gateway.config.auth_required or has_credentials(request.headers):
+                    return None
+                return PREAUTH_MAX_FRAME_BYTES
+
         return GatewayConnection
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
@@ -171,15 +191,51 @@ class Gateway:
             await ws.close(CloseCode.TRY_AGAIN_LATER, "connection limit reached")
             return
         conn = Connection(self, ws)
+        address = _address(ws)
+        if not conn.authenticated:
+            refusal = self._unauthenticated_refusal(address)
+            if refusal is not None:
+                await ws.close(CloseCode.TRY_AGAIN_LATER, refusal)
+                return
+            self._unauthenticated[address] = self._unauthenticated.get(address, 0) + 1
+            self._unauthenticated_total += 1
         self.connections.add(conn)
         self.observer.connections.inc()
         try:
             await conn.run()
         finally:
+            if not conn.authenticated:
+                self._release_unauthenticated(address)
             self.connections.discard(conn)
             self.observer.connections.dec()
             self._closed_totals[0] += conn.outbound.chunks_sent
             self._closed_totals[1] += conn.outbound.frames_sent
+
+    def _unauthenticated_refusal(self, address: str) -> str | None:
+        """Why a connection without credentials is refused now (None: admitted).
+
+        Connections that have not authenticated have a budget of their own, well under
+        ``max_connections``, so that sockets which never authenticate (reopened whenever the
+        hello timeout drops them) cannot keep authenticated clients out."""
+        config = self.config
+        if self._unauthenticated_total >= config.unauthenticated_limit:
+            return "too many unauthenticated connections"
+        per_address = config.max_unauthenticated_per_address
+        if per_address and self._unauthenticated.get(address, 0) >= per_address:
+            return "too many unauthenticated connections from this address"
+        return None
+
+    def connection_authenticated(self, conn: Connection) -> None:
+        """``conn`` was welcomed after a hello: it leaves the unauthenticated budget."""
+        self._release_unauthenticated(_address(conn.ws))
+
+    def _release_unauthenticated(self, address: str) -> None:
+        self._unauthenticated_total -= 1
+        left = self._unauthenticated.get(address, 0) - 1
+        if left > 0:
+            self._unauthenticated[address] = left
+        else:
+            self._unauthenticated.pop(address, None)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain: no new connections or chats; wait up to ``grace`` s; cancel the rest; close."""
@@ -231,6 +287,12 @@ class Gateway:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown(grace=0.0 if exc_info[0] is not None else None)
+
+
+def _address(ws: ServerConnection) -> str:
+    """The client's IP address (the peer of the TCP connection)."""
+    peer = ws.remote_address
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def run(config: Config) -> None:

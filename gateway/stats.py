@@ -5,23 +5,35 @@ chunk), a snapshot as JSON, and a feed that pushes a snapshot to every subscribe
 The feed is a broadcast of one encoded frame to all subscribers: stats are snapshots, each
 supersedes the last, so a subscriber whose socket buffer is still full simply misses a tick
 instead of growing a queue (bounded memory whatever the subscriber does).
+
+Subscribers come in two pools: anonymous ones, at most ``max_stats_subscribers``, and operators
+(a valid client key in the handshake's ``X-Muxi-Client-Key``), at most
+``max_operator_stats_subscribers``, so anonymous subscribers can never lock the operator's
+dashboard out. Whether a caller may subscribe at all (``stats_public``) is decided before the
+handshake, in :mod:`gateway.http_api`. A subscriber leaving without a close handshake (a reset
+TCP connection) is its own business: nothing is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import orjson
 from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from protocol import CancelReason, CloseCode, ResponseStatus
 
-__all__ = ["STATS_PATH", "LiveStats", "StatsFeed"]
+from .auth import Authenticator, AuthError
+
+__all__ = ["STATS_PATH", "LiveStats", "StatsFeed", "is_operator"]
 
 STATS_PATH: Final = "/v1/stats"
 
@@ -118,35 +130,88 @@ class LiveStats:
         return frame
 
 
-class StatsFeed:
-    """Subscribers of ``/v1/stats`` and the one task that ticks while there is any."""
+def is_operator(auth: Authenticator | None, headers: Mapping[str, str]) -> bool:
+    """True when ``headers`` carry a valid client key (a JWT user is not an operator).
 
-    def __init__(self, stats: LiveStats, interval: float, max_subscribers: int) -> None:
+    Missing, invalid or ambiguous credentials are just "not an operator" here; refusing them is
+    the HTTP layer's decision (``stats_public``). The key is checked in constant time by
+    :class:`~gateway.auth.Authenticator`.
+    """
+    if auth is None or not auth.required:
+        return False  # dev mode: no client key exists, so nobody is an operator
+    try:
+        principal = auth.from_headers(headers)
+    except AuthError:
+        return False
+    return principal is not None and principal.kind == "client_key"
+
+
+class StatsFeed:
+    """Subscribers of ``/v1/stats`` and the one task that ticks while there is any.
+
+    ``max_subscribers`` bounds the anonymous subscribers; ``max_operator_subscribers`` those
+    presenting a valid client key (checked with ``auth``; without ``auth`` nobody is one).
+    """
+
+    def __init__(
+        self,
+        stats: LiveStats,
+        interval: float,
+        max_subscribers: int,
+        *,
+        max_operator_subscribers: int = 8,
+        auth: Authenticator | None = None,
+    ) -> None:
         self._stats = stats
         self._interval = interval
         self._max = max_subscribers
+        self._max_operators = max_operator_subscribers
+        self._auth = auth
+        #: Every subscriber (what the ticker broadcasts to); the operators are also in
+        #: ``_operators``.
         self._subscribers: set[ServerConnection] = set()
+        self._operators: set[ServerConnection] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def operator_subscribers(self) -> int:
+        return len(self._operators)
+
     async def serve(self, ws: ServerConnection) -> None:
         """Run one subscriber until it leaves; messages it sends are read and ignored."""
-        if len(self._subscribers) >= self._max:
+        headers = ws.request.headers if ws.request is not None else {}
+        operator = is_operator(self._auth, headers)
+        if operator:
+            full = len(self._operators) >= self._max_operators
+        else:
+            full = len(self._subscribers) - len(self._operators) >= self._max
+        if full:
             await ws.close(CloseCode.TRY_AGAIN_LATER, "too many stats subscribers")
             return
-        # The first frame is a snapshot of its own (it must not reset the shared interval).
-        await ws.send(orjson.dumps(self._stats.snapshot()), text=True)
+        # The slot is taken before the first await, so simultaneous subscribers cannot all
+        # pass the check above.
         self._subscribers.add(ws)
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.create_task(self._tick(), name="muxgate-stats")
+        if operator:
+            self._operators.add(ws)
         try:
+            # The first frame is a snapshot of its own (it must not reset the shared interval).
+            # It is written before this task yields, so no tick can come before it.
+            await ws.send(orjson.dumps(self._stats.snapshot()), text=True)
+            if self._ticker is None or self._ticker.done():
+                self._ticker = asyncio.create_task(self._tick(), name="muxgate-stats")
             async for _ in ws:
                 pass  # nothing to say to the feed; reading keeps close handshakes working
+        except ConnectionClosed:
+            # Gone without a close handshake (a reset, a dead network): nothing to log, and
+            # nothing for websockets to log either ("connection handler failed").
+            pass
         finally:
             self._subscribers.discard(ws)
+            self._operators.discard(ws)
 
     async def _tick(self) -> None:
         while self._subscribers:
@@ -154,9 +219,13 @@ class StatsFeed:
             ready = [
                 ws
                 for ws in self._subscribers
-                if ws.transport.get_write_buffer_size() <= SUBSCRIBER_BUFFER_LIMIT
+                if ws.protocol.state is State.OPEN
+                and ws.transport.get_write_buffer_size() <= SUBSCRIBER_BUFFER_LIMIT
             ]
-            broadcast(ready, self._stats.tick(), text=True)
+            # A failed write means that subscriber's connection is going away, and its own
+            # handler ends it. (Without raise_exceptions, websockets logs a warning for each.)
+            with contextlib.suppress(ExceptionGroup):
+                broadcast(ready, self._stats.tick(), text=True, raise_exceptions=True)
 
     async def idle(self) -> None:
         """Return once no subscriber is left and the ticker has stopped."""

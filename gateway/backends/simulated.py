@@ -20,8 +20,11 @@ word per token, each with a leading space (``" the"``, ``" gateway"``). The seed
 always give the same text, on every Python version and platform.
 
 Per-request settings come from ``ctx.metadata`` (see :data:`METADATA_KEYS`), each an integer
->= 0 (not a bool), clamped to the server's maxima; anything else fails the request with a
-:class:`ValueError` before any step starts.
+>= 0 (not a bool, not 1.0), clamped to the server's maxima; anything else fails the request with
+:class:`~gateway.pipeline.InvalidRequest` (``invalid_field``, naming the key and what it must be)
+before any step starts. ``fail_at_token`` fails it on purpose with
+:class:`~gateway.pipeline.BackendFailure` (``backend_error``): both are failures explained to the
+client, not bugs, so neither logs a traceback.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from protocol import ChatMessage
+from protocol import ChatMessage, ErrorCode
 
-from ..pipeline import RequestContext
+from ..pipeline import BackendFailure, InvalidRequest, RequestContext
 from .token_clock import TokenClock
 
 __all__ = [
@@ -65,7 +68,7 @@ METADATA_KEYS: Final[Mapping[str, str]] = {
     "tool_ms": "duration of the tool call (clamped to max_delay_ms)",
     "agent_ms": "duration of the agent call; 0 = no agent call (clamped to max_delay_ms)",
     "seed": "seed of the text generator (default: CRC-32 of the prompt)",
-    "fail_at_token": "raise RuntimeError once this many answer tokens were produced",
+    "fail_at_token": "fail (backend_error) once this many answer tokens were produced",
 }
 
 _MASK64: Final = (1 << 64) - 1
@@ -80,8 +83,19 @@ def _conversation_tokens(messages: Sequence[ChatMessage]) -> int:
     return sum(estimate_tokens(turn.content) for turn in messages)
 
 
+#: JSON's names for the types a decoded value may have (messages speak the client's language).
+_JSON_TYPES: Final[Mapping[type, str]] = {
+    bool: "a boolean",
+    str: "a string",
+    float: "a number with a fraction part",
+    type(None): "null",
+    list: "an array",
+    dict: "an object",
+}
+
+
 def _check_count(where: str, key: str, value: object) -> int:
-    """``value`` as a non-negative int, or a ValueError that names ``key``."""
+    """``value`` as a non-negative int, or a ValueError that names ``key`` (server options)."""
     if type(value) is not int:  # refuses bool (a subclass of int) and 1.0 alike
         raise ValueError(
             f"{where} {key!r} must be an integer >= 0, got {type(value).__name__} {value!r}"
@@ -89,6 +103,20 @@ def _check_count(where: str, key: str, value: object) -> int:
     if value < 0:
         raise ValueError(f"{where} {key!r} must be an integer >= 0, got {value}")
     return value
+
+
+def _metadata_count(key: str, value: object) -> int:
+    """A chat's ``metadata[key]`` as a non-negative int, or :class:`InvalidRequest`.
+
+    The message names the key and what it must be, and says what it got only as a JSON type
+    or a (bounded) integer: never the value itself, which may be 16 KiB of anything.
+    """
+    if type(value) is int and value >= 0:  # bool is a subclass of int: not accepted
+        return value
+    got = str(value) if type(value) is int else _JSON_TYPES.get(type(value), "another type")
+    raise InvalidRequest(
+        ErrorCode.INVALID_FIELD, f"metadata {key!r} must be an integer >= 0, got {got}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +129,7 @@ class SimulationSettings:
     tool_ms: int
     agent_ms: int
     seed: int
-    #: Raise RuntimeError once this many answer tokens were produced (None: never).
+    #: Fail (BackendFailure) once this many answer tokens were produced (None: never).
     fail_at_token: int | None = None
 
     @property
@@ -261,6 +289,11 @@ def word_stream(seed: int, topic: str | None = None) -> Iterator[str]:
 # -- the backend ------------------------------------------------------------------------------
 
 
+def _simulated_failure(tokens: int) -> BackendFailure:
+    """What ``fail_at_token`` raises: a failure the client asked for, explained to it."""
+    return BackendFailure(ErrorCode.BACKEND_ERROR, f"simulated LLM failure after {tokens} tokens")
+
+
 class SimulatedBackend:
     """A deterministic, readable agent pipeline: plan, stream, tool call, stream.
 
@@ -307,23 +340,23 @@ class SimulatedBackend:
     # -- settings and budget -------------------------------------------------------------------
 
     def settings_for(self, ctx: RequestContext) -> SimulationSettings:
-        """This request's settings; ValueError for an invalid metadata value."""
+        """This request's settings; :class:`InvalidRequest` (a ValueError) for an invalid
+        metadata value. Every key of :data:`METADATA_KEYS` is checked here, before any step."""
         meta: Mapping[str, Any] = ctx.metadata or {}
-        where = "metadata"
 
         def count(key: str, default: int, limit: int) -> int:
             if key not in meta:
                 return default
-            return min(_check_count(where, key, meta[key]), limit)
+            return min(_metadata_count(key, meta[key]), limit)
 
         limit = self.max_delay_ms
         if "seed" in meta:
-            seed = _check_count(where, "seed", meta["seed"]) & _MASK64
+            seed = _metadata_count("seed", meta["seed"]) & _MASK64
         else:
             seed = zlib.crc32(ctx.prompt.encode("utf-8", "surrogatepass"))
         fail_at = None
         if "fail_at_token" in meta:
-            fail_at = _check_count(where, "fail_at_token", meta["fail_at_token"])
+            fail_at = _metadata_count("fail_at_token", meta["fail_at_token"])
         return SimulationSettings(
             tokens=count("tokens", self.tokens, self.max_tokens),
             token_delay_ms=count("token_delay_ms", self.token_delay_ms, limit),
@@ -397,7 +430,7 @@ class SimulatedBackend:
         due: float | None = None  # each token's deadline counts from the last one's
         for index in range(start, stop):
             if index == settings.fail_at_token:
-                raise RuntimeError(f"simulated LLM failure after {index} tokens")
+                raise _simulated_failure(index)
             if delay:
                 due, wake = schedule(delay, due)
                 if wake is not None:
@@ -411,7 +444,7 @@ class SimulatedBackend:
                 word = word.rstrip(".,") + "."
             yield word
         if stop == settings.tokens and settings.fail_at_token == settings.tokens:
-            raise RuntimeError(f"simulated LLM failure after {stop} tokens")
+            raise _simulated_failure(stop)
 
     def _token_clock(self) -> TokenClock:
         """The clock of the running loop (a backend object may outlive a loop in tests)."""

@@ -36,7 +36,7 @@ from gateway.backends.simulated import (
     prompt_topic,
 )
 from gateway.cancellation import CancelToken, PipelineHalted
-from gateway.pipeline import Backend, RequestContext
+from gateway.pipeline import Backend, BackendFailure, InvalidRequest, RequestContext
 from protocol import CancelReason, ChatMessage, Role
 
 PROMPT = "Write a very long story about dragons"
@@ -239,11 +239,43 @@ async def test_clamped_length_is_what_runs() -> None:
 @pytest.mark.parametrize("value", ["5", -1, True, 1.5, 2.0, None, [3]], ids=repr)
 async def test_invalid_metadata_fails_before_any_step(key: str, value: object) -> None:
     ctx = make_ctx(metadata={key: value})
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(InvalidRequest, match=key) as refused:
         await SimulatedBackend(**FAST).run(ctx)
+    # The client's mistake, explained to it: the key and what it must be, not its value.
+    assert refused.value.code == "invalid_field"
+    assert refused.value.message.startswith(f"metadata {key!r} must be an integer >= 0, got ")
+    assert isinstance(refused.value, ValueError)
     assert ctx.steps == []
     assert sink_of(ctx).items == []
     assert (ctx.usage.input_tokens, ctx.usage.output_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        (True, "a boolean"),
+        (-1, "-1"),
+        ("x" * 10_000, "a string"),
+        (1.5, "a number with a fraction part"),
+        (None, "null"),
+        ([3], "an array"),
+        ({"n": 3}, "an object"),
+    ],
+    ids=repr,
+)
+def test_invalid_metadata_messages_name_the_json_type_never_the_value(
+    value: object, got: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        SimulatedBackend().settings_for(make_ctx(metadata={"tokens": value}))
+    assert refused.value.message == f"metadata 'tokens' must be an integer >= 0, got {got}"
+
+
+def test_backend_failure_messages_fit_a_response() -> None:
+    long = BackendFailure("backend_error", "x" * 5000)
+    assert len(long.message) == 1024  # MAX_ERROR_MESSAGE_CHARS: the response stays valid
+    with pytest.raises(ValueError, match=r"response\.error"):
+        BackendFailure("Not A Code", "bad code")  # a bug of the backend, found where it is
 
 
 @pytest.mark.parametrize(
@@ -394,8 +426,10 @@ async def test_input_tokens_count_the_whole_conversation() -> None:
 @pytest.mark.parametrize("fail_at", [0, 3, 5, 9, 10])
 async def test_fail_at_token_raises_after_that_many_tokens(fail_at: int) -> None:
     ctx = make_ctx(metadata={"tokens": 10, "fail_at_token": fail_at})
-    with pytest.raises(RuntimeError, match="simulated LLM failure"):
+    with pytest.raises(BackendFailure, match="simulated LLM failure") as failed:
         await SimulatedBackend(**FAST).run(ctx)
+    assert failed.value.code == "backend_error"  # explained to the client: not a bug
+    assert failed.value.message == f"simulated LLM failure after {fail_at} tokens"
     assert len(sink_of(ctx).items) == fail_at
     expected = ["plan", "llm_stream"] if fail_at < 5 else ["plan", "llm_stream", "tool"]
     if fail_at >= 5:

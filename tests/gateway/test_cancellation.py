@@ -1286,9 +1286,9 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                 # checkpoint (or failed on its own after the cancel), a completed one returned.
                 expected_outcomes = {
                     ResponseStatus.COMPLETED: {"returned"},
-                    ResponseStatus.FAILED: {"RuntimeError"},
+                    ResponseStatus.FAILED: {"BackendFailure"},
                     ResponseStatus.CANCELLED: {"PipelineHalted"}
-                    | ({"RuntimeError"} if plan.mode == "fail" else set()),
+                    | ({"BackendFailure"} if plan.mode == "fail" else set()),
                 }[response.status]
                 check(run.outcome in expected_outcomes, plan, f"pipeline ended {run.outcome}")
                 if response.status is ResponseStatus.CANCELLED and run.ops:

@@ -223,3 +223,65 @@ async def test_control_overflow_ends_a_writer_blocked_in_a_send() -> None:
     async with asyncio.timeout(2):
         with pytest.raises(SlowConsumer, match="control queue full"):
             await writer
+
+
+async def test_control_overflow_ends_an_idle_synchronous_writer_at_once() -> None:
+    """Issue 12: the bound holds on every path. Writing synchronously, the writer task waits
+    for work, not in a send: the overflow still ends it at once, before any flush runs, and
+    nothing queued after the overflow is kept."""
+    sock = Socket()
+    outbound = Outbound(
+        sock.send, Codec.JSON, write=sock.write, writable=sock.writable, max_control=8
+    )
+    writer = asyncio.create_task(outbound.run())
+    await asyncio.sleep(0)  # the writer waits for work
+    for n in range(100):  # one loop turn: the flush callback has not run
+        outbound.send_control(protocol.Pong(id=n))
+    assert len(outbound._control) == 9, "nothing is queued past the overflow"
+    async with asyncio.timeout(2):
+        with pytest.raises(SlowConsumer, match="control queue full"):
+            await writer
+    assert sock.written == []
+
+
+async def test_control_room_holds_the_reader_until_answers_are_written() -> None:
+    """Inbound backpressure: past half of max_control queued answers the reader should wait
+    (control_backlog); control_room returns once the writer brought the queue down to a
+    quarter, and at once when the outbound closes."""
+    send = GatedSend()  # the first send blocks: the client is not reading
+    outbound = Outbound(send, Codec.JSON, max_control=16)
+    writer = asyncio.create_task(outbound.run())
+    outbound.send_control(protocol.Pong(id=0))
+    await send.first_started.wait()
+    for n in range(1, 9):
+        outbound.send_control(protocol.Pong(id=n))
+    assert outbound.control_backlog
+    room = asyncio.create_task(outbound.control_room())
+    await asyncio.sleep(0)
+    assert not room.done()
+    send.release.set()  # the client reads again: the writer catches up
+    async with asyncio.timeout(2):
+        await room
+    assert not outbound.control_backlog
+    for n in range(9, 17):
+        outbound.send_control(protocol.Pong(id=n))
+    await outbound.flushed()
+    assert [m.id for m in send.messages() if isinstance(m, protocol.Pong)] == list(range(17))
+
+    # A closed outbound never holds the reader.
+    stuck = GatedSend()
+    closing = Outbound(stuck, Codec.JSON, max_control=16)
+    closing_writer = asyncio.create_task(closing.run())
+    closing.send_control(protocol.Pong(id=0))
+    await stuck.first_started.wait()
+    for n in range(1, 9):
+        closing.send_control(protocol.Pong(id=n))
+    waiting = asyncio.create_task(closing.control_room())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    closing.close()
+    async with asyncio.timeout(2):
+        await waiting
+    closing_writer.cancel()
+    outbound.close()
+    await writer

@@ -204,10 +204,13 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=k) for k, c in BAD_INPUTS.items()])
-async def test_bad_input_gets_one_error_and_touches_nothing_else(
-    gateway: Gateway, case: BadInput
-) -> None:
-    async with WireClient.open(gateway.url, case.codec) as client:
+async def test_bad_input_gets_one_error_and_touches_nothing_else(case: BadInput) -> None:
+    # A burst above the largest frame: a refused over-cap frame costs its messages' worth of
+    # rate (SPEC.md §7.1), and the barrier after it must not be refused for rate.
+    async with (
+        running_gateway(rate_burst=4096) as gateway,
+        WireClient.open(gateway.url, case.codec) as client,
+    ):
         a = await client.chat("a", "contain the damage", metadata=INFLIGHT)
         b = await client.chat("b", "contain the damage", metadata=INFLIGHT)
         await client.wait_for(lambda: bool(a.chunks and b.chunks))
@@ -240,9 +243,11 @@ async def test_bad_input_gets_one_error_and_touches_nothing_else(
         if refused is not None:  # a refused chat creates no request: no response follows
             assert refused.response is None
             assert len(refused.log) == 1
-    await settled(gateway)
-    if refused is not None:
-        assert await gateway.registry.lookup(RequestKey("", refused.machine.request_id)) is None
+        await client.ws.close()
+        await settled(gateway)
+        if refused is not None:
+            key = RequestKey("", refused.machine.request_id)
+            assert await gateway.registry.lookup(key) is None
 
 
 async def test_frame_over_max_frame_bytes_closes_1009_and_cancels() -> None:

@@ -324,3 +324,116 @@ async def test_feed_skips_a_subscriber_that_does_not_read_and_serves_the_others(
             assert server_side.transport.get_write_buffer_size() == reached  # all skipped
             assert reached < SUBSCRIBER_BUFFER_LIMIT + 16 * 1024  # at most one frame over
             slow.transport.abort()  # a close handshake would wait behind the backlog
+
+
+# -- who may read the stats (SPEC.md §8.3) ----------------------------------------------------
+
+OPERATOR_KEY = "operator-key-0123456789"
+USER_SECRET = "stats-secret-" + "0123456789abcdef" * 4
+
+
+def with_key(key: str = OPERATOR_KEY) -> dict[str, str]:
+    return {"X-Muxi-Client-Key": key}
+
+
+def user_token() -> dict[str, str]:
+    from gateway.auth import make_token
+
+    return {"Authorization": f"Bearer {make_token(USER_SECRET, 'alice')}"}
+
+
+PRIVATE: dict[str, Any] = {
+    "client_keys": (OPERATOR_KEY,),
+    "jwt_secret": USER_SECRET,
+    "stats_public": False,
+}
+
+
+async def refused_feed(gw: Gateway, headers: dict[str, str] | None = None) -> Any:
+    """The feed's handshake answer when it is refused before the handshake."""
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(stats_url(gw), additional_headers=headers or {})
+    return refused.value.response
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [None, with_key("not-the-key"), user_token()],
+    ids=["none", "wrong-key", "user-token"],
+)
+async def test_private_stats_need_a_client_key(headers: dict[str, str] | None) -> None:
+    async with running_gateway(**PRIVATE) as gw:
+        for path in ("/metrics", "/v1/stats"):
+            answer = await http("GET", gw.http_url + path, headers)
+            assert answer.status == 401, path
+            assert answer.content_types == ["application/json"]
+            assert answer.json()["error"]["code"] == "unauthorized"
+        response = await refused_feed(gw, headers)
+        assert response.status_code == 401
+        assert json.loads(response.body)["error"]["code"] == "unauthorized"
+        assert gw.stats_feed.subscribers == 0
+        # Health stays open: a load balancer has no key.
+        assert (await http("GET", gw.http_url + "/healthz")).status == 200
+
+
+async def test_private_stats_with_a_client_key() -> None:
+    async with running_gateway(**PRIVATE) as gw:
+        metrics = await http("GET", gw.http_url + "/metrics", with_key())
+        assert metrics.status == 200
+        assert b"muxgate_connections" in metrics.body
+        snapshot = await http("GET", gw.http_url + "/v1/stats", with_key())
+        assert snapshot.status == 200
+        assert snapshot.json()["type"] == "stats"
+        async with connect(stats_url(gw), additional_headers=with_key()) as feed:
+            assert json.loads(await asyncio.wait_for(feed.recv(), 5))["type"] == "stats"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"client_keys": (OPERATOR_KEY,)},  # stats_public defaults to true: today's behaviour
+        {"stats_public": False},  # dev mode (no auth): nothing to check a key against
+    ],
+    ids=["public", "dev-mode"],
+)
+async def test_public_stats_need_no_credentials(settings: dict[str, Any]) -> None:
+    async with running_gateway(**settings) as gw:
+        assert (await http("GET", gw.http_url + "/metrics")).status == 200
+        assert (await http("GET", gw.http_url + "/v1/stats")).status == 200
+        async with connect(stats_url(gw)) as feed:
+            assert json.loads(await asyncio.wait_for(feed.recv(), 5))["type"] == "stats"
+
+
+async def expect_try_again_later(gw: Gateway, headers: dict[str, str] | None = None) -> None:
+    async with connect(stats_url(gw), additional_headers=headers or {}) as refused:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(refused.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1013
+
+
+async def test_anonymous_subscribers_cannot_lock_the_operator_out() -> None:
+    async with (
+        running_gateway(
+            client_keys=(OPERATOR_KEY,),
+            jwt_secret=USER_SECRET,
+            max_stats_subscribers=2,
+            max_operator_stats_subscribers=1,
+        ) as gw,
+        connect(stats_url(gw)) as first,
+        connect(stats_url(gw)) as second,
+    ):
+        await first.recv()
+        await second.recv()
+        await expect_try_again_later(gw)  # the anonymous slots are full
+        await expect_try_again_later(gw, with_key("not-the-key"))  # a wrong key is anonymous
+        await expect_try_again_later(gw, user_token())  # and so is a user
+        async with connect(stats_url(gw), additional_headers=with_key()) as operator:
+            assert json.loads(await asyncio.wait_for(operator.recv(), 5))["type"] == "stats"
+            assert (gw.stats_feed.subscribers, gw.stats_feed.operator_subscribers) == (3, 1)
+            await expect_try_again_later(gw, with_key())  # operators have their own bound
+        # The operator's slot is free again once it leaves.
+        async with connect(stats_url(gw), additional_headers=with_key()) as again:
+            await asyncio.wait_for(again.recv(), 5)
