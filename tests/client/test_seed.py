@@ -1,7 +1,8 @@
 """Every Python snippet of the seed page, run against a live gateway.
 
-The snippets are kept here verbatim (and compared with ``shared/seed-request-cancellation.md``
-when that file is beside the repository). Before running, exactly two kinds of lines change:
+The snippets are copied here verbatim from the seed page (the product page "Request
+Cancellation", not part of the repository: no test reads it), with its "Cancelled Response"
+example. Before running, exactly two kinds of lines change:
 the import (``from muxi import Muxi`` becomes ``from gateway import Client as Muxi`` or
 ``AsyncClient as Muxi``; the timeout snippet also gets the ``import uuid`` it forgot) and the
 construction (``Muxi()`` gets the test gateway's URL). The gateway's own records then show what
@@ -10,9 +11,8 @@ each snippet did.
 
 from __future__ import annotations
 
+import ast
 import difflib
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,7 +82,8 @@ for chunk in client.chat_stream(message="Write a long essay...", request_id=requ
 
 SEED_SNIPPETS = [SEED_QUICK_START, SEED_TIMEOUT, SEED_STREAMING]
 
-SEED_PAGE = Path(__file__).resolve().parents[3] / "shared" / "seed-request-cancellation.md"
+#: The seed's "Cancelled Response" (Response Behavior): empty content, no partial results.
+SEED_CANCELLED_RESPONSE = {"content": "", "status": "cancelled", "request_id": "req_123"}
 
 
 def adapt(snippet: str, sdk_class: str, *, extra_imports: tuple[str, ...] = ()) -> str:
@@ -111,11 +112,31 @@ def run(code: str, name: str, url: str) -> dict[str, Any]:
     return namespace
 
 
-@pytest.mark.skipif(not SEED_PAGE.exists(), reason="shared/ is not beside the repository")
-def test_snippets_are_the_seed_pages_python_blocks() -> None:
-    page = SEED_PAGE.read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
-    assert blocks == SEED_SNIPPETS
+def client_calls(snippet: str) -> list[tuple[str, list[str], list[str]]]:
+    """The snippet's ``client.<method>(...)`` calls: method, positional and keyword arguments."""
+    calls = []
+    for node in ast.walk(ast.parse(snippet)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "client"
+        ):
+            args = [ast.unparse(arg) for arg in node.args]
+            calls.append((node.func.attr, args, [kw.arg or "**" for kw in node.keywords]))
+    return sorted(calls)
+
+
+def test_snippets_make_the_seed_pages_calls() -> None:
+    """A guard on the copies: the calls the tests below run are the seed page's."""
+    assert [client_calls(snippet) for snippet in SEED_SNIPPETS] == [
+        [
+            ("cancel_request", ["request_id"], ["user_id"]),
+            ("chat_async", [], ["message", "request_id", "user_id"]),
+        ],
+        [("cancel_request", ["request_id"], []), ("chat_async", ["message"], ["request_id"])],
+        [("cancel_request", ["request_id"], []), ("chat_stream", [], ["message", "request_id"])],
+    ]
 
 
 def test_quick_start_cancels_in_band_on_the_gateway() -> None:
@@ -126,9 +147,12 @@ def test_quick_start_cancels_in_band_on_the_gateway() -> None:
             response = ns["task"].result(timeout=10)
             assert isinstance(response, Response)
             # The seed's "Cancelled Response": empty content, no partial results.
-            assert response.to_dict()["content"] == ""
+            body = response.to_dict()
+            assert {key: body[key] for key in SEED_CANCELLED_RESPONSE} == {
+                **SEED_CANCELLED_RESPONSE,
+                "request_id": "my-request-123",
+            }
             assert response.status == "cancelled"
-            assert response.request_id == "my-request-123"
             assert response.reason == "client"
             record = gw.record("my-request-123", user="user123")
             assert record.reason == "client"
