@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -764,6 +765,229 @@ async def run_connections(a: argparse.Namespace) -> None:
                "first_error": first_error})  # fmt: skip
 
 
+# -- one normal client (the "attack" scenario) ------------------------------------------------
+
+
+class NormalClient:
+    """One well-behaved, authenticated client, while ``bench/attacks.py`` attacks the gateway.
+
+    A cycle every ``interval``: a streaming chat, a ``cancel`` after its first chunk (latency:
+    from sending the cancel to reading that request's ``response``), then a ``ping`` (its round
+    trip). One cycle at a time, so a gateway that stalls for seconds shows as one long latency,
+    not as a backlog. Every wait has a timeout (``op_timeout``, and never past the end plus a
+    grace): an unanswered cancel or ping is counted, not waited for. A connection the gateway
+    closes or refuses (1013 at its connection limit) is reopened after a pause.
+    """
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.headers = {"X-Muxi-Client-Key": a.client_key} if a.client_key else None
+        self.meta = _meta(a.tokens, a.token_delay_ms)
+        self.waiters: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self.connect_attempts = 0
+        self.connect_failed: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.closes: dict[str, int] = {}
+        self.admitted_after: float | None = None
+        self.cycles = 0
+        self.latencies: list[float] = []
+        self.first_chunk: list[float] = []
+        self.first_chunk_timeouts = 0
+        self.cancel_unanswered = 0
+        self.statuses: dict[str, int] = {}
+        self.pings_sent = 0
+        self.ping_rtts: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.serial = 0
+        self.t_start = 0.0
+        self.hard_end = 0.0
+
+    @staticmethod
+    def _bump(counts: dict[str, int], key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    def _wait_s(self) -> float:
+        return max(0.01, min(self.a.op_timeout, self.hard_end - monotonic()))
+
+    def _expect(self, kind: str, key: str) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiters[(kind, key)] = fut
+        return fut
+
+    def _settle(self, kind: str, key: str, value: object) -> None:
+        fut = self.waiters.pop((kind, key), None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    async def _reader(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                frame = await ws.recv(decode=False)
+                now = monotonic()
+                for line in frame.split(b"\n"):  # type: ignore[union-attr]
+                    if not line:
+                        continue
+                    m = orjson.loads(line)
+                    kind = m.get("type")
+                    rid = str(m.get("request_id"))
+                    if kind == "chunk":
+                        self._settle("chunk", rid, now)
+                    elif kind == "response":
+                        self._settle("response", rid, (now, str(m.get("status"))))
+                    elif kind == "pong":
+                        self._settle("pong", str(m.get("id")), now)
+                    elif kind == "error":
+                        code = str(m.get("code"))
+                        self._bump(self.errors, code)
+                        if m.get("request_id") is not None:
+                            self._settle("response", rid, (now, f"error {code}"))
+        finally:
+            for fut in self.waiters.values():  # the connection ended: nothing will come
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+                    fut.exception()  # retrieved: a waiter that never came logs nothing
+            self.waiters.clear()
+
+    async def _send(self, ws: ClientConnection, data: bytes) -> None:
+        await asyncio.wait_for(ws.send(data, text=True), self._wait_s())
+
+    async def _open(self) -> tuple[ClientConnection, asyncio.Task[None]] | None:
+        """A connection the gateway admitted (a ``ping`` answered), or None (refused, failed)."""
+        self.connect_attempts += 1
+        try:
+            ws = await _connect(
+                self.a.url,
+                Codec.JSON,
+                additional_headers=self.headers,
+                open_timeout=self._wait_s(),
+                ping_interval=None,
+                close_timeout=1,
+            )
+        except Exception as exc:
+            why = type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                why = "handshake timeout"
+            self._bump(self.connect_failed, why)
+            return None
+        reader = asyncio.create_task(self._reader(ws))
+        pong = self._expect("pong", "admit")
+        try:
+            await self._send(ws, b'{"type":"ping","id":"admit"}')
+            await asyncio.wait_for(pong, self._wait_s())
+        except Exception as exc:
+            code = ws.close_code
+            if code is not None:
+                why = str(code)
+            elif isinstance(exc, TimeoutError):
+                why = f"no pong in {self.a.op_timeout:g} s"
+            else:
+                why = type(exc).__name__
+            self._bump(self.refused, why)
+            ws.transport.abort()
+            reader.cancel()
+            return None
+        if self.admitted_after is None:
+            self.admitted_after = monotonic() - self.t_start
+        return ws, reader
+
+    async def _cycle(self, ws: ClientConnection) -> None:
+        self.serial += 1
+        self.cycles += 1
+        rid = f"n-{self.serial}"
+        chunk, response = self._expect("chunk", rid), self._expect("response", rid)
+        await self._send(ws, _chat(rid, self.meta, Codec.JSON))
+        t_chat = monotonic()
+        try:
+            self.first_chunk.append(await asyncio.wait_for(chunk, self._wait_s()) - t_chat)
+        except TimeoutError:
+            self.first_chunk_timeouts += 1  # cancelled all the same
+        if response.done():  # refused (an error for the chat) or already over
+            self._bump(self.statuses, response.result()[1])
+            return
+        t_cancel = monotonic()
+        await self._send(ws, protocol.encode(Cancel(request_id=rid), Codec.JSON))
+        try:
+            t_done, status = await asyncio.wait_for(response, self._wait_s())
+        except TimeoutError:
+            self.cancel_unanswered += 1
+            self.waiters.pop(("response", rid), None)
+        else:
+            self.latencies.append(t_done - t_cancel)
+            self._bump(self.statuses, status)
+        self.pings_sent += 1
+        pong = self._expect("pong", str(self.serial))
+        t_ping = monotonic()
+        await self._send(ws, protocol.encode(Ping(id=self.serial), Codec.JSON))
+        try:
+            self.ping_rtts.append(await asyncio.wait_for(pong, self._wait_s()) - t_ping)
+        except TimeoutError:
+            self.waiters.pop(("pong", str(self.serial)), None)
+
+    async def _session(self, end: float) -> None:
+        opened = await self._open()
+        if opened is None:
+            await asyncio.sleep(max(0.0, min(self.a.reconnect_s, end - monotonic())))
+            return
+        ws, reader = opened
+        interval = self.a.interval_ms / 1000
+        next_t = monotonic()
+        try:
+            while monotonic() < end:
+                await self._cycle(ws)
+                next_t = max(next_t + interval, monotonic())
+                await asyncio.sleep(max(0.0, min(next_t, end) - monotonic()))
+        except (ConnectionClosed, ConnectionError):
+            pass
+        finally:
+            code = ws.close_code
+            if code is not None or reader.done():
+                self._bump(self.closes, str(code))
+            ws.transport.abort()
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def run(self) -> dict[str, Any]:
+        a = self.a
+        self.t_start = monotonic()
+        end = self.t_start + a.duration
+        self.hard_end = end + a.grace
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # the instrument's own pauses are not the gateway's (see CancelRun)
+        try:
+            async with asyncio.timeout(a.duration + a.grace + 2 * a.op_timeout):
+                while monotonic() < end:
+                    try:
+                        await self._session(end)
+                    except TimeoutError:
+                        self._bump(self.connect_failed, "send timeout")
+        except TimeoutError:
+            self._bump(self.connect_failed, "run timeout")
+        gc.enable()
+        admitted = None if self.admitted_after is None else round(self.admitted_after, 3)
+        return {
+            "seconds": round(monotonic() - self.t_start, 3),
+            "interval_ms": a.interval_ms,
+            "connect_attempts": self.connect_attempts,
+            "connect_failed": self.connect_failed,
+            "refused": self.refused,
+            "admitted_after_s": admitted,
+            "closes": self.closes,
+            "cycles": self.cycles,
+            "cancels_answered": len(self.latencies),
+            "cancel_unanswered": self.cancel_unanswered,
+            "cancel_latency": _summary_ms(self.latencies),
+            "first_chunk": _summary_ms(self.first_chunk),
+            "first_chunk_timeouts": self.first_chunk_timeouts,
+            "statuses": self.statuses,
+            "pings_sent": self.pings_sent,
+            "pongs": len(self.ping_rtts),
+            "ping_rtt": _summary_ms(self.ping_rtts),
+            "errors": self.errors,
+        }
+
+
 # -- command line --------------------------------------------------------------------------------
 
 
@@ -822,6 +1046,17 @@ def main() -> int:
     n.add_argument("--token-delay-ms", type=int, default=5000)
     n.add_argument("--tag", default="0")
 
+    o = sub.add_parser("normal", help="one normal client, for the attack scenario")
+    o.add_argument("--url", required=True)
+    o.add_argument("--client-key")
+    o.add_argument("--duration", type=float, default=8.0)
+    o.add_argument("--interval-ms", type=float, default=10.0)
+    o.add_argument("--tokens", type=int, default=1000)
+    o.add_argument("--token-delay-ms", type=int, default=5)
+    o.add_argument("--op-timeout", type=float, default=5.0, help="longest wait for one answer")
+    o.add_argument("--grace", type=float, default=3.0, help="seconds past the end for a last cycle")
+    o.add_argument("--reconnect-s", type=float, default=0.1, help="pause after a refused connect")
+
     a = p.parse_args()
     run = _runner()
     if a.mode == "throughput":
@@ -831,6 +1066,8 @@ def main() -> int:
         _emit(run(CancelRun(a).run()))
     elif a.mode == "http-canceller":
         http_canceller(a)
+    elif a.mode == "normal":
+        _emit(run(NormalClient(a).run()))
     else:
         run(run_connections(a))
     return 0

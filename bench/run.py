@@ -3,7 +3,8 @@
     python3 -m pip install -e '.[bench]'
     python3 bench/run.py                 # full run, under 5 minutes on 2 cores
     python3 bench/run.py --quick         # CI smoke: tiny loads, results in bench/results/quick
-    python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec)
+    python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec
+                                         # attack)
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
@@ -12,6 +13,10 @@ process, and so does every load generator (``bench/loadgen.py``); server CPU tim
 ``/proc/<pid>/stat`` over the measured window, RSS from ``/proc/<pid>/status``. Writes
 ``latest.json`` (all figures + the machine), ``latest.md`` (the tables README shows) and
 ``cancel_latency.png`` (CDF of client-observed cancel latency) into ``bench/results/``.
+
+The ``attack`` scenario (issue 12, item 8) runs a fresh gateway per attack of
+``bench/attacks.py`` and measures one normal client (``loadgen.py normal``) and the gateway's
+RSS while the attack runs and after it.
 
 Nothing asserts a speed: the run fails only if a scenario could not run or a result file is
 missing. Correctness observations (chunks after a terminal response, verification of the
@@ -27,11 +32,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
@@ -44,7 +52,21 @@ from procstat import cpu_seconds, raise_nofile, rss_bytes
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PY = sys.executable
-SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec")
+SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack")
+#: The attack scenario: (attack in bench/attacks.py or "baseline", label, extra gateway flags).
+ATTACKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("baseline", "none (baseline)", ()),
+    ("cancel_flood", "1. cancel flood: frames of 1,000 unknown-id cancels, flat out", ()),
+    ("lines_unauth", "2a. 1 MiB frames of `x` lines before auth, 3 conns", ()),
+    ("lines_auth", "2b. frames of 500,000 `1` lines, authenticated, 3 conns", ()),
+    ("deep_unauth", "3a. 1,000-deep nesting + 20-digit int before auth, 200 conns", ()),
+    ("deep_auth", "3b. the same inside a `cancel`, authenticated, 200 conns", ()),
+    ("slot_hog", "4. 200 sockets without credentials, `--max-connections 200`",
+     ("--max-connections", "200")),
+    ("ping_flood", "5. ping flood: 5,000/s in frames of 50", ()),
+    ("tracebacks", "6. `/v1/stats` subscribers resetting + chats with `tokens: true`", ()),
+)  # fmt: skip
+CLIENT_KEY = "k1"
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -144,6 +166,76 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._stderr.close()
+
+
+class ScenarioFailed(Exception):
+    """A scenario that ran in part: ``partial`` (its figures so far) is kept in the results."""
+
+    def __init__(self, message: str, partial: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class Child:
+    """A helper process (attacker, normal client) whose stdout lines (one JSON object each) a
+    thread collects, so that every wait for one has a timeout."""
+
+    def __init__(
+        self, argv: list[str], stderr_path: Path, cpus: set[int] | None, nice: int = 0
+    ) -> None:
+        def prepare() -> None:
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+            if nice:
+                os.nice(nice)
+
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, preexec_fn=prepare
+            )
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self.last: dict[str, Any] | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def line(self, timeout: float) -> dict[str, Any] | None:
+        """The next JSON line; None on timeout or at the end of the output."""
+        try:
+            raw = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if raw is None:
+            self.lines.put(None)
+            return None
+        self.last = dict(json.loads(raw))
+        return self.last
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def result(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The last JSON line, once the process has ended (killed if it has not)."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        while (line := self.line(timeout=timeout)) is not None:
+            pass
+        return None if line is None and self.last is None else self.last
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        return self.stderr_path.read_bytes()[-n:].decode(errors="replace")
 
 
 class Bench:
@@ -450,11 +542,17 @@ class Bench:
         )
         return result
 
-    def _warm(self, srv: Server) -> None:
+    def _warm(self, srv: Server, client_key: str | None = None) -> None:
         """One connection with a short request: lazy imports and caches before the baseline."""
         from websockets.sync.client import connect
 
-        with connect(srv.url, subprotocols=["muxgate.v1.json"], compression=None) as ws:  # type: ignore[list-item]
+        headers = {"X-Muxi-Client-Key": client_key} if client_key else None
+        with connect(
+            srv.url,
+            subprotocols=["muxgate.v1.json"],  # type: ignore[list-item]
+            compression=None,
+            additional_headers=headers,
+        ) as ws:
             ws.send('{"type":"chat","request_id":"warm","message":"hi","metadata":'
                     '{"tokens":3,"token_delay_ms":0,"plan_ms":0,"tool_ms":0}}')  # fmt: skip
             while '"type":"response"' not in str(ws.recv(timeout=10)):
@@ -526,6 +624,197 @@ class Bench:
         )
         return result
 
+    # -- scenario 6 ------------------------------------------------------------------------------
+
+    def attack(self) -> dict[str, Any]:
+        with self.pinned() as cpus:
+            result = self._attack()
+        result["load"]["cpus"] = cpus
+        return result
+
+    def _attack(self) -> dict[str, Any]:
+        """Per attack of bench/attacks.py (and a baseline without one): a fresh gateway with
+        auth on (``--client-key``); the attacker in a process of its own; once it is under way,
+        one normal client (``loadgen.py normal``) in another, for the same time; the gateway's
+        RSS sampled every 50 ms; then, ``after`` s after the attacker has gone, its RSS again,
+        its log lines counted, and the gateway killed (no damage spills into the next attack).
+
+        The gateway may be vulnerable (the attack is the point): every wait here is bounded,
+        the attacker is stopped early if the gateway's RSS passes ``rss_cap`` (the machine must
+        survive), and a helper that does not end in time is killed. A run fails only if it
+        could not run (the gateway did not start, a helper crashed or gave no result)."""
+        duration, after = (2.0, 1.0) if self.quick else (8.0, 3.0)
+        client_cpus: set[int] | None = None
+        attacker_cpus: set[int] | None = None
+        if self._cpus is not None:
+            # The normal client's core(s) apart from the attacker's where there are enough;
+            # on 2 cores they share the load generator's core and the attacker runs at nice 10,
+            # so that its CPU does not delay the normal client's wake-ups.
+            load = sorted(self._cpus[1])
+            client_cpus = {load[0]}
+            attacker_cpus = set(load[1:]) or {load[0]}
+        available = _mem_available()
+        rss_cap = min(4 << 30, available // 3) if available else 4 << 30
+        runs: dict[str, dict[str, Any]] = {}
+        failed = []
+        for name, label, flags in ATTACKS:
+            try:
+                runs[name] = self._attack_run(
+                    name, flags, duration, after, client_cpus, attacker_cpus, rss_cap
+                )
+            except Exception:
+                failed.append(name)
+                runs[name] = {"error": traceback.format_exc()}
+                print(traceback.format_exc(), file=sys.stderr)
+                continue
+            runs[name]["label"] = label
+            self._log_attack(name, runs[name])
+        result = {
+            "load": {
+                "seconds": duration,
+                "after_seconds": after,
+                "client_key_auth": True,
+                "normal_client": "1 connection: streaming chat (5 ms/token), cancel after the "
+                "first chunk, then a ping; one cycle per 10 ms",
+                "rss_cap_mib": round(rss_cap / 2**20),
+                "cpus_normal_client": sorted(client_cpus) if client_cpus else None,
+                "cpus_attacker": sorted(attacker_cpus) if attacker_cpus else None,
+                "attacker_nice": 10,
+            },
+            "runs": runs,
+        }
+        if failed:
+            raise ScenarioFailed(f"attack runs that could not run: {failed}", result)
+        return result
+
+    def _attack_run(
+        self,
+        name: str,
+        flags: tuple[str, ...],
+        duration: float,
+        after: float,
+        client_cpus: set[int] | None,
+        attacker_cpus: set[int] | None,
+        rss_cap: int,
+    ) -> dict[str, Any]:
+        mib = 2**20
+        gw_flags = ("--client-key", CLIENT_KEY, *flags)
+        children: list[Child] = []
+        with self.server("gateway", *gw_flags, name=f"attack-{name}") as srv:
+            try:
+                self._warm(srv, CLIENT_KEY)
+                time.sleep(0.3)
+                pid = srv.pid
+                rss0, cpu0 = rss_bytes(pid), cpu_seconds(pid)
+                log0 = srv.stderr_path.stat().st_size
+                attacker = None
+                if name != "baseline":
+                    attacker = Child(
+                        [PY, str(BENCH / "attacks.py"), name, "--port", str(srv.port),
+                         "--duration", str(duration + 0.5), "--client-key", CLIENT_KEY],
+                        self.tmp / f"attacker-{name}.stderr", attacker_cpus, nice=10,
+                    )  # fmt: skip
+                    children.append(attacker)
+                    if attacker.line(timeout=20) is None:
+                        raise RuntimeError(f"attacker did not start: {attacker.stderr_tail()}")
+                t0 = time.monotonic()
+                client = Child(
+                    [PY, str(BENCH / "loadgen.py"), "normal", "--url", srv.url,
+                     "--client-key", CLIENT_KEY, "--duration", str(duration)],
+                    self.tmp / f"normal-{name}.stderr", client_cpus,
+                )  # fmt: skip
+                children.append(client)
+                peak, peak_during, timeline, next_sample = rss0, rss0, [], t0
+                stopped_at_cap = None
+                attacker_end = None
+                hard_end = t0 + duration + 25  # both helpers bound themselves well within this
+                while True:
+                    now = time.monotonic()
+                    attacking = attacker is not None and attacker_end is None
+                    if attacking and not attacker.alive():  # type: ignore[union-attr]
+                        attacker_end, attacking = now, False
+                    over = attacker_end is not None and now >= attacker_end + after
+                    if over and not client.alive():
+                        break
+                    if now > hard_end:
+                        raise RuntimeError(f"a helper did not end within {duration + 25:g} s")
+                    rss = _rss_or_none(pid)
+                    if rss is not None:
+                        peak = max(peak, rss)
+                        if attacking:
+                            peak_during = peak
+                        if now >= next_sample:
+                            timeline.append([round(now - t0, 1), round(rss / mib)])
+                            next_sample += 0.5
+                        if attacking and rss > rss_cap:
+                            attacker.kill()  # type: ignore[union-attr]
+                            attacker_end, stopped_at_cap = now, round(now - t0, 2)
+                    if attacker is None and attacker_end is None and not client.alive():
+                        attacker_end = now  # baseline: "after" counts from the client's end
+                    time.sleep(0.05)
+                alive = srv.proc.poll() is None
+                rss_after = _rss_or_none(pid)
+                after_read = time.monotonic() - attacker_end
+                hwm = _status_kib(pid, "VmHWM")
+                healthz = alive and _http_ok(srv.http + "/healthz")
+                cpu1 = cpu_seconds(pid) if alive else None
+                t1 = time.monotonic()
+            finally:
+                for child in children:
+                    child.kill()  # no-op for those that ended
+                srv.proc.kill()  # a gateway under attack may not drain in time: no SIGTERM grace
+                srv.proc.wait(10)
+            log1 = srv.stderr_path.stat().st_size
+            with open(srv.stderr_path, "rb") as f:
+                f.seek(log0)
+                logs = _log_figures(f.read(log1 - log0))
+            if log1 > 20 * mib:
+                srv.stderr_path.unlink()  # figures taken; do not fill /tmp
+        normal = client.result()
+        if normal is None:
+            raise RuntimeError(f"{name}: no result from the normal client: {client.stderr_tail()}")
+        outcome: dict[str, Any] | None = None
+        if attacker is not None:
+            outcome = attacker.result()
+            if stopped_at_cap is not None:
+                outcome = {
+                    "summary": f"stopped by the harness after {stopped_at_cap} s: gateway RSS "
+                    f"over {rss_cap // mib} MiB",
+                    "stopped_at_cap_s": stopped_at_cap,
+                }
+            elif outcome is None or outcome.get("event") == "ready":
+                raise RuntimeError(f"{name}: no result from the attacker: {attacker.stderr_tail()}")
+        return {
+            "gateway_flags": list(gw_flags),
+            "normal_client": normal,
+            "attacker": outcome,
+            "rss_before_mib": round(rss0 / mib, 1),
+            "rss_peak_during_mib": round(peak_during / mib, 1),
+            "rss_peak_mib": round(peak / mib, 1),
+            "rss_after_mib": None if rss_after is None else round(rss_after / mib, 1),
+            "rss_after_read_s_after_attacker": round(after_read, 2),
+            "rss_hwm_mib": None if hwm is None else round(hwm / 1024, 1),
+            "rss_timeline_s_mib": timeline,
+            "attacker_seconds": round(attacker_end - t0, 2) if attacker is not None else None,
+            "gateway_cpu_util": None if cpu1 is None else round((cpu1 - cpu0) / (t1 - t0), 3),
+            "gateway_alive_after": alive,
+            "gateway_healthz_after": healthz,
+            "logs": logs,
+        }
+
+    def _log_attack(self, name: str, r: dict[str, Any]) -> None:
+        n = r["normal_client"]
+        lat = n["cancel_latency"]
+        atk = r["attacker"]["summary"] if r["attacker"] else "-"
+        self.log(
+            f"  {name:13} cancels {lat['count']:>4} p50 {_f(lat['p50_ms'])} p99 "
+            f"{_f(lat['p99_ms'])} max {_f(lat['max_ms'])} ms; pongs {n['pongs']}/"
+            f"{n['pings_sent']}; RSS {r['rss_before_mib']:.0f}/{r['rss_peak_during_mib']:.0f}/"
+            f"{r['rss_peak_mib']:.0f}/"
+            f"{_f(r['rss_after_mib'], 0)} MiB; log {r['logs']['lines']} "
+            f"(error {r['logs']['error_records']}); attacker: {atk}"
+        )
+
     # -- profile ---------------------------------------------------------------------------------
 
     def profile(self) -> dict[str, Any]:
@@ -578,6 +867,102 @@ class Bench:
         for r in results:
             self.log(f"  {r['codec']:8} {r['case']:34} {r['ns']:>8} ns  {r['bytes']} B")
         return {"results": results}
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    """A ``/proc/<pid>/status`` figure in KiB (``VmRSS``, ``VmHWM``); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _rss_or_none(pid: int) -> int | None:
+    kib = _status_kib(pid, "VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def _mem_available() -> int | None:
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+_LEVEL = re.compile(rb'"level": ?"([a-z]+)"')
+_EVENT = re.compile(rb'"event": ?"([^"]{1,80})"')
+_CONTEXT = re.compile(rb"[a-z_]+: ")
+
+
+def _log_figures(data: bytes) -> dict[str, Any]:
+    """The gateway's stderr in an attack's window. JSON lines (``--log-format json``, structlog)
+    by level and event. Plain-text lines come from stdlib logging (websockets, asyncio), which
+    the gateway does not route through structlog: Python's last-resort handler prints records
+    at warning and above, without their level (``connection handler failed`` and asyncio's
+    ``Fatal error ...`` are logged at error), each with its traceback; counted as records by
+    their headline, and exceptions by their last line."""
+    levels: dict[str, int] = {}
+    events: dict[str, int] = {}
+    headlines: dict[str, int] = {}
+    exceptions: dict[str, int] = {}
+    plain_lines = 0
+    chain = (b"The above exception", b"During handling")
+    in_record = seen_traceback = indented = False
+    lines = data.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(b"{"):
+            m = _LEVEL.search(line)
+            level = m.group(1).decode() if m else "?"
+            levels[level] = levels.get(level, 0) + 1
+            e = _EVENT.search(line)
+            key = f"{level}: {e.group(1).decode(errors='replace') if e else '?'}"
+            events[key] = events.get(key, 0) + 1
+            in_record = False
+            continue
+        plain_lines += 1
+        if not line.strip() or line.startswith(chain):
+            continue
+        if line.startswith(b"Traceback (most recent call last)"):
+            seen_traceback, indented = True, False
+            continue
+        if line[:1].isspace():  # a traceback's frames
+            indented = True
+            continue
+        text = line[:120].decode(errors="replace")
+        following = next((x for x in lines[i + 1 : i + 3] if x.strip()), b"")
+        if in_record and following.startswith(chain):
+            continue  # an exception that caused the next one
+        if in_record and seen_traceback and indented:
+            exceptions[text] = exceptions.get(text, 0) + 1  # the record's last line
+            in_record = indented = False
+            continue
+        if in_record and not seen_traceback and _CONTEXT.match(line):
+            continue  # asyncio's "protocol: <...>", "transport: <...>" under its message
+        headlines[text] = headlines.get(text, 0) + 1  # a new record
+        in_record, seen_traceback, indented = True, False, False
+
+    def top(counts: dict[str, int]) -> dict[str, int]:
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+
+    json_errors = sum(n for k, n in levels.items() if k in ("error", "critical", "exception"))
+    plain_records = sum(headlines.values())
+    return {
+        "lines": len(lines),
+        "bytes": len(data),
+        "json_by_level": levels,
+        "json_events": top(events),
+        "plain_text_lines": plain_lines,
+        "plain_text_records": plain_records,
+        "plain_text_headlines": top(headlines),
+        "plain_text_exceptions": top(exceptions),
+        "error_records": json_errors + plain_records,
+        "tracebacks": data.count(b"Traceback (most recent call last)"),
+    }
 
 
 def _layer(filename: str, name: str) -> str:
@@ -892,10 +1277,101 @@ def markdown(results: dict[str, Any]) -> str:
             for r in cd["results"]
         ]
         lines.append("")
+    at = s.get("attack")
+    if at and "runs" in at:
+        lines += _attack_markdown(at)
     errors = {k: v["error"] for k, v in s.items() if "error" in v}
     if errors:
         lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in errors.items()]
     return "\n".join(lines) + "\n"
+
+
+def _attack_markdown(at: dict[str, Any]) -> list[str]:
+    load = at["load"]
+    lines = [
+        "## 6. Hostile clients (issue 12): a normal client while one attack runs",
+        "",
+        "A fresh gateway per attack, auth on (`--client-key`); the attacker "
+        "(`bench/attacks.py`) and one normal client (`loadgen.py normal`: "
+        f"{load['normal_client']}) in processes of their own, for {load['seconds']:g} s; "
+        f"RSS after: {load['after_seconds']:g} s after the attacker disconnected. "
+        + (
+            f"Gateway on core {load['cpus']['server']}, normal client on "
+            f"{load['cpus_normal_client']}, attacker on {load['cpus_attacker']} at nice "
+            f"{load['attacker_nice']}."
+            if load.get("cpus")
+            else "Not pinned to cores."
+        ),
+        "",
+        "| attack | normal client's cancel p50 / p99 / max ms (cancels) | pings answered "
+        "(RTT p99 ms) | gateway RSS before / peak during / after MiB | gateway log lines "
+        "(error level) | attacker's outcome |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, label, _flags in ATTACKS:
+        r = at["runs"].get(name)
+        if not r:
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | could not run: `{r['error'].splitlines()[-1]}` |||||")
+            continue
+        n, logs = r["normal_client"], r["logs"]
+        lat = n["cancel_latency"]
+        if n["admitted_after_s"] is None:
+            why = {**n["refused"], **n["connect_failed"]}
+            cancel = "never admitted: " + (", ".join(f"{c} x{k}" for c, k in why.items()) or "-")
+        elif n["admitted_after_s"] >= load["seconds"]:
+            cancel = (
+                f"admitted only after {n['admitted_after_s']:.1f} s (attack: "
+                f"{load['seconds']:g} s): none measured"
+            )
+        elif not lat["count"]:
+            cancel = "no cancel answered" + (
+                f" ({n['cancel_unanswered']} unanswered)" if n["cancel_unanswered"] else ""
+            )
+            cancel += f"; admitted after {n['admitted_after_s']:.1f} s"
+        else:
+            cancel = (
+                f"{_f(lat['p50_ms'])} / {_f(lat['p99_ms'])} / {_f(lat['max_ms'])} "
+                f"({_f(lat['count'])}"
+                + (f", {n['cancel_unanswered']} unanswered" if n["cancel_unanswered"] else "")
+                + ")"
+            )
+            if n["admitted_after_s"] > 0.5 or n["refused"]:
+                cancel += f"; admitted after {n['admitted_after_s']:.1f} s"
+        pings = f"{_f(n['pongs'])}/{_f(n['pings_sent'])} ({_f(n['ping_rtt']['p99_ms'])})"
+        rss = (
+            f"{r['rss_before_mib']:,.0f} / {r['rss_peak_during_mib']:,.0f} / "
+            f"{_f(r['rss_after_mib'], 0)}"
+        )
+        if r["rss_peak_mib"] > max(r["rss_peak_during_mib"], r["rss_after_mib"] or 0) + 1:
+            rss += f" (peak {r['rss_peak_mib']:,.0f} after the attack)"
+        if not r["gateway_alive_after"]:
+            rss += " (gateway died)"
+        elif not r["gateway_healthz_after"]:
+            rss += " (/healthz not answered after)"
+        log = f"{_f(logs['lines'])} ({_f(logs['error_records'])})"
+        if logs["tracebacks"]:
+            log += f", {_f(logs['tracebacks'])} tracebacks"
+        outcome = r["attacker"]["summary"] if r["attacker"] else "-"
+        lines.append(f"| {label} | {cancel} | {pings} | {rss} | {log} | {outcome} |")
+    lines += [
+        "",
+        "Latencies of cancels and pings the gateway answered within 5 s; unanswered ones are "
+        "counted apart; *never admitted*: the normal client's connections were refused (a "
+        "close code) or its first ping not answered in 5 s. RSS peak during: until the attacker "
+        "ended; after: once it had been gone that long and the normal client had ended. Log "
+        "lines: all the gateway wrote to stderr from the attack's start until then "
+        "(`--log-level warning`); error level: JSON lines at level error, plus the plain-text "
+        "records of stdlib logging (websockets' `connection handler failed`, asyncio's errors: "
+        "printed without their level, each with a traceback). Events, headlines and "
+        "exceptions by count are in `latest.json`. Close codes: 1013 connection limit, 4001 "
+        "unauthorized, "
+        "4029 rate limited, 1011 internal error, `dropped`: the TCP connection ended without a "
+        "close frame. Speed is never asserted.",
+        "",
+    ]
+    return lines
 
 
 def plot(results: dict[str, Any], samples: dict[str, list[float]], path: Path) -> None:
@@ -973,6 +1449,7 @@ def main() -> int:
         "connections": bench.connections,
         "halt": bench.halt,
         "codec": bench.codec,
+        "attack": bench.attack,
     }
     failed = []
     for name in a.only or SCENARIOS:
@@ -983,9 +1460,10 @@ def main() -> int:
         t0 = time.monotonic()
         try:
             results["scenarios"][name] = steps[name]()
-        except Exception:
+        except Exception as exc:
             failed.append(name)
-            results["scenarios"][name] = {"error": traceback.format_exc()}
+            partial = exc.partial if isinstance(exc, ScenarioFailed) else {}
+            results["scenarios"][name] = {**partial, "error": traceback.format_exc()}
             print(traceback.format_exc(), file=sys.stderr)
         results["scenarios"][name]["wall_seconds"] = round(time.monotonic() - t0, 1)
         results["scenarios"][name]["machine_idle_before"] = round(idle, 3)
