@@ -266,7 +266,10 @@ class Connection:
             for result in protocol.decode(data, self.codec, Sender.CLIENT):
                 # Inbound backpressure: every message may queue an answer. A client that
                 # sends faster than it reads waits here (then in websockets' bounded queue,
-                # then in the kernel) instead of growing the gateway's memory.
+                # then in the kernel) instead of growing the gateway's memory. Only answers
+                # count, not stream text: that has its own bound (max_pending_chars pauses the
+                # pipeline), and a client behind on its streams must still be heard when it
+                # cancels them, since a cancel is what shrinks its backlog.
                 if outbound.control_backlog:
                     await outbound.control_room()
                     handled = 0

@@ -52,6 +52,29 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # Records of the standard library's logging (websockets, asyncio) come out in the same
+    # format, with their level: otherwise Python's last-resort handler prints them as bare
+    # text, a traceback in the middle of JSON lines that no log pipeline can parse.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+    # websockets logs every connection opened and closed at info: ours says what matters.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
 
 
 class _TotalsCollector(Collector):

@@ -13,10 +13,13 @@ import asyncio
 import logging
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
@@ -280,3 +283,29 @@ async def test_a_hostile_connection_logs_a_bounded_number_of_lines(logs: Logs) -
     per_request = [e for e in logs.events if str(e["event"]).startswith("request.")]
     assert len(per_request) == bad_chats  # one line per accepted request, nothing per message
     assert len(logs.events) - len(per_request) <= 3
+
+
+def test_standard_library_records_are_json_lines_with_their_level() -> None:
+    """websockets' and asyncio's own records (say "connection handler failed", "Fatal error on
+    transport") come out as JSON lines with a level like ours, not as bare tracebacks between
+    them; websockets' per-connection info lines stay out."""
+    script = (
+        "import logging\n"
+        "from gateway.observability import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "logging.getLogger('websockets.server').info('connection open')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('websockets.server').exception('connection handler failed')\n"
+        "logging.getLogger('asyncio').warning('Fatal error on transport')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, check=True, timeout=30
+    )
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert [(line["logger"], line["level"], line["event"]) for line in lines] == [
+        ("websockets.server", "error", "connection handler failed"),
+        ("asyncio", "warning", "Fatal error on transport"),
+    ]
+    assert "ValueError: boom" in lines[0]["exception"]
