@@ -1,4 +1,7 @@
-"""Codec micro-benchmark: ns per chunk message, encode and decode, JSON vs msgpack.
+"""Codec micro-benchmark: ns per chunk message, encode and decode, JSON vs msgpack; then ns per
+decoded frame for ordinary client frames and for hostile ones (issue 12: a frame of half a
+million lines, a line nested 1000 deep with a 20-digit integer, a frame of a million one-byte
+msgpack objects), which the decoder must refuse about as fast as it reads an ordinary frame.
 
     python bench/bench_codec.py [--seconds 0.5] [--json-out bench/results/codec.json]
 
@@ -16,15 +19,14 @@ import time
 from collections.abc import Callable
 
 import protocol
-from protocol import Chunk, Codec, Sender
+from protocol import Cancel, Chat, Chunk, Codec, Sender
 
 REQUEST_ID = "req_0123456789abcdef"
 TEXT = " token"  # a typical token-sized chunk
 
 
-def _ns_per_call(fn: Callable[[], object], seconds: float) -> float:
-    """Best of 5 runs of a loop long enough to last ``seconds`` / 5."""
-    n = 1000
+def _ns_per_call(fn: Callable[[], object], seconds: float, n: int = 1000) -> float:
+    """Best of 5 runs of a loop long enough to last ``seconds`` / 5 (``n`` calls at least)."""
     while True:  # calibrate
         start = time.perf_counter_ns()
         for _ in range(n):
@@ -73,11 +75,55 @@ def run(seconds: float) -> list[dict[str, object]]:
                 {
                     "codec": codec.name.lower(),
                     "case": name,
+                    "per": "message",
                     "ns": round(ns, 1),
                     "bytes": len(encoded),
                 }
             )
+    for codec, name, frame in _frames():
+        ns = _ns_per_call(lambda c=codec, f=frame: protocol.decode(f, c, Sender.CLIENT), seconds, 1)
+        size = len(frame.encode() if isinstance(frame, str) else frame)
+        results.append(
+            {
+                "codec": codec.name.lower(),
+                "case": name,
+                "per": "frame",
+                "ns": round(ns),
+                "bytes": size,
+            }
+        )
     return results
+
+
+def _frames() -> list[tuple[Codec, str, bytes | str]]:
+    """Whole client frames to decode: ordinary ones (the hot path) and hostile ones."""
+    frames: list[tuple[Codec, str, bytes | str]] = []
+    for codec in Codec:
+        cancel = protocol.encode(Cancel(request_id=REQUEST_ID), codec)
+        chats = protocol.encode_batch(
+            [
+                Chat(
+                    request_id=f"req_{i}",
+                    message="hello world, how are you today?",
+                    metadata={"temperature": 0.5, "tags": ["a", "b"]},
+                )
+                for i in range(16)
+            ],
+            codec,
+        )
+        frames += [
+            (codec, "decode frame: 1 cancel", cancel.decode() if codec.is_text else cancel),
+            (codec, "decode frame: 16 chats", chats.decode() if codec.is_text else chats),
+        ]
+    deep = b"[" * 1000 + b"12345678901234567890" + b"]" * 1000
+    frames += [
+        (Codec.JSON, 'hostile: "x\\n" * 524287 (text)', "x\n" * 524_287),
+        (Codec.JSON, 'hostile: "1\\n" * 500000 (text)', "1\n" * 500_000),
+        (Codec.JSON, "hostile: 1000 deep + 20 digits", deep.decode()),
+        (Codec.MSGPACK, "hostile: 1000000 fixints", b"\x00" * 1_000_000),
+        (Codec.MSGPACK, "hostile: 100000 deep", b"\x91" * 100_000 + b"\x90"),
+    ]
+    return frames
 
 
 def main() -> int:
@@ -89,7 +135,12 @@ def main() -> int:
     print(f"# codec micro-benchmark  python {platform.python_version()}  {platform.machine()}")
     print(f"{'codec':8} {'case':34} {'ns/msg':>9} {'bytes':>6}")
     for r in results:
-        print(f"{r['codec']:8} {r['case']:34} {r['ns']:>9} {r['bytes']:>6}")
+        if r["per"] == "message":
+            print(f"{r['codec']:8} {r['case']:34} {r['ns']:>9} {r['bytes']:>6}")
+    print(f"{'codec':8} {'case':34} {'ns/frame':>11} {'bytes':>8}")
+    for r in results:
+        if r["per"] == "frame":
+            print(f"{r['codec']:8} {r['case']:34} {r['ns']:>11} {r['bytes']:>8}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"python": sys.version, "results": results}, f, indent=2)

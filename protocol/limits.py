@@ -13,6 +13,13 @@ from typing import Final
 MAX_FRAME_BYTES: Final = 1_048_576
 #: Most messages one frame may carry (batching).
 MAX_BATCH_MESSAGES: Final = 1024
+#: Deepest nesting of containers (objects/maps, arrays) in one message, counted like
+#: ``MAX_METADATA_DEPTH``: the message itself is level 1, a container inside a container of level d
+#: is level d+1, scalars add no level. Valid messages need at most 9 (a chat's metadata at its own
+#: level 8); a deeper one is refused while decoding, before any recursive code sees it. The wide
+#: margin keeps that check cheap: the decoder counts container bytes before it walks a value, and
+#: a whole batch of ordinary messages stays under the bound at once.
+MAX_NESTING_DEPTH: Final = 64
 #: Default cap on the bytes the gateway packs into one outbound batched frame.
 DEFAULT_BATCH_BYTES: Final = 65_536
 #: Default concurrent streams per connection.

@@ -163,7 +163,10 @@ def _check_json_value(value: object, depth: int) -> None:
     """Metadata must be plain JSON so every codec and SDK can carry it unchanged.
 
     ``depth`` is the nesting level of ``value`` if it is a container (the metadata object
-    itself is 1); scalars add no level.
+    itself is 1); scalars add no level. A container deeper than ``MAX_METADATA_DEPTH`` is refused
+    before its items are looked at, so the recursion is at most ``MAX_METADATA_DEPTH + 1`` calls
+    deep whatever the value: :func:`parse_message` is safe on values that did not come through
+    the decoder's ``MAX_NESTING_DEPTH`` check too.
     """
     kind = type(value)
     if value is None or kind is bool or kind is str:

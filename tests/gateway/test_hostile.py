@@ -277,6 +277,42 @@ async def test_a_frame_over_the_message_cap_costs_its_messages_in_rate() -> None
         ]
 
 
+# --- 3. deep nesting ------------------------------------------------------------------------------
+
+DEEP = "[" * 1000 + "12345678901234567890" + "]" * 1000
+
+
+@pytest.mark.parametrize("where", ["alone", "in_a_cancel_frame", "in_metadata"])
+async def test_deep_nesting_with_a_long_number_is_a_bad_frame_and_nothing_else(where: str) -> None:
+    """A line nested 1,000 deep holding a 20-digit integer is ``bad_frame``; the connection and
+    its other requests carry on (G6), a cancel in the same frame is done. Before: an uncaught
+    RecursionError closed the connection (1011, or no close frame at all on the early-cancel
+    path) and cancelled its requests."""
+    async with running_gateway() as gw, WireClient.open(gw.url) as client:
+        keep = await client.chat("keep", metadata=LONG)
+        doomed = await client.chat("doomed", metadata=LONG)
+        await client.chunks("keep", 1)
+        await client.chunks("doomed", 1)
+        if where == "alone":
+            await client.ws.send(DEEP)
+        elif where == "in_a_cancel_frame":
+            doomed.machine.on_cancel()
+            cancel = orjson.dumps({"type": "cancel", "request_id": "doomed"}).decode()
+            await client.ws.send(cancel + "\n" + DEEP)
+        else:
+            chat = {"type": "chat", "request_id": "deep", "message": "x"}
+            line = orjson.dumps(chat).decode()[:-1] + ',"metadata":{"a":' + DEEP + "}}"
+            await client.ws.send(line)
+        await client.send(Ping(id="after"))
+        await client.wait_for(lambda: any(getattr(m, "id", None) == "after" for m in client.others))
+        assert [e.code for e in client.errors] == [ErrorCode.BAD_FRAME]
+        if where == "in_a_cancel_frame":
+            assert (await client.response("doomed")).status is ResponseStatus.CANCELLED
+        await client.chunks("keep", len(keep.chunks) + 1)  # still streaming
+        assert keep.response is None
+        assert client.ws.close_code is None
+
+
 # --- 4. unauthenticated slot hogging --------------------------------------------------------------
 
 
