@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 import pytest
@@ -36,6 +38,7 @@ JSON = [protocol.Codec.JSON.subprotocol]
 LONG = {"tokens": 5000, "token_delay_ms": 5, "plan_ms": 0, "tool_ms": 0}
 QUICK = {"tokens": 5, "token_delay_ms": 0, "plan_ms": 0, "tool_ms": 0}
 MIB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -82,6 +85,9 @@ async def gateway_process(*flags: str) -> AsyncIterator[GatewayProcess]:
         "--log-format",
         "json",
         *flags,
+        cwd=REPO,
+        # Settings come from the flags only: none from the environment the tests run in.
+        env={k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
