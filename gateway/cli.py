@@ -15,9 +15,6 @@ from .config import Config, ConfigError, load_config
 
 __all__ = ["main"]
 
-# Settings that are not flags: a table (TOML only).
-_NOT_FLAGS = {"backend_options"}
-
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
@@ -27,9 +24,17 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     serve.add_argument("--config", help="TOML file of settings (also MUXGATE_CONFIG)")
     for f in dataclasses.fields(Config):
-        if f.name in _NOT_FLAGS:
-            continue
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "backend_options":
+            serve.add_argument(
+                "--backend-option",
+                dest="backend_options",
+                action="append",
+                metavar="KEY=VALUE",
+                help="an option of the backend (repeat for several; VALUE is read as JSON when "
+                "it parses as JSON, else as a string; env MUXGATE_BACKEND_OPTIONS, a JSON object)",
+            )
+            continue
         if f.name == "client_keys":
             serve.add_argument(
                 "--client-key",
@@ -59,18 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "spec":
         sys.stdout.write(files("protocol").joinpath("SPEC.md").read_text(encoding="utf-8"))
         return 0
-    flags = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if f.name not in _NOT_FLAGS
-    }
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     try:
         config = load_config(flags=flags, toml_path=args.config)
     except ConfigError as exc:
         parser.exit(2, f"muxgate: {exc}\n")
     from .server import run  # imported late: `muxgate spec` needs no server
 
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # found at start-up: e.g. a backend option
+        parser.exit(2, f"muxgate: {exc}\n")
     return 0
 
 

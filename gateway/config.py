@@ -3,12 +3,16 @@
 Every setting is a field of :class:`Config`; its environment variable is ``MUXGATE_`` plus the
 field name in capitals (``MUXGATE_MAX_STREAMS=128``), its flag ``--`` plus the name with dashes
 (``--max-streams 128``), its TOML key the name itself. ``client_keys`` takes a comma-separated
-list in the environment and repeated flags; ``backend_options`` is a TOML table only.
+list in the environment and repeated flags. ``backend_options`` is a TOML table, a JSON object
+in ``MUXGATE_BACKEND_OPTIONS`` and a repeated ``--backend-option KEY=VALUE`` (VALUE read as
+JSON when it parses as JSON, else as a string); its sources merge key by key, with the same
+precedence.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -186,10 +190,6 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             if isinstance(raw, str):
                 return tuple(k.strip() for k in raw.split(",") if k.strip())
             return tuple(str(k) for k in raw)
-        if name == "backend_options":
-            if not isinstance(raw, Mapping):
-                raise TypeError("must be a table")
-            return dict(raw)
         if optional and raw in ("", None):
             return None
         if hint is bool:
@@ -207,6 +207,36 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         return str(raw)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"{name} ({source}): invalid value {raw!r}") from exc
+
+
+def _backend_options(raw: Any, source: str) -> dict[str, Any]:
+    """``backend_options`` from one source: a table (TOML, or a mapping given in code), a JSON
+    object (the environment), or ``KEY=VALUE`` strings (the flags; VALUE is JSON when it parses
+    as JSON, else a string). The error names the setting and the source, never the value (an
+    option may hold what has no place in a log)."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if source.startswith("MUXGATE_") and isinstance(raw, str):
+        try:
+            options = json.loads(raw)
+        except ValueError:
+            options = None
+        if not isinstance(options, dict):
+            raise ConfigError(f"backend_options ({source}): must be a JSON object")
+        return options
+    if source.startswith("--") and isinstance(raw, list | tuple):
+        options = {}
+        for item in raw:
+            key, equals, value = str(item).partition("=")
+            key = key.strip()
+            if not equals or not key:
+                raise ConfigError(f"backend_options ({source}): each must be KEY=VALUE")
+            try:
+                options[key] = json.loads(value)
+            except ValueError:
+                options[key] = value
+        return options
+    raise ConfigError(f"backend_options ({source}): must be a table")
 
 
 def load_config(
@@ -227,17 +257,27 @@ def load_config(
         for key, raw in data.items():
             if key not in _FIELDS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _convert(key, raw, f"config file {path}")
+            _set(values, key, raw, f"config file {path}")
     for name in _FIELDS:
         env_name = "MUXGATE_" + name.upper()
-        if name != "backend_options" and env_name in environ:
-            values[name] = _convert(name, environ[env_name], env_name)
+        if env_name in environ:
+            _set(values, name, environ[env_name], env_name)
     for name, raw in (flags or {}).items():
         if raw is not None:
             if name not in _FIELDS:
                 raise ConfigError(f"unknown setting {name!r}")
-            values[name] = _convert(name, raw, "--" + name.replace("_", "-"))
+            source = "--backend-option" if name == "backend_options" else "--" + name
+            _set(values, name, raw, source.replace("_", "-"))
     try:
         return Config(**values)
     except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
         raise ConfigError(str(exc)) from exc
+
+
+def _set(values: dict[str, Any], name: str, raw: Any, source: str) -> None:
+    """Record a source's value: it replaces a lower source's, except ``backend_options``,
+    whose keys replace theirs one by one."""
+    if name == "backend_options":
+        values[name] = {**values.get(name, {}), **_backend_options(raw, source)}
+    else:
+        values[name] = _convert(name, raw, source)

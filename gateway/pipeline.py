@@ -119,12 +119,35 @@ class UsageMeter:
     output_tokens: int = 0
     #: The backend's estimate of input+output tokens for the whole request, if it ran to the end.
     expected_tokens: int = 0
+    #: The figures before the latest ``stream_llm`` step: what :meth:`report` counts from.
+    _stream_input_base: int = field(default=0, repr=False, compare=False)
+    _stream_output_base: int = field(default=0, repr=False, compare=False)
 
     def add(self, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         if input_tokens < 0 or output_tokens < 0:
             raise ValueError("token counts are never negative")
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+
+    def report(self, *, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+        """Replace the latest ``stream_llm`` step's estimates (its ``input_tokens`` argument,
+        one output token per piece) with the provider's own figures for that call, e.g. from
+        the usage in its last chunk. What other steps counted stays. Call it after the call's
+        last piece: pieces read after it count one output token each, on top."""
+        if (input_tokens is not None and input_tokens < 0) or (
+            output_tokens is not None and output_tokens < 0
+        ):
+            raise ValueError("token counts are never negative")
+        if input_tokens is not None:
+            self.input_tokens = self._stream_input_base + input_tokens
+        if output_tokens is not None:
+            self.output_tokens = self._stream_output_base + output_tokens
+
+    def _start_stream(self, input_tokens: int) -> None:
+        """A ``stream_llm`` step starts: remember where its figures begin, count its input."""
+        self._stream_input_base = self.input_tokens
+        self._stream_output_base = self.output_tokens
+        self.add(input_tokens=input_tokens)
 
     def expect(self, total_tokens: int) -> None:
         """Record how many tokens the whole request would take; used for ``saved_tokens``."""
@@ -225,9 +248,10 @@ class RequestContext:
     ) -> str:
         """Read an abortable token stream, emitting each token; returns the text read.
 
-        Every token counts as one output token. A cancel stops the read at once, even between
-        tokens, and closes the upstream (``aclose``) so a real provider stops generating; the
-        step then halts with :class:`PipelineHalted`.
+        Every token counts as one output token (``input_tokens`` and those estimates can be
+        replaced by the provider's figures with ``usage.report``). A cancel stops the read at
+        once, even between tokens, and closes the upstream (``aclose``) so a real provider stops
+        generating; the step then halts with :class:`PipelineHalted`.
         """
         parts: list[str] = []
         try:
@@ -263,7 +287,7 @@ class RequestContext:
         # The read starts one loop turn after it is scheduled: check again (G5).
         self._begin("llm_stream", name)
         usage, token, sink = self.usage, self.token, self.sink
-        usage.add(input_tokens=input_tokens)
+        usage._start_stream(input_tokens)
         # Hot path, once per token: emit() inlined (no coroutine per token); the cancel check
         # below is its checkpoint.
         async for piece in tokens:

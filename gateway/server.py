@@ -260,6 +260,9 @@ class Gateway:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        close = getattr(self.backend, "aclose", None)  # e.g. the openai backend's connections
+        if close is not None:
+            await close()
         self._server.close(close_connections=False)  # stop accepting
         await self.stats_feed.close()
         closes = [self._close_going_away(conn, max(grace, 1.0)) for conn in self.connections]

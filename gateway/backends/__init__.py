@@ -3,8 +3,10 @@
 ``load_backend(name, **options)`` resolves ``name`` in this order:
 
 1. a built-in backend (:data:`BACKENDS`): ``"simulated"`` (the default, a simulated agent
-   pipeline, see :mod:`gateway.backends.simulated`) or ``"echo"`` (streams the prompt back word
-   by word);
+   pipeline, see :mod:`gateway.backends.simulated`), ``"echo"`` (streams the prompt back word
+   by word) or ``"openai"`` (a real model behind an OpenAI-compatible server, see
+   :mod:`gateway.backends.openai`; imported only when used: it needs httpx, the ``upstream``
+   extra);
 2. an entry point of that name in the group ``"muxgate.backends"`` (:data:`ENTRY_POINT_GROUP`),
    which a package declares in its ``pyproject.toml``::
 
@@ -26,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Final
 
+from ..config import ConfigError
 from ..pipeline import Backend, RequestContext
 from .simulated import SimulatedBackend, estimate_tokens
 
@@ -33,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
     "ENTRY_POINT_GROUP",
+    "OPTIONAL_BACKENDS",
     "EchoBackend",
     "SimulatedBackend",
     "available_backends",
@@ -75,13 +79,31 @@ class EchoBackend:
             yield word
 
 
+def _openai(**options: Any) -> Backend:
+    """Backend ``openai``, imported on first use: the others never load httpx."""
+    try:
+        from .openai import OpenAIBackend
+    except ModuleNotFoundError as exc:
+        if exc.name != "httpx":
+            raise
+        raise ConfigError(str(exc)) from exc
+    return OpenAIBackend(**options)
+
+
 _BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
     "simulated": SimulatedBackend,
     "echo": EchoBackend,
 }
+#: Built in too, but they need an optional extra (and options without defaults).
+_OPTIONAL_BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
+    "openai": _openai,
+}
 
-#: The names of the built-in backends; the first is the default.
+#: The names of the built-in backends that run on the default install with no options; the
+#: first is the default.
 BACKENDS: Final[list[str]] = list(_BUILTINS)
+#: The names of the built-in backends that need an optional extra: ``openai`` (``upstream``).
+OPTIONAL_BACKENDS: Final[list[str]] = list(_OPTIONAL_BUILTINS)
 
 
 def _entry_points() -> dict[str, EntryPoint]:
@@ -97,7 +119,7 @@ def available_backends() -> list[str]:
 
 
 def _unknown(name: str, why: str = "") -> ValueError:
-    names = ", ".join(repr(n) for n in available_backends())
+    names = ", ".join(repr(n) for n in [*available_backends(), *OPTIONAL_BACKENDS])
     return ValueError(
         f"unknown backend {name!r}{why}; available: {names}, or an entry point in the group "
         f"{ENTRY_POINT_GROUP!r}, or 'package.module:attribute'"
@@ -154,7 +176,7 @@ def load_backend(name: str = DEFAULT_BACKEND, **options: Any) -> Backend:
     name = name.strip()
     if not name:
         raise _unknown(name)
-    builtin = _BUILTINS.get(name)
+    builtin = _BUILTINS.get(name) or _OPTIONAL_BUILTINS.get(name)
     if builtin is not None:
         return builtin(**options)
     point = _entry_points().get(name)

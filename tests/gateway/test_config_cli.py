@@ -91,6 +91,66 @@ def test_client_keys_from_comma_separated_env(tmp_path: Path) -> None:
     )
 
 
+def test_backend_options_merge_key_by_key_from_toml_env_and_flags(tmp_path: Path) -> None:
+    toml = _toml(tmp_path, '[backend_options]\ntokens = 5\nplan_ms = 7\nseed = "toml"\n')
+    env = {"MUXGATE_BACKEND_OPTIONS": '{"plan_ms": 8, "tool_ms": 9, "seed": "env"}'}
+    flags = {
+        "backend_options": [
+            "seed=42",  # JSON: a number
+            "model=llama3.2:3b",  # not JSON: a string
+            "base_url=http://127.0.0.1:8080/v1",
+            "list=[1, 2]",
+            "flag=true",
+            "empty=",
+            "equation=a=b",
+        ]
+    }
+    assert load_config(environ={}, toml_path=toml).backend_options == {
+        "tokens": 5,
+        "plan_ms": 7,
+        "seed": "toml",
+    }
+    assert load_config(environ=env, toml_path=toml).backend_options == {
+        "tokens": 5,  # TOML, untouched
+        "plan_ms": 8,  # env over TOML
+        "tool_ms": 9,
+        "seed": "env",
+    }
+    assert load_config(environ=env, toml_path=toml, flags=flags).backend_options == {
+        "tokens": 5,
+        "plan_ms": 8,
+        "tool_ms": 9,
+        "seed": 42,  # flag over env over TOML
+        "model": "llama3.2:3b",
+        "base_url": "http://127.0.0.1:8080/v1",
+        "list": [1, 2],
+        "flag": True,
+        "empty": "",
+        "equation": "a=b",
+    }
+    # Given in code, the flags may be a mapping too.
+    assert load_config(environ={}, flags={"backend_options": {"x": 1}}).backend_options == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "source"),
+    [
+        ({"MUXGATE_BACKEND_OPTIONS": "tokens=5"}, None, "MUXGATE_BACKEND_OPTIONS"),
+        ({"MUXGATE_BACKEND_OPTIONS": "[1, 2]"}, None, "MUXGATE_BACKEND_OPTIONS"),
+        ({"MUXGATE_BACKEND_OPTIONS": '"secret-value"'}, None, "MUXGATE_BACKEND_OPTIONS"),
+        ({}, ["secret-value"], "--backend-option"),
+        ({}, ["=secret-value"], "--backend-option"),
+    ],
+)
+def test_bad_backend_options_name_the_setting_and_source_not_the_value(
+    env: dict[str, str], flags: list[str] | None, source: str
+) -> None:
+    with pytest.raises(ConfigError, match="backend_options") as info:
+        load_config(environ=env, flags={"backend_options": flags})
+    assert source in str(info.value)
+    assert "secret-value" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("env", "setting"),
     [
@@ -179,6 +239,39 @@ def test_serve_with_bad_env_exits_2() -> None:
     assert "port" in done.stderr
 
 
+def test_serve_with_a_bad_backend_option_exits_2_naming_it() -> None:
+    done = _muxgate(
+        "serve",
+        "--port",
+        "0",
+        "--backend",
+        "openai",
+        "--backend-option",
+        "base_url=http://127.0.0.1:9/v1",
+        "--backend-option",
+        "model=m",
+        "--backend-option",
+        "max_concurency=2",  # sic
+    )
+    assert done.returncode == 2
+    assert "'max_concurency'" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _muxgate(
+        "serve",
+        "--port",
+        "0",
+        "--backend",
+        "openai",
+        env={
+            "MUXGATE_BACKEND_OPTIONS": '{"base_url": "http://127.0.0.1:9/v1", "model": "m", '
+            '"retries": "1"}'
+        },
+    )
+    assert done.returncode == 2
+    assert "'retries'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_spec_prints_the_specification() -> None:
     done = _muxgate("spec")
     assert done.returncode == 0
@@ -203,8 +296,11 @@ def test_serve_passes_flags_env_and_toml_to_the_server(
     toml = _toml(tmp_path, "max_streams = 4\nrate_burst = 3\nretention_count = 77\n")
     argv: list[Any] = ["serve", "--config", str(toml), "--max-streams", "6"]
     argv += ["--client-key", "k1", "--client-key", "k2", "--shutdown-grace", "1"]
+    monkeypatch.setenv("MUXGATE_BACKEND_OPTIONS", '{"tokens": 8, "plan_ms": 1}')
+    argv += ["--backend-option", "tokens=9", "--backend-option", "tool_ms=0"]
     assert cli.main(argv) == 0
     (config,) = seen
+    assert config.backend_options == {"tokens": 9, "plan_ms": 1, "tool_ms": 0}
     assert config.max_streams == 6  # flag over env over TOML
     assert config.rate_burst == 9  # env over TOML
     assert config.retention_count == 77  # TOML over default
