@@ -58,6 +58,23 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     #: An unexpected failure inside the gateway; details are not disclosed.
     INTERNAL = "internal"
+    # In ``response.error`` of a request whose model upstream failed (SPEC.md §7.2).
+    #: The upstream could not be reached (connection refused, connect timeout).
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    #: The upstream answered 429 (after the retries before a first token).
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    #: The upstream refused the request (another 4xx).
+    UPSTREAM_REJECTED = "upstream_rejected"
+    #: The upstream failed (5xx, or an error reported in its stream).
+    UPSTREAM_ERROR = "upstream_error"
+    #: The upstream sent no token for the configured stall time.
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    #: The upstream's stream could not be parsed.
+    UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    #: The upstream connection dropped before the answer ended.
+    UPSTREAM_DISCONNECTED = "upstream_disconnected"
+    #: The request could not get a turn at the upstream before its deadline.
+    UPSTREAM_BUSY = "upstream_busy"
 
 
 class CloseCode(enum.IntEnum):

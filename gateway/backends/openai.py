@@ -86,14 +86,14 @@ from .simulated import estimate_tokens
 
 __all__ = ["ERROR_CODES", "OPTIONS", "OpenAIBackend", "UpstreamFailure"]
 
-UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
-UPSTREAM_RATE_LIMITED: Final = "upstream_rate_limited"
-UPSTREAM_REJECTED: Final = "upstream_rejected"
-UPSTREAM_ERROR: Final = "upstream_error"
-UPSTREAM_TIMEOUT: Final = "upstream_timeout"
-UPSTREAM_BAD_RESPONSE: Final = "upstream_bad_response"
-UPSTREAM_DISCONNECTED: Final = "upstream_disconnected"
-UPSTREAM_BUSY: Final = "upstream_busy"
+UPSTREAM_UNAVAILABLE: Final = ErrorCode.UPSTREAM_UNAVAILABLE
+UPSTREAM_RATE_LIMITED: Final = ErrorCode.UPSTREAM_RATE_LIMITED
+UPSTREAM_REJECTED: Final = ErrorCode.UPSTREAM_REJECTED
+UPSTREAM_ERROR: Final = ErrorCode.UPSTREAM_ERROR
+UPSTREAM_TIMEOUT: Final = ErrorCode.UPSTREAM_TIMEOUT
+UPSTREAM_BAD_RESPONSE: Final = ErrorCode.UPSTREAM_BAD_RESPONSE
+UPSTREAM_DISCONNECTED: Final = ErrorCode.UPSTREAM_DISCONNECTED
+UPSTREAM_BUSY: Final = ErrorCode.UPSTREAM_BUSY
 
 #: The codes of a request this backend fails, and when.
 ERROR_CODES: Final[Mapping[str, str]] = {

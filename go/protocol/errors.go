@@ -21,6 +21,16 @@ const (
 	CodeBackendError       ErrorCode = "backend_error"
 	CodeUnavailable        ErrorCode = "unavailable"
 	CodeInternal           ErrorCode = "internal"
+
+	// In a failed response's error when the backend's model server failed (SPEC.md §7.2).
+	CodeUpstreamUnavailable  ErrorCode = "upstream_unavailable"
+	CodeUpstreamRateLimited  ErrorCode = "upstream_rate_limited"
+	CodeUpstreamRejected     ErrorCode = "upstream_rejected"
+	CodeUpstreamError        ErrorCode = "upstream_error"
+	CodeUpstreamTimeout      ErrorCode = "upstream_timeout"
+	CodeUpstreamBadResponse  ErrorCode = "upstream_bad_response"
+	CodeUpstreamDisconnected ErrorCode = "upstream_disconnected"
+	CodeUpstreamBusy         ErrorCode = "upstream_busy"
 )
 
 // WebSocket close codes the gateway uses (SPEC.md §2.6).
