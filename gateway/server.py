@@ -259,7 +259,15 @@ class Gateway:
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending)
+                # A non-abortable step (a tool call, say) finishes before its task ends: bounded
+                # too, since a step that never returns must not hold the process forever.
+                _, stuck = await asyncio.wait(pending, timeout=max(grace, 1.0))
+                if stuck:
+                    log.warning(
+                        "gateway.shutdown_abandoned",
+                        tasks=len(stuck),
+                        detail="non-abortable steps still running after the grace period",
+                    )
         close = getattr(self.backend, "aclose", None)  # e.g. the openai backend's connections
         if close is not None:
             await close()

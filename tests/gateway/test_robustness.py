@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+import structlog.testing
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -686,6 +687,43 @@ async def test_shutdown_is_not_held_up_by_a_stuck_reader() -> None:
         record = await gw.registry.lookup(RequestKey("", "gated-shut"))
         assert record is not None
         assert record.reason is CancelReason.SHUTDOWN
+
+
+class NeverEndingTool:
+    """A backend whose non-abortable tool call never returns (a hung tool server)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()  # never set: the tool hangs
+
+    async def run(self, ctx: RequestContext) -> None:
+        async def hung() -> None:
+            self.started.set()
+            await self.release.wait()
+
+        await ctx.tool_call(hung, name="hung-tool")
+
+
+async def test_shutdown_waits_for_a_hung_non_abortable_step_a_bounded_time() -> None:
+    """A tool call is shielded from cancellation (it finishes, then the pipeline halts), but one
+    that never finishes must not hold shutdown forever: it is abandoned after the grace period,
+    with a warning."""
+    backend = NeverEndingTool()
+    async with (
+        running_gateway(backend_impl=backend) as gw,
+        WireClient.open(gw.url) as client,
+    ):
+        client.track("hung")
+        await client.send(Chat(request_id="hung", message="x"))
+        async with asyncio.timeout(5):
+            await backend.started.wait()
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(10):
+                await gw.shutdown(grace=0.2)
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "gateway.shutdown_abandoned"
+        ]
+        backend.release.set()  # let the abandoned step end before the loop closes
 
 
 async def test_fast_big_answer_does_not_starve_a_small_one() -> None:
