@@ -198,6 +198,8 @@ class Connection:
         self._waiting = False
         #: Cancels answered in the loop turn that read them (see EagerServerConnection).
         self.cancels_read_early = 0
+        #: Set once run() has ended: everything of this connection is stopped.
+        self.finished = asyncio.Event()
         if isinstance(ws, EagerServerConnection):
             ws.read_early = self._read_early
 
@@ -235,6 +237,7 @@ class Connection:
             with contextlib.suppress(BaseException):
                 await writer
             log.debug("connection.closed", connection_id=self.id, close_code=self.ws.close_code)
+            self.finished.set()
 
     async def _read_loop(self) -> None:
         headers = self._headers
@@ -429,6 +432,10 @@ class Connection:
             log.warning("connection.slow_consumer", connection_id=self.id, detail=str(exc))
             code, reason = CloseCode.SLOW_CONSUMER, "slow consumer"
         elif exc is None or isinstance(exc, ConnectionClosed):
+            # The connection is gone: nothing more will be written. Close the outbound now, so
+            # a reader waiting for room for its answers (control_room) goes on, finds the
+            # connection closed and ends; the reader's own cleanup does the rest.
+            self.outbound.close()
             return
         else:
             log.error("connection.writer_failed", connection_id=self.id, exc_info=exc)

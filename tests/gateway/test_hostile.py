@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -405,3 +406,26 @@ async def test_sustained_excess_over_the_rate_closes_4029() -> None:
         admitted = sum(1 for m in client.others if isinstance(m, protocol.Pong))
         assert admitted > 10, "some pings passed as the bucket refilled: not a burst-only close"
         client.violations.clear()  # the reader records the error close
+
+
+async def test_a_flooder_that_resets_while_the_reader_waits_for_room_is_cleaned_up() -> None:
+    """The reader waits for its answers to be written (control_room) while the client does not
+    read; the client then resets its connection: the writer's send fails, and the connection
+    must still end (requests stopped, handler finished) instead of waiting for room forever."""
+    frame = "\n".join(
+        orjson.dumps({"type": "cancel", "request_id": f"nope-{i}"}).decode() for i in range(1000)
+    )
+    async with running_gateway(max_control_messages=64) as gw:
+        flood = await connect(gw.url, subprotocols=JSON, max_queue=None)
+        flood.transport.pause_reading()  # reads nothing
+        (conn,) = gw.connections
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while not conn.outbound.control_backlog or not conn.outbound.send_started:
+                    await flood.send(frame)
+        assert conn.outbound.control_backlog, "the reader never had to wait"
+        sock = flood.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        flood.transport.abort()  # RST
+        async with asyncio.timeout(5):
+            await conn.finished.wait()
