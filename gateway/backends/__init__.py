@@ -6,7 +6,9 @@
    pipeline, see :mod:`gateway.backends.simulated`), ``"echo"`` (streams the prompt back word
    by word) or ``"openai"`` (a real model behind an OpenAI-compatible server, see
    :mod:`gateway.backends.openai`; imported only when used: it needs httpx, the ``upstream``
-   extra);
+   extra) or ``"llama"`` (a tiny real model served by a llama-server the backend starts and
+   supervises, see :mod:`gateway.backends.llama`; imported only when used: it needs the
+   ``llama`` extra);
 2. an entry point of that name in the group ``"muxgate.backends"`` (:data:`ENTRY_POINT_GROUP`),
    which a package declares in its ``pyproject.toml``::
 
@@ -90,6 +92,19 @@ def _openai(**options: Any) -> Backend:
     return OpenAIBackend(**options)
 
 
+def _llama(**options: Any) -> Backend:
+    """Backend ``llama``, imported on first use (it imports the ``openai`` backend)."""
+    try:
+        from .llama import LlamaBackend
+    except ModuleNotFoundError as exc:
+        if exc.name != "httpx":
+            raise
+        raise ConfigError(
+            "muxgate backend 'llama' needs muxgate's 'llama' extra: make deps-llama"
+        ) from exc
+    return LlamaBackend(**options)
+
+
 _BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
     "simulated": SimulatedBackend,
     "echo": EchoBackend,
@@ -97,12 +112,14 @@ _BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
 #: Built in too, but they need an optional extra (and options without defaults).
 _OPTIONAL_BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
     "openai": _openai,
+    "llama": _llama,
 }
 
 #: The names of the built-in backends that run on the default install with no options; the
 #: first is the default.
 BACKENDS: Final[list[str]] = list(_BUILTINS)
-#: The names of the built-in backends that need an optional extra: ``openai`` (``upstream``).
+#: The names of the built-in backends that need an optional extra: ``openai`` (``upstream``),
+#: ``llama`` (``llama``).
 OPTIONAL_BACKENDS: Final[list[str]] = list(_OPTIONAL_BUILTINS)
 
 
