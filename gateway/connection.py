@@ -200,6 +200,8 @@ class Connection:
         self.cancels_read_early = 0
         #: Set once run() has ended: everything of this connection is stopped.
         self.finished = asyncio.Event()
+        #: The messages of the next frame recv() returns, decoded by _read_early and declined.
+        self._predecoded: list[protocol.Message | RemoteProtocolError] | None = None
         if isinstance(ws, EagerServerConnection):
             ws.read_early = self._read_early
 
@@ -266,7 +268,10 @@ class Connection:
                 if self._admit(None):  # bad input counts towards the rate like any message
                     self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
                 continue
-            for result in protocol.decode(data, self.codec, Sender.CLIENT):
+            results, self._predecoded = self._predecoded, None
+            if results is None:
+                results = protocol.decode(data, self.codec, Sender.CLIENT)
+            for result in results:
                 # Inbound backpressure: every message may queue an answer. A client that
                 # sends faster than it reads waits here (then in websockets' bounded queue,
                 # then in the kernel) instead of growing the gateway's memory. Only answers
@@ -331,7 +336,12 @@ class Connection:
             return False
         results = protocol.decode(data, self.codec, Sender.CLIENT)
         if not all(isinstance(r, Cancel) for r in results):
-            return False  # invalid UTF-8 and bad messages too: their errors come from there
+            # Declined: the frame is queued, and with nothing queued before it (see
+            # EagerServerConnection), it is the next one recv() returns. Its messages are
+            # decoded already: the reader takes them instead of decoding the frame again. (A
+            # frame that is not UTF-8 never gets there: recv() closes with 1007 first.)
+            self._predecoded = results
+            return False
         for cancel in results:
             mux.cancel_now(cast(Cancel, cancel))
         self.cancels_read_early += len(results)

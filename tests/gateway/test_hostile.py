@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -429,3 +430,34 @@ async def test_a_flooder_that_resets_while_the_reader_waits_for_room_is_cleaned_
         flood.transport.abort()  # RST
         async with asyncio.timeout(5):
             await conn.finished.wait()
+
+
+async def test_a_frame_the_early_cancel_path_declines_is_decoded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame holding a cancel and something else is decoded by the early-cancel path, which
+    declines it; the reader then handles those same messages instead of decoding it again
+    (a hostile client's frames would otherwise cost two decodes each)."""
+    decoded: list[object] = []
+    decode = protocol.decode
+
+    def counting(data: Any, *args: Any) -> Any:
+        decoded.append(data)
+        return decode(data, *args)
+
+    monkeypatch.setattr(protocol, "decode", counting)
+    async with running_gateway() as gw, WireClient.open(gw.url) as client:
+        doomed = await client.chat("doomed", metadata=LONG)
+        await client.chunks("doomed", 1)
+        doomed.machine.on_cancel()
+        mixed = (
+            orjson.dumps({"type": "cancel", "request_id": "doomed"}).decode()
+            + "\n"
+            + orjson.dumps({"type": "ping", "id": "mixed"}).decode()
+        )
+        decoded.clear()
+        await client.ws.send(mixed)
+        assert (await client.response("doomed")).status is ResponseStatus.CANCELLED
+        await client.wait_for(lambda: any(getattr(m, "id", None) == "mixed" for m in client.others))
+        frames = [d if isinstance(d, bytes) else d.encode() for d in decoded]
+        assert frames.count(mixed.encode()) == 1, decoded
