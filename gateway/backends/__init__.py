@@ -23,16 +23,15 @@ object with ``async def run(self, ctx: RequestContext) -> None``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Final
 
 from ..config import ConfigError
-from ..pipeline import Backend, RequestContext
-from .simulated import SimulatedBackend, estimate_tokens
+from ..pipeline import Backend
+from .echo import EchoBackend
+from .simulated import SimulatedBackend
 
 __all__ = [
     "BACKENDS",
@@ -47,38 +46,6 @@ __all__ = [
 
 ENTRY_POINT_GROUP: Final = "muxgate.backends"
 DEFAULT_BACKEND: Final = "simulated"
-
-_WORD = re.compile(r"\s*\S+")
-
-
-class EchoBackend:
-    """Streams the prompt back word by word (each word with its leading whitespace)."""
-
-    name: Final = "echo"
-
-    def __init__(self, *, token_delay_ms: int = 0) -> None:
-        if type(token_delay_ms) is not int or token_delay_ms < 0:
-            raise ValueError(
-                f"echo backend option 'token_delay_ms' must be an integer >= 0, "
-                f"got {token_delay_ms!r}"
-            )
-        self.token_delay_ms = token_delay_ms
-
-    def __repr__(self) -> str:
-        return f"EchoBackend(token_delay_ms={self.token_delay_ms})"
-
-    async def run(self, ctx: RequestContext) -> None:
-        prompt = ctx.prompt
-        words = _WORD.findall(prompt)
-        input_tokens = estimate_tokens(prompt)
-        ctx.usage.expect(input_tokens + len(words))
-        await ctx.stream_llm(self._tokens(words), input_tokens=input_tokens, name="echo")
-
-    async def _tokens(self, words: list[str]) -> AsyncIterator[str]:
-        delay = self.token_delay_ms / 1000
-        for word in words:
-            await asyncio.sleep(delay)
-            yield word
 
 
 def _openai(**options: Any) -> Backend:
