@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 )
 
@@ -108,7 +109,7 @@ func Decode(frame []byte, c Codec, sender Sender) []Result {
 			v, err := ParseJSON(line)
 			values = append(values, v)
 			if err != nil {
-				errs = append(errs, badFrame("invalid JSON"))
+				errs = append(errs, badFrame(decodeFailure(err, "invalid JSON")))
 			} else {
 				errs = append(errs, nil)
 			}
@@ -122,7 +123,7 @@ func Decode(frame []byte, c Codec, sender Sender) []Result {
 			v, err := r.next()
 			values = append(values, v)
 			if err != nil {
-				errs = append(errs, badFrame("invalid msgpack"))
+				errs = append(errs, badFrame(decodeFailure(err, "invalid msgpack")))
 				break // no resynchronisation point
 			}
 			errs = append(errs, nil)
@@ -148,4 +149,12 @@ func Decode(frame []byte, c Codec, sender Sender) []Result {
 		}
 	}
 	return out
+}
+
+// decodeFailure is the bad_frame message for a parser's error: the nesting bound is named.
+func decodeFailure(err error, otherwise string) string {
+	if errors.Is(err, errTooDeep) {
+		return "nested deeper than 64 levels"
+	}
+	return otherwise
 }

@@ -13,8 +13,6 @@ import (
 
 var errJSON = errors.New("invalid JSON")
 
-const maxJSONDepth = 512
-
 type jsonParser struct {
 	b   []byte
 	pos int
@@ -82,8 +80,8 @@ func (p *jsonParser) value(depth int) (Value, error) {
 }
 
 func (p *jsonParser) object(depth int) (Value, error) {
-	if depth > maxJSONDepth {
-		return Value{}, errJSON
+	if depth > MaxNestingDepth { // SPEC.md §2.3: depth is this container's level
+		return Value{}, errTooDeep
 	}
 	p.pos++ // {
 	o := NewObject()
@@ -129,8 +127,8 @@ func (p *jsonParser) object(depth int) (Value, error) {
 }
 
 func (p *jsonParser) array(depth int) (Value, error) {
-	if depth > maxJSONDepth {
-		return Value{}, errJSON
+	if depth > MaxNestingDepth {
+		return Value{}, errTooDeep
 	}
 	p.pos++ // [
 	items := []Value{}

@@ -6,6 +6,7 @@ import "unicode/utf8"
 const (
 	MaxFrameBytes        = 1 << 20
 	MaxBatchMessages     = 1024
+	MaxNestingDepth      = 64 // objects and arrays in one message; the message is level 1
 	DefaultBatchBytes    = 65536
 	DefaultMaxStreams    = 64
 	MaxRequestIDLength   = 128

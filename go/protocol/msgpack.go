@@ -16,7 +16,8 @@ import (
 
 var errMsgpack = errors.New("invalid msgpack")
 
-const maxMsgpackDepth = 512
+// errTooDeep: a message nested deeper than MaxNestingDepth (SPEC.md §2.3), in either codec.
+var errTooDeep = errors.New("nested deeper than 64 levels")
 
 // msgpackReader walks concatenated msgpack objects in one frame.
 type msgpackReader struct {
@@ -46,10 +47,8 @@ func (m *msgpackReader) str() (string, error) {
 	return s, nil
 }
 
+// value reads one value; depth is the number of containers around it (0 for a message).
 func (m *msgpackReader) value(depth int) (Value, error) {
-	if depth > maxMsgpackDepth {
-		return Value{}, errMsgpack
-	}
 	d := m.d
 	c, err := d.PeekCode()
 	if err != nil {
@@ -85,6 +84,9 @@ func (m *msgpackReader) value(depth int) (Value, error) {
 	case msgpcode.IsExt(c):
 		return Value{Kind: KindExt}, d.Skip()
 	case msgpcode.IsFixedArray(c) || c == msgpcode.Array16 || c == msgpcode.Array32:
+		if depth >= MaxNestingDepth { // SPEC.md §2.3: this container would be level depth+1
+			return Value{}, errTooDeep
+		}
 		n, err := d.DecodeArrayLen()
 		if err != nil {
 			return Value{}, err
@@ -99,6 +101,9 @@ func (m *msgpackReader) value(depth int) (Value, error) {
 		}
 		return Array(items...), nil
 	case msgpcode.IsFixedMap(c) || c == msgpcode.Map16 || c == msgpcode.Map32:
+		if depth >= MaxNestingDepth {
+			return Value{}, errTooDeep
+		}
 		n, err := d.DecodeMapLen()
 		if err != nil {
 			return Value{}, err
