@@ -113,7 +113,14 @@ class ChunkSink(Protocol):
 
 @dataclass(slots=True)
 class UsageMeter:
-    """Tokens consumed by one request, and the backend's estimate of the whole."""
+    """Tokens consumed by one request, and the backend's estimate of the whole.
+
+    It also knows which figures are the provider's own and which are estimates (SPEC.md §3.8,
+    ``usage.estimated``): tokens counted with :meth:`add` are estimates unless ``reported=True``;
+    a ``stream_llm`` step's figures are estimates (its ``input_tokens`` argument, one output token
+    per piece) until :meth:`report` replaces them. A figure is estimated when any step's part of
+    it is, so a request with one reported step and one cut by a cancel lists it.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -122,32 +129,66 @@ class UsageMeter:
     #: The figures before the latest ``stream_llm`` step: what :meth:`report` counts from.
     _stream_input_base: int = field(default=0, repr=False, compare=False)
     _stream_output_base: int = field(default=0, repr=False, compare=False)
+    #: Whether some earlier step (or an :meth:`add`) counted an estimate into the figure.
+    _input_estimated: bool = field(default=False, repr=False, compare=False)
+    _output_estimated: bool = field(default=False, repr=False, compare=False)
+    #: The latest ``stream_llm`` step, until the next one starts: whether one is open, whether
+    #: the provider reported its input, and ``output_tokens`` right after the provider reported
+    #: its output (``None``: not reported; a different figure now: pieces counted since).
+    _stream_open: bool = field(default=False, repr=False, compare=False)
+    _stream_input_reported: bool = field(default=False, repr=False, compare=False)
+    _stream_output_reported_at: int | None = field(default=None, repr=False, compare=False)
 
-    def add(self, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+    def add(self, *, input_tokens: int = 0, output_tokens: int = 0, reported: bool = False) -> None:
+        """Count tokens of a step; ``reported=True`` when they are the provider's own figures,
+        else they are estimates (``usage.estimated``, SPEC.md §3.8)."""
         if input_tokens < 0 or output_tokens < 0:
             raise ValueError("token counts are never negative")
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        if not reported:
+            self._input_estimated |= input_tokens > 0
+            self._output_estimated |= output_tokens > 0
+        elif self._stream_output_reported_at is not None:
+            self._stream_output_reported_at += output_tokens  # not pieces of the stream
 
     def report(self, *, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
         """Replace the latest ``stream_llm`` step's estimates (its ``input_tokens`` argument,
         one output token per piece) with the provider's own figures for that call, e.g. from
         the usage in its last chunk. What other steps counted stays. Call it after the call's
-        last piece: pieces read after it count one output token each, on top."""
+        last piece: pieces read after it count one output token each, on top (and make the
+        output an estimate again). A figure left ``None`` stays an estimate."""
         if (input_tokens is not None and input_tokens < 0) or (
             output_tokens is not None and output_tokens < 0
         ):
             raise ValueError("token counts are never negative")
         if input_tokens is not None:
             self.input_tokens = self._stream_input_base + input_tokens
+            self._stream_input_reported = True
         if output_tokens is not None:
             self.output_tokens = self._stream_output_base + output_tokens
+            self._stream_output_reported_at = self.output_tokens
 
     def _start_stream(self, input_tokens: int) -> None:
         """A ``stream_llm`` step starts: remember where its figures begin, count its input."""
+        if input_tokens < 0:
+            raise ValueError("token counts are never negative")
+        self._input_estimated, self._output_estimated = self._estimates()
+        self._stream_open = True
+        self._stream_input_reported = False
+        self._stream_output_reported_at = None
         self._stream_input_base = self.input_tokens
         self._stream_output_base = self.output_tokens
-        self.add(input_tokens=input_tokens)
+        self.input_tokens += input_tokens
+
+    def _estimates(self) -> tuple[bool, bool]:
+        """Whether ``input_tokens`` and ``output_tokens`` contain an estimate."""
+        if not self._stream_open:
+            return self._input_estimated, self._output_estimated
+        return (
+            self._input_estimated or not self._stream_input_reported,
+            self._output_estimated or self._stream_output_reported_at != self.output_tokens,
+        )
 
     def expect(self, total_tokens: int) -> None:
         """Record how many tokens the whole request would take; used for ``saved_tokens``."""
@@ -157,12 +198,26 @@ class UsageMeter:
     def saved_tokens(self) -> int:
         return max(0, self.expected_tokens - self.input_tokens - self.output_tokens)
 
+    def estimated(self, *, cancelled: bool) -> tuple[str, ...]:
+        """``usage.estimated`` (SPEC.md §3.8): the figures that contain an estimate;
+        ``saved_tokens`` whenever it is non-zero (it is always an estimate)."""
+        input_estimated, output_estimated = self._estimates()
+        names: list[str] = []
+        if input_estimated:
+            names.append("input_tokens")
+        if output_estimated:
+            names.append("output_tokens")
+        if cancelled and self.saved_tokens:
+            names.append("saved_tokens")
+        return tuple(names)
+
     def snapshot(self, *, cancelled: bool, final: bool) -> Usage:
         return Usage(
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             saved_tokens=self.saved_tokens if cancelled else 0,
             final=final,
+            estimated=self.estimated(cancelled=cancelled),
         )
 
 

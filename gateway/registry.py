@@ -69,12 +69,15 @@ class RequestRecord:
             body["reason"] = self.reason.value
         if self.error is not None:
             body["error"] = {"code": str(self.error.code), "message": self.error.message}
-        body["usage"] = {
+        usage: dict[str, object] = {
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,
             "saved_tokens": self.usage.saved_tokens,
             "final": self.usage.final,
         }
+        if self.usage.estimated is not None:
+            usage["estimated"] = list(self.usage.estimated)
+        body["usage"] = usage
         body["created_at"] = self.created_at
         if self.finished_at is not None:
             body["finished_at"] = self.finished_at

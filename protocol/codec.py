@@ -82,12 +82,15 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 
 
 def _usage_wire(usage: Usage) -> dict[str, Any]:
-    return {
+    wire: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "saved_tokens": usage.saved_tokens,
         "final": usage.final,
     }
+    if usage.estimated is not None:  # optional: absent when the sender does not say
+        wire["estimated"] = list(usage.estimated)
+    return wire
 
 
 def _value_wire(value: object) -> object:

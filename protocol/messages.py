@@ -25,6 +25,7 @@ from . import limits
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "USAGE_FIGURES",
     "Cancel",
     "CancelReason",
     "CancelResult",
@@ -231,6 +232,24 @@ class ChatMessage:
         _check_str("messages[].content", self.content, limits.MAX_MESSAGE_CHARS)
 
 
+#: The figures of a ``usage`` object that ``usage.estimated`` may name, in canonical order.
+USAGE_FIGURES: tuple[str, ...] = ("input_tokens", "output_tokens", "saved_tokens")
+
+
+def _check_estimated(value: object) -> tuple[str, ...]:
+    """``usage.estimated`` in canonical order; an array of distinct figure names (§3.8)."""
+    if type(value) is not tuple and type(value) is not list:
+        raise _invalid("usage.estimated must be an array")
+    names = set()
+    for item in value:
+        if type(item) is not str or item not in USAGE_FIGURES:
+            raise _invalid(f"usage.estimated entries must be one of {', '.join(USAGE_FIGURES)}")
+        if item in names:
+            raise _invalid(f"usage.estimated lists {item} twice")
+        names.add(item)
+    return tuple(name for name in USAGE_FIGURES if name in names)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
     """Token accounting of one request (SPEC.md §5.4).
@@ -245,11 +264,18 @@ class Usage:
     output_tokens: int = 0
     saved_tokens: int = 0
     final: bool = True
+    #: The names of the figures that are the gateway's estimates rather than the provider's own
+    #: count (SPEC.md §3.8), a subset of :data:`USAGE_FIGURES`; ``None`` when the sender does not
+    #: say (an older gateway), ``()`` when every figure is reported. Stored in canonical order
+    #: (any order is accepted); a duplicate or an unknown name is refused.
+    estimated: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input_tokens", "output_tokens", "saved_tokens"):
+        for name in USAGE_FIGURES:
             _check_int(f"usage.{name}", getattr(self, name), 0, limits.MAX_SAFE_INTEGER)
         _check_bool("usage.final", self.final)
+        if self.estimated is not None:
+            object.__setattr__(self, "estimated", _check_estimated(self.estimated))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -540,6 +566,7 @@ def _usage(value: JSONValue) -> Usage:
         output_tokens=_field(obj, "output_tokens", required=True),
         saved_tokens=_field(obj, "saved_tokens", required=True),
         final=True if final is None else final,
+        estimated=_field(obj, "estimated"),  # null is absent
     )
 
 

@@ -48,6 +48,9 @@ token, :func:`estimate_tokens`) as input, one output token per content delta (ll
 one token per delta). The final usage chunk's ``prompt_tokens`` and ``completion_tokens``
 replace those estimates (:meth:`UsageMeter.report`). A call the upstream refused (no connection,
 an HTTP error status) consumed nothing. ``expect`` is the prompt estimate plus ``max_tokens``.
+``usage.estimated`` (SPEC.md §3.8) lists ``input_tokens`` and ``output_tokens`` unless every
+call's usage chunk arrived (a stream cut by a cancel, or an upstream that sends no usage, leaves
+them estimated), and ``saved_tokens`` whenever it is non-zero.
 """
 
 from __future__ import annotations

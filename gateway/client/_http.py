@@ -94,6 +94,9 @@ def _usage(value: object) -> Usage | None:
         output_tokens=int(value.get("output_tokens", 0)),
         saved_tokens=int(value.get("saved_tokens", 0)),
         final=bool(value.get("final", True)),
+        # Absent (an older gateway, or one that does not say) stays None; a bad value is a
+        # ProtocolError, which the caller reports as a ProtocolViolation.
+        estimated=value.get("estimated"),
     )
 
 

@@ -3,6 +3,9 @@
 ``Chunk``, ``Usage``, ``CancelResult`` and ``ErrorInfo`` are the protocol's own frozen
 dataclasses (``protocol/messages.py``), passed through as decoded; the status enums are
 ``StrEnum``s, so ``response.status == "cancelled"`` works as on the seed page.
+``usage.estimated`` names the figures that are the gateway's estimates rather than the
+provider's counts (a tuple in the order ``input_tokens``, ``output_tokens``, ``saved_tokens``;
+``()`` when all are reported; ``None`` when the gateway does not say — SPEC.md §3.8).
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class Response:
             "saved_tokens": self.usage.saved_tokens,
             "final": self.usage.final,
         }
+        if self.usage.estimated is not None:  # which figures are estimates (SPEC.md §3.8)
+            body["usage"]["estimated"] = list(self.usage.estimated)
         return body
 
 

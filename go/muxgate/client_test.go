@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/muxgate/muxgate/go/muxgate"
+	"github.com/muxgate/muxgate/go/protocol"
 )
 
 // Settings of the simulated backend (gateway/backends/simulated.py).
@@ -73,6 +75,14 @@ func TestChatBothCodecs(t *testing.T) {
 			_ = json.Unmarshal(raw, &shape)
 			if shape["status"] != "completed" || shape["request_id"] != resp.RequestID || shape["content"] != resp.Content {
 				t.Fatalf("JSON shape %s", raw)
+			}
+			// The simulated backend estimates every figure (SPEC.md §3.8); nothing was saved.
+			if !reflect.DeepEqual(resp.Usage.Estimated, []string{"input_tokens", "output_tokens"}) ||
+				!resp.Usage.IsEstimated(protocol.FigureOutputTokens) || resp.Usage.IsEstimated(protocol.FigureSavedTokens) {
+				t.Fatalf("usage.estimated %#v", resp.Usage.Estimated)
+			}
+			if u, _ := shape["usage"].(map[string]any); !reflect.DeepEqual(u["estimated"], []any{"input_tokens", "output_tokens"}) {
+				t.Fatalf("JSON shape of usage %s", raw)
 			}
 			// A conversation, and the default request id.
 			resp, err = c.Chat(ctx, &muxgate.ChatRequest{Messages: []muxgate.ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "hi"}}, Metadata: fast})

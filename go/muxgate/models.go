@@ -1,6 +1,7 @@
 package muxgate
 
 import (
+	"encoding/json"
 	"time"
 
 	"github.com/muxgate/muxgate/go/protocol"
@@ -74,6 +75,39 @@ type Usage struct {
 	OutputTokens int64 `json:"output_tokens"`
 	SavedTokens  int64 `json:"saved_tokens"`
 	Final        bool  `json:"final"`
+	// Estimated names the figures that are the gateway's estimates rather than the model
+	// provider's own counts (SPEC.md §3.8), in the order "input_tokens", "output_tokens",
+	// "saved_tokens" (protocol.FigureInputTokens, ...). nil: the gateway does not say (an older
+	// gateway, or an HTTP body without it); empty: every figure is reported.
+	Estimated []string `json:"estimated,omitempty"`
+}
+
+// IsEstimated reports whether the gateway said that figure (e.g. "output_tokens") is an
+// estimate; false when it said nothing (Estimated nil).
+func (u Usage) IsEstimated(figure string) bool {
+	for _, name := range u.Estimated {
+		if name == figure {
+			return true
+		}
+	}
+	return false
+}
+
+// MarshalJSON writes estimated exactly when the gateway sent it: [] for "every figure is
+// reported", nothing when it did not say.
+func (u Usage) MarshalJSON() ([]byte, error) {
+	type plain struct {
+		InputTokens  int64     `json:"input_tokens"`
+		OutputTokens int64     `json:"output_tokens"`
+		SavedTokens  int64     `json:"saved_tokens"`
+		Final        bool      `json:"final"`
+		Estimated    *[]string `json:"estimated,omitempty"`
+	}
+	p := plain{u.InputTokens, u.OutputTokens, u.SavedTokens, u.Final, nil}
+	if u.Estimated != nil {
+		p.Estimated = &u.Estimated
+	}
+	return json.Marshal(p)
 }
 
 // ErrorInfo says what failed.
@@ -121,7 +155,11 @@ type lateUsage struct {
 }
 
 func usageOf(u protocol.Usage) Usage {
-	return Usage{u.InputTokens, u.OutputTokens, u.SavedTokens, u.Final}
+	var estimated []string
+	if u.Estimated != nil {
+		estimated = append(make([]string, 0, len(u.Estimated)), u.Estimated...)
+	}
+	return Usage{u.InputTokens, u.OutputTokens, u.SavedTokens, u.Final, estimated}
 }
 
 func responseOf(m *protocol.Response, userID string) *Response {

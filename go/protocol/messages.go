@@ -89,12 +89,67 @@ type ChatMessage struct {
 	Content string
 }
 
+// The figures of a usage object that Usage.Estimated may name (SPEC.md §3.8).
+const (
+	FigureInputTokens  = "input_tokens"
+	FigureOutputTokens = "output_tokens"
+	FigureSavedTokens  = "saved_tokens"
+)
+
+// UsageFigures lists the figures Usage.Estimated may name, in canonical order.
+func UsageFigures() []string {
+	return []string{FigureInputTokens, FigureOutputTokens, FigureSavedTokens}
+}
+
+func usageFigureIndex(name string) int {
+	switch name {
+	case FigureInputTokens:
+		return 0
+	case FigureOutputTokens:
+		return 1
+	case FigureSavedTokens:
+		return 2
+	}
+	return -1
+}
+
 // Usage is the token accounting of one request (SPEC.md §3.8, §5.4).
 type Usage struct {
 	InputTokens  int64
 	OutputTokens int64
 	SavedTokens  int64
 	Final        bool
+	// Estimated names the figures that are the gateway's estimates rather than the provider's
+	// own counts (usage.estimated, SPEC.md §3.8): distinct names from UsageFigures. nil means
+	// absent (the sender does not say); a non-nil empty slice means every figure is reported.
+	// Parsing yields them in canonical order; encoding writes them in canonical order.
+	Estimated []string
+}
+
+// canonicalEstimated returns the names in canonical order, or an error for an unknown name
+// or a name given twice; nil stays nil.
+func canonicalEstimated(names []string) ([]string, error) {
+	if names == nil {
+		return nil, nil
+	}
+	var seen [3]bool
+	for _, name := range names {
+		i := usageFigureIndex(name)
+		if i < 0 {
+			return nil, invalid("usage.estimated entries must be one of input_tokens, output_tokens, saved_tokens")
+		}
+		if seen[i] {
+			return nil, invalid("usage.estimated lists %s twice", name)
+		}
+		seen[i] = true
+	}
+	out := make([]string, 0, len(names))
+	for i, name := range UsageFigures() {
+		if seen[i] {
+			out = append(out, name)
+		}
+	}
+	return out, nil
 }
 
 // ErrorInfo is response.error of a failed request.
@@ -272,7 +327,8 @@ func (u Usage) validate() error {
 			return err
 		}
 	}
-	return nil
+	_, err := canonicalEstimated(u.Estimated)
+	return err
 }
 
 func (l Limits) validate() error {
@@ -566,11 +622,19 @@ func (id PingID) set(o *Object) {
 }
 
 func usageWire(u Usage) Value {
-	o := &Object{Members: make([]Member, 0, 4)}
+	o := &Object{Members: make([]Member, 0, 5)}
 	o.Set("input_tokens", Int(u.InputTokens))
 	o.Set("output_tokens", Int(u.OutputTokens))
 	o.Set("saved_tokens", Int(u.SavedTokens))
 	o.Set("final", Bool(u.Final))
+	if u.Estimated != nil { // optional: absent when the sender does not say
+		names, _ := canonicalEstimated(u.Estimated) // validated before encoding
+		items := make([]Value, len(names))
+		for i, name := range names {
+			items[i] = String(name)
+		}
+		o.Set("estimated", Array(items...))
+	}
 	return ObjectValue(o)
 }
 

@@ -126,6 +126,21 @@ func parseUsage(o *Object) (Usage, error) {
 		}
 		u.Final = v.Bool
 	}
+	if v, ok := f.get("estimated"); ok {
+		if v.Kind != KindArray {
+			return u, invalid("usage.estimated must be an array")
+		}
+		names := make([]string, len(v.Array))
+		for i, item := range v.Array {
+			if item.Kind != KindString {
+				return u, invalid("usage.estimated entries must be strings")
+			}
+			names[i] = item.Str
+		}
+		if u.Estimated, err = canonicalEstimated(names); err != nil {
+			return u, err
+		}
+	}
 	return u, nil
 }
 

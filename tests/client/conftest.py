@@ -19,6 +19,7 @@ import pytest
 
 from gateway.registry import RequestKey, RequestRecord, RequestStatus
 from gateway.server import Gateway
+from protocol import Usage
 
 from ..gateway.conftest import running_gateway
 
@@ -30,6 +31,23 @@ ENDLESS = {"tokens": 100_000, "token_delay_ms": 5, "plan_ms": 0, "tool_ms": 0}
 SLOW_TOOL = {"tokens": 40, "token_delay_ms": 2, "plan_ms": 0, "tool_ms": 400}
 
 CANCELLED_STATES = (RequestStatus.CANCELLING, RequestStatus.CANCELLED)
+
+
+def same_usage_over_http(http: Usage | None, wire: Usage) -> bool:
+    """A ``usage`` read from ``GET /v1/requests/{id}`` equals the wire's: the same figures, and
+    the same ``estimated`` if the HTTP body says (the gateway's HTTP bodies do not carry
+    ``usage.estimated`` yet: absent there, it is ``None``)."""
+    if http is None:
+        return False
+    if http.estimated is None:
+        http = Usage(
+            input_tokens=http.input_tokens,
+            output_tokens=http.output_tokens,
+            saved_tokens=http.saved_tokens,
+            final=http.final,
+            estimated=wire.estimated,
+        )
+    return http == wire
 
 
 async def wait_record(

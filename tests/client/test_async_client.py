@@ -25,7 +25,7 @@ from gateway.server import Gateway
 from protocol import Chunk, Codec, Error, Response, Usage, UsageReport, Welcome
 
 from ..gateway.conftest import running_gateway
-from .conftest import ENDLESS, SLOW_TOOL, wait_active, wait_record
+from .conftest import ENDLESS, SLOW_TOOL, same_usage_over_http, wait_active, wait_record
 from .scripted import Peer, scripted_gateway
 
 CODECS = [pytest.param(c, id=c) for c in ("json", "msgpack")]
@@ -225,7 +225,8 @@ async def test_final_usage_over_http_when_the_connection_is_gone(gateway: Gatewa
     await client.aclose()  # before the usage message: the SDK asks GET /v1/requests/u-3
     final = await client.final_usage(response)
     assert final.final
-    assert final == (await wait_record(gateway, "u-3", statuses=(RequestStatus.CANCELLED,))).usage
+    record = await wait_record(gateway, "u-3", statuses=(RequestStatus.CANCELLED,))
+    assert same_usage_over_http(final, record.usage)
 
 
 async def test_reconnects_on_the_next_call_after_a_drop(gateway: Gateway) -> None:
@@ -404,3 +405,78 @@ async def test_an_error_about_no_request_ends_the_connection() -> None:
         with pytest.raises(RequestRefused, match="something broke") as refused:
             await client.chat("hi")
         assert refused.value.code == "internal"
+
+
+# -- usage.estimated (SPEC.md §3.8) ----------------------------------------------------------
+
+
+async def test_usage_says_which_figures_are_estimates(gateway: Gateway) -> None:
+    """The simulated backend estimates every figure; a cancel adds saved_tokens."""
+    async with AsyncClient(gateway.url) as client:
+        response = await client.chat("Tell me about gateways")
+        assert response.usage.estimated == ("input_tokens", "output_tokens")
+        assert response.to_dict()["usage"]["estimated"] == ["input_tokens", "output_tokens"]
+        task = client.chat_async("agent 2", metadata=SLOW_TOOL, request_id="e-1")
+        await asyncio.sleep(0.15)
+        await client.cancel_request("e-1")
+        cancelled = await task
+        final = await client.final_usage(cancelled)
+        assert final.saved_tokens > 0
+        assert final.estimated == ("input_tokens", "output_tokens", "saved_tokens")
+
+
+@pytest.mark.parametrize(
+    ("estimated", "expected"),
+    [
+        pytest.param(None, None, id="absent"),
+        pytest.param((), (), id="empty"),
+        pytest.param(("output_tokens",), ("output_tokens",), id="output"),
+    ],
+)
+async def test_usage_estimated_is_passed_through_as_sent(
+    estimated: tuple[str, ...] | None, expected: tuple[str, ...] | None
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.welcome()
+        chat = await peer.chat()
+        usage = Usage(input_tokens=3, output_tokens=2, estimated=estimated)
+        await peer.send(
+            Response(request_id=chat.request_id, status="completed", content="hi", usage=usage)
+        )
+        await peer.ws.wait_closed()
+
+    async with scripted_gateway(script) as url, AsyncClient(url) as client:
+        response = await client.chat("x")
+        assert response.usage.estimated == expected
+        body = response.to_dict()["usage"]
+        if expected is None:
+            assert "estimated" not in body  # an old gateway: the SDK does not make it up
+        else:
+            assert body["estimated"] == list(expected)
+
+
+async def test_an_invalid_usage_estimated_is_a_protocol_violation() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.welcome()
+        chat = await peer.chat()
+        usage = {
+            "input_tokens": 3,
+            "output_tokens": 2,
+            "saved_tokens": 0,
+            "final": True,
+            "estimated": ["output_tokens", "output_tokens"],
+        }
+        await peer.send(
+            {
+                "type": "response",
+                "request_id": chat.request_id,
+                "status": "completed",
+                "content": "hi",
+                "usage": usage,
+            }
+        )
+        await peer.ws.wait_closed()
+
+    async with scripted_gateway(script) as url, AsyncClient(url) as client:
+        with pytest.raises(ProtocolViolation):
+            await client.chat("x")

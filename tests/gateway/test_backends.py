@@ -36,7 +36,13 @@ from gateway.backends.simulated import (
     prompt_topic,
 )
 from gateway.cancellation import CancelToken, PipelineHalted
-from gateway.pipeline import Backend, BackendFailure, InvalidRequest, RequestContext
+from gateway.pipeline import (
+    Backend,
+    BackendFailure,
+    InvalidRequest,
+    RequestContext,
+    UsageMeter,
+)
 from protocol import CancelReason, ChatMessage, Role
 
 PROMPT = "Write a very long story about dragons"
@@ -537,6 +543,114 @@ async def test_cancelled_before_it_starts_runs_no_step() -> None:
     assert ctx.steps == []
     assert (ctx.usage.input_tokens, ctx.usage.output_tokens) == (0, 0)
     assert ctx.usage.expected_tokens > 0
+
+
+# -- usage.estimated (SPEC.md §3.8) ----------------------------------------------------------
+
+BOTH = ("input_tokens", "output_tokens")
+
+
+async def test_a_simulated_run_estimates_every_figure() -> None:
+    _, ctx = await run_text(SimulatedBackend(tokens=10, **FAST))
+    usage = ctx.usage.snapshot(cancelled=False, final=True)
+    assert usage.estimated == BOTH  # saved_tokens is 0: not listed
+    assert usage.saved_tokens == 0
+
+
+async def test_a_cancelled_simulated_run_lists_saved_tokens_too() -> None:
+    sink = ListSink(notify_at=3)
+    ctx = make_ctx(sink=sink, metadata={"token_delay_ms": 1})
+    task = asyncio.create_task(SimulatedBackend(tokens=20, **FAST).run(ctx))
+    await sink.reached.wait()
+    ctx.token.cancel(CancelReason.CLIENT)
+    with pytest.raises(PipelineHalted):
+        await task
+    usage = ctx.usage.snapshot(cancelled=True, final=True)
+    assert usage.saved_tokens > 0
+    assert usage.estimated == (*BOTH, "saved_tokens")
+
+
+async def test_a_simulated_run_cancelled_before_any_step_estimates_nothing_but_saved() -> None:
+    ctx = make_ctx()
+    ctx.token.cancel(CancelReason.DISCONNECT)
+    with pytest.raises(PipelineHalted):
+        await SimulatedBackend(**FAST).run(ctx)
+    usage = ctx.usage.snapshot(cancelled=True, final=True)
+    assert (usage.input_tokens, usage.output_tokens) == (0, 0)  # exact zeros
+    assert usage.estimated == ("saved_tokens",)
+
+
+async def test_echo_estimates_every_figure() -> None:
+    _, ctx = await run_text(EchoBackend(), prompt="hello world")
+    assert ctx.usage.snapshot(cancelled=False, final=True).estimated == BOTH
+
+
+def test_meter_without_steps_estimates_nothing() -> None:
+    meter = UsageMeter()
+    assert meter.snapshot(cancelled=False, final=True).estimated == ()
+    meter.expect(100)
+    assert meter.snapshot(cancelled=True, final=False).estimated == ("saved_tokens",)
+    assert meter.snapshot(cancelled=False, final=True).estimated == ()  # saved is 0 then
+
+
+def test_meter_add_is_an_estimate_unless_reported() -> None:
+    meter = UsageMeter()
+    meter.add(input_tokens=0, output_tokens=0)
+    assert meter.estimated(cancelled=False) == ()  # nothing counted, nothing estimated
+    meter.add(input_tokens=5, output_tokens=2, reported=True)
+    assert meter.estimated(cancelled=False) == ()
+    meter.add(output_tokens=1)
+    assert meter.estimated(cancelled=False) == ("output_tokens",)
+    meter.add(input_tokens=1)
+    assert meter.estimated(cancelled=False) == BOTH
+
+
+def test_meter_a_reported_stream_step_is_not_estimated() -> None:
+    meter = UsageMeter()
+    meter._start_stream(10)
+    meter.output_tokens += 3  # three pieces, as stream_llm counts them
+    assert meter.estimated(cancelled=False) == BOTH
+    meter.report(input_tokens=12)
+    assert meter.estimated(cancelled=False) == ("output_tokens",)
+    meter.report(output_tokens=4)
+    assert meter.estimated(cancelled=False) == ()
+    assert (meter.input_tokens, meter.output_tokens) == (12, 4)
+    meter.output_tokens += 1  # a piece after the report counts on top: an estimate again
+    assert meter.estimated(cancelled=False) == ("output_tokens",)
+
+
+def test_meter_one_reported_step_and_one_cut_step_are_estimated() -> None:
+    meter = UsageMeter()
+    meter._start_stream(10)
+    meter.output_tokens += 2
+    meter.report(input_tokens=11, output_tokens=2)
+    assert meter.estimated(cancelled=False) == ()
+    meter._start_stream(20)  # a second call, cut before its usage arrived
+    meter.output_tokens += 5
+    assert (meter.input_tokens, meter.output_tokens) == (31, 7)
+    assert meter.estimated(cancelled=False) == BOTH
+    # ... and the other way round: an estimated step, then a reported one
+    meter = UsageMeter()
+    meter._start_stream(10)
+    meter.output_tokens += 2
+    meter._start_stream(20)
+    meter.report(input_tokens=20, output_tokens=0)
+    assert meter.estimated(cancelled=False) == BOTH
+    # two reported steps stay reported
+    meter = UsageMeter()
+    for _ in range(2):
+        meter._start_stream(10)
+        meter.output_tokens += 2
+        meter.report(input_tokens=9, output_tokens=3)
+    assert (meter.input_tokens, meter.output_tokens) == (18, 6)
+    assert meter.estimated(cancelled=False) == ()
+
+
+def test_meter_report_with_one_figure_leaves_the_other_estimated() -> None:
+    meter = UsageMeter()
+    meter._start_stream(10)
+    meter.report(output_tokens=0)
+    assert meter.estimated(cancelled=False) == ("input_tokens",)
 
 
 # -- echo -------------------------------------------------------------------------------------

@@ -617,6 +617,7 @@ async def test_http_delete_mid_stream(gateway: Gateway, codec: Codec) -> None:
         "output_tokens": usage.output_tokens,
         "saved_tokens": usage.saved_tokens,
         "final": True,
+        "estimated": list(usage.estimated or ()),
     }
 
 

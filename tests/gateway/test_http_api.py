@@ -68,12 +68,15 @@ def expect_json(answer: HttpAnswer, status: int) -> Any:
 
 def usage_json(response: Response | UsageReport) -> dict[str, Any]:
     u = response.usage
-    return {
+    body: dict[str, Any] = {
         "input_tokens": u.input_tokens,
         "output_tokens": u.output_tokens,
         "saved_tokens": u.saved_tokens,
         "final": u.final,
     }
+    if u.estimated is not None:  # GET carries the same usage object as the wire
+        body["estimated"] = list(u.estimated)
+    return body
 
 
 async def roundtrip(client: WireClient) -> None:

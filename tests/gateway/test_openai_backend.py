@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import structlog
+from websockets.asyncio.client import connect
 
 from gateway.backends import load_backend
 from gateway.backends.openai import OpenAIBackend
@@ -30,7 +31,7 @@ from gateway.backends.simulated import estimate_tokens
 from gateway.config import Config, ConfigError, load_config
 from gateway.pipeline import RequestContext, StepRecord
 from gateway.server import Gateway
-from protocol import CancelReason, CancelStatus, Chat, ChatMessage, ResponseStatus
+from protocol import CancelReason, CancelStatus, Chat, ChatMessage, Codec, ResponseStatus
 
 from .conftest import running_gateway, settled
 from .fake_upstream import FakeUpstream, Plan, Seen, unused_port
@@ -115,6 +116,7 @@ async def test_a_streamed_answer_relays_every_delta_and_the_reported_usage() -> 
         # The upstream's figures, not the estimates (4 deltas, a 3-token prompt).
         assert (response.usage.input_tokens, response.usage.output_tokens) == (21, 9)
         assert response.usage.final
+        assert response.usage.estimated == ()  # both reported, nothing saved (SPEC.md §3.8)
         (seen,) = fake.requests
         assert (seen.method, seen.path) == ("POST", "/v1/chat/completions")
         assert seen.body == {
@@ -128,6 +130,46 @@ async def test_a_streamed_answer_relays_every_delta_and_the_reported_usage() -> 
         assert "authorization" not in seen.headers  # no key in the environment: no header
         await settled(gw)
     assert fake.unexpected == []
+
+
+async def test_the_wire_says_the_reported_usage_is_not_estimated() -> None:
+    """The canonical JSON frame itself carries ``usage.estimated`` (SPEC.md §3.8)."""
+    async with (
+        FakeUpstream() as fake,
+        running_gateway(backend="openai", backend_options=upstream_options(fake.base_url)) as gw,
+    ):
+        async with connect(gw.url, subprotocols=[Codec.JSON.subprotocol]) as ws:  # type: ignore[list-item]
+            await ws.send('{"type":"chat","request_id":"r1","message":"Say hello"}')
+            lines: list[str] = []
+            while not any('"type":"response"' in line for line in lines):
+                frame = await asyncio.wait_for(ws.recv(), 10)
+                assert isinstance(frame, str)
+                lines.extend(frame.split("\n"))
+        (response,) = [line for line in lines if '"type":"response"' in line]
+        assert response.endswith(
+            ',"usage":{"input_tokens":21,"output_tokens":9,"saved_tokens":0,"final":true,'
+            '"estimated":[]}}'
+        ), response
+        await settled(gw)
+
+
+async def test_an_answer_without_usage_keeps_the_estimates_and_says_so() -> None:
+    plan = Plan(usage=None)
+    async with (
+        FakeUpstream({"Say hello": plan}) as fake,
+        openai_gateway(fake.base_url) as (
+            gw,
+            client,
+        ),
+    ):
+        await client.chat("r1", "Say hello")
+        response = await client.response("r1")
+        assert response.status is ResponseStatus.COMPLETED
+        # The prompt estimate and one token per delta, both listed as estimates.
+        assert response.usage.input_tokens == estimate_tokens("Say hello")
+        assert response.usage.output_tokens == 4
+        assert response.usage.estimated == ("input_tokens", "output_tokens")
+        await settled(gw)
 
 
 async def test_metadata_sets_max_tokens_and_temperature_and_messages_go_as_they_are() -> None:
@@ -208,6 +250,9 @@ async def _cancel_once(
     assert usage.input_tokens == estimate_tokens("Write an endless story")
     assert len(track.chunks) <= usage.output_tokens <= len(seen.token_times)
     assert usage.saved_tokens == 1024 - usage.output_tokens
+    # ... so all three are the gateway's estimates, in the response already and at the end.
+    assert response.usage.estimated == ("input_tokens", "output_tokens", "saved_tokens")
+    assert usage.estimated == ("input_tokens", "output_tokens", "saved_tokens")
     return seen.closed_at - sent, seen, track
 
 
@@ -435,9 +480,11 @@ async def test_each_failure_has_its_code_and_touches_no_other_request(
         usage = failed.usage
         if plan.status != 200:  # refused: the upstream processed nothing
             assert (usage.input_tokens, usage.output_tokens) == (0, 0)
+            assert usage.estimated == ()  # ... and that zero is exact
         elif not plan.hang:  # cut mid-answer: the prompt estimate and the deltas read
             assert usage.input_tokens == estimate_tokens("fail")
             assert usage.output_tokens == len(plan.tokens or ())
+            assert usage.estimated == ("input_tokens", "output_tokens")
         if plan.hang or plan.then in ("stall", "comments", "garbage"):
             # The gateway hung up, so a real server would stop generating.
             failing = [seen for seen in fake.requests if seen.prompt == "fail"]
@@ -468,6 +515,7 @@ async def test_a_failure_before_the_first_token_is_retried(status: int) -> None:
             assert response.content == "Hello, world!"
             # The refused attempt consumed nothing: the figures are the second call's.
             assert (response.usage.input_tokens, response.usage.output_tokens) == (21, 9)
+            assert response.usage.estimated == ()  # both calls' figures are reported
             assert len(fake.requests) == 2
             assert [s.name for s in steps(backend, "r1")] == ["completion", "completion-retry-1"]
             await settled(gw)

@@ -38,6 +38,7 @@ from protocol import (
     Welcome,
     limits,
 )
+from protocol.messages import USAGE_FIGURES
 
 REQUEST_ID_ALPHABET = string.ascii_letters + string.digits + "._:-"
 USER_ID_ALPHABET = REQUEST_ID_ALPHABET + "@"
@@ -124,6 +125,7 @@ usages = st.builds(
     output_tokens=non_negative_safe_ints,
     saved_tokens=non_negative_safe_ints,
     final=st.booleans(),
+    estimated=st.none() | st.lists(st.sampled_from(USAGE_FIGURES), unique=True).map(tuple),
 )
 final_usages = usages.map(
     lambda u: Usage(
@@ -131,6 +133,7 @@ final_usages = usages.map(
         output_tokens=u.output_tokens,
         saved_tokens=u.saved_tokens,
         final=True,
+        estimated=u.estimated,
     )
 )
 chat_messages = st.builds(ChatMessage, role=st.sampled_from(list(Role)), content=texts())

@@ -304,6 +304,21 @@ INVALID_NESTED = [
     pytest.param(Usage, {"final": 1}, id="Usage-final-int"),
     pytest.param(Usage, {"final": None}, id="Usage-final-none"),
     *(
+        pytest.param(Usage, {"estimated": value}, id=f"Usage-estimated-{label}")
+        for label, value in {
+            "str": "output_tokens",
+            "set": {"output_tokens"},
+            "dict": {"output_tokens": True},
+            "unknown-name": ("input_tokens", "cached_tokens"),
+            "final": ("final",),
+            "upper": ("Output_tokens",),
+            "duplicate": ("output_tokens", "output_tokens"),
+            "int-entry": (1,),
+            "none-entry": (None,),
+            "bytes-entry": (b"output_tokens",),
+        }.items()
+    ),
+    *(
         pytest.param(Limits, {name: value}, id=f"Limits-{name}-{value!r}")
         for name, values in {
             "max_streams": (0, 1_000_001, True, 8.0),
@@ -1048,3 +1063,75 @@ def test_long_digit_runs_that_are_not_big_integers_decode_as_before() -> None:
     assert isinstance(chat, Chat)
     assert chat.message == "100000000000000000000"
     assert chat.metadata == {"f": 1e20, "g": 0.1}
+
+
+# --- usage.estimated (SPEC.md §3.8) -------------------------------------------------------------
+
+
+def test_usage_estimated_defaults_to_absent_and_is_omitted_on_the_wire():
+    usage = Usage(input_tokens=1, output_tokens=2)
+    assert usage.estimated is None
+    wire = to_wire(UsageReport(request_id="r1", usage=usage))
+    assert "estimated" not in wire["usage"]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ((), ()),
+        ([], ()),
+        (("saved_tokens", "input_tokens"), ("input_tokens", "saved_tokens")),
+        (["output_tokens"], ("output_tokens",)),
+        (
+            ("saved_tokens", "output_tokens", "input_tokens"),
+            ("input_tokens", "output_tokens", "saved_tokens"),
+        ),
+    ],
+)
+def test_usage_estimated_is_stored_in_canonical_order(given, stored):
+    usage = Usage(estimated=given)
+    assert usage.estimated == stored
+    assert type(usage.estimated) is tuple
+    assert usage == Usage(estimated=stored)
+    assert hash(usage) == hash(Usage(estimated=stored))
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_usage_estimated_is_written_after_final(codec):
+    usage = Usage(input_tokens=3, output_tokens=4, saved_tokens=5, estimated=("saved_tokens",))
+    message = Response(
+        request_id="r1", status=ResponseStatus.CANCELLED, content="", reason="client", usage=usage
+    )
+    assert list(to_wire(message)["usage"]) == [
+        "input_tokens",
+        "output_tokens",
+        "saved_tokens",
+        "final",
+        "estimated",
+    ]
+    assert decode_one(encode(message, codec), codec, Sender.GATEWAY) == message
+
+
+@pytest.mark.parametrize(
+    "estimated",
+    ['"output_tokens"', '["cached_tokens"]', '["input_tokens","input_tokens"]', "[1]", "{}"],
+)
+def test_usage_estimated_invalid_on_the_wire_is_invalid_field(estimated):
+    frame = (
+        '{"type":"usage","request_id":"r1","usage":{"input_tokens":1,"output_tokens":2,'
+        f'"saved_tokens":0,"estimated":{estimated}}}}}'
+    )
+    [result] = decode(frame, Codec.JSON, Sender.GATEWAY)
+    assert isinstance(result, RemoteProtocolError)
+    assert result.code is ErrorCode.INVALID_FIELD
+    assert result.request_id == "r1"
+
+
+def test_usage_estimated_null_is_absent():
+    frame = (
+        '{"type":"usage","request_id":"r1","usage":{"input_tokens":1,"output_tokens":2,'
+        '"saved_tokens":0,"estimated":null}}'
+    )
+    message = decode_one(frame, Codec.JSON, Sender.GATEWAY)
+    assert isinstance(message, UsageReport)
+    assert message.usage.estimated is None

@@ -36,7 +36,7 @@ import {
 } from "./errors.js";
 import { MAX_TIMEOUT_MS, REQUEST_ID_PATTERN, USER_ID_PATTERN } from "./limits.js";
 import type { CancelOptions, ChatParams, Chunk, RequestInfo, Response, Usage } from "./types.js";
-import { type CancelStatus, type ChatMessage, type Message, checkOutgoing } from "./wire.js";
+import { type CancelStatus, type ChatMessage, type Message, USAGE_FIGURES, checkOutgoing } from "./wire.js";
 
 export interface ReconnectOptions {
   /** Connection attempts per call before giving up with `ConnectError` (default 6). */
@@ -417,6 +417,11 @@ export class Muxi {
         input_tokens: Number(u.input_tokens), output_tokens: Number(u.output_tokens),
         saved_tokens: Number(u.saved_tokens), final: u.final !== false,
       });
+      if (Array.isArray(u.estimated)) {
+        // Only the known names, in canonical order (SPEC.md §3.8); absent stays absent.
+        const names = new Set(u.estimated);
+        info.usage.estimated = USAGE_FIGURES.filter((name) => names.has(name));
+      }
     }
     return info;
   }

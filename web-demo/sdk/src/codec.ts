@@ -8,7 +8,7 @@
 
 import { Encoder } from "@msgpack/msgpack";
 import { ProtocolError } from "./errors.js";
-import { MAX_BATCH_MESSAGES, MAX_FRAME_BYTES } from "./limits.js";
+import { MAX_BATCH_MESSAGES, MAX_FRAME_BYTES, MAX_NESTING_DEPTH } from "./limits.js";
 import { MalformedMsgpack, MsgpackReader } from "./msgpack.js";
 import { type Message, type Sender, parseMessage } from "./wire.js";
 
@@ -71,15 +71,19 @@ export function encodeBatch(messages: Message[], codec: CodecName): string | Uin
 
 const LONE_SURROGATE = /\p{Surrogate}/u;
 
-/** JSON.parse accepts what SPEC.md §2.3 refuses: lone surrogates and overflowing numbers. */
-function wellFormed(value: unknown): boolean {
+/**
+ * JSON.parse accepts what SPEC.md §2.3 refuses: lone surrogates, overflowing numbers, and
+ * nesting deeper than MAX_NESTING_DEPTH. The depth bound also bounds this recursion: a line
+ * nested thousands deep would otherwise overflow the stack here, out of decode().
+ */
+function wellFormed(value: unknown, depth = 1): boolean {
   if (typeof value === "string") return !LONE_SURROGATE.test(value);
   if (typeof value === "number") return Number.isFinite(value);
-  if (Array.isArray(value)) return value.every(wellFormed);
-  if (typeof value === "object" && value !== null) {
-    for (const key of Object.keys(value)) {
-      if (LONE_SURROGATE.test(key) || !wellFormed((value as Record<string, unknown>)[key])) return false;
-    }
+  if (typeof value !== "object" || value === null) return true;
+  if (depth > MAX_NESTING_DEPTH) return false;
+  if (Array.isArray(value)) return value.every((item) => wellFormed(item, depth + 1));
+  for (const key of Object.keys(value)) {
+    if (LONE_SURROGATE.test(key) || !wellFormed((value as Record<string, unknown>)[key], depth + 1)) return false;
   }
   return true;
 }

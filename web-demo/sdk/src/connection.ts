@@ -100,7 +100,9 @@ export function deferred<T>(): Deferred<T> {
 }
 
 export function toUsage(u: WireUsage): Usage {
-  return { inputTokens: u.input_tokens, outputTokens: u.output_tokens, savedTokens: u.saved_tokens, final: u.final };
+  const usage: Usage = { inputTokens: u.input_tokens, outputTokens: u.output_tokens, savedTokens: u.saved_tokens, final: u.final };
+  if (u.estimated !== undefined) usage.estimated = [...u.estimated];
+  return usage;
 }
 
 function toResponse(m: ResponseMessage): Response {

@@ -15,7 +15,7 @@ export type * from "./types.js";
 export { decode, encode, encodeBatch, joinBatch, SUBPROTOCOLS } from "./codec.js";
 export type { CodecName } from "./codec.js";
 export * as limits from "./limits.js";
-export { checkOutgoing, parseMessage, Float64, ExtValue } from "./wire.js";
+export { checkOutgoing, parseMessage, Float64, ExtValue, USAGE_FIGURES } from "./wire.js";
 export type {
   Message, ClientMessage, GatewayMessage, Sender, CancelStatus, CancelReason, ResponseStatus, Role, JsonValue,
 } from "./wire.js";

@@ -5,6 +5,8 @@
 
 export const MAX_FRAME_BYTES = 1_048_576;
 export const MAX_BATCH_MESSAGES = 1024;
+/** Deepest nesting of objects and arrays in one message; the message itself is level 1 (SPEC.md §2.3). */
+export const MAX_NESTING_DEPTH = 64;
 export const DEFAULT_MAX_STREAMS = 64;
 export const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,128}$/;
 export const USER_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;

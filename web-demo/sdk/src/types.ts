@@ -1,8 +1,8 @@
 /** What the SDK hands back: camelCase views of the wire messages (SPEC.md §3). */
 
-import type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role } from "./wire.js";
+import type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role, UsageFigure } from "./wire.js";
 
-export type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role };
+export type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role, UsageFigure };
 
 /** Token accounting of one request (SPEC.md §5.4). `final` false: the figures may still grow. */
 export interface Usage {
@@ -11,6 +11,12 @@ export interface Usage {
   /** An estimate of the tokens a cancel avoided; 0 unless cancelled. */
   savedTokens: number;
   final: boolean;
+  /**
+   * Which figures are the gateway's estimates rather than the model provider's counts
+   * (SPEC.md §3.8): wire names, in the order "input_tokens", "output_tokens", "saved_tokens".
+   * Absent: the gateway does not say (an older gateway); empty: every figure is reported.
+   */
+  estimated?: UsageFigure[];
 }
 
 /** The terminal response of one request (SPEC.md §3.7): exactly one per chat. */

@@ -20,11 +20,17 @@ export type ResponseStatus = "completed" | "cancelled" | "failed";
 export type CancelReason = "client" | "api" | "timeout" | "disconnect" | "shutdown";
 export type CancelStatus = "cancelled" | "already_cancelled" | "already_completed" | "not_found";
 
+/** The figures `usage.estimated` may name, in canonical order (SPEC.md §3.8). */
+export const USAGE_FIGURES = ["input_tokens", "output_tokens", "saved_tokens"] as const;
+export type UsageFigure = (typeof USAGE_FIGURES)[number];
+
 export interface WireUsage {
   input_tokens: number;
   output_tokens: number;
   saved_tokens: number;
   final: boolean;
+  /** The figures that are the gateway's estimates; absent: the gateway does not say (§3.8). */
+  estimated?: UsageFigure[];
 }
 export interface WireLimits {
   max_streams: number;
@@ -234,7 +240,24 @@ function usage(v: unknown): WireUsage {
   checkInt("usage.output_tokens", output, 0, limits.MAX_SAFE_INTEGER);
   checkInt("usage.saved_tokens", saved, 0, limits.MAX_SAFE_INTEGER);
   checkBool("usage.final", final);
-  return { input_tokens: input, output_tokens: output, saved_tokens: saved, final };
+  const estimated = field(o, "estimated");
+  const u: WireUsage = { input_tokens: input, output_tokens: output, saved_tokens: saved, final };
+  if (estimated !== undefined) u.estimated = estimatedOf(estimated);
+  return u;
+}
+
+/** `usage.estimated`: distinct known figure names, returned in canonical order (§3.8). */
+function estimatedOf(v: unknown): UsageFigure[] {
+  if (!Array.isArray(v)) throw invalid("usage.estimated must be an array");
+  const seen = new Set<string>();
+  for (const item of v) {
+    if (typeof item !== "string" || !(USAGE_FIGURES as readonly string[]).includes(item)) {
+      throw invalid(`usage.estimated entries must be one of ${USAGE_FIGURES.join(", ")}`);
+    }
+    if (seen.has(item)) throw invalid(`usage.estimated lists ${item} twice`);
+    seen.add(item);
+  }
+  return USAGE_FIGURES.filter((name) => seen.has(name));
 }
 
 function limitsOf(v: unknown): WireLimits {
