@@ -277,21 +277,45 @@ class RequestContext:
 
     # -- step helpers ------------------------------------------------------------------------
 
-    async def llm_call(self, call: Callable[[], Awaitable[T]], *, name: str = "llm") -> T:
+    async def llm_call(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        name: str = "llm",
+        give_up_after: float | None = None,
+    ) -> T:
         """One non-abortable LLM call, then a checkpoint. Record its tokens with ``usage.add``."""
-        return await self._step("llm", name, call)
+        return await self._step("llm", name, call, give_up_after)
 
-    async def tool_call(self, call: Callable[[], Awaitable[T]], *, name: str = "tool") -> T:
+    async def tool_call(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        name: str = "tool",
+        give_up_after: float | None = None,
+    ) -> T:
         """One non-abortable tool (MCP) call, then a checkpoint."""
-        return await self._step("tool", name, call)
+        return await self._step("tool", name, call, give_up_after)
 
-    async def agent_call(self, call: Callable[[], Awaitable[T]], *, name: str = "agent") -> T:
+    async def agent_call(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        name: str = "agent",
+        give_up_after: float | None = None,
+    ) -> T:
         """One non-abortable agent (A2A) call, then a checkpoint."""
-        return await self._step("agent", name, call)
+        return await self._step("agent", name, call, give_up_after)
 
-    async def plan(self, call: Callable[[], Awaitable[T]], *, name: str = "plan") -> T:
+    async def plan(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        name: str = "plan",
+        give_up_after: float | None = None,
+    ) -> T:
         """A planning / task-decomposition step, then a checkpoint."""
-        return await self._step("plan", name, call)
+        return await self._step("plan", name, call, give_up_after)
 
     async def stream_llm(
         self,
@@ -354,7 +378,21 @@ class RequestContext:
             if emit and piece and sink.push(piece):
                 await sink.drained()
 
-    async def _step(self, kind: str, name: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _step(
+        self,
+        kind: str,
+        name: str,
+        call: Callable[[], Awaitable[T]],
+        give_up_after: float | None = None,
+    ) -> T:
+        """Run a non-abortable operation, shielded, between two checkpoints.
+
+        ``give_up_after`` (seconds) bounds the wait, not the operation (a caller's own
+        ``asyncio.timeout`` could not: its cancellation waits for the shielded operation, as a
+        shutdown's does): past it the request fails
+        (``backend_error``, naming the step) while the operation, which may not be interrupted
+        mid-way, goes on to its end in the background and its result is dropped.
+        """
         self.checkpoint(name)
 
         async def guarded() -> T:
@@ -365,7 +403,19 @@ class RequestContext:
 
         inner = asyncio.ensure_future(guarded())
         try:
-            result = await asyncio.shield(inner)
+            if give_up_after is None:
+                result = await asyncio.shield(inner)
+            else:
+                try:
+                    async with asyncio.timeout(give_up_after):
+                        result = await asyncio.shield(inner)
+                except TimeoutError:
+                    _ABANDONED.add(inner)  # referenced until it ends, then forgotten
+                    inner.add_done_callback(_forget)
+                    raise BackendFailure(
+                        ErrorCode.BACKEND_ERROR,
+                        f"{kind} step {name!r} did not finish within {give_up_after:g} s",
+                    ) from None
         except asyncio.CancelledError:
             # The pipeline task itself was cancelled (last resort at shutdown): let the
             # non-abortable operation finish, then propagate.
@@ -381,3 +431,13 @@ class RequestContext:
         # really starts; tests check G5 against the backend's own evidence.
         self.checkpoint(name)
         self.steps.append(StepRecord(kind=kind, name=name))
+
+
+#: Non-abortable operations whose step timed out: they run to their end unobserved.
+_ABANDONED: set[asyncio.Future[Any]] = set()
+
+
+def _forget(operation: asyncio.Future[Any]) -> None:
+    _ABANDONED.discard(operation)
+    if not operation.cancelled():
+        operation.exception()  # retrieved: an abandoned failure is not "never retrieved"

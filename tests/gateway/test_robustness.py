@@ -726,6 +726,45 @@ async def test_shutdown_waits_for_a_hung_non_abortable_step_a_bounded_time() -> 
         backend.release.set()  # let the abandoned step end before the loop closes
 
 
+class SlowTool:
+    """A backend whose non-abortable tool call takes longer than the step allows."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def run(self, ctx: RequestContext) -> None:
+        async def slow() -> str:
+            await self.release.wait()
+            self.finished.set()  # it was not interrupted: it ran to its end
+            return "late"
+
+        await ctx.tool_call(slow, name="slow-tool", give_up_after=0.05)
+        await ctx.emit("never")
+
+
+async def test_a_non_abortable_step_past_its_give_up_time_fails_the_request() -> None:
+    """``give_up_after`` bounds the wait for a non-abortable step: the request fails
+    (backend_error naming the step) at once, the operation is not interrupted (it finishes in
+    the background), and nothing of the request is left running."""
+    backend = SlowTool()
+    async with (
+        running_gateway(backend_impl=backend) as gw,
+        WireClient.open(gw.url) as client,
+    ):
+        client.track("slow")
+        await client.send(Chat(request_id="slow", message="x"))
+        response = await client.response("slow")
+        assert response.status is ResponseStatus.FAILED
+        assert response.error is not None
+        assert response.error.code == ErrorCode.BACKEND_ERROR
+        assert "slow-tool" in response.error.message
+        await settled(gw)
+        backend.release.set()
+        async with asyncio.timeout(5):
+            await backend.finished.wait()
+
+
 async def test_fast_big_answer_does_not_starve_a_small_one() -> None:
     async with running_gateway() as gw, WireClient.open(gw.url) as client:
         big = await client.chat("big", metadata={**FLOOD, "tokens": 30_000})
