@@ -118,7 +118,7 @@ class Multiplexer:
         status = await self.gateway.registry.cancel(key, CancelReason.CLIENT)
         self._cancel_result(key.request_id, status)
         # The cancelled response (and this result) go out now, not at the writer's next turn.
-        await self.outbound.send_control_now()
+        self.outbound.flush_now()
 
     def cancel_now(self, cancel: Cancel) -> None:
         """:meth:`cancel`, synchronously (this process's registry): for a cancel read in the

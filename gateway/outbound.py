@@ -332,8 +332,10 @@ class Outbound:
 
     def flush_now(self) -> None:
         """Write what is pending now, before returning, if the socket takes data (the cancel
-        path: the cancelled response goes out before any bookkeeping). Otherwise the writer
-        task owns writing and sends it in order."""
+        path: the cancelled response goes out before any bookkeeping, one loop turn earlier
+        than the scheduled flush). Otherwise the writer task owns writing and sends it in
+        order; the caller never awaits a send itself (a reader blocked in a send would be
+        invisible to the slow-consumer watchdog, which watches the writer)."""
         if not self._writer_owns and not self._flushing:
             self._flush()
 
@@ -543,19 +545,6 @@ class Outbound:
                 room = self._room = asyncio.Event()
             room.clear()
             await room.wait()
-
-    async def send_control_now(self) -> None:
-        """Write the queued control messages now, from the caller's task, if the socket takes
-        data (the cancel path: one event-loop turn less between reading a cancel and writing
-        its response). Order holds: control messages always go before any chunk.
-
-        While the socket is full, the writer task owns writing and sends them in order after
-        what it already packed. The caller never awaits a send itself: a reader blocked in a
-        send on a client that does not read would be invisible to the slow-consumer watchdog
-        (which watches the writer), and the connection would hang instead of closing (4008).
-        """
-        if not self._writer_owns and self._control:
-            self.flush_now()  # control first, then whatever else is pending
 
     def _pack(
         self, sent_hooks: list[Callable[[], object]], owners: list[Stream | None]

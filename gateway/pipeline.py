@@ -403,19 +403,19 @@ class RequestContext:
 
         inner = asyncio.ensure_future(guarded())
         try:
-            if give_up_after is None:
-                result = await asyncio.shield(inner)
-            else:
-                try:
-                    async with asyncio.timeout(give_up_after):
-                        result = await asyncio.shield(inner)
-                except TimeoutError:
-                    _ABANDONED.add(inner)  # referenced until it ends, then forgotten
-                    inner.add_done_callback(_forget)
-                    raise BackendFailure(
-                        ErrorCode.BACKEND_ERROR,
-                        f"{kind} step {name!r} did not finish within {give_up_after:g} s",
-                    ) from None
+            budget = asyncio.timeout(give_up_after)  # None: no bound
+            try:
+                async with budget:
+                    result = await asyncio.shield(inner)
+            except TimeoutError:
+                if not budget.expired():
+                    raise  # the operation's own TimeoutError: its failure, not ours
+                _ABANDONED.add(inner)  # referenced until it ends, then forgotten
+                inner.add_done_callback(_forget)
+                raise BackendFailure(
+                    ErrorCode.BACKEND_ERROR,
+                    f"{kind} step {name!r} did not finish within {give_up_after:g} s",
+                ) from None
         except asyncio.CancelledError:
             # The pipeline task itself was cancelled (last resort at shutdown): let the
             # non-abortable operation finish, then propagate.
