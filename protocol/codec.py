@@ -27,7 +27,16 @@ import orjson
 
 from . import limits
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .messages import ChatMessage, ErrorInfo, Limits, Message, Sender, Usage, parse_message
+from .messages import (
+    ChatMessage,
+    ErrorInfo,
+    Halt,
+    Limits,
+    Message,
+    Sender,
+    Usage,
+    parse_message,
+)
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -104,6 +113,16 @@ def _value_wire(value: object) -> object:
         return {"code": value.code, "message": value.message}
     if isinstance(value, Limits):
         return {name: getattr(value, name) for name in _field_names(Limits)}
+    if isinstance(value, Halt):  # optional step omitted; aborted always written
+        halt: dict[str, Any] = {"state": value.state.value}
+        if value.step is not None:
+            halt["step"] = {
+                "index": value.step.index,
+                "kind": value.step.kind,
+                "name": value.step.name,
+            }
+        halt["aborted"] = value.aborted
+        return halt
     if isinstance(value, tuple):
         return [_value_wire(item) for item in value]
     return value
@@ -127,6 +146,8 @@ def to_wire(message: Message) -> dict[str, Any]:
         value = getattr(message, name)
         if value is not None:
             wire[name] = _value_wire(value)
+    if wire.get("steps") is False:  # chat.steps: optional, written only when true (§3.3)
+        del wire["steps"]
     return wire
 
 

@@ -53,5 +53,10 @@ MAX_CONNECTION_ID_CHARS: Final = 128
 #: Error codes are short snake_case words; unknown ones are accepted (forward compatibility).
 ERROR_CODE_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
+#: ``step.kind``: a short snake_case word, open like error codes (``plan``, ``llm``, ``llm_stream``,
+#: ``tool``, ``agent`` today; clients accept kinds they do not know). ``step.name``, in characters.
+STEP_KIND_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_STEP_NAME_CHARS: Final = 128
+
 #: Integers on the wire stay within what JavaScript numbers represent exactly.
 MAX_SAFE_INTEGER: Final = 2**53 - 1

@@ -37,6 +37,8 @@ __all__ = [
     "Error",
     "ErrorInfo",
     "GatewayMessage",
+    "Halt",
+    "HaltState",
     "Hello",
     "Limits",
     "Message",
@@ -46,6 +48,9 @@ __all__ = [
     "ResponseStatus",
     "Role",
     "Sender",
+    "Step",
+    "StepInfo",
+    "StepState",
     "Usage",
     "UsageReport",
     "Welcome",
@@ -96,6 +101,22 @@ class CancelStatus(enum.StrEnum):
     ALREADY_CANCELLED = "already_cancelled"
     ALREADY_COMPLETED = "already_completed"
     NOT_FOUND = "not_found"
+
+
+class StepState(enum.StrEnum):
+    """``step.state``: a pipeline step began or finished (SPEC.md §3.12)."""
+
+    STARTED = "started"
+    ENDED = "ended"
+
+
+class HaltState(enum.StrEnum):
+    """``halt.state``: whether the pipeline of a cancelled request has halted (SPEC.md §3.12)."""
+
+    #: Not yet: it is finishing ``halt.step`` (non-abortable) or runs to its next checkpoint.
+    PENDING = "pending"
+    #: It halted, after ``halt.step`` (or inside it when ``halt.aborted``).
+    HALTED = "halted"
 
 
 # --- field validation ---------------------------------------------------------------------------
@@ -297,6 +318,50 @@ def _check_error_code(name: str, value: object) -> None:
         raise _invalid(f"{name} must be a snake_case word of at most 64 characters")
 
 
+def _check_step_fields(index: object, kind: object, name: object) -> None:
+    _check_int("step.index", index, 0, limits.MAX_SAFE_INTEGER)
+    if type(kind) is not str or not limits.STEP_KIND_PATTERN.fullmatch(kind):
+        raise _invalid("step.kind must be a snake_case word of at most 32 characters")
+    _check_str("step.name", name, limits.MAX_STEP_NAME_CHARS, min_chars=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepInfo:
+    """One pipeline step, as ``halt.step`` names it (SPEC.md §3.12)."""
+
+    index: int
+    kind: str
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_step_fields(self.index, self.kind, self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Halt:
+    """Where the pipeline of a cancelled request halts (``response.halt``, ``usage.halt``).
+
+    ``pending`` (in the cancelled ``response``): ``step`` is the non-abortable step the pipeline
+    is finishing, after which it halts; absent, it halts at its next checkpoint without waiting
+    for a step. ``halted`` (in the ``usage`` message): ``step`` is the last step it started, and
+    ``aborted`` tells whether that step was stopped mid-way (an abortable LLM stream: the model
+    stopped) rather than finished; absent, it halted before any step started.
+    """
+
+    state: HaltState
+    step: StepInfo | None = None
+    aborted: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", _coerce_enum(self.state, HaltState))
+        _check_enum("halt.state", self.state, HaltState)
+        if self.step is not None and not isinstance(self.step, StepInfo):
+            raise _invalid("halt.step must be an object")
+        _check_bool("halt.aborted", self.aborted)
+        if self.aborted and (self.state is not HaltState.HALTED or self.step is None):
+            raise _invalid("halt.aborted names a step the pipeline halted in")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """Operational limits a gateway announces in ``welcome`` (SPEC.md §3.5)."""
@@ -345,6 +410,8 @@ class Chat:
     user_id: str | None = None
     timeout_ms: int | None = None
     metadata: dict[str, JSONValue] | None = None
+    #: Ask for ``step`` messages and ``halt`` objects (SPEC.md §3.12). Written only when true.
+    steps: bool = False
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -368,6 +435,7 @@ class Chat:
         if self.timeout_ms is not None:
             _check_int("timeout_ms", self.timeout_ms, 1, limits.MAX_TIMEOUT_MS)
         _check_metadata(self.metadata)
+        _check_bool("steps", self.steps)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -431,6 +499,25 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """A pipeline step of a request began or finished (SPEC.md §3.12); only for a ``chat``
+    with ``steps: true``, before its ``response``, in order with its chunks."""
+
+    TYPE: ClassVar[str] = "step"
+    request_id: str
+    index: int
+    kind: str
+    name: str
+    state: StepState
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_step_fields(self.index, self.kind, self.name)
+        object.__setattr__(self, "state", _coerce_enum(self.state, StepState))
+        _check_enum("step.state", self.state, StepState)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Response:
     """The terminal message of a request (G1).
 
@@ -445,6 +532,8 @@ class Response:
     reason: CancelReason | None = None
     error: ErrorInfo | None = None
     usage: Usage = field(default_factory=Usage)
+    #: Only when cancelled and the chat asked for steps (SPEC.md §3.12).
+    halt: Halt | None = None
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -468,6 +557,13 @@ class Response:
             raise _invalid("usage must be an object")
         if not self.usage.final and self.status is not ResponseStatus.CANCELLED:
             raise _invalid("usage.final may be false only for cancelled responses")
+        if self.halt is not None:
+            if not isinstance(self.halt, Halt):
+                raise _invalid("halt must be an object")
+            if self.status is not ResponseStatus.CANCELLED:
+                raise _invalid("halt is only for cancelled responses")
+            if self.halt.state is HaltState.PENDING and self.usage.final:
+                raise _invalid("a pending halt comes with usage.final false")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,11 +573,17 @@ class UsageReport:
     TYPE: ClassVar[str] = "usage"
     request_id: str
     usage: Usage
+    #: Where the pipeline halted; only when the chat asked for steps (SPEC.md §3.12).
+    halt: Halt | None = None
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
         if not isinstance(self.usage, Usage) or not self.usage.final:
             raise _invalid("usage must be an object with final: true")
+        if self.halt is not None and (
+            not isinstance(self.halt, Halt) or self.halt.state is not HaltState.HALTED
+        ):
+            raise _invalid("usage.halt must be an object with state halted")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -532,7 +634,9 @@ class Pong:
 
 
 ClientMessage: TypeAlias = Hello | Chat | Cancel | Ping
-GatewayMessage: TypeAlias = Welcome | Chunk | Response | UsageReport | CancelResult | Error | Pong
+GatewayMessage: TypeAlias = (
+    Welcome | Chunk | Step | Response | UsageReport | CancelResult | Error | Pong
+)
 Message: TypeAlias = ClientMessage | GatewayMessage
 
 
@@ -570,6 +674,26 @@ def _usage(value: JSONValue) -> Usage:
     )
 
 
+def _halt(value: JSONValue) -> Halt | None:
+    if value is None:
+        return None
+    obj = _object("halt", value)
+    step = _field(obj, "step")
+    if step is not None:
+        s = _object("halt.step", step)
+        step = StepInfo(
+            index=_field(s, "index", required=True),
+            kind=_field(s, "kind", required=True),
+            name=_field(s, "name", required=True),
+        )
+    aborted = obj.get("aborted")  # null is absent
+    return Halt(
+        state=_field(obj, "state", required=True),
+        step=step,
+        aborted=False if aborted is None else aborted,
+    )
+
+
 def _chat_messages(value: JSONValue) -> tuple[ChatMessage, ...] | None:
     if value is None:
         return None
@@ -599,6 +723,7 @@ def _limits(value: JSONValue) -> Limits:
 def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
     if type_ == "chat":
         stream = o.get("stream")  # null is absent, as for every optional field (see _field)
+        steps = o.get("steps")
         return Chat(
             request_id=_field(o, "request_id", required=True),
             message=_field(o, "message"),
@@ -607,6 +732,7 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
             user_id=_field(o, "user_id"),
             timeout_ms=_field(o, "timeout_ms"),
             metadata=_field(o, "metadata"),
+            steps=False if steps is None else steps,
         )
     if type_ == "cancel":
         return Cancel(
@@ -643,11 +769,21 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
             reason=_field(o, "reason"),
             error=error,
             usage=_usage(_field(o, "usage", required=True)),
+            halt=_halt(_field(o, "halt")),
         )
     if type_ == "usage":
         return UsageReport(
             request_id=_field(o, "request_id", required=True),
             usage=_usage(_field(o, "usage", required=True)),
+            halt=_halt(_field(o, "halt")),
+        )
+    if type_ == "step":
+        return Step(
+            request_id=_field(o, "request_id", required=True),
+            index=_field(o, "index", required=True),
+            kind=_field(o, "kind", required=True),
+            name=_field(o, "name", required=True),
+            state=_field(o, "state", required=True),
         )
     if type_ == "cancel_result":
         return CancelResult(
@@ -674,7 +810,7 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
 
 CLIENT_TYPES: frozenset[str] = frozenset(c.TYPE for c in (Hello, Chat, Cancel, Ping))
 GATEWAY_TYPES: frozenset[str] = frozenset(
-    c.TYPE for c in (Welcome, Chunk, Response, UsageReport, CancelResult, Error, Pong)
+    c.TYPE for c in (Welcome, Chunk, Step, Response, UsageReport, CancelResult, Error, Pong)
 )
 _TYPES_BY_SENDER = {Sender.CLIENT: CLIENT_TYPES, Sender.GATEWAY: GATEWAY_TYPES}
 

@@ -27,6 +27,8 @@ The guarantees of SPEC.md §6 that one side can check alone follow from the tabl
   gateway's machine sees first.
 - G3: ``seq`` must be the next number; with ``stream=True`` a completed response's content must
   equal the joined chunk texts; with ``stream=False`` no chunk is allowed.
+- Steps (SPEC.md §3.12): a ``step`` message is allowed where a chunk is: never after the
+  terminal response, and on the gateway never after a cancel was read.
 - G4: :meth:`RequestStateMachine.on_cancel` returns the outcome of a cancel from the state it
   found: ``cancelled`` once, ``already_cancelled`` or ``already_completed`` afterwards.
 
@@ -41,7 +43,16 @@ import enum
 from typing import Final
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .messages import CancelResult, CancelStatus, Response, ResponseStatus, Sender, UsageReport
+from .messages import (
+    CancelResult,
+    CancelStatus,
+    Response,
+    ResponseStatus,
+    Sender,
+    Step,
+    StepState,
+    UsageReport,
+)
 
 __all__ = ["CANCEL_OUTCOMES", "TRANSITIONS", "Event", "RequestState", "RequestStateMachine"]
 
@@ -75,6 +86,7 @@ class Event(enum.Enum):
     CANCELLED = "cancelled"
     FAILED = "failed"
     USAGE = "usage"
+    STEP = "step"
 
 
 _S = RequestState
@@ -104,6 +116,7 @@ def _cancel_is_idempotent(*states: RequestState) -> dict[tuple[RequestState, Eve
 TRANSITIONS: Final[dict[Sender, dict[tuple[RequestState, Event], RequestState]]] = {
     Sender.GATEWAY: {
         (_S.ACTIVE, _E.CHUNK): _S.ACTIVE,
+        (_S.ACTIVE, _E.STEP): _S.ACTIVE,
         (_S.ACTIVE, _E.CANCEL): _S.CANCELLING,
         **_ends(_S.ACTIVE),
         # G2: once a cancel is read, only the cancelled response may follow.
@@ -113,9 +126,11 @@ TRANSITIONS: Final[dict[Sender, dict[tuple[RequestState, Event], RequestState]]]
     },
     Sender.CLIENT: {
         (_S.ACTIVE, _E.CHUNK): _S.ACTIVE,
+        (_S.ACTIVE, _E.STEP): _S.ACTIVE,
         (_S.ACTIVE, _E.CANCEL): _S.CANCEL_SENT,
         **_ends(_S.ACTIVE),
         (_S.CANCEL_SENT, _E.CHUNK): _S.CANCEL_SENT,
+        (_S.CANCEL_SENT, _E.STEP): _S.CANCEL_SENT,
         **_ends(_S.CANCEL_SENT),
         **_cancel_is_idempotent(_S.CANCEL_SENT, *_TERMINAL),
         (_S.CANCELLED, _E.USAGE): _S.CANCELLED,
@@ -161,9 +176,11 @@ class RequestStateMachine:
     __slots__ = (
         "_cancels_unanswered",
         "_chunk_states",
+        "_open_steps",
         "_parts",
         "_transitions",
         "next_seq",
+        "next_step",
         "request_id",
         "role",
         "state",
@@ -183,6 +200,9 @@ class RequestStateMachine:
         self._transitions = TRANSITIONS[role]
         self._chunk_states = _CHUNK_STATES[role]
         self._cancels_unanswered = 0
+        #: The index the next ``step`` started must carry, and the started steps not ended.
+        self.next_step = 0
+        self._open_steps: set[int] = set()
 
     def __repr__(self) -> str:
         return (
@@ -212,6 +232,22 @@ class RequestStateMachine:
             raise self._violation(f"chunk seq {seq}, expected {self.next_seq}")
         self.next_seq = seq + 1
         self._parts.append(text)
+
+    def on_step(self, step: Step) -> None:
+        """A ``step`` message was sent (gateway) or received (client): before the response, and
+        on the gateway not after a cancel was read. Started steps count 0, 1, 2, ...; a step ends
+        at most once, after it started (SPEC.md §3.12)."""
+        state = self._next(Event.STEP)
+        if step.state is StepState.STARTED:
+            if step.index != self.next_step:
+                raise self._violation(f"step {step.index} started, expected {self.next_step}")
+            self.next_step += 1
+            self._open_steps.add(step.index)
+        elif step.index in self._open_steps:
+            self._open_steps.discard(step.index)
+        else:
+            raise self._violation(f"step {step.index} ended but is not running")
+        self.state = state
 
     def on_cancel(self) -> CancelStatus:
         """A cancel was read (gateway) or sent (client). Never refused. Returns its outcome."""

@@ -24,6 +24,8 @@ from protocol import (
     Error,
     ErrorCode,
     ErrorInfo,
+    Halt,
+    HaltState,
     Hello,
     Limits,
     Message,
@@ -33,6 +35,9 @@ from protocol import (
     ResponseStatus,
     Role,
     Sender,
+    Step,
+    StepInfo,
+    StepState,
     Usage,
     UsageReport,
     Welcome,
@@ -170,6 +175,7 @@ def chats(draw: st.DrawFn) -> Chat:
         user_id=draw(st.none() | user_ids),
         timeout_ms=draw(st.none() | st.integers(1, limits.MAX_TIMEOUT_MS)),
         metadata=draw(st.none() | metadata),
+        steps=draw(st.booleans()),
         **body,
     )
 
@@ -195,6 +201,28 @@ chunks = st.builds(
 )
 
 
+step_kinds = st.from_regex(limits.STEP_KIND_PATTERN, fullmatch=True) | st.sampled_from(
+    ["plan", "llm", "llm_stream", "tool", "agent"]
+)
+step_names = texts(min_size=1, max_size=limits.MAX_STEP_NAME_CHARS)
+steps = st.builds(
+    Step,
+    request_id=request_ids,
+    index=non_negative_safe_ints,
+    kind=step_kinds,
+    name=step_names,
+    state=st.sampled_from(list(StepState)),
+)
+step_infos = st.builds(StepInfo, index=non_negative_safe_ints, kind=step_kinds, name=step_names)
+
+
+@st.composite
+def halts(draw: st.DrawFn, state: HaltState) -> Halt:
+    step = draw(st.none() | step_infos)
+    aborted = state is HaltState.HALTED and step is not None and draw(st.booleans())
+    return Halt(state=state, step=step, aborted=aborted)
+
+
 @st.composite
 def responses(draw: st.DrawFn, status: ResponseStatus | None = None) -> Response:
     """A response obeying the rules: content only when completed, reason iff cancelled,
@@ -210,18 +238,26 @@ def responses(draw: st.DrawFn, status: ResponseStatus | None = None) -> Response
             usage=draw(final_usages),
         )
     if status is ResponseStatus.CANCELLED:
+        usage = draw(usages)
+        halt_states = [HaltState.HALTED] if usage.final else list(HaltState)
         return Response(
             request_id=request_id,
             status=status,
             reason=draw(st.sampled_from(list(CancelReason))),
-            usage=draw(usages),
+            usage=usage,
+            halt=draw(st.none() | st.sampled_from(halt_states).flatmap(halts)),
         )
     return Response(
         request_id=request_id, status=status, error=draw(error_infos), usage=draw(final_usages)
     )
 
 
-usage_reports = st.builds(UsageReport, request_id=request_ids, usage=final_usages)
+usage_reports = st.builds(
+    UsageReport,
+    request_id=request_ids,
+    usage=final_usages,
+    halt=st.none() | halts(HaltState.HALTED),
+)
 cancel_results = st.builds(
     CancelResult, request_id=request_ids, status=st.sampled_from(list(CancelStatus))
 )
@@ -243,6 +279,7 @@ MESSAGE_STRATEGIES: dict[type, tuple[st.SearchStrategy[Any], Sender]] = {
     Ping: (pings, Sender.CLIENT),
     Welcome: (welcomes, Sender.GATEWAY),
     Chunk: (chunks, Sender.GATEWAY),
+    Step: (steps, Sender.GATEWAY),
     Response: (responses(), Sender.GATEWAY),
     UsageReport: (usage_reports, Sender.GATEWAY),
     CancelResult: (cancel_results, Sender.GATEWAY),

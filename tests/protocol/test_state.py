@@ -31,6 +31,8 @@ from protocol import (
     Response,
     ResponseStatus,
     Sender,
+    Step,
+    StepState,
     Usage,
     UsageReport,
 )
@@ -79,11 +81,17 @@ def apply(machine: RequestStateMachine, event: Event) -> object:
         return machine.on_response(cancelled(final=False))
     if event is Event.FAILED:
         return machine.on_response(failed())
+    if event is Event.STEP:
+        return machine.on_step(step(machine.next_step, StepState.STARTED))
     return machine.on_usage(usage_report())
 
 
+def step(index: int, state: StepState) -> Step:
+    return Step(request_id=RID, index=index, kind="tool", name="search", state=state)
+
+
 def snapshot(machine: RequestStateMachine) -> tuple[object, ...]:
-    return (machine.state, machine.next_seq, machine.text, machine.usage_pending)
+    return (machine.state, machine.next_seq, machine.text, machine.usage_pending, machine.next_step)
 
 
 # --- reaching every state through public methods ------------------------------------------------
@@ -535,7 +543,7 @@ def test_random_sequences_follow_the_table(role, events, data):
     """Any event sequence: each event is accepted iff the table (and, for usage, a pending
     non-final usage) allows it; a refused event changes nothing."""
     machine = RequestStateMachine(RID, role)
-    state, pending, seq, cancelled_outcomes = S.ACTIVE, False, 0, 0
+    state, pending, seq, cancelled_outcomes, steps = S.ACTIVE, False, 0, 0, 0
     for event in events:
         allowed = (state, event) in TRANSITIONS[role] and (event is not Event.USAGE or pending)
         final = data.draw(st.booleans()) if event is Event.CANCELLED else True
@@ -557,12 +565,15 @@ def test_random_sequences_follow_the_table(role, events, data):
             cancelled_outcomes += outcome is CancelStatus.CANCELLED
         if event is Event.CHUNK:
             seq += 1
+        if event is Event.STEP:
+            steps += 1
         if event is Event.CANCELLED:
             pending = not final
         if event is Event.USAGE:
             pending = False
         state = TRANSITIONS[role][(state, event)]
         assert (machine.state, machine.next_seq, machine.usage_pending) == (state, seq, pending)
+        assert machine.next_step == steps
     assert cancelled_outcomes <= 1
 
 
@@ -591,6 +602,7 @@ class GatewayAndClient(RuleBasedStateMachine):
         self.delivered: list[object] = []
         self.cancelled_outcomes = 0
         self.cancels_sent = 0
+        self.steps_open: set[int] = set()
 
     # -- the gateway -----------------------------------------------------------------------
 
@@ -633,6 +645,23 @@ class GatewayAndClient(RuleBasedStateMachine):
     def send_cancelled(self, final: bool, reason: CancelReason) -> None:
         response = cancelled(final=final, reason=reason)  # after a cancel, or a timeout
         self._gateway_sends(response, lambda: self.gateway.on_response(response), Event.CANCELLED)
+
+    @rule(end=st.booleans())
+    def send_step(self, end: bool) -> None:
+        index = self.gateway.next_step - 1 if end else self.gateway.next_step
+        if end and index < 0:
+            return
+        message = step(index, StepState.ENDED if end else StepState.STARTED)
+        if end and index not in self.steps_open:
+            with pytest.raises(LocalProtocolError):
+                self.gateway.on_step(message)
+            return
+        self._gateway_sends(message, lambda: self.gateway.on_step(message), Event.STEP)
+        if self.sent and self.sent[-1] is message:
+            if end:
+                self.steps_open.discard(index)
+            else:
+                self.steps_open.add(index)
 
     @rule()
     def send_usage(self) -> None:
@@ -681,6 +710,8 @@ class GatewayAndClient(RuleBasedStateMachine):
             self.client.on_response(message)
         elif isinstance(message, UsageReport):
             self.client.on_usage(message)
+        elif isinstance(message, Step):
+            self.client.on_step(message)
         else:
             assert isinstance(message, CancelResult)
             self.client.on_cancel_result(message)
@@ -745,3 +776,38 @@ def test_state_machine_covers_every_role_state_event_pair():
         for state, event in itertools.product(REACHABLE[role], Event)
     }
     assert ids == expected
+
+
+# --- steps (SPEC.md §3.12) ----------------------------------------------------------------------
+
+
+@ROLES
+def test_steps_count_from_zero_and_end_once(role):
+    machine = RequestStateMachine(RID, role)
+    machine.on_step(step(0, StepState.STARTED))
+    machine.on_step(step(1, StepState.STARTED))  # steps may overlap (e.g. tools in parallel)
+    machine.on_step(step(0, StepState.ENDED))
+    with pytest.raises(REFUSAL[role]):
+        machine.on_step(step(0, StepState.ENDED))  # ended twice
+    with pytest.raises(REFUSAL[role]):
+        machine.on_step(step(3, StepState.STARTED))  # a gap
+    with pytest.raises(REFUSAL[role]):
+        machine.on_step(step(5, StepState.ENDED))  # never started
+    machine.on_step(step(1, StepState.ENDED))
+    assert machine.next_step == 2
+    assert machine.state is S.ACTIVE
+
+
+def test_no_step_after_the_cancel_was_read_or_after_the_response():
+    gateway = RequestStateMachine(RID, Sender.GATEWAY)
+    gateway.on_step(step(0, StepState.STARTED))
+    gateway.on_cancel()
+    with pytest.raises(LocalProtocolError):
+        gateway.on_step(step(0, StepState.ENDED))  # G2: only the cancelled response now
+    client = RequestStateMachine(RID, Sender.CLIENT)
+    client.on_step(step(0, StepState.STARTED))
+    client.on_cancel()
+    client.on_step(step(0, StepState.ENDED))  # sent before the gateway read the cancel
+    client.on_response(cancelled(final=False))
+    with pytest.raises(RemoteProtocolError):
+        client.on_step(step(1, StepState.STARTED))
