@@ -13,7 +13,7 @@ from functools import partial
 
 from protocol import CancelReason
 
-__all__ = ["CancelToken", "PipelineHalted"]
+__all__ = ["CancelSignal", "CancelToken", "PipelineHalted"]
 
 
 class PipelineHalted(Exception):
@@ -63,6 +63,29 @@ class CancelToken:
     def _remove(self, callback: Callable[[], object]) -> None:
         if callback in self._callbacks:
             self._callbacks.remove(callback)
+
+
+class CancelSignal:
+    """What a backend sees of its request's :class:`CancelToken`: it can look (``cancelled``,
+    ``reason``) and listen (:meth:`on_cancel`), never cancel. Only the gateway decides a cancel,
+    so a backend cannot end its own request ``cancelled`` behind the client's back."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, token: CancelToken) -> None:
+        self._token = token
+
+    @property
+    def cancelled(self) -> bool:
+        return self._token.reason is not None
+
+    @property
+    def reason(self) -> CancelReason | None:
+        return self._token.reason
+
+    def on_cancel(self, callback: Callable[[], object]) -> Callable[[], object]:
+        """Run ``callback`` on cancel (now, if already cancelled); returns an unregister."""
+        return self._token.on_cancel(callback)
 
 
 def _nothing() -> None:

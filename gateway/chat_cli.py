@@ -6,6 +6,9 @@ the gateway (the in-band ``cancel`` frame), prints that it was cancelled and the
 cancel saved (the final usage, SPEC.md §5.4), and returns to the prompt; Ctrl-C at the prompt
 just gives a new prompt; Ctrl-D quits.
 
+With ``--steps`` the pipeline's steps (SPEC.md §3.12) print as they happen, on their own lines
+(``· tool search``), and a cancelled answer's footer says where the pipeline halted.
+
 ``muxgate cancel REQUEST_ID`` cancels a request by id from any process (HTTP ``DELETE``) and
 prints the outcome; the exit status is 0 for ``cancelled`` / ``already_cancelled`` /
 ``already_completed``, 1 for ``not_found``, 2 for an error.
@@ -22,7 +25,7 @@ import json
 import sys
 from typing import TextIO
 
-from .client import CancelStatus, Client, MuxgateError, Response, Usage
+from .client import CancelStatus, ChatStream, Client, Halt, MuxgateError, Response, Step, Usage
 
 __all__ = ["add_subcommands", "run"]
 
@@ -54,6 +57,11 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     chat.add_argument(
         "--timeout", type=float, help="seconds the gateway gives each answer (timeout_ms)"
+    )
+    chat.add_argument(
+        "--steps",
+        action="store_true",
+        help="show the pipeline's steps (planning, tool calls, ...) and where a cancel halted it",
     )
 
     cancel = sub.add_parser(
@@ -106,7 +114,18 @@ def _tokens(usage: Usage) -> str:
     return f"{usage.input_tokens} in / {usage.output_tokens} out"
 
 
-def _footer(client: Client, response: Response) -> str:
+def _halted(halt: Halt | None) -> str:
+    """Where a cancelled pipeline halted, for the footer (``--steps``)."""
+    if halt is None or halt.state != "halted":
+        return ""
+    if halt.step is None:
+        return " · halted before any step"
+    if halt.aborted:
+        return f" · stopped during {halt.step.kind} {halt.step.name}"
+    return f" · halted after {halt.step.kind} {halt.step.name}"
+
+
+def _footer(client: Client, response: Response, stream: ChatStream) -> str:
     rid = response.request_id
     if response.status == "completed":
         return f"[completed · {rid} · {_tokens(response.usage)}]"
@@ -115,13 +134,28 @@ def _footer(client: Client, response: Response) -> str:
     with contextlib.suppress(MuxgateError, TimeoutError):
         usage = client.final_usage(response, timeout=5.0)
     why = "" if response.reason == "client" else f" ({response.reason})"
-    return f"[cancelled{why} · {rid} · {usage.saved_tokens} tokens saved · {_tokens(usage)}]"
+    where = _halted(stream.halt)
+    return f"[cancelled{why} · {rid} · {usage.saved_tokens} tokens saved · {_tokens(usage)}{where}]"
 
 
 def _answer(client: Client, line: str, args: argparse.Namespace, out: TextIO) -> None:
-    stream = client.chat_stream(line, metadata=args.metadata, timeout=args.timeout)
-    response: Response | None
     first = True
+
+    def show(step: Step) -> None:
+        nonlocal first
+        if step.state == "started":
+            out.write(f"{'' if first else chr(10)}· {step.kind} {step.name}\n")
+            out.flush()
+            first = True  # the text after a step starts its own line
+
+    stream = client.chat_stream(
+        line,
+        metadata=args.metadata,
+        timeout=args.timeout,
+        steps=args.steps,
+        on_step=show if args.steps else None,
+    )
+    response: Response | None
     try:
         try:
             for chunk in stream:
@@ -141,7 +175,7 @@ def _answer(client: Client, line: str, args: argparse.Namespace, out: TextIO) ->
     if response is None:
         out.write("\n[cancelled before it was sent]\n")
         return
-    out.write(f"\n{_footer(client, response)}\n")
+    out.write(f"\n{_footer(client, response, stream)}\n")
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import protocol
 from protocol import CancelReason, CancelStatus, ErrorCode
 
 from .auth import AuthError
+from .pipeline import BackendInfo
 from .registry import RequestKey
 from .stats import STATS_PATH
 
@@ -62,6 +63,16 @@ def _not_allowed(conn: ServerConnection, allow: str) -> Response:
     )
     response.headers["Allow"] = allow
     return response
+
+
+def _backend_info(gateway: Gateway) -> object:
+    """``GET /v1/backend`` (SPEC.md §8.3): the backend's name, model and chat settings."""
+    describe = getattr(gateway.backend, "describe", None)
+    info = describe() if describe is not None else None
+    if not isinstance(info, BackendInfo):  # a backend that does not say: its name only
+        name = gateway.config.backend if gateway.backend_configured else "custom"
+        info = BackendInfo(name=name)
+    return info.as_json()
 
 
 def answer_early(gateway: Gateway, conn: ServerConnection, request: Request) -> Response | None:
@@ -109,6 +120,10 @@ async def process_request(
         return _json(conn, HTTPStatus.OK, gateway.stats.snapshot())
     if path.startswith(_REQUESTS_PREFIX):
         return await _request_by_id(gateway, conn, request, unquote(path[len(_REQUESTS_PREFIX) :]))
+    if path == "/v1/backend":
+        if method != "GET":
+            return _not_allowed(conn, "GET")
+        return _json(conn, HTTPStatus.OK, _backend_info(gateway))
     if path == "/healthz":
         if method != "GET":
             return _not_allowed(conn, "GET")

@@ -98,6 +98,7 @@ class Multiplexer:
             observer=gateway.observer,
             timeout=timeout_ms / 1000,
             max_content_chars=config.max_content_chars,
+            steps=chat.steps,
         )
         try:
             task = request.start()

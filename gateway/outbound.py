@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import protocol
 from protocol import (
@@ -43,8 +43,13 @@ from protocol import (
     Response,
     ResponseStatus,
     Sender,
+    Step,
+    StepState,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from .pipeline import StepRecord
 
 __all__ = ["ContentTooLarge", "Outbound", "SlowConsumer", "Stream"]
 
@@ -53,6 +58,8 @@ MAX_FRAME = protocol.limits.MAX_FRAME_BYTES
 
 #: Pending texts of one request beyond which a writer turn coalesces them into one chunk.
 COALESCE_AFTER = 16
+#: Step messages of one request waiting unwritten beyond which its pipeline waits (as for text).
+MAX_PENDING_STEPS = 64
 
 
 class SlowConsumer(Exception):
@@ -74,6 +81,7 @@ class Stream:
         "cancelled",
         "closed",
         "emitted_chars",
+        "events",
         "machine",
         "max_content_chars",
         "pending",
@@ -102,6 +110,10 @@ class Stream:
         self.emitted_chars = 0
         self.max_content_chars = 1 << 62
         self._drained: asyncio.Event | None = None
+        #: Encoded ``step`` messages (SPEC.md §3.12) not yet taken, each with the number of
+        #: pending texts before it: steps go out in order with the chunks. Rare (a few per
+        #: request, only for chats with ``steps: true``), so the text path stays as it was.
+        self.events: list[tuple[int, bytes]] = []
 
     # -- ChunkSink ---------------------------------------------------------------------------
 
@@ -119,12 +131,33 @@ class Stream:
             self._outbound._schedule(self)
         return self.pending_chars > self._outbound.max_pending_chars
 
+    def push_step(self, step: StepRecord, state: StepState) -> None:
+        """Queue a ``step`` message after the text pushed so far (:class:`pipeline.StepSink`)."""
+        if self.closed or self._terminal is not None:
+            return  # after a cancel was read: the halt objects say the rest (§3.12)
+        message = Step(
+            request_id=self.request_id,
+            index=step.index,
+            kind=step.kind,
+            name=step.name,
+            state=state,
+        )
+        self.machine.on_step(message)
+        position = len(self.pending) if self.machine.stream else 0
+        self.events.append((position, protocol.encode(message, self._outbound.codec)))
+        if not self.scheduled:
+            self._outbound._schedule(self)
+
+    @property
+    def over_cap(self) -> bool:
+        """Whether the producer should wait: too much text, or too many steps, not yet taken."""
+        return (
+            self.pending_chars > self._outbound.max_pending_chars
+            or len(self.events) > MAX_PENDING_STEPS
+        )
+
     async def drained(self) -> None:
-        while (
-            not self.closed
-            and self._terminal is None
-            and self.pending_chars > self._outbound.max_pending_chars
-        ):
+        while not self.closed and self._terminal is None and self.over_cap:
             if self._drained is None:
                 self._drained = asyncio.Event()
             self._drained.clear()
@@ -153,22 +186,11 @@ class Stream:
         out: list[bytes] = []
         machine = self.machine
         pending = self.pending
-        if pending and machine.stream:
-            # Each emitted text is its own chunk while the reader keeps up; once more than
-            # COALESCE_AFTER texts wait (the reader is behind), they go out as one chunk.
-            texts = pending if len(pending) <= COALESCE_AFTER else ["".join(pending)]
-            prefix, encode = self._prefix, protocol.encode_chunk_from
-            for text in texts:
-                seq = machine.next_seq
-                try:
-                    encoded = encode(prefix, seq, text, codec)
-                except (TypeError, ValueError):  # a backend emitted a lone surrogate
-                    text = text.encode("utf-8", "replace").decode("utf-8")
-                    encoded = encode(prefix, seq, text, codec)
-                machine.on_chunk(seq, text)
-                out.append(encoded)
-            self._outbound.chunks_sent += len(texts)
-            pending.clear()  # (texts is pending itself, or a new list: both done with)
+        if self.events:
+            self._take_with_steps(codec, out)
+        elif pending and machine.stream:
+            self._chunks(pending, codec, out)
+            pending.clear()  # (its texts are encoded, or joined into a new list: done with)
             self.pending_chars = 0
             self._wake_producer()
         terminal = self._terminal
@@ -190,8 +212,48 @@ class Stream:
             self._close()
         return out
 
+    def _chunks(self, texts: list[str], codec: Codec, out: list[bytes]) -> None:
+        """Encode ``texts`` as the next chunks. Each emitted text is its own chunk while the
+        reader keeps up; once more than COALESCE_AFTER texts wait (the reader is behind), they
+        go out as one chunk."""
+        if len(texts) > COALESCE_AFTER:
+            texts = ["".join(texts)]
+        machine = self.machine
+        prefix, encode = self._prefix, protocol.encode_chunk_from
+        for text in texts:
+            seq = machine.next_seq
+            try:
+                encoded = encode(prefix, seq, text, codec)
+            except (TypeError, ValueError):  # a backend emitted a lone surrogate
+                text = text.encode("utf-8", "replace").decode("utf-8")
+                encoded = encode(prefix, seq, text, codec)
+            machine.on_chunk(seq, text)
+            out.append(encoded)
+        self._outbound.chunks_sent += len(texts)
+
+    def _take_with_steps(self, codec: Codec, out: list[bytes]) -> None:
+        """The turn of a stream with step messages waiting: texts and steps in their order."""
+        events, self.events = self.events, []
+        pending = self.pending
+        if not self.machine.stream:  # no chunks: the text waits for the response's content
+            out.extend(encoded for _, encoded in events)
+            self._wake_producer()
+            return
+        taken = 0
+        for position, encoded in events:
+            if position > taken:
+                self._chunks(pending[taken:position], codec, out)
+                taken = position
+            out.append(encoded)
+        if taken < len(pending):
+            self._chunks(pending[taken:], codec, out)
+        pending.clear()
+        self.pending_chars = 0
+        self._wake_producer()
+
     def _close(self) -> None:
         self.closed = True
+        self.events.clear()
         self.pending.clear()
         self.pending_chars = 0
         self._wake_producer()

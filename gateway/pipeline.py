@@ -21,6 +21,15 @@ even a last-resort cancellation of the pipeline task at shutdown interrupts it m
 Usage is honest: tokens are counted when consumed, including work finished after the cancel was
 read, until the pipeline halts (SPEC.md §5.4).
 
+Each helper is one *step*: recorded in ``ctx.steps`` and, when the client asked for them
+(``chat.steps``, SPEC.md §3.12), sent as ``step`` messages in order with the text. After a
+cancel, the running non-abortable step (if any) is the one the halt waits for; the gateway says
+so in the cancelled response, and where the pipeline finally halted in the usage that follows.
+
+What a backend cannot do, by construction: cancel its own request (``ctx.token`` is a read-only
+:class:`CancelSignal`), or write to the client past a checkpoint (the outbound queue is private;
+every write goes through :meth:`RequestContext.emit` or :meth:`RequestContext.stream_llm`).
+
 Failing a request on purpose: raise :class:`InvalidRequest` for client input the backend refuses
 (a ``metadata`` value of the wrong type or out of range) and :class:`BackendFailure` for any other
 failure the backend expects and can explain (an upstream that answered 503). Their code and
@@ -35,21 +44,25 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from protocol import CancelReason, ChatMessage, ErrorCode, ErrorInfo, Usage
-from protocol.limits import MAX_ERROR_MESSAGE_CHARS
+from protocol import CancelReason, ChatMessage, ErrorCode, ErrorInfo, StepState, Usage
+from protocol.limits import MAX_ERROR_MESSAGE_CHARS, MAX_STEP_NAME_CHARS
 
-from .cancellation import CancelToken, PipelineHalted
+from .cancellation import CancelSignal, CancelToken, PipelineHalted
 
 __all__ = [
     "Backend",
     "BackendFailure",
+    "BackendInfo",
+    "CancelSignal",
     "ChunkSink",
     "InvalidRequest",
     "PipelineHalted",
     "RequestContext",
+    "Setting",
     "StepRecord",
+    "StepSink",
     "UsageMeter",
 ]
 
@@ -94,9 +107,52 @@ class InvalidRequest(BackendFailure, ValueError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the gateway runs for each ``chat``."""
+    """What the gateway runs for each ``chat``.
+
+    Optional methods the gateway uses when present: ``async def astart()`` (set up before
+    serving, e.g. start a model server), ``async def aclose()`` (at shutdown), and
+    ``def describe() -> BackendInfo`` (what ``GET /v1/backend`` tells clients).
+    """
 
     async def run(self, ctx: RequestContext) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A chat ``metadata`` key a backend accepts, with its bounds: a client (the browser demo)
+    builds its settings form from these (``GET /v1/backend``)."""
+
+    name: str
+    type: Literal["integer", "number"]
+    min: float
+    max: float
+    default: float | None = None
+    description: str = ""
+
+    def as_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"name": self.name, "type": self.type}
+        body.update(min=self.min, max=self.max)
+        if self.default is not None:
+            body["default"] = self.default
+        if self.description:
+            body["description"] = self.description
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What a backend tells clients about itself: never a URL, a key or anything secret."""
+
+    name: str
+    model: str | None = None
+    settings: tuple[Setting, ...] = ()
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "backend": self.name,
+            "model": self.model,
+            "settings": [setting.as_json() for setting in self.settings],
+        }
 
 
 class ChunkSink(Protocol):
@@ -152,12 +208,23 @@ class UsageMeter:
         elif self._stream_output_reported_at is not None:
             self._stream_output_reported_at += output_tokens  # not pieces of the stream
 
-    def report(self, *, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+    def report(
+        self,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        output_estimated: bool = False,
+    ) -> None:
         """Replace the latest ``stream_llm`` step's estimates (its ``input_tokens`` argument,
         one output token per piece) with the provider's own figures for that call, e.g. from
         the usage in its last chunk. What other steps counted stays. Call it after the call's
         last piece: pieces read after it count one output token each, on top (and make the
-        output an estimate again). A figure left ``None`` stays an estimate."""
+        output an estimate again). A figure left ``None`` stays an estimate.
+
+        ``output_estimated=True``: a better count of the output that is still not the
+        provider's (e.g. a tokenizer's count of a stream cut by a cancel: the model may have
+        generated tokens that never arrived); it replaces the figure and stays listed as an
+        estimate in ``usage.estimated``."""
         if (input_tokens is not None and input_tokens < 0) or (
             output_tokens is not None and output_tokens < 0
         ):
@@ -167,7 +234,7 @@ class UsageMeter:
             self._stream_input_reported = True
         if output_tokens is not None:
             self.output_tokens = self._stream_output_base + output_tokens
-            self._stream_output_reported_at = self.output_tokens
+            self._stream_output_reported_at = None if output_estimated else self.output_tokens
 
     def _start_stream(self, input_tokens: int) -> None:
         """A ``stream_llm`` step starts: remember where its figures begin, count its input."""
@@ -223,37 +290,103 @@ class UsageMeter:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """One step a pipeline started (observability). Recorded only after the checkpoint that
-    guards its start passed, so no step ever starts after the cancel flag (G5)."""
+    """One step a pipeline started (observability, and the ``step`` messages of SPEC.md §3.12).
+    Recorded only after the checkpoint that guards its start passed, so no step ever starts
+    after the cancel flag (G5). ``index`` counts the request's steps from 0 in start order."""
 
     kind: str  # "llm" | "tool" | "agent" | "plan" | "llm_stream"
     name: str
+    index: int = 0
+
+    @property
+    def abortable(self) -> bool:
+        """Whether a cancel stops it mid-way (an LLM stream) rather than waiting for its end."""
+        return self.kind == "llm_stream"
 
 
-@dataclass(slots=True, eq=False)
+class StepSink(Protocol):
+    """Where a request's step events go when its client asked for them (``chat.steps``)."""
+
+    def push_step(self, step: StepRecord, state: StepState) -> None: ...
+
+
 class RequestContext:
-    """Everything a backend sees of one request."""
+    """Everything a backend sees of one request.
 
-    request_id: str
-    user_id: str
-    messages: Sequence[ChatMessage]
-    metadata: Mapping[str, Any]
-    #: Event-loop time (``loop.time()``) after which the request is cancelled with "timeout".
-    deadline: float | None
-    token: CancelToken
-    sink: ChunkSink
-    usage: UsageMeter = field(default_factory=UsageMeter)
-    steps: list[StepRecord] = field(default_factory=list)
-    #: Tokens an abortable stream produced after the cancel flag was set (should be <= 1).
-    tokens_after_cancel: int = 0
+    A backend reads its input (``messages``, ``metadata``, ``deadline``), streams with
+    :meth:`emit` and the step helpers, and counts tokens in ``usage``. It sees the request's
+    cancellation only as a read-only :class:`CancelSignal` (``ctx.token``): it can look and
+    listen, never cancel — only the gateway decides a cancel. The outbound queue is private:
+    every write goes through :meth:`emit` or :meth:`stream_llm`, both checkpoints, so nothing a
+    backend emits after the cancel flag reaches the client (G2, G5).
+    """
+
+    __slots__ = (
+        "_running",
+        "_signal",
+        "_sink",
+        "_step_sink",
+        "_steps",
+        "_token",
+        "_tokens_after_cancel",
+        "deadline",
+        "messages",
+        "metadata",
+        "request_id",
+        "usage",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        user_id: str,
+        messages: Sequence[ChatMessage],
+        metadata: Mapping[str, Any],
+        deadline: float | None,
+        token: CancelToken,
+        sink: ChunkSink,
+        steps: StepSink | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.user_id = user_id
+        self.messages = messages
+        self.metadata = metadata
+        #: Event-loop time (``loop.time()``) after which the request is cancelled with "timeout".
+        self.deadline = deadline
+        self.usage = UsageMeter()
+        self._token = token
+        self._signal = CancelSignal(token)
+        self._sink = sink
+        self._step_sink = steps
+        self._steps: list[StepRecord] = []
+        #: Steps started and not ended (by index): a non-abortable one delays the halt.
+        self._running: dict[int, StepRecord] = {}
+        self._tokens_after_cancel = 0
+
+    @property
+    def token(self) -> CancelSignal:
+        """The request's cancellation, read-only: ``cancelled``, ``reason``, ``on_cancel``."""
+        return self._signal
 
     @property
     def cancelled(self) -> bool:
-        return self.token.cancelled
+        return self._token.cancelled
 
     @property
     def cancel_reason(self) -> CancelReason | None:
-        return self.token.reason
+        return self._token.reason
+
+    @property
+    def steps(self) -> Sequence[StepRecord]:
+        """The steps started so far, in start order."""
+        return self._steps
+
+    @property
+    def tokens_after_cancel(self) -> int:
+        """Tokens an abortable stream produced after the cancel flag was set (should be <= 1)."""
+        return self._tokens_after_cancel
 
     @property
     def prompt(self) -> str:
@@ -263,17 +396,31 @@ class RequestContext:
                 return turn.content
         return self.messages[-1].content if self.messages else ""
 
+    def halt_pending(self) -> StepRecord | None:
+        """The non-abortable step the pipeline is finishing, if any: it halts after it."""
+        for step in reversed(self._running.values()):
+            if not step.abortable:
+                return step
+        return None
+
+    def halted_in(self) -> tuple[StepRecord | None, bool]:
+        """The last step started, and whether it was cut mid-way (never ended)."""
+        if not self._steps:
+            return None, False
+        last = self._steps[-1]
+        return last, last.index in self._running
+
     def checkpoint(self, where: str = "checkpoint") -> None:
         """Halt here if the request was cancelled: raises :class:`PipelineHalted`."""
-        reason = self.token.reason
+        reason = self._token.reason
         if reason is not None:
             raise PipelineHalted(reason, where)
 
     async def emit(self, text: str) -> None:
         """Stream ``text`` to the client. A checkpoint; waits while the reader is behind."""
         self.checkpoint("emit")
-        if text and self.sink.push(text):
-            await self.sink.drained()
+        if text and self._sink.push(text):
+            await self._sink.drained()
 
     # -- step helpers ------------------------------------------------------------------------
 
@@ -339,7 +486,7 @@ class RequestContext:
                 self._read_llm_stream(tokens, parts, input_tokens, name, emit)
             )
             # Abortable by declaration: the only place the gateway cancels a task it runs.
-            unregister = self.token.on_cancel(reader.cancel)
+            unregister = self._token.on_cancel(reader.cancel)
             try:
                 await reader
             except asyncio.CancelledError:
@@ -364,19 +511,20 @@ class RequestContext:
         # A method, not a closure: closures cost a function and a cell per free variable for
         # every active request, all scanned by the garbage collector (whose pauses delay cancels).
         # The read starts one loop turn after it is scheduled: check again (G5).
-        self._begin("llm_stream", name)
-        usage, token, sink = self.usage, self.token, self.sink
+        step = self._begin("llm_stream", name)
+        usage, token, sink = self.usage, self._token, self._sink
         usage._start_stream(input_tokens)
         # Hot path, once per token: emit() inlined (no coroutine per token); the cancel check
         # below is its checkpoint.
         async for piece in tokens:
             usage.output_tokens += 1
             if token.reason is not None:
-                self.tokens_after_cancel += 1
-                return
+                self._tokens_after_cancel += 1
+                return  # cut: the step never ends (halt.aborted)
             parts.append(piece)
             if emit and piece and sink.push(piece):
                 await sink.drained()
+        self._end(step)
 
     async def _step(
         self,
@@ -394,12 +542,16 @@ class RequestContext:
         mid-way, goes on to its end in the background and its result is dropped.
         """
         self.checkpoint(name)
+        if self._step_sink is not None:
+            await self._sink.drained()  # a client behind on step messages slows the pipeline
 
         async def guarded() -> T:
             # The operation starts one loop turn after it is scheduled: check again, so no call
             # starts after the flag even if the cancel arrived in between (G5).
-            self._begin(kind, name)
-            return await call()
+            step = self._begin(kind, name)
+            result = await call()
+            self._end(step)  # a step that raised has no end (SPEC.md §3.12)
+            return result
 
         inner = asyncio.ensure_future(guarded())
         try:
@@ -426,11 +578,23 @@ class RequestContext:
         self.checkpoint(name)
         return result
 
-    def _begin(self, kind: str, name: str) -> None:
+    def _begin(self, kind: str, name: str) -> StepRecord:
         # G5: no new LLM, tool or agent call starts after the flag. Called where the operation
         # really starts; tests check G5 against the backend's own evidence.
         self.checkpoint(name)
-        self.steps.append(StepRecord(kind=kind, name=name))
+        # A name the wire cannot carry (SPEC.md §3.12: 1-128 characters) is shortened, not fatal.
+        name = (name or kind)[:MAX_STEP_NAME_CHARS]
+        step = StepRecord(kind=kind, name=name, index=len(self._steps))
+        self._steps.append(step)
+        self._running[step.index] = step
+        if self._step_sink is not None:
+            self._step_sink.push_step(step, StepState.STARTED)
+        return step
+
+    def _end(self, step: StepRecord) -> None:
+        del self._running[step.index]
+        if self._step_sink is not None:
+            self._step_sink.push_step(step, StepState.ENDED)
 
 
 #: Non-abortable operations whose step timed out: they run to their end unobserved.

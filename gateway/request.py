@@ -29,14 +29,17 @@ from protocol import (
     ChatMessage,
     ErrorCode,
     ErrorInfo,
+    Halt,
+    HaltState,
     Response,
     ResponseStatus,
+    StepInfo,
     UsageReport,
 )
 
 from .cancellation import CancelToken, PipelineHalted
 from .outbound import ContentTooLarge, Outbound, Stream
-from .pipeline import Backend, BackendFailure, RequestContext
+from .pipeline import Backend, BackendFailure, RequestContext, StepRecord
 from .registry import RequestKey, RequestRecord, RequestRegistry, RequestStatus
 
 __all__ = ["Request", "RequestObserver"]
@@ -78,6 +81,7 @@ class Request:
         observer: RequestObserver,
         timeout: float | None,
         max_content_chars: int | None = None,
+        steps: bool = False,
     ) -> None:
         self._key = key
         self._serial = next(_serials)
@@ -99,7 +103,10 @@ class Request:
             deadline=None,
             token=self.token,
             sink=self.stream,
+            steps=self.stream if steps else None,
         )
+        #: The client asked for its pipeline's steps (``chat.steps``): halt objects too.
+        self.reports_steps = steps
         self.status = RequestStatus.ACTIVE
         self.reason: CancelReason | None = None
         self.error: ErrorInfo | None = None
@@ -148,11 +155,15 @@ class Request:
         self.cancel_read_at = time.perf_counter()
         self.token.cancel(reason)  # flags the pipeline; aborts an abortable stream read
         self.stream.machine.on_cancel()
+        halt = None
+        if self.reports_steps:  # where the pipeline will halt: after the step it is in, if any
+            halt = Halt(state=HaltState.PENDING, step=_step_info(self.ctx.halt_pending()))
         response = Response(
             request_id=self._key.request_id,
             status=ResponseStatus.CANCELLED,
             reason=reason,
             usage=self.ctx.usage.snapshot(cancelled=True, final=False),
+            halt=halt,
         )
         self.outbound.cancel_stream(self.stream, response, on_sent=self._cancel_sent)
         self.outbound.flush_now()  # on the socket now; the bookkeeping below can wait
@@ -250,8 +261,20 @@ class Request:
         if self.status is RequestStatus.CANCELLING:
             self.status = RequestStatus.CANCELLED
             usage = self.ctx.usage.snapshot(cancelled=True, final=True)
+            halt = None
+            if self.reports_steps:
+                step, aborted = self.ctx.halted_in()
+                halt = Halt(state=HaltState.HALTED, step=_step_info(step), aborted=aborted)
             # SPEC.md §5.4: the final figure follows the non-final one in the response.
-            self.outbound.send_control(UsageReport(request_id=self._key.request_id, usage=usage))
+            self.outbound.send_control(
+                UsageReport(request_id=self._key.request_id, usage=usage, halt=halt)
+            )
         # Finished (SPEC.md §5.6): the id is free and the record kept for late cancels and GET.
         self.registry.finished(self)
         self.observer.request_halted(self)
+
+
+def _step_info(step: StepRecord | None) -> StepInfo | None:
+    if step is None:
+        return None
+    return StepInfo(index=step.index, kind=step.kind, name=step.name)

@@ -59,6 +59,8 @@ class Gateway:
     def __init__(self, config: Config | None = None, *, backend: Backend | None = None) -> None:
         self.config = config = config or Config()
         self.backend: Backend = backend or load_backend(config.backend, **config.backend_options)
+        #: False when the caller passed its own backend object (config.backend does not name it).
+        self.backend_configured = backend is None
         self.auth = Authenticator(
             client_keys=config.client_keys,
             jwt_secret=config.jwt_secret,

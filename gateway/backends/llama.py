@@ -11,12 +11,23 @@ point backend ``openai`` at vLLM, llama-server or Ollama.
 **What it does.** At gateway start (:meth:`LlamaBackend.astart`, awaited by
 :meth:`Gateway.start`; or on first use), the backend assembles the packaged model into a cache
 file (or uses ``model_path``), picks a free port on 127.0.0.1, starts ``llama-server`` there
-(``--chat-template gemma``: the base model has no template of its own, and without one the server
-falls back to ChatML and the model echoes it), waits for ``/health``, and from then on hands
-every request to an :class:`~gateway.backends.openai.OpenAIBackend` pointed at
+(``--no-jinja --chat-template gemma``: the base model has no template of its own, and without one
+the server falls back to ChatML and the model echoes it; ``--no-jinja`` because with the Jinja
+engine, llama-server's default, the name ``gemma`` is read as a Jinja template whose text is the
+word "gemma", and every chat's prompt would be that word), waits for ``/health``, and from then
+on hands every request to an :class:`~gateway.backends.openai.OpenAIBackend` pointed at
 ``http://127.0.0.1:{port}/v1`` with ``max_concurrency = parallel`` (the server's slots). So a
 cancel shuts the upstream socket at once, and llama-server stops decoding when it sees the
 disconnect: within 0-2 tokens, about 25 ms.
+
+**Usage of a cut answer.** A cancelled answer never gets llama-server's usage chunk. With option
+``tokenize=auto`` (the default) the openai backend counts its prompt with the server's own chat
+template and tokenizer (``tokenize=llama.cpp`` there): an exact figure, so ``input_tokens`` is not
+listed in ``usage.estimated``. Its output is the pieces received (llama-server streams one token
+per delta), still listed as an estimate: the model may have generated a token or two that never
+arrived. The count takes a few milliseconds, after the cut, and goes out in the ``usage``
+message that follows the cancelled response. ``tokenize=off``: the prompt is estimated too
+(about 4 characters a token).
 
 **Why a subprocess and not llama-cpp-python in the gateway's process.** Both stop a cancelled
 generation at once (in-process: within 0 decode steps; over HTTP: within 0-2 tokens), decode at
@@ -61,7 +72,7 @@ import structlog
 from protocol import ErrorCode
 
 from ..config import ConfigError
-from ..pipeline import RequestContext
+from ..pipeline import BackendInfo, RequestContext
 from .openai import OpenAIBackend, UpstreamFailure
 
 try:
@@ -94,6 +105,7 @@ OPTIONS: Final[Mapping[str, str]] = {
     "start_timeout_s": "how long the server may take to answer /health (default 60)",
     "max_tokens": "the largest max_tokens a chat may ask for, and the default (default 256)",
     "stall_timeout_s": "no token for this long fails the request upstream_timeout (default 30)",
+    "tokenize": "auto (default): count a cut answer with the server's tokenizer; off: estimate it",
 }
 
 #: Restart delays: the first, doubled after each failed start, at most the last.
@@ -108,6 +120,8 @@ TAIL_LINES: Final = 50
 HEALTH_POLL_S: Final = 0.05
 #: The model name sent upstream (llama-server serves the one model it loaded, whatever it is).
 MODEL_NAME: Final = "local"
+#: What ``GET /v1/backend`` calls the packaged model.
+PACKAGED_MODEL: Final = "gemma-3-270m (Q4_K_M)"
 _PR_SET_PDEATHSIG: Final = 1
 
 
@@ -275,6 +289,7 @@ class LlamaBackend:
         start_timeout_s: object = 60.0,
         max_tokens: object = 256,
         stall_timeout_s: object = 30.0,
+        tokenize: object = "auto",
         **unknown: object,
     ) -> None:
         if unknown:
@@ -299,17 +314,22 @@ class LlamaBackend:
         if type(start_timeout_s) not in (int, float) or not 0 < start_timeout_s <= 3600:  # type: ignore[operator]
             raise _bad("start_timeout_s", "a number > 0 and <= 3600")
         self.start_timeout_s = float(start_timeout_s)  # type: ignore[arg-type]
+        if type(tokenize) is not str or tokenize not in ("auto", "off"):
+            raise _bad("tokenize", "auto or off")
         self._upstream_options: dict[str, Any] = {
             "model": MODEL_NAME,
             "max_concurrency": self.parallel,
             "max_tokens": max_tokens,
             "stall_timeout_s": stall_timeout_s,
             "connect_timeout_s": 2.0,
+            # llama-server always has /tokenize and /apply-template.
+            "tokenize": "llama.cpp" if tokenize == "auto" else "off",
             # An unset variable: no Authorization header (the server is ours, on 127.0.0.1).
             "api_key_env": "MUXGATE_LLAMA_API_KEY",
         }
-        # Checks max_tokens and stall_timeout_s now, at start-up, like every other option.
-        OpenAIBackend(base_url="http://127.0.0.1:1/v1", **self._upstream_options)
+        # Checks max_tokens and stall_timeout_s now, at start-up, like every other option; kept
+        # to describe the settings before the server runs.
+        self._settings = OpenAIBackend(base_url="http://127.0.0.1:1/v1", **self._upstream_options)
         self._server: _Server | None = None
         self._upstream: OpenAIBackend | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -371,7 +391,9 @@ class LlamaBackend:
             "--offline",
         ]
         if self.model_path is None:
-            command += ["--chat-template", "gemma"]  # the base model has none of its own
+            # The base model has no template of its own. --no-jinja first: with the Jinja engine
+            # "gemma" is not the built-in template's name but a template, the word "gemma".
+            command += ["--no-jinja", "--chat-template", "gemma"]
         return command + self.extra_args
 
     async def _spawn(self) -> _Server:
@@ -488,6 +510,12 @@ class LlamaBackend:
         if server is not None:
             await server.stop()
             log.info("llama.stopped", pid=server.pid, status=server.proc.returncode)
+
+    def describe(self) -> BackendInfo:
+        """``GET /v1/backend``: the model file served, and the chat settings of the upstream."""
+        info = self._settings.describe("llama")
+        model = self.model_path.name if self.model_path else PACKAGED_MODEL
+        return BackendInfo(name="llama", model=model, settings=info.settings)
 
     # -- the request ------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from protocol import ChatMessage, ErrorCode
 
-from ..pipeline import BackendFailure, InvalidRequest, RequestContext
+from ..pipeline import BackendFailure, BackendInfo, InvalidRequest, RequestContext, Setting
 from .token_clock import TokenClock
 
 __all__ = [
@@ -336,6 +336,22 @@ class SimulatedBackend:
             f"plan_ms={self.plan_ms}, tool_ms={self.tool_ms}, agent_ms={self.agent_ms}, "
             f"max_tokens={self.max_tokens}, max_delay_ms={self.max_delay_ms})"
         )
+
+    def describe(self) -> BackendInfo:
+        """``GET /v1/backend``: the per-request settings, with their server bounds."""
+        maxima = {"tokens": self.max_tokens}
+        settings = tuple(
+            Setting(
+                name=key,
+                type="integer",
+                min=0,
+                max=maxima.get(key, self.max_delay_ms),
+                default=getattr(self, key),
+                description=METADATA_KEYS[key],
+            )
+            for key in ("tokens", "token_delay_ms", "plan_ms", "tool_ms", "agent_ms")
+        )
+        return BackendInfo(name=self.name, settings=settings)
 
     # -- settings and budget -------------------------------------------------------------------
 

@@ -127,6 +127,30 @@ def test_ctrl_c_cancels_the_answer_and_ctrl_d_quits(gateway_process: GatewayProc
     assert child.exitstatus == 0
 
 
+def test_steps_show_and_the_footer_says_where_the_pipeline_halted(
+    gateway_process: GatewayProcess,
+) -> None:
+    """``--steps``: each step on its own line; Ctrl-C during the (non-abortable) tool call
+    halts the pipeline after it, and the footer says so."""
+    metadata = '{"tokens": 40, "token_delay_ms": 5, "plan_ms": 50, "tool_ms": 3000}'
+    child = spawn_chat(gateway_process, "--steps", "--metadata", metadata)
+    try:
+        child.sendline("Find flights")
+        child.expect_exact("· plan plan")
+        child.expect_exact("· llm_stream answer")
+        child.expect_exact("· tool search")
+        child.sendintr()  # Ctrl-C while the tool call runs
+        child.expect(
+            r"\[cancelled · req_[0-9a-f]{32} · \d+ tokens saved · .* · halted after tool search\]"
+        )
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_an_answer_streams_to_the_end(gateway_process: GatewayProcess) -> None:
     child = spawn_chat(
         gateway_process, "--codec", "msgpack", "--metadata", '{"tokens": 12, "token_delay_ms": 5}'

@@ -8,6 +8,12 @@ that may then stall, drop the connection, send garbage or keep-alive comments; a
 status; or no answer at all. Like a real server, the fake stops "generating" as soon as it sees
 the client close the connection, and records when it saw that: while it answers, it reads the
 connection for the EOF (or reset) of the gateway's cut.
+
+It may also offer a tokenizer (``tokenizer="llama.cpp"``: ``POST /apply-template`` and ``POST
+/tokenize`` as llama-server has them; ``tokenizer="vllm"``: vLLM's ``POST /tokenize``), whose
+tokens are characters: :func:`text_tokens` and :func:`prompt_tokens` say what it counts. Those
+requests are recorded apart (:attr:`FakeUpstream.tokenize_requests`); with ``tokenize_hang`` it
+never answers them, until the gateway hangs up.
 """
 
 from __future__ import annotations
@@ -25,6 +31,26 @@ from typing import Any
 
 #: What a stream may do once its tokens are written.
 THEN = ("done", "no_done", "drop", "stall", "garbage", "comments")
+#: The tokenizer dialects the fake can speak.
+TOKENIZERS = ("llama.cpp", "vllm")
+TOKENIZE_PATHS = ("/tokenize", "/apply-template")
+
+
+def chat_template(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The fake's chat template: what its /apply-template renders."""
+    turns = "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in messages)
+    return turns + "<assistant>"
+
+
+def text_tokens(text: str) -> int:
+    """What the fake's tokenizer counts for generated text: one token per character."""
+    return len(text)
+
+
+def prompt_tokens(messages: Sequence[Mapping[str, Any]], dialect: str) -> int:
+    """What the fake's tokenizer counts for a chat's prompt, as the gateway asks for it: the
+    template's characters, plus a BOS for llama.cpp (vLLM's chat template would carry it)."""
+    return len(chat_template(messages)) + (1 if dialect == "llama.cpp" else 0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +156,20 @@ class FakeUpstream:
         self,
         plans: Mapping[str, Plan | Sequence[Plan]] | None = None,
         default: Plan | None = None,
+        *,
+        tokenizer: str | None = None,
+        tokenize_hang: bool = False,
+        tokenize_status: int = 200,
     ) -> None:
+        assert tokenizer in (None, *TOKENIZERS), tokenizer
+        #: The tokenizer endpoints' dialect (None: they answer 404, like OpenAI's API).
+        self.tokenizer = tokenizer
+        #: Never answer a tokenizer request (until the gateway hangs up).
+        self.tokenize_hang = tokenize_hang
+        #: The status of every tokenizer answer (not 200: an error body).
+        self.tokenize_status = tokenize_status
+        #: Tokenizer requests received, apart from the chat requests.
+        self.tokenize_requests: list[Seen] = []
         self.plans = {
             prompt: [plan] if isinstance(plan, Plan) else list(plan)
             for prompt, plan in (plans or {}).items()
@@ -176,6 +215,12 @@ class FakeUpstream:
             await self._changed.wait_for(lambda: len(self.requests) >= n)
         return self.requests
 
+    async def wait_tokenize_requests(self, n: int, timeout: float = 5.0) -> list[Seen]:
+        """Wait until the fake has received ``n`` tokenizer requests."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.tokenize_requests) >= n)
+        return self.tokenize_requests
+
     async def wait_idle(self, timeout: float = 5.0) -> None:
         """Wait until every connection the fake accepted has been closed."""
         async with asyncio.timeout(timeout):
@@ -219,6 +264,12 @@ class FakeUpstream:
                     received_at=time.monotonic(),
                     sock=writer.get_extra_info("socket"),
                 )
+                if path in TOKENIZE_PATHS:
+                    self.tokenize_requests.append(seen)
+                    await self._notify()
+                    if not await self._tokenize(seen, reader, writer):
+                        return
+                    continue
                 self.requests.append(seen)
                 await self._notify()
                 if not await self._answer(self._plan(seen.prompt), seen, reader, writer):
@@ -249,6 +300,51 @@ class FakeUpstream:
             seen.closed.set()
         else:  # an HTTP/1.1 client sends nothing while its response is in flight
             self.unexpected.append(data)
+
+    async def _tokenize(
+        self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer a tokenizer request; True when the connection may carry another."""
+        if self.tokenize_hang:
+            await self._watch(reader, seen)
+            seen.finished_at = time.monotonic()
+            return False
+        status, answer = self._tokenized(seen)
+        if status == 200 and self.tokenize_status != 200:
+            status, answer = self.tokenize_status, {"error": {"message": "tokenizer failed"}}
+        body = json.dumps(answer).encode()
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        seen.finished_at = time.monotonic()
+        return True
+
+    def _tokenized(self, seen: Seen) -> tuple[int, dict[str, Any]]:
+        """The status and answer of the fake's tokenizer: 404 for an endpoint it does not have,
+        400 for a body it does not understand (another dialect's)."""
+        body, path = seen.body, seen.path
+        if self.tokenizer == "llama.cpp" and path == "/apply-template":
+            if isinstance(body.get("messages"), list):
+                return 200, {"prompt": chat_template(body["messages"])}
+        elif self.tokenizer == "llama.cpp" and path == "/tokenize":
+            if isinstance(body.get("content"), str):
+                n = text_tokens(body["content"]) + (1 if body.get("add_special") else 0)
+                return 200, {"tokens": list(range(n))}
+        elif self.tokenizer == "vllm" and path == "/tokenize":
+            if isinstance(body.get("messages"), list):
+                n = len(chat_template(body["messages"]))
+                n += 1 if body.get("add_special_tokens", False) else 0
+            elif isinstance(body.get("prompt"), str):
+                n = text_tokens(body["prompt"]) + (1 if body.get("add_special_tokens", True) else 0)
+            else:
+                return 400, {"error": {"message": "bad request"}}
+            return 200, {"count": n, "max_model_len": 4096, "tokens": list(range(n))}
+        else:
+            return 404, {"error": {"message": "File Not Found", "code": 404}}
+        return 400, {"error": {"message": "bad request"}}
 
     async def _answer(
         self, plan: Plan, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

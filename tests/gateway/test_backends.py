@@ -83,15 +83,26 @@ def make_ctx(
 ) -> RequestContext:
     if messages is None:
         messages = [ChatMessage(role=Role.USER, content=prompt)]
-    return RequestContext(
+    token, sink = CancelToken(), sink if sink is not None else ListSink()
+    ctx = RequestContext(
         request_id="req-1",
         user_id="user-1",
         messages=messages,
         metadata=metadata or {},
         deadline=None,
-        token=CancelToken(),
-        sink=sink if sink is not None else ListSink(),
+        token=token,
+        sink=sink,
     )
+    # The test plays the gateway: it keeps what a backend cannot reach (the sink, the token).
+    _GATEWAY_SIDE[ctx] = (token, sink)
+    return ctx
+
+
+_GATEWAY_SIDE: dict[RequestContext, tuple[CancelToken, ListSink]] = {}
+
+
+def token_of(ctx: RequestContext) -> CancelToken:
+    return _GATEWAY_SIDE[ctx][0]
 
 
 def kinds(ctx: RequestContext) -> list[str]:
@@ -99,8 +110,7 @@ def kinds(ctx: RequestContext) -> list[str]:
 
 
 def sink_of(ctx: RequestContext) -> ListSink:
-    assert isinstance(ctx.sink, ListSink)
-    return ctx.sink
+    return _GATEWAY_SIDE[ctx][1]
 
 
 class Instrumented(SimulatedBackend):
@@ -463,7 +473,7 @@ async def test_cancel_during_the_answer_halts_at_the_next_token(
     task = asyncio.create_task(backend.run(ctx))
     await sink.reached.wait()
     emitted_at_cancel = len(sink.items)
-    assert ctx.token.cancel(CancelReason.CLIENT)
+    assert token_of(ctx).cancel(CancelReason.CLIENT)
     with pytest.raises(PipelineHalted) as halted:
         await task
     assert halted.value.reason is CancelReason.CLIENT
@@ -493,7 +503,7 @@ async def test_cancel_during_the_tool_call_lets_it_finish_then_halts() -> None:
     task = asyncio.create_task(backend.run(ctx))
     await backend.started["tool"].wait()
     cancelled_at = loop.time()
-    ctx.token.cancel(CancelReason.API)
+    token_of(ctx).cancel(CancelReason.API)
     with pytest.raises(PipelineHalted) as halted:
         await task
     assert halted.value.checkpoint == "search"
@@ -509,7 +519,7 @@ async def test_cancel_during_the_plan_counts_the_plan_and_starts_nothing_else() 
     ctx = make_ctx()
     task = asyncio.create_task(backend.run(ctx))
     await backend.started["plan"].wait()
-    ctx.token.cancel(CancelReason.TIMEOUT)
+    token_of(ctx).cancel(CancelReason.TIMEOUT)
     with pytest.raises(PipelineHalted) as halted:
         await task
     assert halted.value.checkpoint == "plan"
@@ -527,7 +537,7 @@ async def test_cancel_during_the_agent_call_lets_it_finish_then_halts() -> None:
     ctx = make_ctx()
     task = asyncio.create_task(backend.run(ctx))
     await backend.started["agent"].wait()
-    ctx.token.cancel(CancelReason.CLIENT)
+    token_of(ctx).cancel(CancelReason.CLIENT)
     with pytest.raises(PipelineHalted) as halted:
         await task
     assert halted.value.checkpoint == "fact-check"
@@ -537,7 +547,7 @@ async def test_cancel_during_the_agent_call_lets_it_finish_then_halts() -> None:
 
 async def test_cancelled_before_it_starts_runs_no_step() -> None:
     ctx = make_ctx()
-    ctx.token.cancel(CancelReason.DISCONNECT)
+    token_of(ctx).cancel(CancelReason.DISCONNECT)
     with pytest.raises(PipelineHalted):
         await SimulatedBackend(**FAST).run(ctx)
     assert ctx.steps == []
@@ -562,7 +572,7 @@ async def test_a_cancelled_simulated_run_lists_saved_tokens_too() -> None:
     ctx = make_ctx(sink=sink, metadata={"token_delay_ms": 1})
     task = asyncio.create_task(SimulatedBackend(tokens=20, **FAST).run(ctx))
     await sink.reached.wait()
-    ctx.token.cancel(CancelReason.CLIENT)
+    token_of(ctx).cancel(CancelReason.CLIENT)
     with pytest.raises(PipelineHalted):
         await task
     usage = ctx.usage.snapshot(cancelled=True, final=True)
@@ -572,7 +582,7 @@ async def test_a_cancelled_simulated_run_lists_saved_tokens_too() -> None:
 
 async def test_a_simulated_run_cancelled_before_any_step_estimates_nothing_but_saved() -> None:
     ctx = make_ctx()
-    ctx.token.cancel(CancelReason.DISCONNECT)
+    token_of(ctx).cancel(CancelReason.DISCONNECT)
     with pytest.raises(PipelineHalted):
         await SimulatedBackend(**FAST).run(ctx)
     usage = ctx.usage.snapshot(cancelled=True, final=True)
@@ -616,6 +626,16 @@ def test_meter_a_reported_stream_step_is_not_estimated() -> None:
     assert meter.estimated(cancelled=False) == ()
     assert (meter.input_tokens, meter.output_tokens) == (12, 4)
     meter.output_tokens += 1  # a piece after the report counts on top: an estimate again
+    assert meter.estimated(cancelled=False) == ("output_tokens",)
+
+
+def test_meter_a_better_output_count_can_stay_an_estimate() -> None:
+    """A tokenizer's count of a cut stream replaces the per-piece figure but stays listed."""
+    meter = UsageMeter()
+    meter._start_stream(10)
+    meter.output_tokens += 3
+    meter.report(input_tokens=14, output_tokens=5, output_estimated=True)
+    assert (meter.input_tokens, meter.output_tokens) == (14, 5)
     assert meter.estimated(cancelled=False) == ("output_tokens",)
 
 

@@ -310,7 +310,7 @@ class Firehose:
         self.outcome = ""
 
     async def run(self, ctx: RequestContext) -> None:
-        sink: Any = ctx.sink
+        sink: Any = ctx._sink  # gray box: the stream behind emit
         try:
             for _ in range(self.pieces):
                 if sink.pending_chars + len(self.piece) > self.max_pending:
@@ -706,7 +706,7 @@ class RaisesCancelledError:
     cancelled): its failure, not a cancel of the request (not recorded as "shutdown")."""
 
     async def run(self, ctx: RequestContext) -> None:
-        ctx.sink.push("partial")
+        ctx._sink.push("partial")  # gray box: text pushed, no checkpoint
         raise asyncio.CancelledError()
 
 

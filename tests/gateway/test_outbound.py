@@ -7,8 +7,18 @@ import asyncio
 import pytest
 
 import protocol
-from gateway.outbound import Outbound, SlowConsumer, Stream
-from protocol import CancelReason, Codec, Response, ResponseStatus, Sender, Usage
+from gateway.outbound import COALESCE_AFTER, MAX_PENDING_STEPS, Outbound, SlowConsumer, Stream
+from gateway.pipeline import StepRecord
+from protocol import (
+    CancelReason,
+    Codec,
+    Response,
+    ResponseStatus,
+    Sender,
+    Step,
+    StepState,
+    Usage,
+)
 
 
 class GatedSend:
@@ -285,3 +295,66 @@ async def test_control_room_holds_the_reader_until_answers_are_written() -> None
     closing_writer.cancel()
     outbound.close()
     await writer
+
+
+# --- step messages (SPEC.md §3.12) ---------------------------------------------------------------
+
+
+async def test_steps_keep_their_place_among_chunks_and_wait_like_text() -> None:
+    """A step message goes out after the text pushed before it and before the text after,
+    even when the texts are coalesced; more than MAX_PENDING_STEPS unwritten steps make the
+    producer wait, as text does; a cancel drops the queued steps with the text."""
+    send = GatedSend()
+    outbound = Outbound(send, Codec.JSON)
+    stream = Stream(outbound, "r1", stream=True)
+    outbound.attach_stream(stream)
+    tool = StepRecord(kind="tool", name="search", index=0)
+    for n in range(COALESCE_AFTER + 3):  # enough to be coalesced
+        stream.push(f"a{n} ")
+    stream.push_step(tool, StepState.STARTED)
+    stream.push_step(tool, StepState.ENDED)
+    stream.push("b")
+    writer = asyncio.create_task(outbound.run())
+    await send.first_started.wait()
+    send.release.set()
+    await outbound.flushed()
+    kinds = [
+        (type(m).__name__, getattr(m, "text", None) or getattr(m, "state", None))
+        for m in send.messages()
+    ]
+    assert kinds == [
+        ("Chunk", "".join(f"a{n} " for n in range(COALESCE_AFTER + 3))),
+        ("Step", StepState.STARTED),
+        ("Step", StepState.ENDED),
+        ("Chunk", "b"),
+    ]
+
+    # Backpressure: steps nobody writes (the socket is blocked) make the producer wait.
+    blocked = GatedSend()
+    slow = Outbound(blocked, Codec.JSON)
+    other = Stream(slow, "r2", stream=True)
+    slow.attach_stream(other)
+    slow_writer = asyncio.create_task(slow.run())
+    other.push("x")
+    await blocked.first_started.wait()  # the writer now waits on a reader that does not read
+    for index in range(MAX_PENDING_STEPS + 1):
+        other.push_step(StepRecord(kind="tool", name="t", index=index), StepState.STARTED)
+    assert other.over_cap
+    waiting = asyncio.create_task(other.drained())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    other.machine.on_cancel()
+    response = Response(
+        request_id="r2",
+        status=ResponseStatus.CANCELLED,
+        reason=CancelReason.CLIENT,
+        usage=Usage(final=False),
+    )
+    slow.cancel_stream(other, response)
+    await waiting  # the cancel closed the stream: the producer goes on, to its checkpoint
+    blocked.release.set()
+    await slow.flushed()
+    assert not any(isinstance(m, Step) for m in blocked.messages())
+    for out, task in ((outbound, writer), (slow, slow_writer)):
+        out.close()
+        await task

@@ -544,7 +544,7 @@ class ProbedBackend(SimulatedBackend):
 
     async def run(self, ctx: RequestContext) -> None:
         probe = self.probes.setdefault(ctx.request_id, _Probe())
-        sink = ctx.sink
+        sink = ctx._sink  # gray box: observe the stream behind emit
 
         class Observed:
             def push(self, text: str) -> bool:
@@ -562,7 +562,7 @@ class ProbedBackend(SimulatedBackend):
                 finally:
                     probe.waiting = False
 
-        ctx.sink = Observed()
+        ctx._sink = Observed()
         probe.started.set()
         if ctx.request_id.startswith("gated"):
             await probe.go.wait()

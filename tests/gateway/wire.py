@@ -31,6 +31,7 @@ from protocol import (
     RequestStateMachine,
     Response,
     Sender,
+    Step,
     UsageReport,
     Welcome,
 )
@@ -42,6 +43,7 @@ class Track:
 
     machine: RequestStateMachine
     chunks: list[Chunk] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
     response: Response | None = None
     usage_report: UsageReport | None = None
     cancel_results: list[CancelResult] = field(default_factory=list)
@@ -220,6 +222,9 @@ class WireClient:
             track.chunks.append(m)
             if track.cancel_sent_at is not None:
                 track.chunks_after_cancel_sent += 1
+        elif isinstance(m, Step):
+            track.machine.on_step(m)
+            track.steps.append(m)
         elif isinstance(m, Response):
             track.machine.on_response(m)
             track.response = m
