@@ -170,6 +170,12 @@ class GatewayObserver:
             self.saved_tokens.inc(saved)
             halt = (request.halted_at or request.cancel_read_at) - request.cancel_read_at
             self.halt_latency.observe(halt)
+            # Where the cancel landed: the last step the pipeline had started (SPEC.md G5: none
+            # starts after the flag), how long it took to stop, and the tokens produced meanwhile.
+            steps = request.ctx.steps
+            self.live.cancel_halted(
+                steps[-1].kind if steps else None, halt, request.ctx.tokens_after_cancel
+            )
             if request.cancel_sent_at is not None:
                 sent = request.cancel_sent_at - request.cancel_read_at
                 fields["cancel_to_terminal_ms"] = round(sent * 1000, 3)

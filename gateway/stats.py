@@ -12,6 +12,26 @@ Subscribers come in two pools: anonymous ones, at most ``max_stats_subscribers``
 dashboard out. Whether a caller may subscribe at all (``stats_public``) is decided before the
 handshake, in :mod:`gateway.http_api`. A subscriber leaving without a close handshake (a reset
 TCP connection) is its own business: nothing is logged.
+
+The snapshot (:meth:`LiveStats.snapshot`, ``GET /v1/stats`` and every feed frame) has the keys of
+SPEC.md §8 (``type`` … ``tokens``), then three about where and how cancelled pipelines stopped,
+each taken once per cancelled request, when its pipeline halts:
+
+``cancels_by_step``
+    Cancelled requests by the kind of the last step their pipeline had started when it halted
+    (where the cancel landed): ``plan``, ``llm``, ``tool``, ``agent``, ``llm_stream`` (the kinds
+    of :class:`~gateway.pipeline.StepRecord`), ``none`` when no step had started yet, ``other``
+    for a kind a backend made up. Counts since the start.
+``halt_latency_ms``
+    From reading the cancel to the pipeline halting (the model stopped; a non-abortable step
+    runs to its end first), in milliseconds: ``count``, ``p50``, ``p90``, ``p99`` and ``max``
+    over the last 1,000 cancelled requests (null before the first), ``recent`` the samples
+    since the previous frame (at most 500), like ``cancel_latency_ms``.
+``tokens_after_cancel``
+    Tokens an abortable stream produced after the cancel flag was set: ``total`` since the
+    start, ``histogram`` the cancelled requests by that number (``"0"``, ``"1"``, ``"2"``,
+    ``"3+"``; since the start), and ``count``, ``p99`` and ``max`` over the last 1,000 cancelled
+    requests (null before the first).
 """
 
 from __future__ import annotations
@@ -21,8 +41,8 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, TypeVar
 
 import orjson
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -40,14 +60,37 @@ STATS_PATH: Final = "/v1/stats"
 #: Cancel latencies kept for the percentiles; "recent" samples kept between two ticks.
 LATENCY_WINDOW: Final = 1000
 RECENT_MAX: Final = 500
+#: The step kinds of :class:`~gateway.pipeline.StepRecord`, and "none" (no step had started);
+#: any other kind is counted as "other" (the keys stay bounded whatever a backend names).
+STEP_KINDS: Final = ("none", "plan", "llm", "tool", "agent", "llm_stream")
+OTHER_STEP: Final = "other"
+#: Buckets of the tokens-after-cancel histogram: 0, 1, 2, then everything above.
+LATE_TOKEN_BUCKETS: Final = ("0", "1", "2", "3+")
 #: A subscriber with more than this many bytes not yet written misses the tick.
 SUBSCRIBER_BUFFER_LIMIT: Final = 64 * 1024
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+_Number = TypeVar("_Number", int, float)
+
+
+def _percentile(sorted_values: Sequence[_Number], q: float) -> _Number:
     """Nearest-rank percentile of an already sorted, non-empty list."""
     rank = max(1, math.ceil(q * len(sorted_values)))
     return sorted_values[rank - 1]
+
+
+def _latency_summary(
+    window: deque[float], recent: deque[float], quantiles: tuple[tuple[str, float], ...]
+) -> dict[str, object]:
+    """``count``, the ``quantiles`` and ``max`` of ``window`` (null when empty), and
+    ``recent``, all in milliseconds rounded to the microsecond."""
+    values = sorted(window)
+    summary: dict[str, object] = {"count": len(values)}
+    for name, q in quantiles:
+        summary[name] = round(_percentile(values, q), 3) if values else None
+    summary["max"] = round(values[-1], 3) if values else None
+    summary["recent"] = [round(ms, 3) for ms in recent]
+    return summary
 
 
 class LiveStats:
@@ -63,6 +106,12 @@ class LiveStats:
         self.tokens = {"input": 0, "output": 0, "saved": 0}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._recent: deque[float] = deque(maxlen=RECENT_MAX)
+        self.cancels_by_step = dict.fromkeys((*STEP_KINDS, OTHER_STEP), 0)
+        self._halts: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._recent_halts: deque[float] = deque(maxlen=RECENT_MAX)
+        self.tokens_after_cancel_total = 0
+        self.tokens_after_cancel_histogram = dict.fromkeys(LATE_TOKEN_BUCKETS, 0)
+        self._late_tokens: deque[int] = deque(maxlen=LATENCY_WINDOW)
         self._tick_at = self.started
         self._tick_requests = 0
 
@@ -81,6 +130,22 @@ class LiveStats:
         self._latencies.append(ms)
         self._recent.append(ms)
 
+    def cancel_halted(self, step: str | None, seconds: float, tokens_after_cancel: int) -> None:
+        """A cancelled request's pipeline halted: ``step`` is the kind of the last step it had
+        started (None: none had), ``seconds`` the time from reading the cancel to the halt,
+        ``tokens_after_cancel`` the tokens its stream produced after the flag was set."""
+        kind = "none" if step is None else step
+        if kind not in self.cancels_by_step:
+            kind = OTHER_STEP
+        self.cancels_by_step[kind] += 1
+        ms = max(0.0, seconds) * 1000.0
+        self._halts.append(ms)
+        self._recent_halts.append(ms)
+        late = max(0, tokens_after_cancel)
+        self.tokens_after_cancel_total += late
+        self.tokens_after_cancel_histogram[LATE_TOKEN_BUCKETS[min(late, 3)]] += 1
+        self._late_tokens.append(late)
+
     def tokens_used(self, input_tokens: int, output_tokens: int, saved_tokens: int) -> None:
         self.tokens["input"] += input_tokens
         self.tokens["output"] += output_tokens
@@ -95,17 +160,7 @@ class LiveStats:
         active = self.requests_total - sum(self.responses.values())
         elapsed = now - self._tick_at
         rate = (self.requests_total - self._tick_requests) / elapsed if elapsed > 0 else 0.0
-        latencies = sorted(self._latencies)
-        latency: dict[str, object] = {"count": len(latencies)}
-        if latencies:
-            latency.update(
-                p50=round(_percentile(latencies, 0.50), 3),
-                p99=round(_percentile(latencies, 0.99), 3),
-                max=round(latencies[-1], 3),
-            )
-        else:
-            latency.update(p50=None, p99=None, max=None)
-        latency["recent"] = [round(ms, 3) for ms in self._recent]
+        late = sorted(self._late_tokens)
         return {
             "type": "stats",
             "time_ms": int(time.time() * 1000),
@@ -116,8 +171,22 @@ class LiveStats:
             "requests_per_second": round(rate, 3),
             "responses": dict(self.responses),
             "cancellations": dict(self.cancellations),
-            "cancel_latency_ms": latency,
+            "cancel_latency_ms": _latency_summary(
+                self._latencies, self._recent, (("p50", 0.50), ("p99", 0.99))
+            ),
             "tokens": dict(self.tokens),
+            # Not (yet) in SPEC.md §8: see the module docstring.
+            "cancels_by_step": dict(self.cancels_by_step),
+            "halt_latency_ms": _latency_summary(
+                self._halts, self._recent_halts, (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+            ),
+            "tokens_after_cancel": {
+                "total": self.tokens_after_cancel_total,
+                "histogram": dict(self.tokens_after_cancel_histogram),
+                "count": len(late),
+                "p99": _percentile(late, 0.99) if late else None,
+                "max": late[-1] if late else None,
+            },
         }
 
     def tick(self) -> bytes:
@@ -127,6 +196,7 @@ class LiveStats:
         self._tick_at = self._clock()
         self._tick_requests = self.requests_total
         self._recent.clear()
+        self._recent_halts.clear()
         return frame
 
 

@@ -10,7 +10,8 @@
 One WebSocket per client, multiplexing any number of concurrent requests by ``request_id``;
 cancelling is native (a cancelled task, a timeout, leaving a stream loop, Ctrl-C) and sends the
 protocol's ``cancel`` frame. See ``protocol/SPEC.md`` for the wire contract and README.md for a
-tour. The errors are drawn in ``gateway/client/_errors.py``.
+tour. The errors are drawn in ``gateway/client/_errors.py``. ``chat_stream(..., steps=True)``
+follows the pipeline's steps (``Step``) and where a cancel halts it (``Halt``), SPEC.md §3.12.
 """
 
 from ._async import AsyncChatStream, AsyncClient
@@ -33,9 +34,14 @@ from ._models import (
     CancelStatus,
     Chunk,
     ErrorInfo,
+    Halt,
+    HaltState,
     RequestInfo,
     Response,
     ResponseStatus,
+    Step,
+    StepInfo,
+    StepState,
     Usage,
 )
 from ._sync import ChatFuture, ChatStream, Client
@@ -55,6 +61,8 @@ __all__ = [
     "ErrorInfo",
     "Forbidden",
     "GatewayShuttingDown",
+    "Halt",
+    "HaltState",
     "InvalidRequest",
     "MuxgateError",
     "ProtocolViolation",
@@ -63,6 +71,9 @@ __all__ = [
     "RequestRefused",
     "Response",
     "ResponseStatus",
+    "Step",
+    "StepInfo",
+    "StepState",
     "TransportError",
     "Unauthorized",
     "Usage",

@@ -5,31 +5,43 @@ Cancellation is native: whatever stops the caller waiting -- ``task.cancel()``, 
 -- queues the ``cancel`` frame for the request on the way out (see ``Connection.stop``), so the
 gateway stops the pipeline at its next checkpoint (SPEC.md §5.3) while the connection stays
 open for the other requests.
+
+Pipeline steps (SPEC.md §3.12) are opt-in per chat (``steps=True``): a stream then reports the
+steps it reached (:attr:`AsyncChatStream.steps`, :attr:`~AsyncChatStream.current_step`, an
+``on_step`` callback) in their order with its chunks, and where a cancelled pipeline halts
+(:attr:`AsyncChatStream.halt`, :attr:`Response.halt`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from protocol import CancelResult, Chat, ChatMessage, Codec, Usage, limits
+from protocol import CancelResult, Chat, ChatMessage, Codec, StepState, Usage, limits
 
 from ._config import CodecName, Settings, check_request_id, check_user_id
 from ._connection import Connection, Exchange
 from ._errors import InvalidRequest, MuxgateError, RequestRefused, TransportError, mapped_errors
 from ._http import cancel_over_http, get_over_http
-from ._models import Chunk, RequestInfo, Response
+from ._models import Chunk, Halt, RequestInfo, Response, Step
 
-__all__ = ["AsyncChatStream", "AsyncClient", "MessagesLike"]
+__all__ = ["AsyncChatStream", "AsyncClient", "MessagesLike", "StepCallback"]
+
+log = logging.getLogger("muxgate.client")
 
 #: ``messages=``: a conversation, oldest first, as ``{"role": ..., "content": ...}`` mappings or
 #: :class:`protocol.ChatMessage`.
 MessagesLike = Sequence[Mapping[str, str] | ChatMessage]
+
+#: ``on_step=``: called with each :class:`Step` of a stream, in order with its chunks.
+StepCallback = Callable[[Step], object]
 
 
 def new_request_id() -> str:
@@ -45,6 +57,7 @@ def build_chat(
     metadata: Mapping[str, Any] | None,
     messages: MessagesLike | None,
     stream: bool,
+    steps: bool = False,
 ) -> Chat:
     """A validated ``chat`` message (raises :class:`InvalidRequest`; nothing is sent)."""
     if request_id is None:
@@ -73,6 +86,7 @@ def build_chat(
             user_id=user_id,
             timeout_ms=timeout_ms,
             metadata=dict(metadata) if metadata is not None else None,
+            steps=steps,
         )
 
 
@@ -153,12 +167,15 @@ class AsyncClient:
         timeout: float | None = None,  # noqa: ASYNC109 - the gateway's deadline (timeout_ms)
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
     ) -> Response:
         """Send one chat and return its :class:`Response` (``completed`` or ``cancelled``).
 
         ``timeout`` (seconds) is the gateway's deadline for the request (``timeout_ms``): when
         it expires the response is ``cancelled`` with reason ``timeout``. A ``failed`` request
         raises :class:`RequestFailed`. Cancelling the awaiting task cancels the request.
+        ``steps=True`` asks the gateway where a cancelled pipeline halts (``response.halt``,
+        SPEC.md §3.12); to follow the steps themselves, use :meth:`chat_stream`.
         """
         chat = build_chat(
             message,
@@ -168,6 +185,7 @@ class AsyncClient:
             metadata=metadata,
             messages=messages,
             stream=False,
+            steps=steps,
         )
         return await self._run(chat, self._announce(chat))
 
@@ -180,6 +198,7 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
     ) -> asyncio.Task[Response]:
         """Start :meth:`chat` in a task and return the task (call from a running loop).
 
@@ -194,6 +213,7 @@ class AsyncClient:
             metadata=metadata,
             messages=messages,
             stream=False,
+            steps=steps,
         )
         loop = asyncio.get_running_loop()
         announced = self._announce(chat)
@@ -211,11 +231,28 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
+        on_step: StepCallback | None = None,
     ) -> AsyncChatStream:
         """A streamed chat: ``async for chunk in client.chat_stream(...)`` yields
         :class:`Chunk`s (``chunk.text``) as they arrive; the chat is sent when iteration
         starts. Afterwards ``stream.response`` is the final :class:`Response`. Leaving the loop
-        early (``break``, an exception, a timeout) or ``aclose()`` cancels the request."""
+        early (``break``, an exception, a timeout) or ``aclose()`` cancels the request.
+
+        ``steps=True`` asks for the pipeline's steps (SPEC.md §3.12): ``stream.steps``,
+        ``stream.current_step`` and ``stream.halt`` follow them, and ``on_step(step)`` (which
+        requires ``steps=True``) is called with each :class:`Step` in its order with the chunks:
+        from the iteration, after every chunk before it was yielded and before any chunk after
+        it. It is a plain function, run in the client's event loop (for :class:`Client`, its
+        thread), so it must not block. An exception it raises is logged (logger
+        ``muxgate.client``) and otherwise ignored: the stream, the request and the connection
+        go on.
+        """
+        if on_step is not None:
+            if not steps:
+                raise InvalidRequest("on_step needs steps=True")
+            if inspect.iscoroutinefunction(on_step):
+                raise TypeError("on_step must be a plain function (it is called, not awaited)")
         chat = build_chat(
             message,
             request_id=request_id,
@@ -224,8 +261,9 @@ class AsyncClient:
             metadata=metadata,
             messages=messages,
             stream=True,
+            steps=steps,
         )
-        return AsyncChatStream(self, chat)
+        return AsyncChatStream(self, chat, on_step)
 
     # -- cancel and inspect ------------------------------------------------------------------
 
@@ -403,15 +441,29 @@ class AsyncClient:
 class AsyncChatStream:
     """The chunks of one streamed chat, as an async iterator (see
     :meth:`AsyncClient.chat_stream`). Also an async context manager that cancels the request
-    if it is left before the end."""
+    if it is left before the end.
 
-    def __init__(self, client: AsyncClient, chat: Chat) -> None:
+    For a chat sent with ``steps=True``, :attr:`steps`, :attr:`current_step` and the
+    ``on_step`` callback follow the pipeline's steps *in stream order*, as the stream is
+    iterated: a step is taken in once every chunk before it has been yielded (at once when the
+    consumer keeps up; :meth:`cancel` takes in those still queued), so what the loop prints and
+    what the callback prints come out in the gateway's order. Iteration still yields only
+    :class:`Chunk`\\s. :attr:`halt` is read as it arrives.
+    """
+
+    def __init__(
+        self, client: AsyncClient, chat: Chat, on_step: StepCallback | None = None
+    ) -> None:
         self._client = client
         self._chat = chat
+        self._on_step = on_step
         self._conn: Connection | None = None
         self._exchange: Exchange | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._steps: list[Step] = []
+        self._running: dict[int, Step] = {}  # started steps not ended, by index
+        self._current: Step | None = None  # the latest of them (one attribute: thread-safe)
         #: The final response, once iteration has ended.
         self.response: Response | None = None
 
@@ -428,6 +480,31 @@ class AsyncChatStream:
         """Everything streamed so far (also what was dropped after a cancel was sent)."""
         return self._exchange.machine.text if self._exchange is not None else ""
 
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The :class:`Step` messages reached so far, in order (each step ``started``, then
+        maybe ``ended``); all of them once iteration ended. Empty without ``steps=True``."""
+        return tuple(self._steps)
+
+    @property
+    def current_step(self) -> Step | None:
+        """The latest step started and not ended while the pipeline runs (after a cancel:
+        until it has halted); ``None`` before the first step and once the pipeline is over."""
+        current, exchange = self._current, self._exchange
+        if current is None or exchange is None:
+            return None
+        if self._closed and exchange.pipeline_over:
+            return None  # the stream reached its response: nothing runs any more
+        return current
+
+    @property
+    def halt(self) -> Halt | None:
+        """Where the pipeline of the cancelled request halts (SPEC.md §3.12): the response's
+        ``halt`` (``pending``, or ``halted``), then the final ``halted`` one from the late
+        ``usage`` message once it arrives (:meth:`AsyncClient.final_usage` waits for it).
+        ``None`` unless the request was cancelled and the chat had ``steps=True``."""
+        return self._exchange.halt if self._exchange is not None else None
+
     def __aiter__(self) -> Self:
         return self
 
@@ -440,16 +517,44 @@ class AsyncChatStream:
             self._conn, exchange = await client.start(self._chat, client._announce(self._chat))
             self._exchange = exchange
             self._loop = asyncio.get_running_loop()
-        try:
-            chunk = await exchange.next_chunk()
-        except asyncio.CancelledError:
-            self._stop()  # the consumer was cancelled mid-stream: cancel the request too
-            raise
-        if chunk is not None:
-            return chunk
-        self._closed = True
-        self.response = exchange.outcome()  # raises RequestFailed or the connection's error
-        raise StopAsyncIteration
+        while True:
+            try:
+                item = await exchange.next_item()
+            except asyncio.CancelledError:
+                self._stop()  # the consumer was cancelled mid-stream: cancel the request too
+                raise
+            if isinstance(item, Step):
+                self._take_step(item)
+                continue
+            if item is not None:
+                return item
+            self._closed = True
+            self.response = exchange.outcome()  # raises RequestFailed or the connection's error
+            raise StopAsyncIteration
+
+    def _take_step(self, step: Step) -> None:
+        self._steps.append(step)
+        if step.state is StepState.STARTED:
+            self._running[step.index] = step
+        else:
+            self._running.pop(step.index, None)
+        self._current = self._running[max(self._running)] if self._running else None
+        if self._on_step is not None:
+            try:
+                self._on_step(step)
+            except Exception:
+                # A display hook's bug must not cost the answer, nor the other requests.
+                log.exception("muxgate client: on_step callback failed (%s)", self.request_id)
+
+    def _take_queued_steps(self) -> None:
+        """The request has its answer: take in the steps queued before it (chunks are gone)."""
+        exchange = self._exchange
+        if exchange is None:
+            return
+        while exchange.items:
+            item = exchange.items.popleft()
+            if isinstance(item, Step):
+                self._take_step(item)
 
     async def cancel(self) -> Response | None:
         """Cancel the request and wait for its final :class:`Response` (``cancelled``, or
@@ -458,8 +563,9 @@ class AsyncChatStream:
         self._closed = True
         if exchange is None or conn is None:
             return None
-        conn.stop(exchange)
+        conn.stop(exchange, keep_steps=True)
         await exchange.wait_done()
+        self._take_queued_steps()
         self.response = exchange.outcome()
         return self.response
 

@@ -10,6 +10,9 @@ A :class:`Connection` owns one WebSocket and two tasks:
   content that differs from the chunks (G1-G3), a ``usage`` report nobody announced, a
   ``cancel_result`` for no cancel. A violation closes the connection and fails every request on
   it with :class:`ProtocolViolation`: nothing the gateway says afterwards can be trusted.
+  ``step`` messages (SPEC.md §3.12) go through the same machine (numbered from 0, an end only
+  for a step started), and arrive only for a chat sent with ``steps: true``; ``halt`` objects
+  likewise. A stream keeps its chunks and steps in one queue, in their wire order.
 - the **writer** is the only task that sends. Everything else *enqueues* encoded messages
   synchronously (:meth:`Connection.send_nowait`), so sends are serialized, a ``cancel`` can be
   queued from a ``CancelledError`` handler or a finalizer without awaiting, and whatever is
@@ -52,6 +55,8 @@ from protocol import (
     Error,
     ErrorCode,
     GatewayMessage,
+    Halt,
+    HaltState,
     Hello,
     Limits,
     Message,
@@ -60,6 +65,7 @@ from protocol import (
     RequestState,
     RequestStateMachine,
     Sender,
+    Step,
     Usage,
     UsageReport,
     Welcome,
@@ -100,16 +106,19 @@ class Exchange:
     __slots__ = (
         "changed",
         "chat_user_id",
-        "chunks",
         "error",
         "final_usage",
+        "halt",
+        "items",
         "keep_chunks",
+        "keep_steps",
         "machine",
         "pending_cancels",
         "refused",
         "request_id",
         "response",
         "user",
+        "wants_steps",
     )
 
     def __init__(self, chat: Chat, user: str) -> None:
@@ -119,9 +128,15 @@ class Exchange:
         #: The effective user (SPEC.md §4.5) as far as the client can tell ("" = anonymous).
         self.user = user
         self.machine = RequestStateMachine(chat.request_id, Sender.CLIENT, stream=chat.stream)
-        #: Chunks not yet read by the consumer; only kept while someone streams.
-        self.chunks: deque[Chunk] = deque()
+        #: Chunks and steps not yet read by the consumer, in wire order; only kept while
+        #: someone streams (steps also after a cancel was sent, chunks not).
+        self.items: deque[Chunk | Step] = deque()
         self.keep_chunks = chat.stream
+        #: The chat asked for ``step`` messages and ``halt`` objects (SPEC.md §3.12).
+        self.wants_steps = chat.steps
+        self.keep_steps = chat.stream and chat.steps
+        #: The latest ``halt``: the cancelled response's, then the ``usage`` message's.
+        self.halt: Halt | None = None
         self.response: Response | None = None
         self.error: MuxgateError | None = None
         self.refused = False
@@ -156,15 +171,40 @@ class Exchange:
             self.changed.clear()
             await self.changed.wait()
 
-    async def next_chunk(self) -> Chunk | None:
-        """The next streamed chunk, or ``None`` once the request has its answer."""
+    @property
+    def pipeline_over(self) -> bool:
+        """The request's pipeline runs no more: it ended, or its cancel halted it."""
+        response = self.response
+        if response is None:
+            return self.error is not None
+        return (
+            not response.cancelled
+            or response.usage.final
+            or (self.final_usage is not None and self.final_usage.done())
+            or (self.halt is not None and self.halt.state is HaltState.HALTED)
+        )
+
+    async def next_item(self) -> Chunk | Step | None:
+        """The next streamed chunk or step, or ``None`` once the request has its answer and
+        everything before it was read."""
         while True:
-            if self.chunks:
-                return self.chunks.popleft()
+            if self.items:
+                return self.items.popleft()
             if self.done:
                 return None
             self.changed.clear()
             await self.changed.wait()
+
+    def drop_chunks(self) -> None:
+        """A cancel was sent: queue no more chunks, drop those not read (steps stay)."""
+        self.keep_chunks = False
+        if self.items:
+            self.items = deque(item for item in self.items if isinstance(item, Step))
+
+    def drop_all(self) -> None:
+        """Nobody reads the stream any more."""
+        self.keep_chunks = self.keep_steps = False
+        self.items.clear()
 
     def outcome(self) -> Response:
         """The response; raises the request's error, or :class:`RequestFailed`."""
@@ -315,15 +355,17 @@ class Connection:
         self.send_nowait(Cancel(request_id=exchange.request_id, user_id=exchange.chat_user_id))
         exchange.machine.on_cancel()
         exchange.pending_cancels.append(waiter)
-        exchange.keep_chunks = False
-        exchange.chunks.clear()
+        exchange.drop_chunks()
         return waiter
 
-    def stop(self, exchange: Exchange) -> None:
+    def stop(self, exchange: Exchange, *, keep_steps: bool = False) -> None:
         """The caller gave up on ``exchange`` (task cancelled, stream closed, Ctrl-C): cancel it
-        on the gateway unless it already has its answer or a cancel is on its way."""
-        exchange.keep_chunks = False
-        exchange.chunks.clear()
+        on the gateway unless it already has its answer or a cancel is on its way. With
+        ``keep_steps`` its steps are still queued (the caller waits for the response)."""
+        if keep_steps:
+            exchange.drop_chunks()
+        else:
+            exchange.drop_all()
         if self.error is None and not exchange.done and not exchange.cancel_sent:
             self.cancel_nowait(exchange)
 
@@ -442,13 +484,27 @@ class Connection:
             exchange = self._exchange(message.request_id, "chunk")
             exchange.machine.on_chunk(message.seq, message.text)
             if exchange.keep_chunks:
-                exchange.chunks.append(message)
+                exchange.items.append(message)
+                exchange.changed.set()
+        elif isinstance(message, Step):
+            exchange = self._exchange(message.request_id, "step")
+            if not exchange.wants_steps:
+                raise ProtocolViolation(
+                    f"step for request {message.request_id}, whose chat did not ask for steps",
+                    request_id=message.request_id,
+                )
+            exchange.machine.on_step(message)
+            if exchange.keep_steps:
+                exchange.items.append(message)
                 exchange.changed.set()
         elif isinstance(message, WireResponse):
             self._on_response(message)
         elif isinstance(message, UsageReport):
             exchange = self._exchange(message.request_id, "usage")
             exchange.machine.on_usage(message)
+            if message.halt is not None:
+                self._check_halt(exchange)
+                exchange.halt = message.halt
             if exchange.final_usage is not None and not exchange.final_usage.done():
                 exchange.final_usage.set_result(message.usage)
             self._maybe_finished(exchange)
@@ -468,6 +524,9 @@ class Connection:
     def _on_response(self, message: WireResponse) -> None:
         exchange = self._exchange(message.request_id, "response")
         exchange.machine.on_response(message)
+        if message.halt is not None:
+            self._check_halt(exchange)
+            exchange.halt = message.halt
         final: asyncio.Future[Usage] | None = None
         if not message.usage.final:
             final = asyncio.get_running_loop().create_future()
@@ -476,6 +535,14 @@ class Connection:
         exchange.response = response
         exchange.changed.set()
         self._maybe_finished(exchange)
+
+    @staticmethod
+    def _check_halt(exchange: Exchange) -> None:
+        if not exchange.wants_steps:
+            raise ProtocolViolation(
+                f"halt for request {exchange.request_id}, whose chat did not ask for steps",
+                request_id=exchange.request_id,
+            )
 
     def _on_cancel_result(self, message: CancelResult) -> None:
         exchange = self.exchanges.get(message.request_id)
@@ -509,7 +576,7 @@ class Connection:
             # (A cancel's refusal is impossible here: cancels carry the chat's own user_id.)
             exchange.refused = True
             exchange.error = error
-            exchange.keep_chunks = False
+            exchange.drop_all()
             exchange.changed.set()
         elif exchange.pending_cancels:
             waiter = exchange.pending_cancels.popleft()

@@ -6,6 +6,13 @@ dataclasses (``protocol/messages.py``), passed through as decoded; the status en
 ``usage.estimated`` names the figures that are the gateway's estimates rather than the
 provider's counts (a tuple in the order ``input_tokens``, ``output_tokens``, ``saved_tokens``;
 ``()`` when all are reported; ``None`` when the gateway does not say — SPEC.md §3.8).
+
+For a chat sent with ``steps=True`` (SPEC.md §3.12), ``Step`` is one pipeline step that started
+or ended (``index``, ``kind`` — ``plan``, ``llm``, ``llm_stream``, ``tool``, ``agent`` or a kind
+this SDK does not know —, ``name``, ``state``), and ``Halt`` says where the pipeline of a
+cancelled request halts: ``state`` ``pending`` (it is finishing ``halt.step``, a
+:class:`StepInfo`, or halts at its next checkpoint when there is no step) or ``halted`` (after
+``halt.step``, or inside it when ``halt.aborted``).
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from protocol import (
     CancelStatus,
     Chunk,
     ErrorInfo,
+    Halt,
+    HaltState,
     ResponseStatus,
+    Step,
+    StepInfo,
+    StepState,
     Usage,
 )
 from protocol import Response as WireResponse
@@ -31,9 +43,14 @@ __all__ = [
     "CancelStatus",
     "Chunk",
     "ErrorInfo",
+    "Halt",
+    "HaltState",
     "RequestInfo",
     "Response",
     "ResponseStatus",
+    "Step",
+    "StepInfo",
+    "StepState",
     "Usage",
 ]
 
@@ -47,6 +64,9 @@ class Response:
     ``timeout``, ``disconnect``, ``shutdown``); ``error`` what failed. ``usage`` is the figure
     the response carried: for a cancelled request it may still grow (``usage.final`` false)
     until the pipeline halts; ``Client.final_usage(response)`` waits for the final one.
+    ``halt`` (only for a cancelled chat sent with ``steps=True``, by a gateway that knows steps)
+    says where the pipeline halts: ``pending`` while ``usage.final`` is false, else ``halted``;
+    a stream's :attr:`AsyncChatStream.halt` then gives the final one (SPEC.md §3.12).
     """
 
     request_id: str
@@ -55,6 +75,7 @@ class Response:
     reason: CancelReason | None = None
     error: ErrorInfo | None = None
     usage: Usage = field(default_factory=Usage)
+    halt: Halt | None = None
     # Resolved by the connection when the late ``usage`` message arrives (SPEC.md §5.4).
     _final_usage: asyncio.Future[Usage] | None = field(
         default=None, repr=False, compare=False, hash=False
@@ -77,6 +98,7 @@ class Response:
             reason=message.reason,
             error=message.error,
             usage=message.usage,
+            halt=message.halt,
             _final_usage=final_usage,
             _user_id=user_id,
         )
@@ -108,7 +130,18 @@ class Response:
         }
         if self.usage.estimated is not None:  # which figures are estimates (SPEC.md §3.8)
             body["usage"]["estimated"] = list(self.usage.estimated)
+        if self.halt is not None:  # where the pipeline halts (SPEC.md §3.12)
+            body["halt"] = _halt_dict(self.halt)
         return body
+
+
+def _halt_dict(halt: Halt) -> dict[str, Any]:
+    """``halt`` in its wire shape (SPEC.md §3.12)."""
+    body: dict[str, Any] = {"state": halt.state.value}
+    if halt.step is not None:
+        body["step"] = {"index": halt.step.index, "kind": halt.step.kind, "name": halt.step.name}
+    body["aborted"] = halt.aborted
+    return body
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,9 +18,9 @@ from typing import Any, Self
 
 from protocol import CancelResult, Codec, Usage
 
-from ._async import AsyncChatStream, AsyncClient, MessagesLike, new_request_id
+from ._async import AsyncChatStream, AsyncClient, MessagesLike, StepCallback, new_request_id
 from ._config import CodecName
-from ._models import Chunk, RequestInfo, Response
+from ._models import Chunk, Halt, RequestInfo, Response, Step
 from ._portal import Portal
 
 __all__ = ["ChatFuture", "ChatStream", "Client"]
@@ -70,7 +70,9 @@ class ChatStream:
 
     ``for chunk in stream`` yields :class:`Chunk`\\s (``chunk.text``); afterwards
     ``stream.response`` is the final :class:`Response`. Leaving the loop early (``break``,
-    an exception, Ctrl-C), :meth:`close` or leaving ``with`` cancels the request.
+    an exception, Ctrl-C), :meth:`close` or leaving ``with`` cancels the request. With
+    ``steps=True``, :attr:`steps`, :attr:`current_step` and :attr:`halt` follow the pipeline
+    as on :class:`AsyncChatStream`.
     """
 
     def __init__(self, portal: Portal, stream: AsyncChatStream) -> None:
@@ -93,6 +95,24 @@ class ChatStream:
     def text(self) -> str:
         """Everything streamed so far."""
         return self._stream.text
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The steps reached so far, in order with the chunks (see
+        :attr:`AsyncChatStream.steps`)."""
+        return self._stream.steps
+
+    @property
+    def current_step(self) -> Step | None:
+        """The latest step started and not ended while the pipeline runs (see
+        :attr:`AsyncChatStream.current_step`)."""
+        return self._stream.current_step
+
+    @property
+    def halt(self) -> Halt | None:
+        """Where the cancelled pipeline halts: pending, then final (see
+        :attr:`AsyncChatStream.halt`)."""
+        return self._stream.halt
 
     def __iter__(self) -> Self:
         return self
@@ -187,6 +207,7 @@ class Client:
         timeout: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
     ) -> Response:
         """Send one chat and wait for its :class:`Response` (see :meth:`AsyncClient.chat`).
         Ctrl-C while waiting cancels the request on the gateway, then raises
@@ -199,6 +220,7 @@ class Client:
                 timeout=timeout,
                 metadata=metadata,
                 messages=messages,
+                steps=steps,
             )
         )
 
@@ -211,6 +233,7 @@ class Client:
         timeout: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
     ) -> ChatFuture:
         """Start a chat and return at once with a :class:`ChatFuture`: ``.result(timeout)``
         waits for the :class:`Response`, ``.cancel()`` cancels the request on the gateway.
@@ -225,6 +248,7 @@ class Client:
                 timeout=timeout,
                 metadata=metadata,
                 messages=messages,
+                steps=steps,
             )
             return ChatFuture(task, rid)
 
@@ -239,9 +263,12 @@ class Client:
         timeout: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
+        steps: bool = False,
+        on_step: StepCallback | None = None,
     ) -> ChatStream:
         """A streamed chat: ``for chunk in client.chat_stream(...)`` (see
-        :meth:`AsyncClient.chat_stream`)."""
+        :meth:`AsyncClient.chat_stream`). ``on_step`` runs in the client's background thread,
+        in order with the chunks, while the iterating thread waits for the next chunk."""
         stream = self._async.chat_stream(
             message,
             request_id=request_id,
@@ -249,6 +276,8 @@ class Client:
             timeout=timeout,
             metadata=metadata,
             messages=messages,
+            steps=steps,
+            on_step=on_step,
         )
         return ChatStream(self._portal, stream)
 

@@ -206,7 +206,7 @@ func (c *Client) build(req *ChatRequest, stream bool) (*protocol.Chat, error) {
 	if req == nil {
 		return nil, invalidf("nil ChatRequest")
 	}
-	chat := &protocol.Chat{RequestID: req.RequestID, Stream: stream, UserID: req.UserID}
+	chat := &protocol.Chat{RequestID: req.RequestID, Stream: stream, UserID: req.UserID, Steps: req.Steps || req.OnStep != nil}
 	if chat.RequestID == "" {
 		chat.RequestID = newRequestID()
 	}
@@ -279,13 +279,13 @@ func (c *Client) unannounce(id string, a *announcement) {
 	}
 }
 
-// start connects if needed and puts chat on the wire.
-func (c *Client) start(ctx context.Context, chat *protocol.Chat, a *announcement) (*conn, *exchange, error) {
+// start connects if needed and puts chat on the wire; wantSteps: the consumer takes the steps.
+func (c *Client) start(ctx context.Context, chat *protocol.Chat, a *announcement, wantSteps bool) (*conn, *exchange, error) {
 	defer c.unannounce(chat.RequestID, a)
 	conn, err := c.connection(ctx)
 	if err == nil {
 		var e *exchange
-		if e, err = conn.start(ctx, chat); err == nil {
+		if e, err = conn.start(ctx, chat, wantSteps); err == nil {
 			return conn, e, nil
 		}
 	}
@@ -334,14 +334,51 @@ func outcome(e *exchange) (*Response, error) {
 	return e.response, nil
 }
 
-func (c *Client) run(ctx context.Context, chat *protocol.Chat, a *announcement) (*Response, error) {
-	conn, e, err := c.start(ctx, chat, a)
+func (c *Client) run(ctx context.Context, chat *protocol.Chat, a *announcement, onStep func(Step)) (*Response, error) {
+	conn, e, err := c.start(ctx, chat, a, onStep != nil)
 	if err != nil {
 		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { conn.stop(e) })
 	defer stop()
+	if onStep != nil { // hand the steps to onStep on this goroutine while waiting
+		for {
+			conn.mu.Lock()
+			events := e.events
+			e.events, e.bufBytes = nil, 0
+			done, overflowed := e.isDone(), e.overflowed
+			conn.mu.Unlock()
+			for _, ev := range events {
+				onStep(*ev.Step)
+			}
+			if overflowed {
+				return nil, c.slowConsumer(conn, e)
+			}
+			if done || ctx.Err() != nil {
+				break
+			}
+			select {
+			case <-e.notify:
+			case <-ctx.Done():
+			}
+		}
+	}
 	return c.await(ctx, conn, e)
+}
+
+// slowConsumer ends a request whose consumer fell behind (its buffer overflowed, the cancel is
+// sent): it waits at most the cancel wait for the cancelled response.
+func (c *Client) slowConsumer(conn *conn, e *exchange) error {
+	t := time.NewTimer(c.s.cancelWait)
+	select {
+	case <-e.done:
+	case <-t.C:
+	}
+	t.Stop()
+	conn.mu.Lock()
+	resp := e.response
+	conn.mu.Unlock()
+	return &CancelledError{RequestID: e.id, Response: resp, Cause: ErrSlowConsumer}
 }
 
 // Chat sends one chat (stream false) and returns its Response: completed, or cancelled when
@@ -360,7 +397,7 @@ func (c *Client) Chat(ctx context.Context, req *ChatRequest) (*Response, error) 
 	if err != nil {
 		return nil, err
 	}
-	return c.run(ctx, chat, a)
+	return c.run(ctx, chat, a, req.OnStep)
 }
 
 // Task is a chat running in the background (ChatAsync).
@@ -405,7 +442,7 @@ func (c *Client) ChatAsync(ctx context.Context, req *ChatRequest) *Task {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		t.resp, t.err = c.run(ctx, chat, a)
+		t.resp, t.err = c.run(ctx, chat, a, req.OnStep)
 		close(t.done)
 	}()
 	return t
@@ -420,6 +457,9 @@ func (c *Client) ChatAsync(ctx context.Context, req *ChatRequest) *Task {
 // Leaving the loop early (break, return, panic) cancels the request on the gateway; so does
 // cancelling ctx, at once, even while the loop body runs. Each range over the returned
 // sequence starts a new request (with a new id when req.RequestID is empty).
+//
+// With req.OnStep the request's steps go to it, in order with the chunks; Client.OpenStream
+// returns a handle that also yields them and keeps the steps and the halt.
 func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chunk, error] {
 	return func(yield func(Chunk, error) bool) {
 		chat, err := c.build(req, true)
@@ -432,7 +472,8 @@ func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chu
 			yield(Chunk{}, err)
 			return
 		}
-		conn, e, err := c.start(ctx, chat, a)
+		onStep := req.OnStep
+		conn, e, err := c.start(ctx, chat, a, onStep != nil)
 		if err != nil {
 			yield(Chunk{}, err)
 			return
@@ -446,9 +487,13 @@ func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chu
 			}
 		}()
 		for {
-			chunk, more, err := c.next(ctx, conn, e)
+			ev, more, err := c.next(ctx, conn, e)
 			if more {
-				if !yield(chunk, nil) {
+				if ev.Step != nil {
+					onStep(*ev.Step)
+					continue
+				}
+				if !yield(ev.Chunk, nil) {
 					return
 				}
 				continue
@@ -462,47 +507,42 @@ func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chu
 	}
 }
 
-// next returns the next chunk (more), or the stream's end: nil after a completed request,
+// next returns the next event (more), or the stream's end: nil after a completed request,
 // else its error.
-func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Chunk, bool, error) {
+func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Event, bool, error) {
 	for {
 		if ctx.Err() != nil {
 			_, err := c.await(ctx, conn, e)
 			if err == nil { // answered before the context ended, but the consumer stops here
 				err = &CancelledError{RequestID: e.id, Response: e.response, Cause: ctx.Err()}
 			}
-			return Chunk{}, false, err
+			return Event{}, false, err
 		}
 		conn.mu.Lock()
-		if len(e.chunks) > 0 {
-			chunk := e.chunks[0]
-			e.chunks[0] = Chunk{}
-			e.chunks = e.chunks[1:]
-			e.chunkBytes -= len(chunk.Text)
+		if len(e.events) > 0 {
+			ev := e.events[0]
+			e.events[0] = Event{}
+			e.events = e.events[1:]
+			if ev.Step != nil {
+				e.bufBytes -= stepCost + len(ev.Step.Kind) + len(ev.Step.Name)
+			} else {
+				e.bufBytes -= len(ev.Chunk.Text)
+			}
 			conn.mu.Unlock()
-			return chunk, true, nil
+			return ev, true, nil
 		}
 		overflowed := e.overflowed
 		done := e.isDone()
 		conn.mu.Unlock()
 		if overflowed {
-			t := time.NewTimer(c.s.cancelWait)
-			select {
-			case <-e.done:
-			case <-t.C:
-			}
-			t.Stop()
-			conn.mu.Lock()
-			resp := e.response
-			conn.mu.Unlock()
-			return Chunk{}, false, &CancelledError{RequestID: e.id, Response: resp, Cause: ErrSlowConsumer}
+			return Event{}, false, c.slowConsumer(conn, e)
 		}
 		if done {
 			resp, err := outcome(e)
 			if err == nil && resp.Status == StatusCancelled {
 				err = &CancelledError{RequestID: e.id, Response: resp}
 			}
-			return Chunk{}, false, err
+			return Event{}, false, err
 		}
 		select {
 		case <-e.notify:
@@ -572,6 +612,23 @@ func (c *Client) CancelRequest(ctx context.Context, requestID, userID string) (C
 		}
 	}
 	return c.cancelHTTP(ctx, requestID, userID)
+}
+
+// FinalHalt returns where the pipeline of a cancelled request of a chat with Steps halted:
+// the halted Halt of the usage message that follows a response whose usage is not final (it
+// waits for it, like FinalUsage), else resp.Halt. nil when the gateway sent none (a chat
+// without Steps, an older gateway, a request that was not cancelled). If the connection
+// dropped before the usage message, the error says so (the HTTP API has no halt).
+func (c *Client) FinalHalt(ctx context.Context, resp *Response) (*Halt, error) {
+	if resp.Usage.Final || resp.late == nil {
+		return resp.Halt, nil
+	}
+	select {
+	case <-resp.late.done:
+		return resp.late.halt.clone(), resp.late.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // FinalUsage returns the final token figures of resp (SPEC.md §5.4). A cancelled response may

@@ -8,9 +8,11 @@ package muxgate
 //     request_id to its exchange, checking what SPEC.md §5.1 lets a client check alone: no chunk
 //     or second response after the response, contiguous seq, no chunk for stream false, a
 //     completed content equal to the streamed text (G1-G3), a usage report only when announced,
-//     a cancel_result only for a cancel sent. A violation closes the connection (1002) and
+//     a cancel_result only for a cancel sent; and for steps (§3.12): only for a chat that asked,
+//     none after the response, started indices 0, 1, 2, ... without gap, an ended one only for
+//     a started step not ended yet, a halt only in a cancelled response or the usage after it. A violation closes the connection (1002) and
 //     fails every request on it with a *ProtocolError (protocol_violation). The reader never
-//     blocks on a consumer: chunks go to the exchange's bounded buffer (see below).
+//     blocks on a consumer: chunks and steps go to the exchange's bounded buffer (see below).
 //   - the writer is the only goroutine that writes. Callers enqueue encoded messages under
 //     conn.mu and wake it; whatever is pending when it runs goes out as one batched frame
 //     (SPEC.md §2.4) within the welcome limits. A context's AfterFunc can therefore queue a
@@ -18,8 +20,8 @@ package muxgate
 //
 // Bounds. The outbox holds at most one chat per stream slot (a chat waits for one of the
 // welcome's max_streams slots before it is queued) and at most maxCancels cancels per request,
-// plus the hello: it cannot grow without bound. Each streaming request buffers the chunks its
-// consumer has not read yet: past maxPendingChunks pieces they are merged into one (chunk
+// plus the hello: it cannot grow without bound. Each streaming request buffers the chunks (and
+// the steps, when its consumer takes them) its consumer has not read yet, in wire order: past maxPendingChunks pieces they are merged into one (chunk
 // boundaries carry no meaning, SPEC.md §5.2), and past the stream buffer's bytes
 // (WithStreamBuffer) the request is cancelled on the gateway and its stream ends with
 // ErrSlowConsumer. So a consumer that stops reading costs at most its own buffer and its own
@@ -45,6 +47,7 @@ import (
 const (
 	maxCancels       = 4    // unanswered cancels per request; more go over HTTP
 	maxPendingChunks = 1024 // buffered pieces per stream before merging
+	stepCost         = 64   // bytes a buffered step counts for, besides its kind and name
 	writeTimeout     = 10 * time.Second
 	closeGrace       = 2 * time.Second
 )
@@ -65,9 +68,10 @@ type exchange struct {
 	nextSeq      int64
 	streamed     hash.Hash64 // of the streamed text, to check a completed content (G3)
 	streamedLen  int
-	chunks       []Chunk
-	chunkBytes   int
-	keep         bool // someone reads the chunks
+	events       []Event // chunks, and steps when wantSteps, not read yet
+	bufBytes     int
+	keep         bool // someone reads the events
+	wantSteps    bool // the consumer takes the steps (OnStep, Stream.Events)
 	overflowed   bool
 	notify       chan struct{} // cap 1: a chunk or the end
 	response     *Response
@@ -77,6 +81,13 @@ type exchange struct {
 	cancelSent   bool
 	cancels      []chan cancelOutcome // unanswered cancels, in order (nil: nobody waits)
 	usagePending bool
+
+	// Steps (SPEC.md §3.12), when the chat asked for them.
+	steps    bool
+	stepLog  []Step
+	running  map[int64]bool // started, not ended
+	nextStep int64
+	halt     *Halt // the latest: the response's, then the usage message's
 }
 
 func (e *exchange) isDone() bool {
@@ -211,8 +222,9 @@ func (c *conn) enqueueLocked(data []byte) {
 	}
 }
 
-// start queues chat once a stream slot is free and registers its exchange.
-func (c *conn) start(ctx context.Context, chat *protocol.Chat) (*exchange, error) {
+// start queues chat once a stream slot is free and registers its exchange; wantSteps: the
+// consumer takes the steps in order with the chunks.
+func (c *conn) start(ctx context.Context, chat *protocol.Chat, wantSteps bool) (*exchange, error) {
 	data := protocol.EncodeUnchecked(chat, c.codec)
 	c.mu.Lock()
 	if int64(len(data)) > c.limits.MaxFrameBytes {
@@ -251,9 +263,14 @@ func (c *conn) start(ctx context.Context, chat *protocol.Chat) (*exchange, error
 		chatUserID: chat.UserID,
 		user:       user,
 		stream:     chat.Stream,
-		keep:       chat.Stream,
+		keep:       chat.Stream || wantSteps,
+		wantSteps:  wantSteps && chat.Steps,
+		steps:      chat.Steps,
 		notify:     make(chan struct{}, 1),
 		done:       make(chan struct{}),
+	}
+	if chat.Steps {
+		e.running = map[int64]bool{}
 	}
 	if chat.Stream {
 		e.streamed = fnv.New64a()
@@ -277,12 +294,12 @@ func (c *conn) sendCancelLocked(e *exchange, waiter chan cancelOutcome) {
 }
 
 // stop: the caller gave up on e (context done, stream left): cancel it on the gateway unless it
-// already has its answer or a cancel is on its way. Its buffered chunks are dropped.
+// already has its answer or a cancel is on its way. Its buffered events are dropped.
 func (c *conn) stop(e *exchange) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e.keep = false
-	e.chunks, e.chunkBytes = nil, 0
+	e.events, e.bufBytes = nil, 0
 	if c.err == nil && !e.isDone() && !e.cancelSent {
 		c.sendCancelLocked(e, nil)
 	}
@@ -553,7 +570,19 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		_, _ = e.streamed.Write([]byte(m.Text))
 		e.streamedLen += len(m.Text)
 		if e.keep {
-			c.bufferLocked(e, m)
+			c.bufferLocked(e, Event{Chunk: Chunk{RequestID: m.RequestID, Seq: m.Seq, Text: m.Text}}, len(m.Text))
+		}
+	case *protocol.Step:
+		e, perr := c.exchangeLocked(m.RequestID, "step")
+		if perr != nil {
+			return perr
+		}
+		if perr := e.onStepLocked(m); perr != nil {
+			return perr
+		}
+		if e.keep && e.wantSteps {
+			step := stepOf(m)
+			c.bufferLocked(e, Event{Step: &step}, stepCost+len(m.Kind)+len(m.Name))
 		}
 	case *protocol.Response:
 		e, perr := c.exchangeLocked(m.RequestID, "response")
@@ -570,7 +599,11 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 				return violation("completed content differs from the streamed chunks (G3)", e.id)
 			}
 		}
+		if m.Halt != nil && !e.steps {
+			return violation("halt for a chat without steps (§3.12)", e.id)
+		}
 		resp := responseOf(m, e.chatUserID)
+		e.halt = resp.Halt.clone()
 		e.usagePending = resp.late != nil
 		e.finishWith(resp, nil)
 		c.maybeFinishLocked(e)
@@ -582,8 +615,15 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if !e.usagePending {
 			return violation("usage report nobody announced (§5.4)", e.id)
 		}
+		if m.Halt != nil && !e.steps {
+			return violation("halt for a chat without steps (§3.12)", e.id)
+		}
 		e.usagePending = false
 		e.response.late.usage = usageOf(m.Usage)
+		if m.Halt != nil {
+			e.response.late.halt = haltOf(m.Halt)
+			e.halt = haltOf(m.Halt)
+		}
 		close(e.response.late.done)
 		c.maybeFinishLocked(e)
 	case *protocol.CancelResult:
@@ -618,17 +658,51 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 	return nil
 }
 
-// bufferLocked hands a chunk to the consumer's bounded buffer (see Bounds above).
-func (c *conn) bufferLocked(e *exchange, m *protocol.Chunk) {
-	if n := len(e.chunks); n >= maxPendingChunks {
-		e.chunks[n-1].Text += m.Text
-	} else {
-		e.chunks = append(e.chunks, Chunk{RequestID: m.RequestID, Seq: m.Seq, Text: m.Text})
+// onStepLocked checks a step against the request's state (SPEC.md §5.1, §3.12) and records it.
+func (e *exchange) onStepLocked(m *protocol.Step) *ProtocolError {
+	switch {
+	case !e.steps:
+		return violation("step for a chat without steps (§3.12)", e.id)
+	case e.response != nil:
+		return violation("step after the response (§3.12)", e.id)
+	case m.State == protocol.StepStarted && m.Index != e.nextStep:
+		return violation("step started out of order (§3.12)", e.id)
+	case m.State == protocol.StepEnded && !e.running[m.Index]:
+		return violation("step ended that is not running (§3.12)", e.id)
 	}
-	e.chunkBytes += len(m.Text)
-	if e.chunkBytes > c.s.streamBuffer {
+	if m.State == protocol.StepStarted {
+		e.nextStep++
+		e.running[m.Index] = true
+	} else {
+		delete(e.running, m.Index)
+	}
+	e.stepLog = append(e.stepLog, stepOf(m))
+	return nil
+}
+
+// currentLocked is the running step that started last.
+func (e *exchange) currentLocked() (Step, bool) {
+	for i := len(e.stepLog) - 1; i >= 0; i-- {
+		if s := e.stepLog[i]; s.State == StepStarted && e.running[s.Index] {
+			return s, true
+		}
+	}
+	return Step{}, false
+}
+
+// bufferLocked hands a chunk or a step (counting size bytes) to the consumer's bounded buffer
+// (see Bounds above). Past maxPendingChunks events a chunk is merged into a chunk before it.
+func (c *conn) bufferLocked(e *exchange, ev Event, size int) {
+	n := len(e.events)
+	if ev.Step == nil && n >= maxPendingChunks && e.events[n-1].Step == nil {
+		e.events[n-1].Chunk.Text += ev.Chunk.Text
+	} else {
+		e.events = append(e.events, ev)
+	}
+	e.bufBytes += size
+	if e.bufBytes > c.s.streamBuffer {
 		e.overflowed, e.keep = true, false
-		e.chunks, e.chunkBytes = nil, 0
+		e.events, e.bufBytes = nil, 0
 		if !e.cancelSent {
 			c.sendCancelLocked(e, nil)
 		}
@@ -653,7 +727,7 @@ func (c *conn) onErrorLocked(m *protocol.Error) *ProtocolError {
 		return perr
 	}
 	switch {
-	case e.response == nil && !e.refused && e.nextSeq == 0:
+	case e.response == nil && !e.refused && e.nextSeq == 0 && e.nextStep == 0:
 		// The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
 		e.refused = true
 		e.keep = false

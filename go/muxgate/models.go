@@ -26,6 +26,18 @@ type ChatRequest struct {
 	// "token_delay_ms"); JSON values only. It is sent as encoding/json marshals it: keys
 	// sorted, and a float with an integral value becomes an integer.
 	Metadata map[string]any
+	// Steps asks the gateway for the pipeline's steps (chat.steps, SPEC.md §3.12): Step
+	// messages as steps start and end (planning, LLM calls, tool and agent calls), and, when
+	// the request is cancelled, Halt objects saying where the pipeline halts. An older gateway
+	// ignores it and sends none.
+	Steps bool
+	// OnStep, when set, is called with every step of the request in the order the gateway sent
+	// it, interleaved with the chunks in wire order; it implies Steps. It runs on the goroutine
+	// that consumes the request (the caller of Chat, the Task of ChatAsync, the range loop of
+	// ChatStream or Stream.Events, before that step's event is yielded), never on the
+	// connection's reader and never concurrently with itself. A slow OnStep delays only its
+	// own request (what it has not taken yet is bounded like a stream's chunks).
+	OnStep func(Step)
 }
 
 // ChatMessage is one turn of a conversation.
@@ -125,6 +137,10 @@ type Response struct {
 	Reason    Reason     `json:"reason,omitempty"`
 	Error     *ErrorInfo `json:"error,omitempty"`
 	Usage     Usage      `json:"usage"`
+	// Halt is where the pipeline halts, in a cancelled response of a chat with Steps: state
+	// pending (Usage.Final is false; the halted one follows, Client.FinalHalt, Stream.Halt) or
+	// halted. nil otherwise.
+	Halt *Halt `json:"halt,omitempty"`
 
 	late   *lateUsage // the late usage message, when Usage.Final is false
 	userID string     // the chat's user_id field, to ask over HTTP
@@ -136,6 +152,71 @@ type Chunk struct {
 	RequestID string
 	Seq       int64
 	Text      string
+}
+
+// StepState says whether a step began or finished.
+type StepState string
+
+// The states of a Step.
+const (
+	StepStarted StepState = "started"
+	StepEnded   StepState = "ended"
+)
+
+// The step kinds the protocol names today (SPEC.md §3.12). Kinds are open: a newer gateway may
+// send others, which the SDK passes on.
+const (
+	StepKindPlan      = protocol.StepKindPlan      // planning / task decomposition
+	StepKindLLM       = protocol.StepKindLLM       // a non-abortable LLM call
+	StepKindLLMStream = protocol.StepKindLLMStream // an abortable streaming LLM call
+	StepKindTool      = protocol.StepKindTool      // an MCP tool call (non-abortable)
+	StepKindAgent     = protocol.StepKindAgent     // an A2A agent call (non-abortable)
+)
+
+// Step is one pipeline step of a request that started or ended (ChatRequest.Steps). Index
+// counts the request's steps from 0 in the order they start; a started step ends at most once
+// (never when it failed or was cut by a cancel); steps may overlap.
+type Step struct {
+	RequestID string    `json:"request_id"`
+	Index     int64     `json:"index"`
+	Kind      string    `json:"kind"` // StepKindPlan, StepKindTool, ... or a kind the SDK does not know
+	Name      string    `json:"name"` // the tool's or agent's name, "answer", ...: for display
+	State     StepState `json:"state"`
+}
+
+// StepInfo names a step in a Halt.
+type StepInfo struct {
+	Index int64  `json:"index"`
+	Kind  string `json:"kind"`
+	Name  string `json:"name"`
+}
+
+// HaltState says whether a cancelled request's pipeline has halted.
+type HaltState string
+
+// The states of a Halt.
+const (
+	// HaltPending: not yet. The pipeline finishes Halt.Step (a non-abortable tool, agent or
+	// LLM call) and halts after it; with no step, it halts at its next checkpoint.
+	HaltPending HaltState = "pending"
+	// HaltHalted: it halted, after Halt.Step, or inside it when Aborted (an LLM stream told to
+	// stop). No step: it halted before any step started.
+	HaltHalted HaltState = "halted"
+)
+
+// Halt is where the pipeline of a cancelled request halts (SPEC.md §3.12), for a chat with
+// Steps: pending in the cancelled Response, halted in the final usage that follows.
+type Halt struct {
+	State   HaltState `json:"state"`
+	Step    *StepInfo `json:"step,omitempty"`
+	Aborted bool      `json:"aborted"`
+}
+
+// Event is one item of Stream.Events, in the order the gateway sent them: a step when Step is
+// set, else a chunk of text.
+type Event struct {
+	Step  *Step
+	Chunk Chunk
 }
 
 // RequestInfo is GET /v1/requests/{id} (SPEC.md §8.2).
@@ -151,6 +232,7 @@ type RequestInfo struct {
 type lateUsage struct {
 	done  chan struct{}
 	usage Usage
+	halt  *Halt
 	err   error
 }
 
@@ -162,6 +244,33 @@ func usageOf(u protocol.Usage) Usage {
 	return Usage{u.InputTokens, u.OutputTokens, u.SavedTokens, u.Final, estimated}
 }
 
+func stepOf(m *protocol.Step) Step {
+	return Step{RequestID: m.RequestID, Index: m.Index, Kind: m.Kind, Name: m.Name, State: StepState(m.State)}
+}
+
+func haltOf(h *protocol.Halt) *Halt {
+	if h == nil {
+		return nil
+	}
+	out := &Halt{State: HaltState(h.State), Aborted: h.Aborted}
+	if h.Step != nil {
+		out.Step = &StepInfo{Index: h.Step.Index, Kind: h.Step.Kind, Name: h.Step.Name}
+	}
+	return out
+}
+
+func (h *Halt) clone() *Halt {
+	if h == nil {
+		return nil
+	}
+	out := *h
+	if h.Step != nil {
+		info := *h.Step
+		out.Step = &info
+	}
+	return &out
+}
+
 func responseOf(m *protocol.Response, userID string) *Response {
 	r := &Response{
 		Content:   m.Content,
@@ -169,6 +278,7 @@ func responseOf(m *protocol.Response, userID string) *Response {
 		RequestID: m.RequestID,
 		Reason:    Reason(m.Reason),
 		Usage:     usageOf(m.Usage),
+		Halt:      haltOf(m.Halt),
 		userID:    userID,
 	}
 	if m.Error != nil {

@@ -1,8 +1,9 @@
 package muxgate_test
 
-// The ```go blocks of README.md's Go SDK section are complete programs: each is compiled in a
-// module of its own (pointing at this one with a replace directive) and run against a live
-// gateway, found through MUXGATE_URL as a user's would be.
+// The ```go blocks of README.md's Go SDK section, and those of go/README.md between its
+// go:examples markers, are complete programs: each is compiled in a module of its own (pointing
+// at this one with a replace directive) and run against a live gateway, found through
+// MUXGATE_URL as a user's would be.
 
 import (
 	"context"
@@ -15,17 +16,19 @@ import (
 	"time"
 )
 
-func readmeGoBlocks(t *testing.T) []string {
+// readmeGoBlocks returns the ```go blocks of file (relative to the repository root) between
+// its markers <!-- name:start --> and <!-- name:end -->.
+func readmeGoBlocks(t *testing.T, file, name string) []string {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(repoRoot, "README.md"))
+	raw, err := os.ReadFile(filepath.Join(repoRoot, file))
 	if err != nil {
 		t.Fatal(err)
 	}
 	text := string(raw)
-	start := strings.Index(text, "<!-- section:go:start -->")
-	end := strings.Index(text, "<!-- section:go:end -->")
+	start := strings.Index(text, "<!-- "+name+":start -->")
+	end := strings.Index(text, "<!-- "+name+":end -->")
 	if start < 0 || end < start {
-		t.Fatal("README.md has no Go section markers")
+		t.Fatalf("%s has no %s markers", file, name)
 	}
 	var blocks []string
 	lines := strings.Split(text[start:end], "\n")
@@ -43,10 +46,15 @@ func readmeGoBlocks(t *testing.T) []string {
 }
 
 func TestReadmeGoExamples(t *testing.T) {
-	blocks := readmeGoBlocks(t)
+	blocks := readmeGoBlocks(t, "README.md", "section:go")
 	if len(blocks) < 2 {
 		t.Fatalf("expected the README's Go examples, found %d blocks", len(blocks))
 	}
+	sdk := readmeGoBlocks(t, filepath.Join("go", "README.md"), "go:examples")
+	if len(sdk) < 1 {
+		t.Fatal("expected go/README.md's examples (steps and halts)")
+	}
+	blocks = append(blocks, sdk...)
 	goDir := filepath.Join(repoRoot, "go")
 	dir := t.TempDir()
 	gomod := fmt.Sprintf("module readmeexamples\n\ngo 1.23\n\nrequire github.com/muxgate/muxgate/go v0.0.0\n\nreplace github.com/muxgate/muxgate/go => %s\n", goDir)

@@ -22,6 +22,8 @@ const (
 	MaxErrorMessageChars = 1024
 	MaxPingIDChars       = 128
 	MaxConnectionIDChars = 128
+	MaxStepKindLength    = 32  // STEP_KIND_PATTERN [a-z][a-z0-9_]{0,31}
+	MaxStepNameChars     = 128 // step.name and halt.step.name, at least 1 character
 	MaxSafeInteger       = 1<<53 - 1
 	MaxStreamsLimit      = 1000000 // upper bound of welcome.limits.max_streams
 	MinFrameBytesLimit   = 1024    // lower bound of welcome.limits.max_frame_bytes
@@ -57,8 +59,15 @@ func ValidRequestID(s string) bool { return matchID(s, false) }
 func ValidUserID(s string) bool { return matchID(s, true) }
 
 // ValidErrorCode reports whether s matches ERROR_CODE_PATTERN [a-z][a-z0-9_]{0,63}.
-func ValidErrorCode(s string) bool {
-	if len(s) < 1 || len(s) > 64 || s[0] < 'a' || s[0] > 'z' {
+func ValidErrorCode(s string) bool { return snakeWord(s, 64) }
+
+// ValidStepKind reports whether s matches STEP_KIND_PATTERN [a-z][a-z0-9_]{0,31} (SPEC.md
+// §3.12). Kinds are open: any kind matching the pattern is valid, known or not.
+func ValidStepKind(s string) bool { return snakeWord(s, MaxStepKindLength) }
+
+// snakeWord reports whether s matches [a-z][a-z0-9_]{0,maxLen-1}.
+func snakeWord(s string, maxLen int) bool {
+	if len(s) < 1 || len(s) > maxLen || s[0] < 'a' || s[0] > 'z' {
 		return false
 	}
 	for i := 1; i < len(s); i++ {

@@ -58,6 +58,41 @@ const (
 	CancelNotFound         CancelStatus = "not_found"
 )
 
+// StepState is whether a pipeline step began or finished (step.state, SPEC.md §3.12).
+type StepState string
+
+// The states of a step message.
+const (
+	StepStarted StepState = "started"
+	StepEnded   StepState = "ended"
+)
+
+// The step kinds the spec names (SPEC.md §3.12). Kinds are open, like error codes: a receiver
+// accepts any kind matching STEP_KIND_PATTERN (ValidStepKind), known or not.
+const (
+	StepKindPlan      = "plan"       // planning / task decomposition
+	StepKindLLM       = "llm"        // a non-abortable LLM call
+	StepKindLLMStream = "llm_stream" // an abortable streaming LLM call
+	StepKindTool      = "tool"       // an MCP tool call (non-abortable)
+	StepKindAgent     = "agent"      // an A2A agent call (non-abortable)
+)
+
+// HaltState is whether the pipeline of a cancelled request has halted (halt.state).
+type HaltState string
+
+// The states of a halt object (SPEC.md §3.12).
+const (
+	// HaltPending: not yet; it is finishing Halt.Step (non-abortable), or, without a step, runs
+	// to its next checkpoint. Only in a cancelled response whose usage is not final.
+	HaltPending HaltState = "pending"
+	// HaltHalted: it halted, after Halt.Step (or inside it when Halt.Aborted).
+	HaltHalted HaltState = "halted"
+)
+
+func (s StepState) valid() bool { return s == StepStarted || s == StepEnded }
+
+func (s HaltState) valid() bool { return s == HaltPending || s == HaltHalted }
+
 func (r Role) valid() bool {
 	return r == RoleSystem || r == RoleUser || r == RoleAssistant || r == RoleTool
 }
@@ -158,6 +193,27 @@ type ErrorInfo struct {
 	Message string
 }
 
+// StepInfo names one pipeline step: halt.step, and the identity of a Step message.
+type StepInfo struct {
+	Index int64
+	Kind  string // STEP_KIND_PATTERN; open (StepKindPlan, StepKindTool, ... or any other)
+	Name  string // 1..MaxStepNameChars characters, for display
+}
+
+// Halt says where the pipeline of a cancelled request halts (response.halt, usage.halt;
+// SPEC.md §3.12), for a chat with steps true.
+//
+// State HaltPending (in the cancelled response): Step is the non-abortable step the pipeline is
+// finishing, after which it halts; nil when it halts at its next checkpoint without waiting for
+// a step. State HaltHalted (in the usage message, or a response whose usage is final): Step is
+// the last step the pipeline started (nil: it halted before any step started), and Aborted says
+// the step was stopped mid-way (an abortable LLM stream) rather than finished.
+type Halt struct {
+	State   HaltState
+	Step    *StepInfo // nil = absent
+	Aborted bool
+}
+
 // Limits are the gateway's operational limits (welcome.limits, SPEC.md §3.5).
 type Limits struct {
 	MaxStreams       int64
@@ -197,6 +253,9 @@ type Chat struct {
 	UserID    string // "" = absent
 	TimeoutMs int64  // 0 = absent
 	Metadata  *Object
+	// Steps asks for step messages and halt objects (SPEC.md §3.12). Optional, default false,
+	// written only when true (so older encodings keep their bytes).
+	Steps bool
 }
 
 // Cancel asks the gateway to cancel one request (SPEC.md §3.4).
@@ -225,6 +284,19 @@ type Chunk struct {
 	Text      string
 }
 
+// Step is one pipeline step of a request that started or ended (SPEC.md §3.12); only for a
+// chat with steps true, before its response, in order with its chunks.
+type Step struct {
+	RequestID string
+	Index     int64 // 0 for the first step started, then 1, 2, ... in the order steps start
+	Kind      string
+	Name      string
+	State     StepState
+}
+
+// Info is the step's identity (index, kind, name) as a halt object names it.
+func (m *Step) Info() StepInfo { return StepInfo{Index: m.Index, Kind: m.Kind, Name: m.Name} }
+
 // Response is the terminal response of a request (SPEC.md §3.7).
 type Response struct {
 	RequestID string
@@ -233,12 +305,14 @@ type Response struct {
 	Reason    CancelReason // "" = absent; set exactly when cancelled
 	Error     *ErrorInfo   // set exactly when failed
 	Usage     Usage
+	Halt      *Halt // nil = absent; only when cancelled, for a chat with steps true
 }
 
 // UsageReport is the `usage` message: the final figures of a cancelled request (SPEC.md §3.8).
 type UsageReport struct {
 	RequestID string
 	Usage     Usage
+	Halt      *Halt // nil = absent; state halted, for a chat with steps true
 }
 
 // CancelResult answers one cancel (SPEC.md §3.9).
@@ -264,6 +338,7 @@ func (*Cancel) Type() string       { return "cancel" }
 func (*Ping) Type() string         { return "ping" }
 func (*Welcome) Type() string      { return "welcome" }
 func (*Chunk) Type() string        { return "chunk" }
+func (*Step) Type() string         { return "step" }
 func (*Response) Type() string     { return "response" }
 func (*UsageReport) Type() string  { return "usage" }
 func (*CancelResult) Type() string { return "cancel_result" }
@@ -329,6 +404,31 @@ func (u Usage) validate() error {
 	}
 	_, err := canonicalEstimated(u.Estimated)
 	return err
+}
+
+func (i StepInfo) validate(prefix string) error {
+	if err := checkRange(prefix+"index", i.Index, 0, MaxSafeInteger); err != nil {
+		return err
+	}
+	if !ValidStepKind(i.Kind) {
+		return invalid("%skind must be a snake_case word of at most %d characters", prefix, MaxStepKindLength)
+	}
+	return checkStr(prefix+"name", i.Name, 1, MaxStepNameChars)
+}
+
+func (h *Halt) validate() error {
+	if !h.State.valid() {
+		return invalid("halt.state must be one of: pending, halted")
+	}
+	if h.Step != nil {
+		if err := h.Step.validate("halt.step."); err != nil {
+			return err
+		}
+	}
+	if h.Aborted && (h.State != HaltHalted || h.Step == nil) {
+		return invalid("halt.aborted names a step the pipeline halted in")
+	}
+	return nil
 }
 
 func (l Limits) validate() error {
@@ -508,6 +608,20 @@ func (m *Chunk) Validate() error {
 	return checkStr("text", m.Text, 1, MaxFrameBytes)
 }
 
+// Validate checks the message against SPEC.md §3.12.
+func (m *Step) Validate() error {
+	if err := checkRequestID(m.RequestID); err != nil {
+		return err
+	}
+	if err := m.Info().validate("step."); err != nil {
+		return err
+	}
+	if !m.State.valid() {
+		return invalid("step.state must be one of: started, ended")
+	}
+	return nil
+}
+
 // Validate checks the message against SPEC.md §3.7.
 func (m *Response) Validate() error {
 	if err := checkRequestID(m.RequestID); err != nil {
@@ -548,6 +662,17 @@ func (m *Response) Validate() error {
 	if !m.Usage.Final && m.Status != StatusCancelled {
 		return invalid("usage.final may be false only for cancelled responses")
 	}
+	if m.Halt != nil {
+		if err := m.Halt.validate(); err != nil {
+			return err
+		}
+		if m.Status != StatusCancelled {
+			return invalid("halt is only for cancelled responses")
+		}
+		if m.Halt.State == HaltPending && m.Usage.Final {
+			return invalid("a pending halt comes with usage.final false")
+		}
+	}
 	return nil
 }
 
@@ -561,6 +686,14 @@ func (m *UsageReport) Validate() error {
 	}
 	if !m.Usage.Final {
 		return invalid("usage must be an object with final: true")
+	}
+	if m.Halt != nil {
+		if err := m.Halt.validate(); err != nil {
+			return err
+		}
+		if m.Halt.State != HaltHalted {
+			return invalid("usage.halt must be an object with state halted")
+		}
 	}
 	return nil
 }
@@ -638,6 +771,21 @@ func usageWire(u Usage) Value {
 	return ObjectValue(o)
 }
 
+// haltWire: state, the optional step (index, kind, name), aborted (always written).
+func haltWire(h *Halt) Value {
+	o := &Object{Members: make([]Member, 0, 3)}
+	o.Set("state", String(string(h.State)))
+	if h.Step != nil {
+		s := &Object{Members: make([]Member, 0, 3)}
+		s.Set("index", Int(h.Step.Index))
+		s.Set("kind", String(h.Step.Kind))
+		s.Set("name", String(h.Step.Name))
+		o.Set("step", ObjectValue(s))
+	}
+	o.Set("aborted", Bool(h.Aborted))
+	return ObjectValue(o)
+}
+
 // Wire returns the canonical map.
 func (m *Hello) Wire() *Object {
 	o := head(m)
@@ -669,6 +817,9 @@ func (m *Chat) Wire() *Object {
 	}
 	if m.Metadata != nil {
 		o.Set("metadata", ObjectValue(m.Metadata))
+	}
+	if m.Steps { // written only when true (SPEC.md §9)
+		o.Set("steps", Bool(true))
 	}
 	return o
 }
@@ -712,6 +863,17 @@ func (m *Chunk) Wire() *Object {
 }
 
 // Wire returns the canonical map.
+func (m *Step) Wire() *Object {
+	o := head(m)
+	o.Set("request_id", String(m.RequestID))
+	o.Set("index", Int(m.Index))
+	o.Set("kind", String(m.Kind))
+	o.Set("name", String(m.Name))
+	o.Set("state", String(string(m.State)))
+	return o
+}
+
+// Wire returns the canonical map.
 func (m *Response) Wire() *Object {
 	o := head(m)
 	o.Set("request_id", String(m.RequestID))
@@ -725,6 +887,9 @@ func (m *Response) Wire() *Object {
 		o.Set("error", ObjectValue(e))
 	}
 	o.Set("usage", usageWire(m.Usage))
+	if m.Halt != nil {
+		o.Set("halt", haltWire(m.Halt))
+	}
 	return o
 }
 
@@ -733,6 +898,9 @@ func (m *UsageReport) Wire() *Object {
 	o := head(m)
 	o.Set("request_id", String(m.RequestID))
 	o.Set("usage", usageWire(m.Usage))
+	if m.Halt != nil {
+		o.Set("halt", haltWire(m.Halt))
+	}
 	return o
 }
 

@@ -162,6 +162,53 @@ func parseLimits(o *Object) (Limits, error) {
 	return l, nil
 }
 
+func parseStepInfo(o *Object, prefix string) (StepInfo, error) {
+	f := fields{o}
+	var i StepInfo
+	var err error
+	if i.Index, err = f.reqInt(prefix + "index"); err != nil {
+		return i, err
+	}
+	if i.Kind, err = f.reqStr(prefix + "kind"); err != nil {
+		return i, err
+	}
+	i.Name, err = f.reqStr(prefix + "name")
+	return i, err
+}
+
+// halt reads the optional halt object (absent or null: nil).
+func (f fields) halt() (*Halt, error) {
+	o, err := f.object("halt", false)
+	if err != nil || o == nil {
+		return nil, err
+	}
+	hf := fields{o}
+	h := &Halt{}
+	state, err := hf.reqStr("state")
+	if err != nil {
+		return nil, err
+	}
+	h.State = HaltState(state)
+	so, err := hf.object("step", false)
+	if err != nil {
+		return nil, err
+	}
+	if so != nil {
+		info, err := parseStepInfo(so, "")
+		if err != nil {
+			return nil, err
+		}
+		h.Step = &info
+	}
+	if v, ok := hf.get("aborted"); ok {
+		if v.Kind != KindBool {
+			return nil, invalid("halt.aborted must be a boolean")
+		}
+		h.Aborted = v.Bool
+	}
+	return h, nil
+}
+
 func parseChatMessages(v Value) ([]ChatMessage, error) {
 	if v.Kind != KindArray {
 		return nil, invalid("messages must be a list")
@@ -232,8 +279,16 @@ func fromWire(typ string, o *Object) (Message, error) {
 				return nil, invalid("timeout_ms must be in 1..%d", MaxTimeoutMs)
 			}
 		}
-		m.Metadata, err = f.object("metadata", false)
-		return m, err
+		if m.Metadata, err = f.object("metadata", false); err != nil {
+			return nil, err
+		}
+		if v, ok := f.get("steps"); ok {
+			if v.Kind != KindBool {
+				return nil, invalid("steps must be a boolean")
+			}
+			m.Steps = v.Bool
+		}
+		return m, nil
 	case "cancel":
 		m := &Cancel{}
 		if m.RequestID, err = f.reqStr("request_id"); err != nil {
@@ -274,6 +329,19 @@ func fromWire(typ string, o *Object) (Message, error) {
 		}
 		m.Text, err = f.reqStr("text")
 		return m, err
+	case "step":
+		m := &Step{}
+		if m.RequestID, err = f.reqStr("request_id"); err != nil {
+			return nil, err
+		}
+		info, err := parseStepInfo(o, "")
+		if err != nil {
+			return nil, err
+		}
+		m.Index, m.Kind, m.Name = info.Index, info.Kind, info.Name
+		state, err := f.reqStr("state")
+		m.State = StepState(state)
+		return m, err
 	case "response":
 		m := &Response{}
 		if m.RequestID, err = f.reqStr("request_id"); err != nil {
@@ -311,7 +379,10 @@ func fromWire(typ string, o *Object) (Message, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.Usage, err = parseUsage(uo)
+		if m.Usage, err = parseUsage(uo); err != nil {
+			return nil, err
+		}
+		m.Halt, err = f.halt()
 		return m, err
 	case "usage":
 		m := &UsageReport{}
@@ -322,7 +393,10 @@ func fromWire(typ string, o *Object) (Message, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.Usage, err = parseUsage(uo)
+		if m.Usage, err = parseUsage(uo); err != nil {
+			return nil, err
+		}
+		m.Halt, err = f.halt()
 		return m, err
 	case "cancel_result":
 		m := &CancelResult{}
@@ -348,7 +422,7 @@ func fromWire(typ string, o *Object) (Message, error) {
 
 var senderTypes = [2]map[string]bool{
 	SenderClient:  {"hello": true, "chat": true, "cancel": true, "ping": true},
-	SenderGateway: {"welcome": true, "chunk": true, "response": true, "usage": true, "cancel_result": true, "error": true, "pong": true},
+	SenderGateway: {"welcome": true, "chunk": true, "step": true, "response": true, "usage": true, "cancel_result": true, "error": true, "pong": true},
 }
 
 // Sender is who sent a frame; it decides which types are valid (SPEC.md §3.1).

@@ -41,6 +41,12 @@ EXPORTED = {
     "ResponseStatus",
     "CancelStatus",
     "CancelReason",
+    # pipeline steps (SPEC.md §3.12)
+    "Step",
+    "StepInfo",
+    "StepState",
+    "Halt",
+    "HaltState",
     # errors
     "MuxgateError",
     "InvalidRequest",

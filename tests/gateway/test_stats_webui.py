@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.backends.simulated import SimulatedBackend, SimulationSettings
+from gateway.pipeline import RequestContext
 from gateway.server import Gateway
 from gateway.stats import LiveStats
 from gateway.webui import WebUI
-from protocol import Codec, ResponseStatus
+from protocol import Cancel, Chat, Codec, ResponseStatus
 
-from .conftest import running_gateway, settled
+from .conftest import FAST, running_gateway, settled
 from .http_client import http
 from .wire import WireClient
 
@@ -139,6 +145,7 @@ def test_spec_example_has_the_shape_of_a_real_snapshot() -> None:
     )
     stats = LiveStats(lambda: 0, lambda: 0.0)
     stats.cancel_latency(0.001)
+    stats.cancel_halted("llm_stream", 0.001, 1)
     real = stats.snapshot()
     assert list(example) == list(real)  # same keys in the same order
     assert _shape(example) == _shape(real)
@@ -154,6 +161,195 @@ def test_percentiles_over_a_bounded_window() -> None:
     assert latency["p99"] == 1990.0
     assert latency["max"] == 2000.0
     assert len(latency["recent"]) <= 500
+
+
+def test_cancel_landings_over_a_bounded_window() -> None:
+    stats = LiveStats(lambda: 0, lambda: 0.0)
+    empty: Any = stats.snapshot()
+    assert empty["cancels_by_step"] == {
+        "none": 0,
+        "plan": 0,
+        "llm": 0,
+        "tool": 0,
+        "agent": 0,
+        "llm_stream": 0,
+        "other": 0,
+    }
+    assert empty["halt_latency_ms"] == {
+        "count": 0,
+        "p50": None,
+        "p90": None,
+        "p99": None,
+        "max": None,
+        "recent": [],
+    }
+    assert empty["tokens_after_cancel"] == {
+        "total": 0,
+        "histogram": {"0": 0, "1": 0, "2": 0, "3+": 0},
+        "count": 0,
+        "p99": None,
+        "max": None,
+    }
+    stats.cancel_halted(None, 0.0005, 0)
+    stats.cancel_halted("a-step-kind-nobody-knows", 0.001, 0)
+    stats.cancel_halted("llm_stream", 0.002, 7)  # an outlier, soon out of the window
+    for ms in range(1, 1001):  # fills the window: the three above fall out of it
+        stats.cancel_halted("tool", ms / 1000, ms % 3)
+    snapshot: Any = stats.snapshot()
+    assert snapshot["cancels_by_step"] == {
+        "none": 1,
+        "plan": 0,
+        "llm": 0,
+        "tool": 1000,
+        "agent": 0,
+        "llm_stream": 1,
+        "other": 1,
+    }
+    halt = snapshot["halt_latency_ms"]
+    assert (halt["count"], halt["p50"], halt["p90"], halt["p99"], halt["max"]) == (
+        1000,
+        500.0,
+        900.0,
+        990.0,
+        1000.0,
+    )
+    assert len(halt["recent"]) == 500  # bounded between two frames too
+    late = snapshot["tokens_after_cancel"]
+    assert late["total"] == 7 + sum(ms % 3 for ms in range(1, 1001))  # since the start
+    assert late["histogram"] == {"0": 335, "1": 334, "2": 333, "3+": 1}
+    assert (late["count"], late["p99"], late["max"]) == (1000, 2, 2)  # the 7 left the window
+    stats.tick()
+    assert json.loads(stats.tick())["halt_latency_ms"]["recent"] == []  # per frame
+    assert stats.snapshot()["halt_latency_ms"] == {**halt, "recent": []}
+
+
+#: The request whose pipeline runs in this task (each pipeline task has its own context).
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+class HeldBackend(SimulatedBackend):
+    """The simulated backend, in which the test may hold a request in the step of a given kind
+    once that step has begun, until it lets go: a cancel sent meanwhile lands in that step
+    whatever the machine's speed. A held stream answers the abort of its read with one more
+    token (an upstream that had a token in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__(**FAST)
+        self._holds: dict[str, tuple[str, asyncio.Event, asyncio.Event]] = {}
+
+    def hold(self, request_id: str, kind: str) -> tuple[asyncio.Event, asyncio.Event]:
+        """Events set when the step has begun, and to be set to let it go on."""
+        began, release = asyncio.Event(), asyncio.Event()
+        self._holds[request_id] = (kind, began, release)
+        return began, release
+
+    async def run(self, ctx: RequestContext) -> None:
+        _REQUEST_ID.set(ctx.request_id)
+        await super().run(ctx)
+
+    async def _held(self, kind: str) -> None:
+        hold = self._holds.get(_REQUEST_ID.get())
+        if hold is not None and hold[0] == kind:
+            hold[1].set()
+            await hold[2].wait()
+
+    async def simulate_plan(self, settings: SimulationSettings) -> str:
+        await self._held("plan")
+        return await super().simulate_plan(settings)
+
+    async def simulate_tool(self, ctx: RequestContext, settings: SimulationSettings) -> str:
+        await self._held("tool")
+        return await super().simulate_tool(ctx, settings)
+
+    async def simulate_agent(self, ctx: RequestContext, settings: SimulationSettings) -> str:
+        await self._held("agent")
+        return await super().simulate_agent(ctx, settings)
+
+    async def simulate_tokens(
+        self, words: Iterator[str], settings: SimulationSettings, start: int, stop: int
+    ) -> AsyncIterator[str]:
+        inner = super().simulate_tokens(words, settings, start, stop)
+        tokens = cast(AsyncGenerator[str, None], inner)
+        async with contextlib.aclosing(tokens):
+            async for word in tokens:
+                yield word
+                try:
+                    await self._held("llm_stream")
+                except asyncio.CancelledError:
+                    yield " late"  # read although the cancel aborted the read
+                    return
+
+
+async def test_snapshot_reports_where_cancels_landed_and_how_the_pipelines_stopped() -> None:
+    """Cancels over a real socket, each landing in a step of a known kind: the snapshot counts
+    them by step, times each stop (cancel read -> pipeline halted) and the tokens after it."""
+    backend = HeldBackend()
+    async with (
+        running_gateway(backend_impl=backend) as gw,
+        WireClient.open(gw.url, Codec.JSON) as client,
+    ):
+        # Per cancelled request, from just before its cancel left to just after its final usage
+        # came: its stop latency lies within.
+        bounds: list[float] = []
+
+        # Cancelled before any step began: the chat and its cancel in one frame.
+        client.track("before").machine.on_cancel()
+        sent = time.perf_counter()
+        await client.send(Chat(request_id="before", message="hi"), Cancel(request_id="before"))
+        await client.final_usage("before")
+        bounds.append(time.perf_counter() - sent)
+
+        await client.chat("done", metadata={"tokens": 5})
+        assert (await client.response("done")).status is ResponseStatus.COMPLETED
+
+        # Cancelled while a step of each kind runs, held until the cancel was read. A plan, tool
+        # or agent call runs to its end (60 ms once let go) before the pipeline halts; the
+        # stream is aborted at once, one token still arriving.
+        for request_id, kind, settings in (
+            ("at-plan", "plan", {"plan_ms": 60}),
+            ("mid-stream", "llm_stream", {}),
+            ("at-tool", "tool", {"tool_ms": 60}),
+            ("at-agent", "agent", {"agent_ms": 60}),
+        ):
+            began, release = backend.hold(request_id, kind)
+            await client.chat(request_id, metadata=settings)
+            await asyncio.wait_for(began.wait(), 10)
+            sent = time.perf_counter()
+            await client.cancel(request_id)
+            response = await client.response(request_id)
+            assert response.status is ResponseStatus.CANCELLED
+            release.set()  # the cancel was read: the step may end
+            await client.final_usage(request_id)  # sent as the pipeline halted
+            bounds.append(time.perf_counter() - sent)
+        await settled(gw)
+
+        stats = (await http("GET", gw.http_url + "/v1/stats")).json()
+    assert stats["responses"] == {"completed": 1, "cancelled": 5, "failed": 0}
+    assert stats["cancels_by_step"] == {
+        "none": 1,
+        "plan": 1,
+        "llm": 0,
+        "tool": 1,
+        "agent": 1,
+        "llm_stream": 1,
+        "other": 0,
+    }
+    halt = stats["halt_latency_ms"]
+    samples = sorted(halt["recent"])  # no feed subscriber: every sample is still "recent"
+    assert halt["count"] == len(samples) == 5
+    assert all(0 <= ms <= max(bounds) * 1000 for ms in samples)
+    # The three cancels in a 60 ms step stopped no sooner than the step's end.
+    assert samples[2] >= 55
+    assert halt["p50"] == samples[2]
+    assert halt["p90"] == halt["p99"] == halt["max"] == samples[4]
+    # Only the held stream produced a token after its cancel.
+    assert stats["tokens_after_cancel"] == {
+        "total": 1,
+        "histogram": {"0": 4, "1": 1, "2": 0, "3+": 0},
+        "count": 5,
+        "p99": 1,
+        "max": 1,
+    }
 
 
 async def test_feed_subscribers_are_bounded() -> None:

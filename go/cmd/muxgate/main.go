@@ -2,11 +2,14 @@
 //
 //	go -C go run ./cmd/muxgate "Write a long story"
 //	go -C go run ./cmd/muxgate -metadata '{"tokens": 400}' -codec msgpack "Hello"
+//	go -C go run ./cmd/muxgate -steps -metadata '{"tool_ms": 3000}' "Find flights to Lisbon"
 //
 // It reads MUXGATE_URL (default ws://localhost:8001), MUXGATE_CLIENT_KEY or MUXGATE_TOKEN, and
 // MUXGATE_USER_ID, like the SDK. Ctrl-C during the answer cancels the request on the gateway
 // (the SDK sends the cancel frame when the context ends) and prints what it saved; exit status
-// 0 when the answer completed, 130 when cancelled by Ctrl-C, 1 on an error.
+// 0 when the answer completed, 130 when cancelled by Ctrl-C, 1 on an error. With -steps it
+// prints the pipeline's steps on stderr as they start and end, and after a Ctrl-C where the
+// pipeline halted.
 package main
 
 import (
@@ -33,6 +36,7 @@ func run() int {
 	requestID := flag.String("request-id", "", "request id (default: generated)")
 	timeout := flag.Duration("timeout", 0, "the gateway's deadline for the request (e.g. 30s)")
 	metadata := flag.String("metadata", "", `JSON object for the backend, e.g. '{"tokens": 400}'`)
+	steps := flag.Bool("steps", false, "print the pipeline's steps (on stderr) and where it halted")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: muxgate [flags] message...\n")
 		flag.PrintDefaults()
@@ -58,6 +62,11 @@ func run() int {
 		return 2
 	}
 	req := &muxgate.ChatRequest{Message: strings.Join(flag.Args(), " "), RequestID: *requestID, Timeout: *timeout}
+	if *steps {
+		req.OnStep = func(s muxgate.Step) { // between chunks, in the order the gateway sent them
+			fmt.Fprintf(os.Stderr, "\n[step %d · %s %s · %s]\n", s.Index, s.Kind, s.Name, s.State)
+		}
+	}
 	if *metadata != "" {
 		if err := json.Unmarshal([]byte(*metadata), &req.Metadata); err != nil {
 			fmt.Fprintf(os.Stderr, "muxgate: -metadata: %v\n", err)
@@ -95,6 +104,16 @@ func report(client *muxgate.Client, err error) int {
 		defer cancel()
 		if usage, uerr := client.FinalUsage(ctx, resp); uerr == nil {
 			line += fmt.Sprintf(" · %d tokens saved · %d in / %d out", usage.SavedTokens, usage.InputTokens, usage.OutputTokens)
+		}
+		if halt, herr := client.FinalHalt(ctx, resp); herr == nil && halt != nil {
+			switch {
+			case halt.Step == nil:
+				line += " · halted before any step"
+			case halt.Aborted:
+				line += " · halted inside " + halt.Step.Name
+			default:
+				line += " · halted after " + halt.Step.Name
+			}
 		}
 		if resp.Reason != "" && resp.Reason != muxgate.ReasonClient {
 			line += " · reason " + string(resp.Reason)

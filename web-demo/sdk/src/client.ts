@@ -20,6 +20,7 @@ import {
   type ConnectionSettings,
   type Deferred,
   type Exchange,
+  type ExchangeObserver,
   type WebSocketConstructor,
   Connection as Conn,
   deferred,
@@ -35,7 +36,7 @@ import {
   errorFromCode,
 } from "./errors.js";
 import { MAX_TIMEOUT_MS, REQUEST_ID_PATTERN, USER_ID_PATTERN } from "./limits.js";
-import type { CancelOptions, ChatParams, Chunk, RequestInfo, Response, Usage } from "./types.js";
+import type { CancelOptions, ChatParams, Chunk, Halt, RequestInfo, Response, Step, Usage } from "./types.js";
 import { type CancelStatus, type ChatMessage, type Message, USAGE_FIGURES, checkOutgoing } from "./wire.js";
 
 export interface ReconnectOptions {
@@ -160,6 +161,9 @@ async function loadWebSocket(): Promise<WebSocketConstructor> {
 export class ChatStream implements AsyncIterableIterator<Chunk> {
   /** The final response once iteration has ended (completed or cancelled). */
   response: Response | undefined;
+  private readonly observer: ExchangeObserver;
+  /** The request as the connection sees it, from the moment its chat is on the wire. */
+  private view: Exchange | undefined;
   private exchange: Exchange | undefined;
   private conn: Connection | undefined;
   private starting: Promise<void> | undefined;
@@ -171,7 +175,9 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     private readonly client: Muxi,
     private readonly chat: ChatMessage,
     private readonly signal: AbortSignal | undefined,
+    observer: ExchangeObserver = {},
   ) {
+    this.observer = { ...observer, onCreated: (exchange) => (this.view = exchange) };
     if (signal?.aborted) this.aborted = { reason: abortReason(signal) };
     signal?.addEventListener("abort", this.onAbort, { once: true });
   }
@@ -182,7 +188,24 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
 
   /** Everything streamed so far (including text received after a cancel was sent). */
   get text(): string {
-    return this.exchange?.text ?? "";
+    return this.view?.text ?? "";
+  }
+
+  /** The `step` messages received so far, in order (a chat with `steps: true`, SPEC.md §3.12). */
+  get steps(): readonly Step[] {
+    return this.view?.steps ?? [];
+  }
+
+  /** The latest started step not yet ended; `undefined` before the first step and once the
+   * pipeline has halted (completed, failed, or the final usage of a cancel arrived). */
+  get currentStep(): Step | undefined {
+    return this.view?.currentStep;
+  }
+
+  /** Where the cancelled request's pipeline halts: the response's `halt` (often `pending`), then
+   * the final one from the usage message (`halted`). `undefined` unless cancelled with steps. */
+  get halt(): Halt | undefined {
+    return this.view?.halt;
   }
 
   [Symbol.asyncIterator](): this {
@@ -193,7 +216,7 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     if (this.aborted) throw this.aborted.reason;
     if (this.closed && this.exchange === undefined) return { done: true, value: undefined };
     if (this.exchange === undefined) {
-      this.starting ??= this.client._start(this.chat, () => this.aborted !== undefined).then(([conn, exchange]) => {
+      this.starting ??= this.client._start(this.chat, () => this.aborted !== undefined, this.observer).then(([conn, exchange]) => {
         this.conn = conn;
         this.exchange = exchange;
         if (this.aborted || this.closed) conn.stop(exchange);
@@ -207,11 +230,13 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
       const chunk = exchange.chunks.shift();
       if (chunk !== undefined) {
         exchange.bufferedChars -= chunk.text.length;
+        exchange.takeSteps(chunk.seq); // the steps before it, in stream order
         return { done: false, value: chunk };
       }
+      exchange.takeSteps(); // every chunk read: the steps after them
       if (exchange.done || this.closed) {
         this.finish();
-        if (exchange.done) this.response = exchange.outcome(); // throws RequestFailed or the connection's error
+        if (exchange.done) this.response = this.client._outcome(exchange); // throws RequestFailed or the connection's error
         return { done: true, value: undefined };
       }
       await this.raceAbort(exchange.changed());
@@ -241,7 +266,7 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     if (!exchange || !conn) return undefined;
     conn.stop(exchange);
     while (!exchange.done) await exchange.changed();
-    this.response = exchange.outcome();
+    this.response = this.client._outcome(exchange);
     return this.response;
   }
 
@@ -271,6 +296,15 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
 }
 
 type Started = [Connection, Exchange];
+
+function observerOf(params: ChatParams): ExchangeObserver {
+  for (const name of ["onStep", "onHalt"] as const) {
+    if (params[name] !== undefined && typeof params[name] !== "function") {
+      throw new InvalidRequest(`${name} must be a function`, "invalid_field");
+    }
+  }
+  return { onStep: params.onStep, onHalt: params.onHalt };
+}
 
 /** A client of a muxgate gateway (the seed page's `Muxi`). See the module comment. */
 export class Muxi {
@@ -327,8 +361,10 @@ export class Muxi {
    */
   chat(params: ChatParams): Promise<Response> {
     let chat: ChatMessage;
+    let observer: ExchangeObserver;
     try {
       chat = this.buildChat(params, false);
+      observer = observerOf(params);
     } catch (exc) {
       return Promise.reject(exc);
     }
@@ -344,13 +380,13 @@ export class Muxi {
       };
       signal?.addEventListener("abort", onAbort, { once: true });
       const done = () => signal?.removeEventListener("abort", onAbort);
-      this._start(chat, () => aborted)
+      this._start(chat, () => aborted, observer)
         .then(async (s) => {
           started = s;
           const [conn, exchange] = s;
           if (aborted) return conn.stop(exchange);
           while (!exchange.done) await exchange.changed();
-          resolve(this.outcome(exchange));
+          resolve(this._outcome(exchange));
         })
         .catch(reject)
         .finally(done);
@@ -367,7 +403,7 @@ export class Muxi {
    */
   chatStream(params: ChatParams): ChatStream {
     const chat = this.buildChat(params, true);
-    return new ChatStream(this, chat, params.signal);
+    return new ChatStream(this, chat, params.signal, observerOf(params));
   }
 
   // -- cancel and inspect -------------------------------------------------------------------
@@ -485,6 +521,10 @@ export class Muxi {
     if (params.userId !== undefined) chat.user_id = params.userId;
     if (params.timeoutMs !== undefined) chat.timeout_ms = Math.max(1, Math.ceil(params.timeoutMs));
     if (params.metadata !== undefined) chat.metadata = params.metadata;
+    const listens = params.onStep !== undefined || params.onHalt !== undefined;
+    if (params.steps === false && listens) throw new InvalidRequest("onStep and onHalt need steps (not steps: false)", "invalid_field");
+    const steps = params.steps ?? listens;
+    if (steps !== false) chat.steps = steps; // checkOutgoing refuses a non-boolean
     try {
       return checkOutgoing(chat);
     } catch (exc) {
@@ -493,14 +533,15 @@ export class Muxi {
     }
   }
 
-  private outcome(exchange: Exchange): Response {
+  /** The exchange's response (or its error), remembered for {@link finalUsage}. @internal */
+  _outcome(exchange: Exchange): Response {
     const response = exchange.outcome();
     if (!response.usage.final) this.finalUsages.set(response, { exchange, userId: exchange.chatUserId });
     return response;
   }
 
   /** Connects if needed and puts `chat` on the wire. @internal */
-  async _start(chat: ChatMessage, isAborted: () => boolean): Promise<Started> {
+  async _start(chat: ChatMessage, isAborted: () => boolean, observer?: ExchangeObserver): Promise<Started> {
     const rid = chat.request_id;
     if (this.starting.has(rid)) throw errorFromCode("duplicate_request_id", "request_id is being started", rid);
     const announced = deferred<Started | undefined>();
@@ -508,7 +549,7 @@ export class Muxi {
     try {
       const conn = await this.connection(isAborted);
       if (isAborted()) throw new DOMException("This operation was aborted", "AbortError");
-      const exchange = await conn.start(chat, isAborted);
+      const exchange = await conn.start(chat, isAborted, observer);
       const started: Started = [conn, exchange];
       announced.resolve(started);
       return started;

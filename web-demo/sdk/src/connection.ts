@@ -5,9 +5,9 @@
  * Theory of operation
  * -------------------
  * Incoming frames are decoded with `decode` and each message is routed by `request_id` to its
- * {@link Exchange}, which checks what SPEC.md §5.1 forbids: a chunk after the response, a seq
- * gap, content that differs from the chunks (G1-G3), a `usage` report nobody announced, a
- * `cancel_result` for no cancel. A violation closes the connection and fails every request on
+ * {@link Exchange}, which checks what SPEC.md §5.1 forbids: a chunk or step after the response, a
+ * seq gap, content that differs from the chunks (G1-G3), a step started out of order or ended
+ * twice (§3.12), a `usage` report nobody announced, a `cancel_result` for no cancel. A violation closes the connection and fails every request on
  * it with {@link ProtocolViolation}: nothing the gateway says afterwards can be trusted.
  *
  * Sending is synchronous: messages are encoded into an outbox and flushed once per microtask
@@ -38,13 +38,14 @@ import {
   errorFromCode,
 } from "./errors.js";
 import { DEFAULT_MAX_STREAMS, MAX_BATCH_MESSAGES, MAX_FRAME_BYTES } from "./limits.js";
-import type { Chunk, Response, Usage } from "./types.js";
+import type { Chunk, Halt, Response, Step, Usage } from "./types.js";
 import {
   type CancelStatus,
   type ChatMessage,
   type GatewayMessage,
   type Message,
   type ResponseMessage,
+  type WireHalt,
   type WelcomeMessage,
   type WireLimits,
   type WireUsage,
@@ -105,11 +106,37 @@ export function toUsage(u: WireUsage): Usage {
   return usage;
 }
 
+export function toHalt(h: WireHalt): Halt {
+  const halt: Halt = { state: h.state, aborted: h.aborted };
+  if (h.step !== undefined) halt.step = { ...h.step };
+  return halt;
+}
+
 function toResponse(m: ResponseMessage): Response {
   const r: Response = { requestId: m.request_id, status: m.status, content: m.content, usage: toUsage(m.usage) };
   if (m.reason !== undefined) r.reason = m.reason;
   if (m.error !== undefined) r.error = { ...m.error };
+  if (m.halt !== undefined) r.halt = toHalt(m.halt);
   return r;
+}
+
+/** What the caller of a chat listens to besides chunks (`ChatParams.onStep`, `onHalt`). */
+export interface ExchangeObserver {
+  onStep?: (step: Step) => void;
+  onHalt?: (halt: Halt, usage: Usage) => void;
+  /** The exchange exists: its chat is queued for the wire. @internal */
+  onCreated?: (exchange: Exchange) => void;
+}
+
+/** Calls an application callback; what it throws is reported (as an event listener's would
+ * be), never taken for a protocol error of the gateway. */
+function callBack<A extends unknown[]>(fn: ((...args: A) => void) | undefined, ...args: A): void {
+  if (fn === undefined) return;
+  try {
+    fn(...args);
+  } catch (exc) {
+    queueMicrotask(() => { throw exc; });
+  }
 }
 
 /** One request on one connection, as this client has seen it. */
@@ -135,14 +162,95 @@ export class Exchange {
   finalUsage: Deferred<Usage> | undefined;
   /** One entry per cancel sent and not yet answered: the caller's deferred, or null. */
   readonly pendingCancels: (Deferred<CancelStatus> | null)[] = [];
+  /**
+   * The `step` messages taken in, in order (SPEC.md §3.12). Steps are taken in *in stream
+   * order*: a step that arrives while chunks before it wait unread in {@link chunks} waits too,
+   * until the consumer has read them (or they are dropped), so that `onStep` and the chunks
+   * the loop reads come out in the gateway's order (as the Python SDK does).
+   */
+  readonly steps: Step[] = [];
+  /** The index the next started step must carry (checked on arrival). */
+  nextStep = 0;
+  /** Started steps not yet ended, on the wire (checked on arrival). */
+  private readonly wireOpen = new Set<number>();
+  /** Started steps not yet ended among those taken in, by index. */
+  private readonly openSteps = new Map<number, Step>();
+  /** Steps that arrived behind unread chunks: each waits for the chunk of seq `before`. */
+  private readonly queuedSteps: { before: number; step: Step }[] = [];
+  /** The latest `halt`: the cancelled response's, then the usage message's. */
+  halt: Halt | undefined;
   private listeners = new Set<() => void>();
 
-  constructor(chat: ChatMessage, user: string) {
+  constructor(chat: ChatMessage, user: string, private readonly observer: ExchangeObserver = {}) {
     this.requestId = chat.request_id;
     this.chatUserId = chat.user_id;
     this.user = user;
     this.stream = chat.stream;
     this.keepChunks = chat.stream;
+    observer.onCreated?.(this);
+  }
+
+  /** The pipeline has halted: a completed or failed response, or a cancelled one's final usage. */
+  get halted(): boolean {
+    return this.response !== undefined && !this.usagePending;
+  }
+
+  /** The latest started step not yet ended, while the pipeline runs. */
+  get currentStep(): Step | undefined {
+    if (this.halted || this.error !== undefined) return undefined;
+    let latest: Step | undefined;
+    for (const step of this.openSteps.values()) if (latest === undefined || step.index > latest.index) latest = step;
+    return latest;
+  }
+
+  /** A `step` message arrived (§3.12, §5.1): before the response; started in index order,
+   * ended once, after it started. Taken in at once, or after the unread chunks before it. */
+  addStep(step: Step): void {
+    const id = this.requestId;
+    if (this.response !== undefined) throw new ProtocolViolation(`step after the response of ${id}`, id);
+    if (step.state === "started") {
+      if (step.index !== this.nextStep) throw new ProtocolViolation(`step ${step.index} of ${id} started, expected ${this.nextStep}`, id);
+      this.nextStep++;
+      this.wireOpen.add(step.index);
+    } else if (this.wireOpen.has(step.index)) {
+      this.wireOpen.delete(step.index);
+    } else {
+      throw new ProtocolViolation(`step ${step.index} of ${id} ended but is not running`, id);
+    }
+    if (this.chunks.length > 0) {
+      this.queuedSteps.push({ before: this.nextSeq, step });
+    } else {
+      this.takeSteps();
+      this.takeStep(step);
+    }
+  }
+
+  /** Takes in the queued steps due before the chunk of seq `seq` (all of them by default):
+   * the consumer is about to read that chunk, or reads no more queued chunks. */
+  takeSteps(seq = Infinity): void {
+    while (this.queuedSteps.length > 0 && this.queuedSteps[0]!.before <= seq) this.takeStep(this.queuedSteps.shift()!.step);
+  }
+
+  /** Drops the unread chunks (nobody will read them), taking in the steps among them. */
+  dropChunks(): void {
+    this.chunks.length = 0;
+    this.bufferedChars = 0;
+    this.takeSteps();
+  }
+
+  private takeStep(step: Step): void {
+    if (step.state === "started") this.openSteps.set(step.index, step);
+    else this.openSteps.delete(step.index);
+    this.steps.push(step);
+    callBack(this.observer.onStep, step);
+    this.notify();
+  }
+
+  /** A `halt` arrived with `usage` (in the cancelled response or the usage message). */
+  setHalt(halt: Halt | undefined, usage: Usage): void {
+    if (halt === undefined) return;
+    this.halt = halt;
+    callBack(this.observer.onHalt, halt, usage);
   }
 
   /** The caller has its answer: a response, or an error. */
@@ -187,6 +295,7 @@ export class Exchange {
 
   fail(error: MuxgateError): void {
     if (!this.done) this.error = error;
+    this.takeSteps(); // what arrived stays known
     this.finalUsage?.reject(error);
     for (const waiter of this.pendingCancels.splice(0)) waiter?.reject(error);
     this.notify();
@@ -339,7 +448,7 @@ export class Connection {
   }
 
   /** Sends `chat` once a stream slot is free; its exchange is registered when this resolves. */
-  async start(chat: ChatMessage, isAborted: () => boolean): Promise<Exchange> {
+  async start(chat: ChatMessage, isAborted: () => boolean, observer?: ExchangeObserver): Promise<Exchange> {
     this.checkUnique(chat.request_id);
     while (this.exchanges.size >= this.limits.max_streams) {
       if (this.error !== undefined) throw this.error;
@@ -348,7 +457,7 @@ export class Connection {
     }
     if (this.error !== undefined) throw this.error;
     this.checkUnique(chat.request_id);
-    const exchange = new Exchange(chat, this.userOf(chat.user_id));
+    const exchange = new Exchange(chat, this.userOf(chat.user_id), observer);
     this.send(chat);
     this.exchanges.set(chat.request_id, exchange);
     return exchange;
@@ -376,8 +485,7 @@ export class Connection {
     exchange.cancelSent = true;
     exchange.pendingCancels.push(waiter);
     exchange.keepChunks = false;
-    exchange.chunks.length = 0;
-    exchange.bufferedChars = 0;
+    exchange.dropChunks();
     return waiter;
   }
 
@@ -385,8 +493,7 @@ export class Connection {
    * it already has its answer or a cancel is on its way. */
   stop(exchange: Exchange): void {
     exchange.keepChunks = false;
-    exchange.chunks.length = 0;
-    exchange.bufferedChars = 0;
+    exchange.dropChunks();
     if (this.error === undefined && !exchange.done && !exchange.cancelSent) this.cancel(exchange);
   }
 
@@ -488,6 +595,11 @@ export class Connection {
         }
         return;
       }
+      case "step": {
+        const ex = this.exchange(m.request_id, "step");
+        ex.addStep({ requestId: m.request_id, index: m.index, kind: m.kind, name: m.name, state: m.state });
+        return;
+      }
       case "response": {
         const ex = this.exchange(m.request_id, "response");
         if (ex.response !== undefined) throw new ProtocolViolation(`a second response for ${m.request_id}`, m.request_id);
@@ -499,6 +611,7 @@ export class Connection {
           ex.usagePending = true;
           ex.finalUsage = deferred<Usage>();
         }
+        ex.setHalt(ex.response.halt, ex.response.usage);
         ex.notify();
         this.maybeFinished(ex);
         return;
@@ -507,7 +620,10 @@ export class Connection {
         const ex = this.exchange(m.request_id, "usage");
         if (!ex.usagePending) throw new ProtocolViolation(`usage for ${m.request_id} that announced none`, m.request_id);
         ex.usagePending = false;
-        ex.finalUsage?.resolve(toUsage(m.usage));
+        const final = toUsage(m.usage);
+        if (m.halt !== undefined) ex.setHalt(toHalt(m.halt), final);
+        ex.finalUsage?.resolve(final);
+        ex.notify();
         this.maybeFinished(ex);
         return;
       }
@@ -554,7 +670,7 @@ export class Connection {
       else if (this.welcome === undefined) this.welcomed.reject(error);
       return;
     }
-    if (ex.response === undefined && !ex.refused && ex.nextSeq === 0) {
+    if (ex.response === undefined && !ex.refused && ex.nextSeq === 0 && ex.nextStep === 0) {
       // The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
       ex.refused = true;
       ex.error = error;

@@ -22,6 +22,10 @@ export const MAX_ERROR_MESSAGE_CHARS = 1024;
 export const MAX_PING_ID_CHARS = 128;
 export const MAX_CONNECTION_ID_CHARS = 128;
 export const ERROR_CODE_PATTERN = /^[a-z][a-z0-9_]{0,63}$/;
+/** `step.kind` and `halt.step.kind` (SPEC.md §3.12): open, like error codes. */
+export const STEP_KIND_PATTERN = /^[a-z][a-z0-9_]{0,31}$/;
+/** Longest `step.name` / `halt.step.name`, in characters (at least 1). */
+export const MAX_STEP_NAME_CHARS = 128;
 export const MAX_SAFE_INTEGER = Number.MAX_SAFE_INTEGER;
 
 /** Code points in `s` (SPEC.md §1: a "character" is a code point). */

@@ -1,8 +1,10 @@
 /** What the SDK hands back: camelCase views of the wire messages (SPEC.md §3). */
 
-import type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role, UsageFigure } from "./wire.js";
+import type {
+  CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, Role, StepState, UsageFigure,
+} from "./wire.js";
 
-export type { CancelReason, CancelStatus, JsonValue, ResponseStatus, Role, UsageFigure };
+export type { CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, Role, StepState, UsageFigure };
 
 /** Token accounting of one request (SPEC.md §5.4). `final` false: the figures may still grow. */
 export interface Usage {
@@ -30,6 +32,36 @@ export interface Response {
   /** What failed (present exactly when failed). */
   error?: { code: string; message: string };
   usage: Usage;
+  /** Where the pipeline halts: only when cancelled, for a chat with `steps: true` (SPEC.md §3.12). */
+  halt?: Halt;
+}
+
+/** A pipeline step, as `halt.step` names it (SPEC.md §3.12). */
+export interface StepInfo {
+  /** 0 for the request's first step, then 1, 2, ... in the order steps start. */
+  index: number;
+  /** `plan`, `llm`, `llm_stream` (abortable), `tool`, `agent`, or a kind this SDK does not know. */
+  kind: string;
+  /** The pipeline's name of the step (a tool's or agent's name, `answer`, ...), for display. */
+  name: string;
+}
+
+/** One `step` message: a pipeline step started or ended (SPEC.md §3.12). */
+export interface Step extends StepInfo {
+  requestId: string;
+  state: StepState;
+}
+
+/**
+ * Where the pipeline of a cancelled request halts (SPEC.md §3.12). In the cancelled response:
+ * `pending` with the non-abortable `step` it is finishing first (absent: it halts at its next
+ * checkpoint), or `halted`. With the final usage: `halted`, `step` the last step started and
+ * `aborted` true if that step was cut mid-way (an LLM stream told to stop).
+ */
+export interface Halt {
+  state: HaltState;
+  step?: StepInfo;
+  aborted: boolean;
 }
 
 /** One piece of streamed text. Boundaries carry no meaning. */
@@ -68,6 +100,18 @@ export interface ChatParams {
   metadata?: { [key: string]: JsonValue };
   /** Aborting sends the `cancel` frame and rejects with `signal.reason`. */
   signal?: AbortSignal;
+  /**
+   * Ask the gateway for the pipeline's steps and, after a cancel, where it halts (SPEC.md
+   * §3.12). Default: true when `onStep` or `onHalt` is given (then `false` is refused), else
+   * false. A gateway older than §3.12 ignores it (no steps, no halt).
+   */
+  steps?: boolean;
+  /** Called for each `step` message of the request, in stream order: a step behind chunks
+   * the loop has not read yet is reported once it has read them (or left the loop). */
+  onStep?: (step: Step) => void;
+  /** Called with the cancelled response's `halt` and usage, then (if that one was `pending`)
+   * with the final `halted` one and the final usage. */
+  onHalt?: (halt: Halt, usage: Usage) => void;
 }
 
 export interface CancelOptions {

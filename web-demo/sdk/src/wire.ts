@@ -19,6 +19,8 @@ export type Role = "system" | "user" | "assistant" | "tool";
 export type ResponseStatus = "completed" | "cancelled" | "failed";
 export type CancelReason = "client" | "api" | "timeout" | "disconnect" | "shutdown";
 export type CancelStatus = "cancelled" | "already_cancelled" | "already_completed" | "not_found";
+export type StepState = "started" | "ended";
+export type HaltState = "pending" | "halted";
 
 /** The figures `usage.estimated` may name, in canonical order (SPEC.md §3.8). */
 export const USAGE_FIGURES = ["input_tokens", "output_tokens", "saved_tokens"] as const;
@@ -32,6 +34,10 @@ export interface WireUsage {
   /** The figures that are the gateway's estimates; absent: the gateway does not say (§3.8). */
   estimated?: UsageFigure[];
 }
+/** A pipeline step as `halt.step` names it (SPEC.md §3.12). */
+export interface WireStepInfo { index: number; kind: string; name: string }
+/** Where a cancelled request's pipeline halts (SPEC.md §3.12); `aborted` always written. */
+export interface WireHalt { state: HaltState; step?: WireStepInfo; aborted: boolean }
 export interface WireLimits {
   max_streams: number;
   max_frame_bytes: number;
@@ -48,11 +54,21 @@ export interface ChatMessage {
   user_id?: string;
   timeout_ms?: number;
   metadata?: { [key: string]: JsonValue };
+  /** Ask for `step` messages and `halt` objects (§3.12); canonical: present only when true (§9). */
+  steps?: boolean;
 }
 export interface CancelMessage { type: "cancel"; request_id: string; user_id?: string; reason?: string }
 export interface PingMessage { type: "ping"; id?: string | number }
 export interface WelcomeMessage { type: "welcome"; connection_id: string; user_id?: string; limits: WireLimits }
 export interface ChunkMessage { type: "chunk"; request_id: string; seq: number; text: string }
+export interface StepMessage {
+  type: "step";
+  request_id: string;
+  index: number;
+  kind: string;
+  name: string;
+  state: StepState;
+}
 export interface ResponseMessage {
   type: "response";
   request_id: string;
@@ -61,19 +77,22 @@ export interface ResponseMessage {
   reason?: CancelReason;
   error?: { code: string; message: string };
   usage: WireUsage;
+  /** Only when cancelled, for a chat with `steps: true` (§3.12). */
+  halt?: WireHalt;
 }
-export interface UsageMessage { type: "usage"; request_id: string; usage: WireUsage }
+export interface UsageMessage { type: "usage"; request_id: string; usage: WireUsage; halt?: WireHalt }
 export interface CancelResultMessage { type: "cancel_result"; request_id: string; status: CancelStatus }
 export interface ErrorMessage { type: "error"; code: string; message: string; request_id?: string }
 export interface PongMessage { type: "pong"; id?: string | number }
 
 export type ClientMessage = HelloMessage | ChatMessage | CancelMessage | PingMessage;
 export type GatewayMessage =
-  | WelcomeMessage | ChunkMessage | ResponseMessage | UsageMessage | CancelResultMessage | ErrorMessage | PongMessage;
+  | WelcomeMessage | ChunkMessage | StepMessage | ResponseMessage | UsageMessage | CancelResultMessage | ErrorMessage
+  | PongMessage;
 export type Message = ClientMessage | GatewayMessage;
 
 const CLIENT_TYPES = new Set(["hello", "chat", "cancel", "ping"]);
-const GATEWAY_TYPES = new Set(["welcome", "chunk", "response", "usage", "cancel_result", "error", "pong"]);
+const GATEWAY_TYPES = new Set(["welcome", "chunk", "step", "response", "usage", "cancel_result", "error", "pong"]);
 
 /** Marks msgpack maps that had `bin` keys (kept apart, SPEC.md §2.3): a non-enumerable count. */
 export const BIN_KEYS: unique symbol = Symbol("muxgate.binKeys");
@@ -273,6 +292,36 @@ function limitsOf(v: unknown): WireLimits {
   return { max_streams: streams, max_frame_bytes: frame, max_batch_messages: batch, max_timeout_ms: timeout };
 }
 
+const STEP_STATES = ["started", "ended"] as const;
+const HALT_STATES = ["pending", "halted"] as const;
+
+/** `step.index`, `step.kind`, `step.name` (also `halt.step`'s), §3.12. */
+function stepFields(o: Obj, prefix: string): WireStepInfo {
+  const index = field(o, "index", true);
+  const kind = field(o, "kind", true);
+  const name = field(o, "name", true);
+  checkInt(`${prefix}.index`, index, 0, limits.MAX_SAFE_INTEGER);
+  if (typeof kind !== "string" || !limits.STEP_KIND_PATTERN.test(kind)) {
+    throw invalid(`${prefix}.kind must be a snake_case word of at most 32 characters`);
+  }
+  checkStr(`${prefix}.name`, name, limits.MAX_STEP_NAME_CHARS, 1);
+  return { index, kind, name };
+}
+
+/** The `halt` object (§3.12): `aborted` defaults to false and needs a halted step. */
+function haltOf(v: unknown): WireHalt | undefined {
+  if (v === undefined) return undefined;
+  const o = object("halt", v);
+  const state = field(o, "state", true);
+  checkEnum("halt.state", state, HALT_STATES);
+  const stepValue = field(o, "step");
+  const step = stepValue === undefined ? undefined : stepFields(object("halt.step", stepValue), "halt.step");
+  const aborted = field(o, "aborted") ?? false;
+  checkBool("halt.aborted", aborted);
+  if (aborted && (state !== "halted" || step === undefined)) throw invalid("halt.aborted names a step the pipeline halted in");
+  return ordered([["state", state], ["step", step], ["aborted", aborted]]);
+}
+
 const ROLES = ["system", "user", "assistant", "tool"] as const;
 const STATUSES = ["completed", "cancelled", "failed"] as const;
 const REASONS = ["client", "api", "timeout", "disconnect", "shutdown"] as const;
@@ -318,9 +367,11 @@ function fromWire(type: string, o: Obj): Message {
       const timeoutMs = field(o, "timeout_ms");
       if (timeoutMs !== undefined) checkInt("timeout_ms", timeoutMs, 1, limits.MAX_TIMEOUT_MS);
       const meta = metadata(field(o, "metadata"));
+      const steps = field(o, "steps") ?? false;
+      checkBool("steps", steps);
       return ordered([
         ["type", type], ["request_id", requestId], ["message", message], ["messages", turns], ["stream", stream],
-        ["user_id", userId], ["timeout_ms", timeoutMs], ["metadata", meta],
+        ["user_id", userId], ["timeout_ms", timeoutMs], ["metadata", meta], ["steps", steps || undefined],
       ]);
     }
     case "cancel": {
@@ -355,6 +406,14 @@ function fromWire(type: string, o: Obj): Message {
       checkStr("text", text, limits.MAX_FRAME_BYTES, 1);
       return { type, request_id: requestId, seq, text };
     }
+    case "step": {
+      const requestId = field(o, "request_id", true);
+      checkRequestId(requestId);
+      const { index, kind, name } = stepFields(o, "step");
+      const state = field(o, "state", true);
+      checkEnum("step.state", state, STEP_STATES);
+      return { type, request_id: requestId, index, kind, name, state };
+    }
     case "response": {
       const requestId = field(o, "request_id", true);
       checkRequestId(requestId);
@@ -382,9 +441,14 @@ function fromWire(type: string, o: Obj): Message {
       } else if (error !== undefined) throw invalid("error is only for failed responses");
       const u = usage(field(o, "usage", true));
       if (!u.final && status !== "cancelled") throw invalid("usage.final may be false only for cancelled responses");
+      const halt = haltOf(field(o, "halt"));
+      if (halt !== undefined) {
+        if (status !== "cancelled") throw invalid("halt is only for cancelled responses");
+        if (halt.state === "pending" && u.final) throw invalid("a pending halt comes with usage.final false");
+      }
       return ordered([
         ["type", type], ["request_id", requestId], ["status", status], ["content", content], ["reason", reason],
-        ["error", error], ["usage", u],
+        ["error", error], ["usage", u], ["halt", halt],
       ]);
     }
     case "usage": {
@@ -392,7 +456,9 @@ function fromWire(type: string, o: Obj): Message {
       checkRequestId(requestId);
       const u = usage(field(o, "usage", true));
       if (!u.final) throw invalid("usage must be an object with final: true");
-      return { type, request_id: requestId, usage: u };
+      const halt = haltOf(field(o, "halt"));
+      if (halt !== undefined && halt.state !== "halted") throw invalid("usage.halt must be an object with state halted");
+      return ordered([["type", type], ["request_id", requestId], ["usage", u], ["halt", halt]]);
     }
     case "cancel_result": {
       const requestId = field(o, "request_id", true);

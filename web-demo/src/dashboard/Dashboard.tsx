@@ -1,12 +1,13 @@
 /**
  * The live dashboard: connections and active streams, requests per second, cancellations by
- * reason, cancel latency (a live chart of the latest samples), tokens used and saved. It updates
- * from the gateway's stats feed over a WebSocket (no page reload).
+ * reason, cancel latency, where cancels landed (the kind of step the pipeline halted at), the
+ * time until the pipeline (the model) stopped after a cancel, tokens generated after cancels,
+ * tokens used and saved. It updates from the gateway's stats feed over a WebSocket (no page
+ * reload); the time series are uPlot charts over the last five minutes.
  */
 import { useEffect, useState } from "react";
-import { type Stats, pushBounded, statsUrl, subscribeStats } from "./stats";
-
-const MAX_POINTS = 240;
+import { BarChart, TimeChart } from "./charts";
+import { LATE_TOKEN_BUCKETS, STEP_KINDS, type Stats, StatsHistory, WINDOW_S, statsUrl, subscribeStats } from "./stats";
 
 function Card({ label, value, id }: { label: string; value: string | number; id: string }) {
   return (
@@ -19,51 +20,49 @@ function Card({ label, value, id }: { label: string; value: string | number; id:
   );
 }
 
-/** A small SVG line chart; `series` share the y axis. */
-function Chart({ series, height = 120, id }: { series: { points: number[]; color: string; label: string }[]; height?: number; id: string }) {
-  const width = 600;
-  const max = Math.max(1e-9, ...series.flatMap((s) => s.points));
+const fmt = (v: number | null | undefined, digits = 0) =>
+  v === null || v === undefined ? "—" : v.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
+
+const BLUE = "#1f6feb";
+const RED = "#cf222e";
+const ORANGE = "#bc4c00";
+const PURPLE = "#8250df";
+const GREEN = "#1a7f37";
+const WINDOW = `last ${WINDOW_S / 60} minutes`;
+
+/** One figure of a panel's heading: `name value`. */
+function Figure({ name, value, id }: { name: string; value: string | number; id: string }) {
   return (
-    <svg viewBox={`0 0 ${width} ${height}`} width="100%" height={height} data-testid={id} role="img">
-      <rect x={0} y={0} width={width} height={height} fill="#f6f8fa" />
-      {series.map((s) => {
-        const n = s.points.length;
-        const d = s.points
-          .map((v, i) => `${((i + MAX_POINTS - n) / (MAX_POINTS - 1)) * width},${height - 4 - (v / max) * (height - 16)}`)
-          .join(" ");
-        return <polyline key={s.label} points={d} fill="none" stroke={s.color} strokeWidth={1.5} data-points={n} />;
-      })}
-      <text x={6} y={12} fontSize={11} fill="#57606a">
-        max {max.toFixed(2)}
-      </text>
-    </svg>
+    <span className="figure">
+      {name} <span data-testid={id}>{value}</span>
+    </span>
   );
 }
-
-const fmt = (v: number | null, digits = 0) => v === null ? "—" : v.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
 
 export function Dashboard() {
   const [stats, setStats] = useState<Stats | null>(null);
   const [connected, setConnected] = useState(false);
   const [updates, setUpdates] = useState(0);
-  const [latencies, setLatencies] = useState<number[]>([]);
-  const [rps, setRps] = useState<number[]>([]);
+  // Mutable, bounded columns the charts read; `updates` tells them when to redraw.
+  const [history] = useState(() => new StatsHistory());
 
   useEffect(
     () =>
       subscribeStats(
         statsUrl(),
         (s) => {
+          history.push(s);
           setStats(s);
           setUpdates((n) => n + 1);
-          setLatencies((old) => pushBounded(old, s.cancel_latency_ms.recent, MAX_POINTS));
-          setRps((old) => pushBounded(old, [s.requests_per_second], MAX_POINTS));
         },
         setConnected,
       ),
-    [],
+    [history],
   );
 
+  const steps = stats?.cancels_by_step;
+  const halt = stats?.halt_latency_ms;
+  const late = stats?.tokens_after_cancel;
   return (
     <>
       <header>
@@ -91,35 +90,147 @@ export function Dashboard() {
               <Card label="tokens saved" value={fmt(stats.tokens.saved)} id="tokens-saved" />
               <Card label="uptime s" value={fmt(stats.uptime_s)} id="uptime" />
             </div>
-            <div className="panel">
-              <h2>Requests per second</h2>
-              <Chart id="rps-chart" series={[{ points: rps, color: "#1f6feb", label: "rps" }]} />
-            </div>
-            <div className="panel">
-              <h2>
-                Cancel latency (ms, gateway side: cancel read → cancelled response written) — p50{" "}
-                <span data-testid="p50">{fmt(stats.cancel_latency_ms.p50, 2)}</span>, p99{" "}
-                <span data-testid="p99">{fmt(stats.cancel_latency_ms.p99, 2)}</span>, max{" "}
-                <span data-testid="max">{fmt(stats.cancel_latency_ms.max, 2)}</span> over{" "}
-                <span data-testid="latency-count">{stats.cancel_latency_ms.count}</span> cancels
-              </h2>
-              <Chart id="latency-chart" series={[{ points: latencies, color: "#cf222e", label: "latency" }]} />
-            </div>
-            <div className="panel">
-              <h2>Responses and cancellations</h2>
-              <table>
-                <tbody>
-                  <tr><th>completed</th><td data-testid="completed">{stats.responses.completed}</td></tr>
-                  <tr><th>cancelled</th><td data-testid="cancelled">{stats.responses.cancelled}</td></tr>
-                  <tr><th>failed</th><td data-testid="failed">{stats.responses.failed}</td></tr>
-                  {Object.entries(stats.cancellations).map(([reason, n]) => (
-                    <tr key={reason}>
-                      <th>cancelled: {reason}</th>
-                      <td data-testid={`cancel-${reason}`}>{n}</td>
-                    </tr>
-                  ))}
-                </tbody>
-              </table>
+            <div className="grid">
+              <div className="panel">
+                <h2>Traffic ({WINDOW})</h2>
+                <TimeChart
+                  id="rps-chart"
+                  data={history.traffic.data}
+                  version={updates}
+                  yLabel="requests / s"
+                  lines={[
+                    { label: "requests / s", color: BLUE },
+                    { label: "active streams", color: GREEN, rightAxis: "active streams" },
+                  ]}
+                />
+              </div>
+              <div className="panel">
+                <h2>
+                  Cancel latency, ms (gateway side: cancel read → cancelled response written) —{" "}
+                  <Figure name="p50" value={fmt(stats.cancel_latency_ms.p50, 2)} id="p50" />,{" "}
+                  <Figure name="p99" value={fmt(stats.cancel_latency_ms.p99, 2)} id="p99" />,{" "}
+                  <Figure name="max" value={fmt(stats.cancel_latency_ms.max, 2)} id="max" /> over{" "}
+                  <span data-testid="latency-count">{stats.cancel_latency_ms.count}</span> cancels
+                </h2>
+                <TimeChart
+                  id="latency-chart"
+                  data={history.cancelLatency.data}
+                  version={updates}
+                  yLabel="ms"
+                  lines={[
+                    { label: "p50", color: BLUE },
+                    { label: "p99", color: RED, dash: [6, 4] },
+                    { label: "worst since last update", color: RED, pointsOnly: true },
+                  ]}
+                />
+              </div>
+              {halt && (
+                <div className="panel">
+                  <h2>
+                    Time until the pipeline stopped after a cancel, ms (cancel read → model stopped; a
+                    tool or agent call runs to its end first) —{" "}
+                    <Figure name="p50" value={fmt(halt.p50, 2)} id="halt-p50" />,{" "}
+                    <Figure name="p90" value={fmt(halt.p90, 2)} id="halt-p90" />,{" "}
+                    <Figure name="p99" value={fmt(halt.p99, 2)} id="halt-p99" />,{" "}
+                    <Figure name="max" value={fmt(halt.max, 2)} id="halt-max" /> over{" "}
+                    <span data-testid="halt-count">{halt.count}</span> cancels
+                  </h2>
+                  <TimeChart
+                    id="halt-chart"
+                    data={history.haltLatency.data}
+                    version={updates}
+                    yLabel="ms"
+                    lines={[
+                      { label: "p50", color: BLUE },
+                      { label: "p90", color: ORANGE },
+                      { label: "p99", color: RED, dash: [6, 4] },
+                      { label: "worst since last update", color: RED, pointsOnly: true },
+                    ]}
+                  />
+                </div>
+              )}
+              {steps && (
+                <div className="panel">
+                  <h2>Where cancels landed: the step the pipeline halted at</h2>
+                  <BarChart
+                    id="steps-chart"
+                    labels={STEP_KINDS}
+                    values={STEP_KINDS.map((kind) => steps[kind] ?? 0)}
+                    version={updates}
+                    xLabel="last step started"
+                    yLabel="cancels"
+                    color={PURPLE}
+                  />
+                  <table>
+                    <tbody>
+                      <tr>
+                        {STEP_KINDS.map((kind) => (
+                          <th key={kind}>{kind}</th>
+                        ))}
+                      </tr>
+                      <tr>
+                        {STEP_KINDS.map((kind) => (
+                          <td key={kind} data-testid={`step-${kind}`}>
+                            {steps[kind] ?? 0}
+                          </td>
+                        ))}
+                      </tr>
+                    </tbody>
+                  </table>
+                </div>
+              )}
+              {late && (
+                <div className="panel">
+                  <h2>
+                    Tokens generated after cancels —{" "}
+                    <Figure name="total" value={fmt(late.total)} id="late-total" />; over the last{" "}
+                    <span data-testid="late-count">{late.count}</span> cancels:{" "}
+                    <Figure name="p99" value={fmt(late.p99)} id="late-p99" />,{" "}
+                    <Figure name="max" value={fmt(late.max)} id="late-max" />
+                  </h2>
+                  <BarChart
+                    id="late-chart"
+                    labels={LATE_TOKEN_BUCKETS}
+                    values={LATE_TOKEN_BUCKETS.map((bucket) => late.histogram[bucket] ?? 0)}
+                    version={updates}
+                    xLabel="tokens after the cancel"
+                    yLabel="cancels"
+                    color={ORANGE}
+                  />
+                  <table>
+                    <tbody>
+                      <tr>
+                        {LATE_TOKEN_BUCKETS.map((bucket) => (
+                          <th key={bucket}>{bucket} tokens</th>
+                        ))}
+                      </tr>
+                      <tr>
+                        {LATE_TOKEN_BUCKETS.map((bucket) => (
+                          <td key={bucket} data-testid={`late-${bucket}`}>
+                            {late.histogram[bucket] ?? 0}
+                          </td>
+                        ))}
+                      </tr>
+                    </tbody>
+                  </table>
+                </div>
+              )}
+              <div className="panel">
+                <h2>Responses and cancellations</h2>
+                <table>
+                  <tbody>
+                    <tr><th>completed</th><td data-testid="completed">{stats.responses.completed}</td></tr>
+                    <tr><th>cancelled</th><td data-testid="cancelled">{stats.responses.cancelled}</td></tr>
+                    <tr><th>failed</th><td data-testid="failed">{stats.responses.failed}</td></tr>
+                    {Object.entries(stats.cancellations).map(([reason, n]) => (
+                      <tr key={reason}>
+                        <th>cancelled: {reason}</th>
+                        <td data-testid={`cancel-${reason}`}>{n}</td>
+                      </tr>
+                    ))}
+                  </tbody>
+                </table>
+              </div>
             </div>
           </>
         )}

@@ -3,7 +3,20 @@
 import { afterAll, afterEach, beforeAll, beforeEach, expect, test } from "vitest";
 import type { Browser, BrowserContext, Page } from "playwright-core";
 import { type Gateway, startGateway } from "../support/gateway.js";
-import { launch, screenshot, watchErrors } from "../support/browser.js";
+import { launch, screenshot } from "../support/browser.js";
+
+/** Page errors, except the 404 of `GET /v1/backend` from a gateway without that endpoint (the
+ * page then counts the backend as simulated; Chromium logs any 404 as a console error). */
+function watchPageErrors(p: Page): string[] {
+  const errors: string[] = [];
+  p.on("pageerror", (e) => errors.push(String(e)));
+  p.on("console", (m) => {
+    if (m.type() !== "error") return;
+    if (/status of 404/.test(m.text()) && new URL(m.location().url || "http://x/").pathname === "/v1/backend") return;
+    errors.push(m.text());
+  });
+  return errors;
+}
 
 let gw: Gateway;
 let browser: Browser;
@@ -22,7 +35,7 @@ afterAll(async () => {
 beforeEach(async () => {
   context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   page = await context.newPage();
-  errors = watchErrors(page);
+  errors = watchPageErrors(page);
 });
 afterEach(async (ctx) => {
   await screenshot(page, ctx.task.name.replace(/[^a-z0-9]+/gi, "-").toLowerCase());
@@ -63,7 +76,7 @@ async function waitState(i: number, state: string) {
   await page.waitForSelector(`${conv(i)} [data-testid="turn"]:last-child[data-state="${state}"]`, { timeout: 15_000 });
 }
 
-test("send a message, tokens stream, Cancel: cancelled status with reason and tokens saved; the text stops growing", async () => {
+test("send a message, tokens stream, Stop: cancelled status with reason and tokens saved; the text stops growing", async () => {
   await page.goto(gw.http + "/");
   await setSpeed(3000, 20);
   await send(0, "Write a very long story...");
@@ -71,12 +84,19 @@ test("send a message, tokens stream, Cancel: cancelled status with reason and to
   const before = await answerLength(0);
   await waitChunks(0, 10);
   expect(await answerLength(0)).toBeGreaterThan(before); // it streams
-  await page.click(`${conv(0)} [data-testid="cancel"]`);
+  // Stop is in place of Send while the answer streams; the answer shows its step.
+  expect(await page.isVisible(`${conv(0)} [data-testid="send"]`)).toBe(false);
+  expect(await page.getAttribute(`${conv(0)} [data-testid="turn"]:last-child [data-testid="step"]`, "data-step-kind")).toBe("llm_stream");
+  expect(await page.textContent(`${conv(0)} [data-testid="turn"]:last-child [data-testid="step"]`)).toBe("answering…");
+  await page.click(`${conv(0)} [data-testid="stop"]`);
   await waitState(0, "cancelled");
   const last = `${conv(0)} [data-testid="turn"]:last-child`;
   expect(await page.textContent(`${last} [data-testid="reason"]`)).toBe("client");
   await page.waitForFunction((sel) => Number(document.querySelector(sel)?.textContent) > 0, `${last} [data-testid="saved"]`);
-  expect(await page.isVisible(`${conv(0)} [data-testid="cancel"]`)).toBe(false);
+  // Cut mid-stream: the model was stopped inside the answer step.
+  expect(await page.textContent(`${last} [data-testid="halt"]`)).toBe("model stopped during answer");
+  expect(await page.isVisible(`${conv(0)} [data-testid="stop"]`)).toBe(false);
+  expect(await page.isVisible(`${conv(0)} [data-testid="send"]`)).toBe(true);
   const frozen = await answerLength(0);
   const frozenChunks = await chunkCount(0);
   // The other conversation is the clock: while it streams 20 chunks on the same connection,
@@ -94,7 +114,7 @@ test("two conversations on one connection: cancelling one leaves the other strea
   await send(0, "First conversation");
   await send(1, "Second conversation");
   await Promise.all([waitChunks(0, 3), waitChunks(1, 3)]);
-  await page.click(`${conv(0)} [data-testid="cancel"]`);
+  await page.click(`${conv(0)} [data-testid="stop"]`);
   await waitState(0, "cancelled");
   const frozen = await answerLength(0);
   // The second keeps streaming to completion on the same WebSocket.
@@ -106,6 +126,60 @@ test("two conversations on one connection: cancelling one leaves the other strea
   // (the seed panel's own client has not connected, it connects on its first message).
   const stats = (await (await fetch(gw.http + "/v1/stats")).json()) as { connections: number };
   expect(stats.connections).toBe(1);
+});
+
+test("Stop during the tool call: the answer shows the step, 'stopping after the tool call search…' while it finishes, then 'halted after search'", async () => {
+  await page.goto(gw.http + "/");
+  // A short first half of the answer, then a long tool call.
+  await setSpeed(6, 0);
+  await page.fill('[data-testid="speed-tool_ms"]', "2000");
+  await send(0, "Find flights to Lisbon");
+  const last = `${conv(0)} [data-testid="turn"]:last-child`;
+  await page.waitForSelector(`${last} [data-testid="step"][data-step-kind="tool"]`, { timeout: 15_000 });
+  expect(await page.textContent(`${last} [data-testid="step"]`)).toBe("calling tool search…");
+  await page.click(`${conv(0)} [data-testid="stop"]`);
+  await waitState(0, "cancelled");
+  // The tool call is not abortable: the pipeline finishes it, then halts.
+  await page.waitForSelector(`${last} [data-testid="halt"][data-halt-state="pending"]`, { timeout: 5_000 });
+  expect(await page.textContent(`${last} [data-testid="halt"]`)).toBe("stopping after the tool call search…");
+  await page.waitForSelector(`${last} [data-testid="halt"][data-halt-state="halted"]`, { timeout: 15_000 });
+  expect(await page.textContent(`${last} [data-testid="halt"]`)).toBe("halted after search");
+  expect(Number(await page.textContent(`${last} [data-testid="saved"]`))).toBeGreaterThan(0);
+  expect(await page.textContent(`${last} [data-testid="status"]`)).toMatch(/halted after search — \d+ tokens saved/);
+});
+
+test("a model backend (GET /v1/backend): the page shows the model and its settings, and sends them as the chat's metadata", async () => {
+  // The gateway runs the simulated backend; the page is told it runs a model (the contract of
+  // GET /v1/backend), so only what the page renders and sends is under test here.
+  await page.route("**/v1/backend", (route) => route.fulfill({
+    json: {
+      backend: "llama", model: "gemma-3-270m-q4_k_m",
+      settings: [
+        { name: "max_tokens", type: "integer", min: 1, max: 512, default: 256 },
+        { name: "temperature", type: "number", min: 0, max: 2, default: 0.7 },
+      ],
+    },
+  }));
+  const sent: Record<string, unknown>[] = [];
+  page.on("websocket", (ws) => ws.on("framesent", (f) => {
+    if (typeof f.payload === "string") for (const line of f.payload.split("\n")) sent.push(JSON.parse(line) as Record<string, unknown>);
+  }));
+  await page.goto(gw.http + "/");
+  await page.waitForSelector('[data-testid="settings"][data-backend="llama"]');
+  expect(await page.textContent('[data-testid="backend-model"]')).toContain("gemma-3-270m-q4_k_m");
+  expect(await page.isVisible('[data-testid="speed-tokens"]')).toBe(false);
+  const maxTokens = '[data-testid="setting-max_tokens"]';
+  const temperature = '[data-testid="setting-temperature"]';
+  expect(await page.$eval(maxTokens, (e: HTMLInputElement) => [e.min, e.max, e.step, e.value])).toEqual(["1", "512", "1", "256"]);
+  expect(await page.$eval(temperature, (e: HTMLInputElement) => [e.min, e.max, e.step, e.value])).toEqual(["0", "2", "0.1", "0.7"]);
+  await page.fill(maxTokens, "9999");
+  await page.fill(temperature, "0.35");
+  await page.locator(maxTokens).blur();
+  expect(await page.inputValue(maxTokens)).toBe("512"); // clamped to the backend's bound
+  await send(0, "Hello model");
+  await waitState(0, "completed");
+  const chat = sent.find((m) => m.type === "chat")!;
+  expect(chat).toMatchObject({ message: "Hello model", steps: true, metadata: { max_tokens: 512, temperature: 0.35 } });
 });
 
 test("the seed page's ChatInterface: Send, then Cancel ends the request as cancelled", async () => {
@@ -128,7 +202,7 @@ test("the dashboard updates live as requests run and are cancelled", async () =>
   const updatesBefore = Number(await dash.getAttribute('[data-testid="feed"]', "data-updates"));
   // Drive traffic from a second page (the chat), while the dashboard stays open.
   const chat = await context.newPage();
-  watchErrors(chat).length;
+  watchPageErrors(chat).length;
   await chat.goto(gw.http + "/");
   await chat.fill('[data-testid="speed-tokens"]', "3000");
   await chat.fill('[data-testid="speed-token_delay_ms"]', "20");
@@ -136,11 +210,12 @@ test("the dashboard updates live as requests run and are cancelled", async () =>
   await chat.click(`${conv(0)} [data-testid="send"]`);
   await dash.waitForFunction(() => Number(document.querySelector('[data-testid="active"]')?.textContent) >= 1);
   await dash.waitForFunction(() => Number(document.querySelector('[data-testid="connections"]')?.textContent) >= 1);
-  await chat.click(`${conv(0)} [data-testid="cancel"]`);
+  await chat.click(`${conv(0)} [data-testid="stop"]`);
   await dash.waitForFunction((n) => Number(document.querySelector('[data-testid="cancel-client"]')?.textContent) > n, cancelledBefore);
   await dash.waitForFunction(() => Number(document.querySelector('[data-testid="latency-count"]')?.textContent) >= 1);
-  // The latency chart got a point.
-  await dash.waitForFunction(() => Number(document.querySelector('[data-testid="latency-chart"] polyline')?.getAttribute("data-points")) >= 1);
+  // The latency chart (uPlot) got a point: the newest p50 of the cancel latency.
+  await dash.waitForFunction(() => JSON.parse(document.querySelector('[data-testid="latency-chart"]')?.getAttribute("data-last") ?? "[null]")[0] !== null);
+  expect(await dash.$$eval('[data-testid="latency-chart"] .uplot canvas', (canvases) => canvases.length)).toBe(1);
   expect(await read("requests-total")).toBeGreaterThan(totalBefore);
   expect(await read("tokens-saved")).toBeGreaterThan(0);
   expect(Number(await dash.getAttribute('[data-testid="feed"]', "data-updates"))).toBeGreaterThan(updatesBefore);

@@ -34,13 +34,13 @@ afterAll(async () => {
   await gw?.stop();
 });
 
-async function run(index: number): Promise<string[]> {
-  const file = join(dir, `block-${index}.ts`);
-  writeFileSync(file, tsBlocks[index]!);
+async function run(index: number, code = tsBlocks[index]!, name = `block-${index}`): Promise<string[]> {
+  const file = join(dir, `${name}.ts`);
+  writeFileSync(file, code);
   const log = vi.spyOn(console, "log").mockImplementation(() => {});
   const write = vi.spyOn(process.stdout, "write").mockImplementation(() => true);
   try {
-    await import(/* @vite-ignore */ `${file}?t=${index}`);
+    await import(/* @vite-ignore */ `${file}?t=${name}`);
     return log.mock.calls.map((args) => args.map(String).join(" "));
   } finally {
     log.mockRestore();
@@ -198,4 +198,28 @@ test("the seed page's TypeScript and React snippets appear verbatim but for the 
   expect(ours).toHaveLength(SEED_TYPESCRIPT.length);
   SEED_TYPESCRIPT.map(adapt).forEach((code, i) => expect(ours[i]!.startsWith(code)).toBe(true));
   expect(blocks(section, ["tsx"])).toEqual([adapt(SEED_REACT)]);
+});
+
+// web-demo/README.md's section on pipeline steps and halts (SPEC.md §3.12): its example, run.
+const demoReadme = readFileSync(join(REPO_ROOT, "web-demo", "README.md"), "utf8");
+const stepsSection = demoReadme.slice(
+  demoReadme.indexOf("<!-- section:steps:start -->"),
+  demoReadme.indexOf("<!-- section:steps:end -->"),
+);
+
+test("web-demo README, steps: Stop during the tool call; the halt is pending on it, then halted after it", async () => {
+  const code = blocks(stepsSection, ["ts"]);
+  expect(code).toHaveLength(1);
+  const lines = await run(0, code[0]!, "steps-block-0");
+  expect(lines).toEqual([
+    "step 0 plan plan started",
+    "step 0 plan plan ended",
+    "step 1 llm_stream answer started",
+    "step 1 llm_stream answer ended",
+    "step 2 tool search started",
+    "halt pending after search, final usage: false",
+    "cancelled pending search",
+    "halt halted after search, final usage: true",
+    expect.stringMatching(/^halted after search: [1-9]\d* tokens saved$/),
+  ]);
 });
