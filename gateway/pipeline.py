@@ -297,11 +297,9 @@ class StepRecord:
     kind: str  # "llm" | "tool" | "agent" | "plan" | "llm_stream"
     name: str
     index: int = 0
-
-    @property
-    def abortable(self) -> bool:
-        """Whether a cancel stops it mid-way (an LLM stream) rather than waiting for its end."""
-        return self.kind == "llm_stream"
+    #: A cancel stops it mid-way (an LLM stream; a tool or agent call declared abortable)
+    #: rather than waiting for its end.
+    abortable: bool = False
 
 
 class StepSink(Protocol):
@@ -440,9 +438,18 @@ class RequestContext:
         *,
         name: str = "tool",
         give_up_after: float | None = None,
+        abortable: bool = False,
     ) -> T:
-        """One non-abortable tool (MCP) call, then a checkpoint."""
-        return await self._step("tool", name, call, give_up_after)
+        """One tool (MCP) call, then a checkpoint. Non-abortable by default: a cancel waits
+        for the call's end.
+
+        ``abortable=True``: a cancel cancels the operation's task at once (the one place
+        besides ``stream_llm`` where the gateway cancels code it runs, by the backend's own
+        declaration). The operation must then tell its server in that server's protocol
+        (MCP ``notifications/cancelled``, A2A ``tasks/cancel``) in its ``except
+        CancelledError`` and re-raise, within a bounded time; the step then halts.
+        """
+        return await self._step("tool", name, call, give_up_after, abortable=abortable)
 
     async def agent_call(
         self,
@@ -450,9 +457,18 @@ class RequestContext:
         *,
         name: str = "agent",
         give_up_after: float | None = None,
+        abortable: bool = False,
     ) -> T:
-        """One non-abortable agent (A2A) call, then a checkpoint."""
-        return await self._step("agent", name, call, give_up_after)
+        """One agent (A2A) call, then a checkpoint. Non-abortable by default: a cancel waits
+        for the call's end.
+
+        ``abortable=True``: a cancel cancels the operation's task at once (the one place
+        besides ``stream_llm`` where the gateway cancels code it runs, by the backend's own
+        declaration). The operation must then tell its server in that server's protocol
+        (MCP ``notifications/cancelled``, A2A ``tasks/cancel``) in its ``except
+        CancelledError`` and re-raise, within a bounded time; the step then halts.
+        """
+        return await self._step("agent", name, call, give_up_after, abortable=abortable)
 
     async def plan(
         self,
@@ -511,7 +527,7 @@ class RequestContext:
         # A method, not a closure: closures cost a function and a cell per free variable for
         # every active request, all scanned by the garbage collector (whose pauses delay cancels).
         # The read starts one loop turn after it is scheduled: check again (G5).
-        step = self._begin("llm_stream", name)
+        step = self._begin("llm_stream", name, abortable=True)
         usage, token, sink = self.usage, self._token, self._sink
         usage._start_stream(input_tokens)
         # Hot path, once per token: emit() inlined (no coroutine per token); the cancel check
@@ -532,8 +548,10 @@ class RequestContext:
         name: str,
         call: Callable[[], Awaitable[T]],
         give_up_after: float | None = None,
+        *,
+        abortable: bool = False,
     ) -> T:
-        """Run a non-abortable operation, shielded, between two checkpoints.
+        """Run an operation between two checkpoints: shielded unless ``abortable``.
 
         ``give_up_after`` (seconds) bounds the wait, not the operation (a caller's own
         ``asyncio.timeout`` could not: its cancellation waits for the shielded operation, as a
@@ -548,12 +566,13 @@ class RequestContext:
         async def guarded() -> T:
             # The operation starts one loop turn after it is scheduled: check again, so no call
             # starts after the flag even if the cancel arrived in between (G5).
-            step = self._begin(kind, name)
+            step = self._begin(kind, name, abortable=abortable)
             result = await call()
             self._end(step)  # a step that raised has no end (SPEC.md §3.12)
             return result
 
         inner = asyncio.ensure_future(guarded())
+        unregister = self._token.on_cancel(inner.cancel) if abortable else None
         try:
             budget = asyncio.timeout(give_up_after)  # None: no bound
             try:
@@ -569,22 +588,28 @@ class RequestContext:
                     f"{kind} step {name!r} did not finish within {give_up_after:g} s",
                 ) from None
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if abortable and inner.cancelled() and not (current and current.cancelling()):
+                self.checkpoint(name)  # aborted by the cancel: halt here (PipelineHalted)
             # The pipeline task itself was cancelled (last resort at shutdown): let the
             # non-abortable operation finish, then propagate.
             if not inner.done():
                 with contextlib.suppress(BaseException):
                     await inner
             raise
+        finally:
+            if unregister is not None:
+                unregister()
         self.checkpoint(name)
         return result
 
-    def _begin(self, kind: str, name: str) -> StepRecord:
+    def _begin(self, kind: str, name: str, *, abortable: bool = False) -> StepRecord:
         # G5: no new LLM, tool or agent call starts after the flag. Called where the operation
         # really starts; tests check G5 against the backend's own evidence.
         self.checkpoint(name)
         # A name the wire cannot carry (SPEC.md §3.12: 1-128 characters) is shortened, not fatal.
         name = (name or kind)[:MAX_STEP_NAME_CHARS]
-        step = StepRecord(kind=kind, name=name, index=len(self._steps))
+        step = StepRecord(kind=kind, name=name, index=len(self._steps), abortable=abortable)
         self._steps.append(step)
         self._running[step.index] = step
         if self._step_sink is not None:

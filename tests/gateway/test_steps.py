@@ -296,3 +296,51 @@ async def test_randomized_cancels_halt_where_the_response_said() -> None:
         after = track.log[track.log.index(response) + 1 :]
         assert not any(isinstance(m, Chunk | Step) for m in after)
     assert cancelled >= 40
+
+
+class AbortableTool:
+    """A backend whose tool call is declared abortable: the cancel reaches the operation at
+    once, which tells its server (recorded here) and re-raises."""
+
+    def __init__(self) -> None:
+        self.running = asyncio.Event()
+        self.told_server = asyncio.Event()
+        self.llm_calls_after = 0
+
+    async def run(self, ctx: RequestContext) -> None:
+        async def slow_tool() -> str:
+            self.running.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.told_server.set()  # e.g. MCP notifications/cancelled for its request id
+                raise
+            return "never"
+
+        await ctx.tool_call(slow_tool, name="crawl", abortable=True)
+
+        async def answer() -> str:
+            self.llm_calls_after += 1
+            return "x"
+
+        await ctx.llm_call(answer)
+
+
+async def test_an_abortable_tool_is_stopped_at_once_and_the_halt_says_so() -> None:
+    backend = AbortableTool()
+    async with running_gateway(backend_impl=backend) as gw, WireClient.open(ws_url(gw)) as client:
+        track = await client.chat("a1", "hello", steps=True)
+        await backend.running.wait()
+        await client.cancel("a1")
+        response = await client.response("a1")
+        async with asyncio.timeout(5):
+            await backend.told_server.wait()
+        await client.final_usage("a1")
+    crawl = StepInfo(index=0, kind="tool", name="crawl")
+    assert response.halt is not None
+    assert (response.halt.state, response.halt.step) == (HaltState.PENDING, None)  # no wait
+    assert track.usage_report is not None
+    assert track.usage_report.halt is not None
+    halt = track.usage_report.halt
+    assert (halt.step, halt.aborted) == (crawl, True)
+    assert backend.llm_calls_after == 0  # G5: nothing starts after the flag
