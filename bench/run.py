@@ -1,10 +1,10 @@
 """Run every muxgate benchmark scenario and write the results (the ``make bench`` equivalent).
 
     python3 -m pip install -e '.[bench]'
-    python3 bench/run.py                 # full run, under 5 minutes on 2 cores
+    python3 bench/run.py                 # full run, ~8 minutes on 2 cores (model: ~3-4)
     python3 bench/run.py --quick         # CI smoke: tiny loads, results in bench/results/quick
     python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec
-                                         # attack)
+                                         # attack model)
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
@@ -13,6 +13,14 @@ process, and so does every load generator (``bench/loadgen.py``); server CPU tim
 ``/proc/<pid>/stat`` over the measured window, RSS from ``/proc/<pid>/status``. Writes
 ``latest.json`` (all figures + the machine), ``latest.md`` (the tables README shows) and
 ``cancel_latency.png`` (CDF of client-observed cancel latency) into ``bench/results/``.
+
+The ``model`` scenario (issue 13, item 8; ``bench/model.py``) cancels chats against a real
+model (``muxgate serve --backend llama``: llama.cpp's llama-server with Gemma 3 270M), against the
+usual FastAPI + httpx streaming proxy (``bench/llm_proxy_peer.py``) and against llama-server
+directly, and measures at the model, from llama-server's own log, how many tokens it generated
+after the cancel and when it stopped; plus what the gateway adds per token and to the first
+token. Its full run takes ~3-4 minutes; it writes ``model.json``, ``model.md`` and
+``model_readme_section.md``. Without the ``llama`` extra it prints a note and is skipped.
 
 The ``attack`` scenario (issue 12, item 8) runs a fresh gateway per attack of
 ``bench/attacks.py`` and measures one normal client (``loadgen.py normal``) and the gateway's
@@ -52,7 +60,7 @@ from procstat import cpu_seconds, raise_nofile, rss_bytes
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PY = sys.executable
-SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack")
+SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack", "model")
 #: The attack scenario: (attack in bench/attacks.py or "baseline", label, extra gateway flags).
 ATTACKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("baseline", "none (baseline)", ()),
@@ -254,7 +262,9 @@ class Bench:
         self._cpus: tuple[set[int], set[int]] | None = None
 
     @contextlib.contextmanager
-    def server(self, kind: str, *flags: str, name: str | None = None) -> Iterator[Server]:
+    def server(
+        self, kind: str, *flags: str, name: str | None = None, ready_timeout: float = 20.0
+    ) -> Iterator[Server]:
         port = free_port()
         if kind == "gateway":
             argv = [PY, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -267,6 +277,8 @@ class Bench:
             argv += ["--log-level", "warning", "--log-format", "json", "--shutdown-grace", "1"]
         elif kind == "ceiling":
             argv = [PY, str(BENCH / "ceiling_server.py"), "--port", str(port)]
+        elif kind == "llm_proxy":
+            argv = [PY, str(BENCH / "llm_proxy_peer.py"), "--port", str(port)]
         else:
             argv = [PY, str(BENCH / "fastapi_peer.py"), "--port", str(port)]
         argv += list(flags)  # later flags win (argparse): scenarios may override the above
@@ -278,7 +290,7 @@ class Bench:
             self._cpus[0] if self._cpus else None,
         )
         try:
-            srv.wait_ready()
+            srv.wait_ready(ready_timeout)
             yield srv
         finally:
             srv.stop()
@@ -854,6 +866,14 @@ class Bench:
             ))  # fmt: skip
         return out
 
+    # -- scenario 7 ------------------------------------------------------------------------------
+
+    def model(self) -> dict[str, Any]:
+        """A real model (bench/model.py); skipped with a note without the ``llama`` extra."""
+        import model
+
+        return dict(model.run(self, machine()))
+
     # -- scenario 5 ------------------------------------------------------------------------------
 
     def codec(self) -> dict[str, Any]:
@@ -1280,10 +1300,51 @@ def markdown(results: dict[str, Any]) -> str:
     at = s.get("attack")
     if at and "runs" in at:
         lines += _attack_markdown(at)
+    mo = s.get("model")
+    if mo and ("cancel" in mo or "skipped" in mo):
+        lines += _model_markdown(mo)
     errors = {k: v["error"] for k, v in s.items() if "error" in v}
     if errors:
         lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in errors.items()]
     return "\n".join(lines) + "\n"
+
+
+def _model_markdown(mo: dict[str, Any]) -> list[str]:
+    lines = ["## 7. Cancel with a real model (llama.cpp, Gemma 3 270M), measured at the model", ""]
+    if "skipped" in mo:
+        return [*lines, f"Skipped: {mo['skipped']}.", ""]
+    lines += [
+        "Details, method and more figures: [model.md](model.md).",
+        "",
+        "| cancel via | cancels | tokens after cancel p50 / p99 / max | model stopped ms "
+        "p50 / p99 | cancel -> terminal ms p50 / p99 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {
+        "gateway": "muxgate, `cancel` frame",
+        "peer": "FastAPI + httpx proxy, connection closed",
+        "direct": "llama-server directly, connection closed",
+    }
+    for route, name in names.items():
+        c = mo["cancel"].get(route)
+        if not c:
+            continue
+        t, r = c["tokens_after_cancel"], c["ms_until_released"]
+        lat = c.get("cancel_to_terminal_ms") or {}
+        lines.append(
+            f"| {name} | {_f(c['cancelled'])} | {_f(t['p50'], 0)} / {_f(t['p99'], 0)} / "
+            f"{_f(t['max'], 0)} | {_f(r['p50'], 1)} / {_f(r['p99'], 1)} | "
+            f"{_f(lat.get('p50'))} / {_f(lat.get('p99'))} |"
+        )
+    added = mo["overhead"]["gateway"]["added"]
+    lines += [
+        "",
+        f"muxgate adds {_f(added['per_token_p50_ms'], 3)} ms per token (p50; p90 "
+        f"{_f(added['per_token_p90_ms'], 3)}) and {_f(added['ttft_outside_model_p50_ms'], 3)} ms "
+        "to the first token (p50, outside the model), against reading llama-server directly.",
+        "",
+    ]
+    return lines
 
 
 def _attack_markdown(at: dict[str, Any]) -> list[str]:
@@ -1450,6 +1511,7 @@ def main() -> int:
         "halt": bench.halt,
         "codec": bench.codec,
         "attack": bench.attack,
+        "model": bench.model,
     }
     failed = []
     for name in a.only or SCENARIOS:
