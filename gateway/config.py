@@ -6,7 +6,10 @@ field name in capitals (``MUXGATE_MAX_STREAMS=128``), its flag ``--`` plus the n
 list in the environment and repeated flags. ``backend_options`` is a TOML table, a JSON object
 in ``MUXGATE_BACKEND_OPTIONS`` and a repeated ``--backend-option KEY=VALUE`` (VALUE read as
 JSON when it parses as JSON, else as a string); its sources merge key by key, with the same
-precedence.
+precedence. ``tools`` (MCP tool servers by name, see :mod:`gateway.tools.settings`) and
+``agents`` (remote A2A agents by name, see :mod:`gateway.agents.settings`) are TOML tables of
+``[tools.NAME]`` / ``[agents.NAME]`` tables, or a JSON object in ``MUXGATE_TOOLS`` /
+``MUXGATE_AGENTS`` (or ``--tools`` / ``--agents``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class Config:
     #: or "package.module:attribute".
     backend: str = "simulated"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+    #: MCP tool servers by name (``[tools.NAME]`` tables; env ``MUXGATE_TOOLS``, a JSON
+    #: object): validated into :class:`gateway.tools.ServerSettings` at start-up.
+    tools: Mapping[str, Any] = field(default_factory=dict)
+    #: Remote A2A agents by name (``[agents.NAME]`` tables; env ``MUXGATE_AGENTS``, a JSON
+    #: object): validated into :class:`gateway.agents.AgentSettings` at start-up.
+    agents: Mapping[str, Any] = field(default_factory=dict)
 
     #: Server-side callers' secrets; with none and no jwt_secret the gateway runs without auth.
     client_keys: tuple[str, ...] = ()
@@ -163,6 +172,15 @@ class Config:
             )
         if self.max_pending_chars > self.max_content_chars:
             raise ConfigError("max_pending_chars must not exceed max_content_chars")
+        from .tools.settings import parse_tools  # standard library only: no extra needed
+
+        try:
+            object.__setattr__(self, "tools", parse_tools(self.tools))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        from .agents.settings import parse_agents  # standard library only: no extra needed
+
+        object.__setattr__(self, "agents", parse_agents(self.agents))
 
     @property
     def unauthenticated_limit(self) -> int:
@@ -279,5 +297,21 @@ def _set(values: dict[str, Any], name: str, raw: Any, source: str) -> None:
     whose keys replace theirs one by one."""
     if name == "backend_options":
         values[name] = {**values.get(name, {}), **_backend_options(raw, source)}
+    elif name == "tools":
+        values[name] = _json_table(raw, source)
+    elif name == "agents":
+        from .agents.settings import parse_agents  # standard library only: no extra needed
+
+        values[name] = parse_agents(_json_table(raw, source), source)
     else:
         values[name] = _convert(name, raw, source)
+
+
+def _json_table(raw: Any, source: str) -> Any:
+    """A table setting given as a string (environment, flag): a JSON object."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: must be a JSON object") from None

@@ -58,7 +58,11 @@ class Gateway:
 
     def __init__(self, config: Config | None = None, *, backend: Backend | None = None) -> None:
         self.config = config = config or Config()
-        self.backend: Backend = backend or load_backend(config.backend, **config.backend_options)
+        options = dict(config.backend_options)
+        if config.backend == "flow":  # its steps call the tool servers and agents configured
+            options.setdefault("tools", config.tools)
+            options.setdefault("agents", config.agents)
+        self.backend: Backend = backend or load_backend(config.backend, **options)
         #: False when the caller passed its own backend object (config.backend does not name it).
         self.backend_configured = backend is None
         self.auth = Authenticator(

@@ -75,6 +75,20 @@ class ErrorCode(enum.StrEnum):
     UPSTREAM_DISCONNECTED = "upstream_disconnected"
     #: The request could not get a turn at the upstream before its deadline.
     UPSTREAM_BUSY = "upstream_busy"
+    # In ``response.error`` of a request whose MCP tool call failed (SPEC.md §7.2).
+    #: The tool reported an error, or its server answered a JSON-RPC error (e.g. unknown tool).
+    TOOL_ERROR = "tool_error"
+    #: The tool did not answer within its configured ``timeout_s`` (its server was told to stop).
+    TOOL_TIMEOUT = "tool_timeout"
+    #: The tool server is down or restarting, or went away during the call.
+    TOOL_UNAVAILABLE = "tool_unavailable"
+    # In ``response.error`` of a request whose remote A2A agent call failed (SPEC.md §7.2).
+    #: The remote agent's task failed or was rejected, or the agent refused the request.
+    AGENT_ERROR = "agent_error"
+    #: The remote agent's task did not end within the agent's configured ``timeout_s``.
+    AGENT_TIMEOUT = "agent_timeout"
+    #: The remote agent could not be reached (connection refused, 5xx, connection dropped).
+    AGENT_UNAVAILABLE = "agent_unavailable"
 
 
 class CloseCode(enum.IntEnum):

@@ -8,7 +8,8 @@
    :mod:`gateway.backends.openai`; imported only when used: it needs httpx, the ``upstream``
    extra) or ``"llama"`` (a tiny real model served by a llama-server the backend starts and
    supervises, see :mod:`gateway.backends.llama`; imported only when used: it needs the
-   ``llama`` extra);
+   ``llama`` extra) or ``"flow"`` (steps described in the settings file: LLM calls, MCP tools,
+   A2A agents, see :mod:`gateway.backends.flow`);
 2. an entry point of that name in the group ``"muxgate.backends"`` (:data:`ENTRY_POINT_GROUP`),
    which a package declares in its ``pyproject.toml``::
 
@@ -72,6 +73,13 @@ def _llama(**options: Any) -> Backend:
     return LlamaBackend(**options)
 
 
+def _flow(**options: Any) -> Backend:
+    """Backend ``flow``: steps from the settings file (see :mod:`gateway.backends.flow`)."""
+    from .flow import FlowBackend
+
+    return FlowBackend(**options)
+
+
 _BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
     "simulated": SimulatedBackend,
     "echo": EchoBackend,
@@ -80,13 +88,14 @@ _BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
 _OPTIONAL_BUILTINS: Final[dict[str, Callable[..., Backend]]] = {
     "openai": _openai,
     "llama": _llama,
+    "flow": _flow,
 }
 
 #: The names of the built-in backends that run on the default install with no options; the
 #: first is the default.
 BACKENDS: Final[list[str]] = list(_BUILTINS)
-#: The names of the built-in backends that need an optional extra: ``openai`` (``upstream``),
-#: ``llama`` (``llama``).
+#: The names of the built-in backends that need an optional extra or options: ``openai``
+#: (``upstream``), ``llama`` (``llama``), ``flow`` (its steps; ``tools``/``agents`` when used).
 OPTIONAL_BACKENDS: Final[list[str]] = list(_OPTIONAL_BUILTINS)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
+
+from protocol import ChatMessage
 
 from ..pipeline import RequestContext
 from .simulated import estimate_tokens
@@ -38,6 +40,23 @@ class EchoBackend:
         input_tokens = estimate_tokens(prompt)
         ctx.usage.expect(input_tokens + len(words))
         await ctx.stream_llm(self._tokens(words), input_tokens=input_tokens, name="echo")
+
+    async def complete(
+        self,
+        ctx: RequestContext,
+        turns: Sequence[ChatMessage],
+        *,
+        name: str = "completion",
+        emit: bool = True,
+    ) -> str:
+        """Echo the last turn word by word, as one abortable step (what a flow's LLM steps run
+        on in tests: the answer shows exactly the prompt the flow built)."""
+        prompt = turns[-1].content if turns else ""
+        words = _WORD.findall(prompt)
+        tokens = self._tokens(words)
+        return await ctx.stream_llm(
+            tokens, input_tokens=estimate_tokens(prompt), name=name, emit=emit
+        )
 
     async def _tokens(self, words: list[str]) -> AsyncIterator[str]:
         delay = self.token_delay_ms / 1000

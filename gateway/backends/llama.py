@@ -69,7 +69,7 @@ from typing import Any, Final
 
 import structlog
 
-from protocol import ErrorCode
+from protocol import ChatMessage, ErrorCode
 
 from ..config import ConfigError
 from ..pipeline import BackendInfo, RequestContext
@@ -520,6 +520,21 @@ class LlamaBackend:
     # -- the request ------------------------------------------------------------------------------
 
     async def run(self, ctx: RequestContext) -> None:
+        await (await self._ready_upstream()).run(ctx)
+
+    async def complete(
+        self,
+        ctx: RequestContext,
+        turns: Sequence[ChatMessage],
+        *,
+        name: str = "completion",
+        emit: bool = True,
+    ) -> str:
+        """One completion of ``turns`` from the local model (see :meth:`OpenAIBackend.complete`)."""
+        upstream = await self._ready_upstream()
+        return await upstream.complete(ctx, turns, name=name, emit=emit)
+
+    async def _ready_upstream(self) -> OpenAIBackend:
         if self._supervisor is None and not self._closing:
             try:
                 await self.astart()  # used without a Gateway: start on first use
@@ -536,4 +551,4 @@ class LlamaBackend:
                 ErrorCode.UPSTREAM_UNAVAILABLE,
                 f"the local model server (llama-server) {why}: try again in a few seconds",
             )
-        await upstream.run(ctx)
+        return upstream

@@ -106,7 +106,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, cast
 
@@ -122,7 +122,7 @@ except ModuleNotFoundError as exc:  # the optional extra is not installed
         name=exc.name,
     ) from exc
 
-from protocol import ErrorCode
+from protocol import ChatMessage, ErrorCode
 
 from ..cancellation import CancelSignal
 from ..config import ConfigError
@@ -760,10 +760,26 @@ class OpenAIBackend:
         return max_tokens, temperature
 
     async def run(self, ctx: RequestContext) -> None:
-        max_tokens, temperature = self.settings_for(ctx.metadata or {})
+        max_tokens, _ = self.settings_for(ctx.metadata or {})
         prompt_tokens = sum(estimate_tokens(turn.content) for turn in ctx.messages)
         ctx.usage.expect(prompt_tokens + max_tokens)
-        messages = [{"role": turn.role.value, "content": turn.content} for turn in ctx.messages]
+        await self.complete(ctx, ctx.messages)
+
+    async def complete(
+        self,
+        ctx: RequestContext,
+        turns: Sequence[ChatMessage],
+        *,
+        name: str = "completion",
+        emit: bool = True,
+    ) -> str:
+        """One streamed chat completion of ``turns`` as an abortable ``stream_llm`` step named
+        ``name`` (retries: ``name-retry-N``), emitted to the client unless ``emit`` is false;
+        returns its text. The chat's ``metadata`` settings apply. A flow calls it once per LLM
+        step (a plan, then the answer); :meth:`run` once, for the chat itself."""
+        max_tokens, temperature = self.settings_for(ctx.metadata or {})
+        prompt_tokens = sum(estimate_tokens(turn.content) for turn in turns)
+        messages = [{"role": turn.role.value, "content": turn.content} for turn in turns]
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -788,15 +804,15 @@ class OpenAIBackend:
         try:
             attempt = 0
             while True:
-                name = "completion" if attempt == 0 else f"completion-retry-{attempt}"
+                step = name if attempt == 0 else f"{name}-retry-{attempt}"
                 call = _Call()
                 try:
-                    await ctx.stream_llm(
+                    return await ctx.stream_llm(
                         self._stream(ctx, client, call, payload),
                         input_tokens=prompt_tokens,
-                        name=name,
+                        name=step,
+                        emit=emit,
                     )
-                    return
                 except PipelineHalted:  # cancelled: the cancelled response is out already
                     await self._count_cut(ctx, call, messages)
                     raise
@@ -806,7 +822,7 @@ class OpenAIBackend:
                         raise
                 attempt += 1
                 await _pause(ctx.token, self.retry_backoff_s * 2 ** (attempt - 1))
-                ctx.checkpoint(name)  # no new call after a cancel (G5)
+                ctx.checkpoint(step)  # no new call after a cancel (G5)
         finally:
             gate.release()
 

@@ -470,6 +470,27 @@ class SimulatedBackend:
             clock = self._clock = TokenClock(loop)
         return clock
 
+    async def complete(
+        self,
+        ctx: RequestContext,
+        turns: Sequence[ChatMessage],
+        *,
+        name: str = "completion",
+        emit: bool = True,
+    ) -> str:
+        """One simulated LLM completion of ``turns`` (``tokens`` words at ``token_delay_ms``,
+        seeded by the request's seed and the last turn): an abortable ``stream_llm`` step, emitted
+        unless ``emit`` is false. What a flow's LLM steps run on without a model."""
+        settings = self.settings_for(ctx)
+        last = turns[-1].content if turns else ""
+        seed = settings.seed ^ zlib.crc32(last.encode("utf-8", "replace"))
+        words = word_stream(seed, prompt_topic(last))
+        input_tokens = estimate_tokens(SYSTEM_PROMPT) + sum(
+            estimate_tokens(turn.content) for turn in turns
+        )
+        tokens = self.simulate_tokens(words, settings, 0, settings.tokens)
+        return await ctx.stream_llm(tokens, input_tokens=input_tokens, name=name, emit=emit)
+
     # -- the pipeline -------------------------------------------------------------------------
 
     async def run(self, ctx: RequestContext) -> None:

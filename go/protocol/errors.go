@@ -31,6 +31,16 @@ const (
 	CodeUpstreamBadResponse  ErrorCode = "upstream_bad_response"
 	CodeUpstreamDisconnected ErrorCode = "upstream_disconnected"
 	CodeUpstreamBusy         ErrorCode = "upstream_busy"
+
+	// In a failed response's error when an MCP tool call failed (SPEC.md §7.2).
+	CodeToolError       ErrorCode = "tool_error"
+	CodeToolTimeout     ErrorCode = "tool_timeout"
+	CodeToolUnavailable ErrorCode = "tool_unavailable"
+
+	// In a failed response's error when a remote A2A agent call failed (SPEC.md §7.2).
+	CodeAgentError       ErrorCode = "agent_error"
+	CodeAgentTimeout     ErrorCode = "agent_timeout"
+	CodeAgentUnavailable ErrorCode = "agent_unavailable"
 )
 
 // WebSocket close codes the gateway uses (SPEC.md §2.6).

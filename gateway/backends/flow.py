@@ -1,0 +1,273 @@
+"""Backend ``flow``: a pipeline described in the settings file, composed without code.
+
+A flow is a list of steps run in order for each chat; each step's result is a named value the
+later steps' templates may use::
+
+    backend = "flow"
+
+    [backend_options]
+    llm = "llama"                          # the LLM of the plan and answer steps
+    llm_options = { max_tokens = 128 }     # its backend options
+
+    [[backend_options.steps]]
+    kind = "plan"                          # an LLM call whose text is not streamed
+    prompt = "List the steps to answer: {prompt}"
+
+    [[backend_options.steps]]
+    kind = "tool"                          # an MCP tool call ([tools.examples] in the settings)
+    server = "examples"
+    tool = "word_count"
+    arguments = { text = "{prompt}" }
+
+    [[backend_options.steps]]
+    kind = "agent"                         # an A2A agent ([agents.checker] in the settings)
+    agent = "checker"
+    message = "Check this plan: {plan}"
+
+    [[backend_options.steps]]
+    kind = "answer"                        # an LLM call streamed to the client
+    prompt = "{prompt}\\n\\nPlan: {plan}\\nWords: {word_count}\\nReview: {checker}"
+
+Step kinds: ``plan`` and ``answer`` (an abortable streaming LLM call through the ``llm``
+backend's ``complete``: a cancel stops the model at the next token; ``answer`` streams its text
+to the client, ``plan`` keeps it), ``tool`` (``server``, ``tool``, ``arguments``: string values
+are templates, other JSON values go as they are) and ``agent`` (``agent``, ``message``). Whether
+a tool or agent call is abortable, and its timeout, are settings of the tool server or agent.
+Templates are Python format strings over ``{prompt}`` (the chat's last user turn) and the
+values of the steps before: each step's value is named by ``name =``, by default ``plan``,
+``answer``, the tool's name or the agent's name.
+
+Everything is checked when the gateway starts, with a message naming the step: an unknown step
+kind or key, a missing key, a tool server or agent the settings do not define, a template that
+uses a name no earlier step defines, two steps with one name, a flow without an ``answer``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from protocol import ChatMessage, Role
+
+from ..config import ConfigError
+from ..pipeline import Backend, BackendInfo, RequestContext
+
+__all__ = ["FlowBackend", "FlowStep"]
+
+KINDS: Final = ("plan", "tool", "agent", "answer")
+_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "plan": frozenset({"kind", "name", "prompt"}),
+    "answer": frozenset({"kind", "name", "prompt"}),
+    "tool": frozenset({"kind", "name", "server", "tool", "arguments"}),
+    "agent": frozenset({"kind", "name", "agent", "message"}),
+}
+_REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
+    "plan": ("prompt",),
+    "answer": ("prompt",),
+    "tool": ("server", "tool"),
+    "agent": ("agent", "message"),
+}
+
+
+class Completer(Protocol):
+    """An LLM backend a flow can call for one completion (``simulated``, ``openai``,
+    ``llama``)."""
+
+    async def complete(
+        self,
+        ctx: RequestContext,
+        turns: Sequence[ChatMessage],
+        *,
+        name: str = ...,
+        emit: bool = ...,
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStep:
+    """One checked step of a flow."""
+
+    kind: str
+    name: str
+    #: The step's templates: ``prompt`` (plan, answer), ``message`` (agent), and the tool's
+    #: string arguments as ``arguments.KEY``.
+    templates: Mapping[str, str] = field(default_factory=dict)
+    server: str = ""
+    tool: str = ""
+    agent: str = ""
+    #: The tool's arguments that are not templates (numbers, booleans, lists, objects).
+    constants: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _fields(template: str, where: str) -> set[str]:
+    """The names a format template uses; ConfigError for one Python cannot format."""
+    names: set[str] = set()
+    try:
+        for _, name, spec, _ in string.Formatter().parse(template):
+            if name is None:
+                continue
+            if not name.isidentifier():
+                raise ConfigError(f"{where}: {{{name}}} is not a value name")
+            names.add(name)
+            if spec and "{" in spec:
+                raise ConfigError(f"{where}: nested templates are not supported")
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} (write {{{{ and }}}} for braces)") from None
+    return names
+
+
+def parse_steps(
+    raw: object, *, tools: Mapping[str, Any], agents: Mapping[str, Any]
+) -> tuple[FlowStep, ...]:
+    """Check a flow's ``steps`` against the tool servers and agents the settings define."""
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
+        raise ConfigError("backend 'flow' option 'steps' must be a non-empty list of tables")
+    defined = {"prompt"}
+    steps: list[FlowStep] = []
+    for n, item in enumerate(raw, 1):
+        where = f"flow step {n}"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        kind = item.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        where = f"flow step {n} ({kind})"
+        unknown = sorted(set(item) - _KEYS[kind])
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+        for key in _REQUIRED[kind]:
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ConfigError(f"{where}: {key!r} is required (a non-empty string)")
+        default_name = {"tool": item.get("tool"), "agent": item.get("agent")}.get(kind, kind)
+        name = item.get("name", default_name)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where}: name must be an identifier, got {name!r}")
+        if name in defined:
+            raise ConfigError(f"{where}: the name {name!r} is already used; set name = ...")
+        templates: dict[str, str] = {}
+        constants: dict[str, Any] = {}
+        if kind in ("plan", "answer"):
+            templates["prompt"] = item["prompt"]
+        elif kind == "agent":
+            if item["agent"] not in agents:
+                raise ConfigError(f"{where}: no agent {item['agent']!r} in [agents]")
+            templates["message"] = item["message"]
+        else:
+            if item["server"] not in tools:
+                raise ConfigError(f"{where}: no tool server {item['server']!r} in [tools]")
+            arguments = item.get("arguments", {})
+            if not isinstance(arguments, Mapping):
+                raise ConfigError(f"{where}: arguments must be a table")
+            for key, value in arguments.items():
+                if isinstance(value, str):
+                    templates[f"arguments.{key}"] = value
+                else:
+                    constants[str(key)] = value
+        for key, template in templates.items():
+            missing = sorted(_fields(template, f"{where} {key}") - defined)
+            if missing:
+                raise ConfigError(
+                    f"{where} {key}: {{{missing[0]}}} is not defined by an earlier step "
+                    f"(defined: {', '.join(sorted(defined))})"
+                )
+        steps.append(
+            FlowStep(
+                kind=kind,
+                name=name,
+                templates=templates,
+                server=item.get("server", ""),
+                tool=item.get("tool", ""),
+                agent=item.get("agent", ""),
+                constants=constants,
+            )
+        )
+        defined.add(name)
+    if not any(step.kind == "answer" for step in steps):
+        raise ConfigError("a flow needs an 'answer' step: it is what the client receives")
+    return tuple(steps)
+
+
+class FlowBackend:
+    """Runs the configured steps for every chat (see the module)."""
+
+    def __init__(
+        self,
+        *,
+        steps: object = (),
+        llm: str = "simulated",
+        llm_options: Mapping[str, Any] | None = None,
+        tools: Mapping[str, Any] | None = None,
+        agents: Mapping[str, Any] | None = None,
+    ) -> None:
+        from . import load_backend  # the LLM is a backend like any other
+
+        tools, agents = dict(tools or {}), dict(agents or {})
+        self.steps = parse_steps(steps, tools=tools, agents=agents)
+        if llm == "flow":
+            raise ConfigError("backend 'flow' option 'llm' cannot be 'flow'")
+        backend: Backend = load_backend(llm, **dict(llm_options or {}))
+        if not callable(getattr(backend, "complete", None)):
+            raise ConfigError(f"backend 'flow' option 'llm': backend {llm!r} has no complete()")
+        self.llm_name = llm
+        self.llm: Any = backend
+        self._tools: Any = None
+        self._agents: Any = None
+        if any(step.kind == "tool" for step in self.steps):
+            from ..tools import MCPTools  # the `tools` extra: imported only when used
+
+            self._tools = MCPTools.from_config(tools)
+        if any(step.kind == "agent" for step in self.steps):
+            from ..agents import A2AAgents  # the `agents` extra: imported only when used
+
+            self._agents = A2AAgents.from_config(agents)
+
+    def __repr__(self) -> str:
+        return f"FlowBackend(llm={self.llm_name!r}, steps={[s.name for s in self.steps]})"
+
+    def describe(self) -> BackendInfo:
+        describe = getattr(self.llm, "describe", None)
+        info = describe() if describe is not None else None
+        if not isinstance(info, BackendInfo):
+            return BackendInfo(name="flow")
+        return BackendInfo(name="flow", model=info.model, settings=info.settings)
+
+    async def astart(self) -> None:
+        """Start the LLM (e.g. llama's model server), the tool servers and the agents."""
+        for part in (self.llm, self._tools, self._agents):
+            start = getattr(part, "astart", None)
+            if start is not None:
+                await start()
+
+    async def aclose(self) -> None:
+        for part in (self._agents, self._tools, self.llm):
+            close = getattr(part, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def run(self, ctx: RequestContext) -> None:
+        values: dict[str, str] = {"prompt": ctx.prompt}
+        for step in self.steps:
+            values[step.name] = await self._run_step(ctx, step, values)
+
+    async def _run_step(
+        self, ctx: RequestContext, step: FlowStep, values: Mapping[str, str]
+    ) -> str:
+        text = {key: template.format_map(values) for key, template in step.templates.items()}
+        if step.kind in ("plan", "answer"):
+            turns = [ChatMessage(role=Role.USER, content=text["prompt"])]
+            answer = step.kind == "answer"
+            completed: str = await self.llm.complete(ctx, turns, name=step.name, emit=answer)
+            return completed
+        if step.kind == "tool":
+            arguments = dict(step.constants)
+            arguments.update(
+                (key.partition(".")[2], value)
+                for key, value in text.items()
+                if key.startswith("arguments.")
+            )
+            result = await self._tools.call(ctx, step.server, step.tool, arguments)
+            return str(getattr(result, "text", result))
+        result = await self._agents.ask(ctx, step.agent, text["message"])
+        return str(getattr(result, "text", result))
