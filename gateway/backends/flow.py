@@ -53,6 +53,7 @@ from protocol import ChatMessage, Role
 
 from ..config import ConfigError
 from ..pipeline import Backend, BackendInfo, RequestContext
+from .simulated import estimate_tokens
 
 __all__ = ["FlowBackend", "FlowStep"]
 
@@ -189,6 +190,18 @@ def parse_steps(
     return tuple(steps)
 
 
+def _default_length(backend: object) -> int:
+    """The default answer length a backend announces (``max_tokens``, or the simulated
+    backend's ``tokens``), or 0."""
+    describe = getattr(backend, "describe", None)
+    info = describe() if describe is not None else None
+    if isinstance(info, BackendInfo):
+        for setting in info.settings:
+            if setting.name in ("max_tokens", "tokens") and setting.default is not None:
+                return int(setting.default)
+    return 0
+
+
 class FlowBackend:
     """Runs the configured steps for every chat (see the module)."""
 
@@ -212,6 +225,10 @@ class FlowBackend:
             raise ConfigError(f"backend 'flow' option 'llm': backend {llm!r} has no complete()")
         self.llm_name = llm
         self.llm: Any = backend
+        #: The output tokens one LLM step may take (its backend's default length), for the
+        #: estimate behind ``saved_tokens``; 0 when the backend does not say.
+        self._llm_step_tokens = _default_length(backend)
+        self._llm_steps = sum(step.kind in ("plan", "answer") for step in self.steps)
         self._tools: Any = None
         self._agents: Any = None
         if any(step.kind == "tool" for step in self.steps):
@@ -247,6 +264,10 @@ class FlowBackend:
                 await close()
 
     async def run(self, ctx: RequestContext) -> None:
+        # What the whole flow would take, roughly: each LLM step reads about the prompt and
+        # writes its default length (templates and earlier results make prompts longer: low).
+        per_step = estimate_tokens(ctx.prompt) + self._llm_step_tokens
+        ctx.usage.expect(self._llm_steps * per_step)
         values: dict[str, str] = {"prompt": ctx.prompt}
         for step in self.steps:
             values[step.name] = await self._run_step(ctx, step, values)

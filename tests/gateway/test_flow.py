@@ -68,6 +68,8 @@ async def test_a_cancel_during_the_plan_stops_it_and_no_answer_starts() -> None:
     assert (halt.step.name, halt.aborted) == ("plan", True)
     assert [s.name for s in track.steps] == ["plan"]  # the answer never started (G5)
     assert track.chunks == []
+    final = track.usage_report.usage
+    assert final.saved_tokens > 2000  # most of the plan, and the whole answer, not generated
 
 
 @pytest.mark.parametrize(
