@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -51,3 +52,22 @@ async def settled(gateway: Gateway, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while gateway.tasks:
             await asyncio.wait(gateway.tasks)
+
+
+@contextlib.contextmanager
+def process_with_port(command: list[str], **popen: Any) -> Iterator[int]:
+    """A server process that prints ``PORT <n>`` as its first line (the example A2A agent, the
+    tests' agent): yields the port, terminates it afterwards (killed if it lingers)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **popen)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), f"{command} did not start: {line!r}"
+        yield int(line.split()[1])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.pipeline import RequestContext
 from protocol import HaltState, ResponseStatus, StepInfo, StepState
 
-from .conftest import running_gateway
+from .conftest import process_with_port, running_gateway
 from .wire import Track, WireClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,25 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def agent_url() -> Iterator[str]:
     """The test agent, in its own process, on an ephemeral port."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.gateway.a2a_agent_server"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("PORT "), f"the agent server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}/"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [sys.executable, "-m", "tests.gateway.a2a_agent_server"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with process_with_port(command, cwd=ROOT, env=env) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,7 @@ from gateway.config import Config, ConfigError
 from gateway.server import Gateway
 from protocol import Chunk, ResponseStatus, Step, StepState
 
-from .conftest import running_gateway
+from .conftest import process_with_port, running_gateway
 from .wire import WireClient
 
 FAST_LLM = {"tokens": 12, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
@@ -132,23 +131,9 @@ async def test_a_flow_calls_a_real_mcp_tool_with_arguments_from_the_prompt() -> 
 @pytest.fixture(scope="module")
 def reviewer_url() -> Iterator[str]:
     """The bundled example A2A agent, in its own process, on an ephemeral port."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.agents.example_agent", "--port", "0", "--delay-ms", "60"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("PORT "), f"the example agent did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}/"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [sys.executable, "-m", "gateway.agents.example_agent", "--port", "0"]
+    with process_with_port([*command, "--delay-ms", "60"]) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 def full_flow(**step_options: Any) -> dict[str, Any]:
