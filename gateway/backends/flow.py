@@ -39,7 +39,9 @@ values of the steps before: each step's value is named by ``name =``, by default
 
 Everything is checked when the gateway starts, with a message naming the step: an unknown step
 kind or key, a missing key, a tool server or agent the settings do not define, a template that
-uses a name no earlier step defines, two steps with one name, a flow without an ``answer``.
+uses a name no earlier step defines, two steps with one name, a flow without an ``answer``; and,
+once the tool servers are up, a tool its server does not list or an argument the tool's input
+schema requires that the step does not give.
 """
 
 from __future__ import annotations
@@ -251,11 +253,45 @@ class FlowBackend:
         return BackendInfo(name="flow", model=info.model, settings=info.settings)
 
     async def astart(self) -> None:
-        """Start the LLM (e.g. llama's model server), the tool servers and the agents."""
-        for part in (self.llm, self._tools, self._agents):
-            start = getattr(part, "astart", None)
-            if start is not None:
-                await start()
+        """Start the LLM (e.g. llama's model server), the tool servers and the agents; then
+        check every tool step against its server's own list: the tool exists, and the flow
+        gives each argument its input schema requires (ConfigError naming the step)."""
+        try:
+            for part in (self.llm, self._tools, self._agents):
+                start = getattr(part, "astart", None)
+                if start is not None:
+                    await start()
+            if self._tools is not None:
+                await self._check_tools()
+        except BaseException:
+            await self.aclose()  # what did start (a model server, tool processes) stops
+            raise
+
+    async def _check_tools(self) -> None:
+        listed: dict[str, dict[str, Any]] = {}
+        for n, step in enumerate(self.steps, 1):
+            if step.kind != "tool":
+                continue
+            if step.server not in listed:
+                result = await self._tools.server(step.server).client().list_tools()
+                listed[step.server] = {tool.name: tool for tool in result.tools}
+            tool = listed[step.server].get(step.tool)
+            where = f"flow step {n} (tool)"
+            if tool is None:
+                known = ", ".join(sorted(listed[step.server])) or "none"
+                raise ConfigError(
+                    f"{where}: tool server {step.server!r} has no tool {step.tool!r} "
+                    f"(it has: {known})"
+                )
+            schema = tool.input_schema if isinstance(tool.input_schema, Mapping) else {}
+            given = set(step.constants) | {
+                key.partition(".")[2] for key in step.templates if key.startswith("arguments.")
+            }
+            for required in schema.get("required", ()):
+                if required not in given:
+                    raise ConfigError(
+                        f"{where}: tool {step.tool!r} needs the argument {required!r}"
+                    )
 
     async def aclose(self) -> None:
         for part in (self._agents, self._tools, self.llm):

@@ -230,3 +230,24 @@ async def test_randomized_cancels_across_every_step_kind(reviewer_url: str) -> N
         elif halt.step is not None and halt.aborted:
             assert halt.step.kind in ("llm_stream", "agent")  # stopped at once
     assert sum(t.response is not None and t.response.status == "cancelled" for t in tracks) >= 8
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ({"tool": "no_such_tool"}, "has no tool 'no_such_tool' (it has: "),
+        ({"tool": "word_count", "arguments": {}}, "needs the argument 'text'"),
+    ],
+)
+async def test_a_tool_step_is_checked_against_the_servers_own_list(
+    step: dict[str, Any], message: str
+) -> None:
+    options = flow(
+        {"kind": "tool", "server": "example", **step},
+        {"kind": "answer", "prompt": "{prompt}"},
+    )
+    gateway = Gateway(Config(port=0, backend="flow", backend_options=options, tools=EXAMPLE_TOOLS))
+    with pytest.raises(ConfigError) as info:
+        await gateway.start()
+    assert message in str(info.value)
+    assert not gateway.backend._tools.server("example").ready  # its process was stopped
