@@ -46,6 +46,8 @@ schema requires that the step does not give.
 
 from __future__ import annotations
 
+import json
+import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,15 +56,17 @@ from typing import Any, Final, Protocol
 from protocol import ChatMessage, Role
 
 from ..config import ConfigError
-from ..pipeline import Backend, BackendInfo, RequestContext
+from ..pipeline import Backend, BackendFailure, BackendInfo, RequestContext
 from .simulated import estimate_tokens
 
 __all__ = ["FlowBackend", "FlowStep"]
 
 KINDS: Final = ("plan", "tool", "agent", "answer")
+#: The most rounds of tool calls an ``answer`` step may allow the model.
+MAX_ROUNDS: Final = 10
 _KEYS: Final[Mapping[str, frozenset[str]]] = {
     "plan": frozenset({"kind", "name", "prompt"}),
-    "answer": frozenset({"kind", "name", "prompt"}),
+    "answer": frozenset({"kind", "name", "prompt", "tools", "max_rounds"}),
     "tool": frozenset({"kind", "name", "server", "tool", "arguments"}),
     "agent": frozenset({"kind", "name", "agent", "message"}),
 }
@@ -102,6 +106,10 @@ class FlowStep:
     agent: str = ""
     #: The tool's arguments that are not templates (numbers, booleans, lists, objects).
     constants: Mapping[str, Any] = field(default_factory=dict)
+    #: ``answer`` only: the (server, tool) pairs the model may call itself, and the most
+    #: rounds of tool calls before it must answer.
+    tools: tuple[tuple[str, str], ...] = ()
+    max_rounds: int = 3
 
 
 def _fields(template: str, where: str) -> set[str]:
@@ -151,8 +159,26 @@ def parse_steps(
             raise ConfigError(f"{where}: the name {name!r} is already used; set name = ...")
         templates: dict[str, str] = {}
         constants: dict[str, Any] = {}
+        choosable: list[tuple[str, str]] = []
+        max_rounds = 3
         if kind in ("plan", "answer"):
             templates["prompt"] = item["prompt"]
+        if kind == "answer" and "tools" in item:
+            listed = item["tools"]
+            if not isinstance(listed, Sequence) or isinstance(listed, str) or not listed:
+                raise ConfigError(f"{where}: tools must be a non-empty list of 'server.tool'")
+            for entry in listed:
+                server, _, tool = str(entry).partition(".")
+                if not server or not tool:
+                    raise ConfigError(f"{where}: tools entry {entry!r} is not 'server.tool'")
+                if server not in tools:
+                    raise ConfigError(f"{where}: no tool server {server!r} in [tools]")
+                choosable.append((server, tool))
+            max_rounds = item.get("max_rounds", 3)
+            if type(max_rounds) is not int or not 1 <= max_rounds <= MAX_ROUNDS:
+                raise ConfigError(f"{where}: max_rounds must be an integer in 1..{MAX_ROUNDS}")
+        if kind in ("plan", "answer"):
+            pass
         elif kind == "agent":
             if item["agent"] not in agents:
                 raise ConfigError(f"{where}: no agent {item['agent']!r} in [agents]")
@@ -184,6 +210,8 @@ def parse_steps(
                 tool=item.get("tool", ""),
                 agent=item.get("agent", ""),
                 constants=constants,
+                tools=tuple(choosable),
+                max_rounds=max_rounds,
             )
         )
         defined.add(name)
@@ -233,7 +261,16 @@ class FlowBackend:
         self._llm_steps = sum(step.kind in ("plan", "answer") for step in self.steps)
         self._tools: Any = None
         self._agents: Any = None
-        if any(step.kind == "tool" for step in self.steps):
+        if any(step.tools for step in self.steps) and not callable(
+            getattr(backend, "complete_with_tools", None)
+        ):
+            raise ConfigError(
+                f"backend 'flow': an answer step lets the model call tools, but backend {llm!r} "
+                "cannot call tools (use llm = 'openai' with a model that supports tool calling)"
+            )
+        #: The function definitions the model is offered, by (server, tool); filled at start.
+        self._functions: dict[tuple[str, str], dict[str, Any]] = {}
+        if any(step.kind == "tool" or step.tools for step in self.steps):
             from ..tools import MCPTools  # the `tools` extra: imported only when used
 
             self._tools = MCPTools.from_config(tools)
@@ -269,13 +306,24 @@ class FlowBackend:
 
     async def _check_tools(self) -> None:
         listed: dict[str, dict[str, Any]] = {}
+
+        async def tools_of(server: str) -> dict[str, Any]:
+            if server not in listed:
+                result = await self._tools.server(server).client().list_tools()
+                listed[server] = {tool.name: tool for tool in result.tools}
+            return listed[server]
+
         for n, step in enumerate(self.steps, 1):
+            for server, name in step.tools:  # offered to the model: its schema goes as it is
+                offered = (await tools_of(server)).get(name)
+                if offered is None:
+                    raise ConfigError(
+                        f"flow step {n} (answer): tool server {server!r} has no tool {name!r}"
+                    )
+                self._functions[(server, name)] = _function(server, offered)
             if step.kind != "tool":
                 continue
-            if step.server not in listed:
-                result = await self._tools.server(step.server).client().list_tools()
-                listed[step.server] = {tool.name: tool for tool in result.tools}
-            tool = listed[step.server].get(step.tool)
+            tool = (await tools_of(step.server)).get(step.tool)
             where = f"flow step {n} (tool)"
             if tool is None:
                 known = ", ".join(sorted(listed[step.server])) or "none"
@@ -312,6 +360,8 @@ class FlowBackend:
         self, ctx: RequestContext, step: FlowStep, values: Mapping[str, str]
     ) -> str:
         text = {key: template.format_map(values) for key, template in step.templates.items()}
+        if step.tools:
+            return await self._answer_with_tools(ctx, step, text["prompt"])
         if step.kind in ("plan", "answer"):
             turns = [ChatMessage(role=Role.USER, content=text["prompt"])]
             answer = step.kind == "answer"
@@ -328,3 +378,76 @@ class FlowBackend:
             return str(getattr(result, "text", result))
         result = await self._agents.ask(ctx, step.agent, text["message"])
         return str(getattr(result, "text", result))
+
+    async def _answer_with_tools(self, ctx: RequestContext, step: FlowStep, prompt: str) -> str:
+        """The model answers ``prompt`` and may call the step's tools itself: each round is an
+        abortable LLM step (``answer``, ``answer-2``, ...) and each call a tool step; after
+        ``max_rounds`` rounds of calls, one last round offers no tool, so it must answer."""
+        functions = [self._functions[pair] for pair in step.tools]
+        by_name = {
+            f["function"]["name"]: pair for f, pair in zip(functions, step.tools, strict=True)
+        }
+        messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+        for round_ in range(step.max_rounds + 1):
+            offered = functions if round_ < step.max_rounds else []
+            name = step.name if round_ == 0 else f"{step.name}-{round_ + 1}"
+            answer, calls = await self.llm.complete_with_tools(
+                ctx, messages, offered, name=name, emit=True
+            )
+            if not calls:
+                return str(answer)
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": answer or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                        for call in calls
+                    ],
+                }
+            )
+            for call in calls:
+                content = await self._call_chosen(ctx, by_name.get(call.name), call)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+        raise AssertionError("unreachable: the last round offers no tool")  # pragma: no cover
+
+    async def _call_chosen(
+        self, ctx: RequestContext, pair: tuple[str, str] | None, call: Any
+    ) -> str:
+        """Run a tool call the model chose; what the model got wrong (an unknown tool, bad
+        arguments, the tool's own error) goes back to it as the result, so it can correct
+        itself; a tool that times out or is down fails the request."""
+        if pair is None:
+            return f"error: there is no tool named {call.name!r}"
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError:
+            return "error: the arguments are not JSON"
+        if not isinstance(arguments, dict):
+            return "error: the arguments must be a JSON object"
+        try:
+            result = await self._tools.call(ctx, pair[0], pair[1], arguments)
+        except BackendFailure as failure:
+            if failure.code != "tool_error":
+                raise
+            return f"error: {failure.message}"
+        return str(getattr(result, "text", result))
+
+
+def _function(server: str, tool: Any) -> dict[str, Any]:
+    """An MCP tool as an OpenAI function definition (name ``server__tool``, within 64 of
+    ``[A-Za-z0-9_-]``)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}__{tool.name}")[:64]
+    schema = tool.input_schema if isinstance(tool.input_schema, Mapping) else {}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": tool.description or tool.name,
+            "parameters": dict(schema) or {"type": "object", "properties": {}},
+        },
+    }

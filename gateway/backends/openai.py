@@ -107,6 +107,7 @@ import re
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, cast
 
@@ -197,6 +198,8 @@ BUSY_MARGIN_S: Final = 0.05
 DRAIN_S: Final = 0.5
 #: The longest stream line accepted (a chunk is a few hundred bytes).
 MAX_LINE_BYTES: Final = 1 << 20
+#: Most tool calls the model may ask for in one answer.
+MAX_TOOL_CALLS: Final = 16
 #: How much of an error answer's body is read for its message, and how much of that is shown.
 ERROR_BODY_BYTES: Final = 4096
 EXCERPT_CHARS: Final = 200
@@ -405,12 +408,24 @@ def _shutdown(sock: Any) -> None:
         duplicate.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call the model asked for: its id (for the ``tool`` message that answers it), the
+    function's name, and its arguments as the model wrote them (a JSON text, not checked)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class _Call:
     """One upstream call: what a cancel needs to cut it, and what it produced."""
 
-    __slots__ = ("parts", "pieces", "reported", "response")
+    __slots__ = ("parts", "pieces", "reported", "response", "tool_calls")
 
     def __init__(self) -> None:
+        #: Tool calls streamed so far, by their index: [id, name, argument fragments...].
+        self.tool_calls: dict[int, list[str]] | None = None
         self.response: httpx.Response | None = None
         #: Content deltas received (and passed on).
         self.pieces = 0
@@ -418,6 +433,44 @@ class _Call:
         self.parts: list[str] = []
         #: Whether the provider's usage chunk arrived (then there is nothing to count).
         self.reported = False
+
+    def add_tool_call_deltas(self, deltas: object) -> None:
+        """Accumulate ``delta.tool_calls`` fragments (OpenAI streams a call's id and name first,
+        then its arguments in pieces, each fragment tagged with the call's ``index``)."""
+        if type(deltas) is not list:
+            raise _bad("delta tool_calls that are not a list")
+        calls = self.tool_calls
+        if calls is None:
+            calls = self.tool_calls = {}
+        for delta in deltas:
+            if type(delta) is not dict or type(delta.get("index", 0)) is not int:
+                raise _bad("a tool call delta that is not an object with an index")
+            if len(calls) >= MAX_TOOL_CALLS and delta.get("index", 0) not in calls:
+                raise _bad(f"more than {MAX_TOOL_CALLS} tool calls in one answer")
+            entry = calls.setdefault(delta.get("index", 0), ["", ""])
+            function = delta.get("function") or {}
+            if type(function) is not dict:
+                raise _bad("a tool call function that is not an object")
+            for slot, value in ((0, delta.get("id")), (1, function.get("name"))):
+                if value is not None:
+                    if type(value) is not str:
+                        raise _bad("a tool call id or name that is not a string")
+                    entry[slot] = entry[slot] or value
+            arguments = function.get("arguments")
+            if arguments is not None:
+                if type(arguments) is not str:
+                    raise _bad("tool call arguments that are not a string")
+                entry.append(arguments)
+                if sum(map(len, entry)) > MAX_LINE_BYTES:
+                    raise _bad(f"tool call arguments longer than {MAX_LINE_BYTES} bytes")
+
+    def finished_tool_calls(self) -> list[ToolCall]:
+        if not self.tool_calls:
+            return []
+        return [
+            ToolCall(id=entry[0] or f"call_{index}", name=entry[1], arguments="".join(entry[2:]))
+            for index, entry in sorted(self.tool_calls.items())
+        ]
 
     def cut(self) -> None:
         """The cancel token's callback: runs synchronously in the loop turn that reads the
@@ -777,18 +830,47 @@ class OpenAIBackend:
         ``name`` (retries: ``name-retry-N``), emitted to the client unless ``emit`` is false;
         returns its text. The chat's ``metadata`` settings apply. A flow calls it once per LLM
         step (a plan, then the answer); :meth:`run` once, for the chat itself."""
-        max_tokens, temperature = self.settings_for(ctx.metadata or {})
-        prompt_tokens = sum(estimate_tokens(turn.content) for turn in turns)
         messages = [{"role": turn.role.value, "content": turn.content} for turn in turns]
+        text, _ = await self._completion(ctx, messages, name=name, emit=emit)
+        return text
+
+    async def complete_with_tools(
+        self,
+        ctx: RequestContext,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]],
+        *,
+        name: str = "completion",
+        emit: bool = True,
+    ) -> tuple[str, list[ToolCall]]:
+        """One completion that may call tools: ``messages`` in the upstream's own format (so a
+        flow can add the assistant's ``tool_calls`` and the ``tool`` results of a round) and
+        ``tools`` as OpenAI function definitions. Returns the text and the tool calls the
+        model asked for (empty: it answered)."""
+        return await self._completion(ctx, messages, name=name, emit=emit, tools=tools)
+
+    async def _completion(
+        self,
+        ctx: RequestContext,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        name: str,
+        emit: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> tuple[str, list[ToolCall]]:
+        max_tokens, temperature = self.settings_for(ctx.metadata or {})
+        prompt_tokens = sum(estimate_tokens(str(m.get("content") or "")) for m in messages)
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            "messages": list(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": max_tokens,
         }
         if temperature is not None:
             body["temperature"] = temperature
+        if tools:
+            body["tools"] = list(tools)
         payload = orjson.dumps(body)
 
         ctx.checkpoint("upstream-queue")
@@ -801,24 +883,33 @@ class OpenAIBackend:
                 UPSTREAM_BUSY,
                 "the upstream is busy: the request could not start before its deadline",
             )
+        counted = [
+            {"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in messages
+        ]
         try:
             attempt = 0
             while True:
                 step = name if attempt == 0 else f"{name}-retry-{attempt}"
                 call = _Call()
                 try:
-                    return await ctx.stream_llm(
+                    text = await ctx.stream_llm(
                         self._stream(ctx, client, call, payload),
                         input_tokens=prompt_tokens,
                         name=step,
                         emit=emit,
                     )
+                    return text, call.finished_tool_calls()
                 except PipelineHalted:  # cancelled: the cancelled response is out already
-                    await self._count_cut(ctx, call, messages)
+                    await self._count_cut(ctx, call, counted)
                     raise
                 except UpstreamFailure as failure:
-                    await self._count_cut(ctx, call, messages)
-                    if not failure.retryable or call.pieces or attempt >= self.retries:
+                    await self._count_cut(ctx, call, counted)
+                    if (
+                        not failure.retryable
+                        or call.pieces
+                        or call.tool_calls
+                        or attempt >= self.retries
+                    ):
                         raise
                 attempt += 1
                 await _pause(ctx.token, self.retry_backoff_s * 2 ** (attempt - 1))
@@ -969,7 +1060,7 @@ class OpenAIBackend:
                         await self._drain(chunks)
                         return
                     last_data = clock()
-                    text, usage, finish = self._chunk(value)
+                    text, usage, finish = self._chunk(value, call)
                     if text:
                         call.pieces += 1
                         call.parts.append(text)
@@ -1007,7 +1098,7 @@ class OpenAIBackend:
             UPSTREAM_TIMEOUT, f"no token from the upstream for {self.stall_timeout_s:g} s"
         )
 
-    def _chunk(self, value: bytes) -> tuple[str | None, tuple[int, int] | None, bool]:
+    def _chunk(self, value: bytes, call: _Call) -> tuple[str | None, tuple[int, int] | None, bool]:
         """One ``chat.completion.chunk``: its content piece, usage figures, and whether its
         choice finished."""
         try:
@@ -1040,6 +1131,9 @@ class OpenAIBackend:
                 text = delta.get("content")
                 if text is not None and type(text) is not str:
                     raise _bad("a delta content that is not a string")
+                tool_calls = delta.get("tool_calls")
+                if tool_calls is not None:
+                    call.add_tool_call_deltas(tool_calls)
             finish = choice.get("finish_reason") is not None
         figures = None
         if type(usage) is dict:

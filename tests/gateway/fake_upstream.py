@@ -73,6 +73,10 @@ class Plan:
     error_body: bytes = b'{"error": {"message": "something went wrong", "type": "server_error"}}'
     #: Send nothing at all, not even the status line, until the gateway hangs up.
     hang: bool = False
+    #: Tool calls (id, function name, arguments JSON) streamed after the tokens, as OpenAI
+    #: does (id and name first, the arguments in two pieces); the finish reason is then
+    #: "tool_calls".
+    tool_calls: Sequence[tuple[str, str, str]] = ()
 
     def __post_init__(self) -> None:
         assert self.then in THEN, self.then
@@ -397,8 +401,15 @@ class FakeUpstream:
             send(_chunk({"content": token}))
             seen.token_times.append(time.monotonic())
             await writer.drain()
+        for index, (call_id, function, arguments) in enumerate(plan.tool_calls):
+            head = {"name": function, "arguments": ""}
+            send(_chunk({"tool_calls": [{"index": index, "id": call_id, "function": head}]}))
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                send(_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+            await writer.drain()
         if plan.then in ("done", "no_done"):
-            send(_chunk({}, finish="stop"))
+            send(_chunk({}, finish="tool_calls" if plan.tool_calls else "stop"))
             if plan.usage is not None:
                 prompt, completion = plan.usage
                 usage = {

@@ -14,6 +14,7 @@ from gateway.server import Gateway
 from protocol import Chunk, ResponseStatus, Step, StepState
 
 from .conftest import process_with_port, running_gateway
+from .fake_upstream import FakeUpstream, Plan
 from .wire import WireClient
 
 FAST_LLM = {"tokens": 12, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
@@ -251,3 +252,63 @@ async def test_a_tool_step_is_checked_against_the_servers_own_list(
         await gateway.start()
     assert message in str(info.value)
     assert not gateway.backend._tools.server("example").ready  # its process was stopped
+
+
+async def test_the_model_chooses_an_mcp_tool_itself_then_answers() -> None:
+    """An answer step with ``tools``: the upstream (a fake OpenAI-compatible server) asks for
+    word_count; the flow runs it on the real example MCP server, sends the result back as a
+    ``tool`` message, and the model's second round is the answer."""
+    first = Plan(tokens=(), tool_calls=[("call_7", "example__word_count", '{"text": "a b c"}')])
+    second = Plan(tokens=("There", " are", " 3", " words."))
+    async with FakeUpstream({"How many words in: a b c": first, "3": second}) as fake:
+        options = {
+            "llm": "openai",
+            "llm_options": {"base_url": fake.base_url, "model": "m", "api_key_env": "NO_KEY"},
+            "steps": [
+                {
+                    "kind": "answer",
+                    "prompt": "How many words in: {prompt}",
+                    "tools": ["example.word_count"],
+                    "max_rounds": 2,
+                }
+            ],
+        }
+        async with (
+            running_gateway(backend="flow", backend_options=options, tools=EXAMPLE_TOOLS) as gw,
+            WireClient.open(gw.url) as client,
+        ):
+            track = await client.chat("loop", "a b c", steps=True)
+            response = await client.response("loop")
+        bodies = [seen.body for seen in fake.requests]
+    assert response.status is ResponseStatus.COMPLETED
+    assert response.content == "There are 3 words."
+    started = [(s.kind, s.name) for s in track.steps if s.state is StepState.STARTED]
+    assert started == [("llm_stream", "answer"), ("tool", "word_count"), ("llm_stream", "answer-2")]
+    offered = bodies[0]["tools"][0]["function"]
+    assert offered["name"] == "example__word_count"
+    assert offered["parameters"]["required"] == ["text"]
+    assert bodies[1]["messages"][-2]["tool_calls"][0]["id"] == "call_7"
+    assert bodies[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_7", "content": "3"}
+
+
+def test_tools_need_an_llm_that_calls_tools() -> None:
+    options = flow({"kind": "answer", "prompt": "{prompt}", "tools": ["example.word_count"]})
+    with pytest.raises(ConfigError) as info:
+        Gateway(Config(port=0, backend="flow", backend_options=options, tools=EXAMPLE_TOOLS))
+    assert "cannot call tools" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"tools": "example.word_count"}, "non-empty list of 'server.tool'"),
+        ({"tools": ["word_count"]}, "is not 'server.tool'"),
+        ({"tools": ["web.search"]}, "no tool server 'web'"),
+        ({"tools": ["example.word_count"], "max_rounds": 0}, "max_rounds must be an integer"),
+    ],
+)
+def test_bad_tool_lists_are_refused(answer: dict[str, Any], message: str) -> None:
+    options = flow({"kind": "answer", "prompt": "{prompt}", **answer})
+    with pytest.raises(ConfigError) as info:
+        Gateway(Config(port=0, backend="flow", backend_options=options, tools=EXAMPLE_TOOLS))
+    assert message in str(info.value)

@@ -1077,3 +1077,29 @@ def test_the_default_backend_never_imports_httpx() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_tool_call_deltas_assemble_and_bad_ones_are_typed_failures() -> None:
+    from gateway.backends.openai import MAX_TOOL_CALLS, ToolCall, UpstreamFailure, _Call
+
+    call = _Call()
+    call.add_tool_call_deltas(
+        [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}]
+    )
+    call.add_tool_call_deltas([{"index": 0, "function": {"arguments": '{"a"'}}])
+    call.add_tool_call_deltas([{"index": 0, "function": {"arguments": ": 1}"}}])
+    call.add_tool_call_deltas([{"index": 1, "function": {"name": "g"}}])
+    assert call.finished_tool_calls() == [
+        ToolCall(id="c1", name="f", arguments='{"a": 1}'),
+        ToolCall(id="call_1", name="g", arguments=""),
+    ]
+    for bad in (
+        {"index": 0},  # not a list
+        [{"index": "0"}],
+        [{"index": 0, "function": "f"}],
+        [{"index": 0, "function": {"arguments": 5}}],
+        [{"index": i} for i in range(MAX_TOOL_CALLS + 1)],
+    ):
+        with pytest.raises(UpstreamFailure) as info:
+            _Call().add_tool_call_deltas(bad)
+        assert info.value.code == "upstream_bad_response"
