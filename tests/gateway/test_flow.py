@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 import sys
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ from .conftest import process_with_port, running_gateway
 from .fake_upstream import FakeUpstream, Plan
 from .wire import WireClient
 
+README_TEXT = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 FAST_LLM = {"tokens": 12, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
 
 
@@ -312,3 +316,31 @@ def test_bad_tool_lists_are_refused(answer: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError) as info:
         Gateway(Config(port=0, backend="flow", backend_options=options, tools=EXAMPLE_TOOLS))
     assert message in str(info.value)
+
+
+async def test_the_readme_flow_runs_as_written(reviewer_url: str) -> None:
+    """README's flow.toml, loaded as a settings file: only the agent's URL (the test's agent on
+    a free port) and the LLM (the simulated one: no model build in this test) differ."""
+    block = re.search(r"^```toml\n# flow\.toml\n(.*?)^```", README_TEXT, re.M | re.S)
+    assert block is not None
+    settings = tomllib.loads(block.group(1))
+    assert settings["backend_options"]["llm"] == "llama"
+    settings["backend_options"].update(llm="simulated", llm_options=FAST_LLM)
+    settings["agents"]["reviewer"]["url"] = reviewer_url
+    settings["tools"]["example"]["command"] = [
+        sys.executable,
+        *settings["tools"]["example"]["command"][1:],
+    ]
+    async with (
+        running_gateway(**settings) as gw,
+        WireClient.open(gw.url) as client,
+    ):
+        track = await client.chat("readme", "How do I bake bread?", steps=True)
+        response = await client.response("readme", timeout=20)
+    assert response.status is ResponseStatus.COMPLETED
+    assert [s.kind for s in track.steps if s.state is StepState.STARTED] == [
+        "llm_stream",
+        "tool",
+        "agent",
+        "llm_stream",
+    ]
