@@ -4,7 +4,7 @@
     python3 bench/run.py                 # full run, ~8 minutes on 2 cores (model: ~3-4)
     python3 bench/run.py --quick         # CI smoke: tiny loads, results in bench/results/quick
     python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec
-                                         # attack model)
+                                         # attack model tools)
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
@@ -21,6 +21,14 @@ directly, and measures at the model, from llama-server's own log, how many token
 after the cancel and when it stopped; plus what the gateway adds per token and to the first
 token. Its full run takes ~3-4 minutes; it writes ``model.json``, ``model.md`` and
 ``model_readme_section.md``. Without the ``llama`` extra it prints a note and is skipped.
+
+The ``tools`` scenario (issue 14, item 6; ``bench/tools.py``) runs ``muxgate serve --config``
+with flows whose step is the bundled example MCP server's ``slow_search`` (stdio and streamable
+HTTP, abortable; stdio, not abortable) or the bundled example A2A agent (abortable), cancels
+chats one at a time 20-200 ms after the step started, and measures at the server and agent (their
+own event records, ``time.monotonic()``) when the cancel reached them and how long the call ran
+on after it. Its full run takes ~5 minutes; it writes ``tools.json``, ``tools.md`` and
+``tools_readme_section.md``. Without the ``tools`` and ``agents`` extras it is skipped.
 
 The ``attack`` scenario (issue 12, item 8) runs a fresh gateway per attack of
 ``bench/attacks.py`` and measures one normal client (``loadgen.py normal``) and the gateway's
@@ -60,7 +68,7 @@ from procstat import cpu_seconds, raise_nofile, rss_bytes
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PY = sys.executable
-SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack", "model")
+SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack", "model", "tools")
 #: The attack scenario: (attack in bench/attacks.py or "baseline", label, extra gateway flags).
 ATTACKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("baseline", "none (baseline)", ()),
@@ -874,6 +882,14 @@ class Bench:
 
         return dict(model.run(self, machine()))
 
+    # -- scenario 8 ------------------------------------------------------------------------------
+
+    def tools(self) -> dict[str, Any]:
+        """MCP tools and A2A agents (bench/tools.py); skipped without the extras."""
+        import tools
+
+        return dict(tools.run(self, machine()))
+
     # -- scenario 5 ------------------------------------------------------------------------------
 
     def codec(self) -> dict[str, Any]:
@@ -1303,6 +1319,9 @@ def markdown(results: dict[str, Any]) -> str:
     mo = s.get("model")
     if mo and ("cancel" in mo or "skipped" in mo):
         lines += _model_markdown(mo)
+    to = s.get("tools")
+    if to and ("flows" in to or "skipped" in to):
+        lines += _tools_markdown(to)
     errors = {k: v["error"] for k, v in s.items() if "error" in v}
     if errors:
         lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in errors.items()]
@@ -1345,6 +1364,27 @@ def _model_markdown(mo: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _tools_markdown(to: dict[str, Any]) -> list[str]:
+    lines = ["## 8. Cancel → MCP tool server / A2A agent, measured at the server", ""]
+    if "skipped" in to:
+        return [*lines, f"Skipped: {to['skipped']}.", ""]
+    lines += [
+        "Details, method and more figures: [tools.md](tools.md).",
+        "",
+        "| flow | n | server learned ms p50 / p99 / max | work after cancel ms p50 / p99 | "
+        "ran to end | cancel -> terminal ms p50 / p99 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for f in to["flows"].values():
+        le, w, c = f["cancel_to_learned_ms"], f["work_after_cancel_ms"], f["cancel_to_response_ms"]
+        lines.append(
+            f"| {f['label']} | {f['requests']} | {_f(le['p50'])} / {_f(le['p99'])} / "
+            f"{_f(le['max'])} | {_f(w['p50'], 1)} / {_f(w['p99'], 1)} | {f['ran_to_end']} | "
+            f"{_f(c['p50'])} / {_f(c['p99'])} |"
+        )
+    return [*lines, ""]
 
 
 def _attack_markdown(at: dict[str, Any]) -> list[str]:
@@ -1512,6 +1552,7 @@ def main() -> int:
         "codec": bench.codec,
         "attack": bench.attack,
         "model": bench.model,
+        "tools": bench.tools,
     }
     failed = []
     for name in a.only or SCENARIOS:

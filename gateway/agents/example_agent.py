@@ -7,6 +7,15 @@ completes with a one-line review. It honours ``tasks/cancel`` (``CancelTask``): 
 
 ``--delay-ms`` paces the notes (default 200 ms each, 3 notes), so a cancel visibly lands while
 the agent works. ``--port 0`` picks a free port; the first line printed is ``PORT <n>``.
+
+**What it records.** With ``--events FILE`` (or ``MUXGATE_EXAMPLE_EVENTS=FILE`` in its
+environment, as the example MCP server) the agent appends one JSON object per line to that file:
+``started`` (``pid``, ``transport``, ``port``), ``call`` (``task_id``: ``execute`` began),
+``note`` (``task_id``, ``index``: a note written), ``cancel`` (``task_id``: its ``cancel``
+handler ran, i.e. ``tasks/cancel`` arrived), and ``finished`` or ``cancelled`` (``task_id``:
+``execute`` ran to its end, or was cancelled mid-way). Each carries ``t``, ``time.monotonic()``
+of this process (on Linux the same clock as every other process's ``time.monotonic()``), so a
+benchmark can tell how long after its cancel the agent learned of it and what it did after.
 """
 
 from __future__ import annotations
@@ -14,7 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import socket
+import time
 from typing import Any
 
 import uvicorn
@@ -35,7 +47,22 @@ from a2a.types.a2a_pb2 import (
 )
 from starlette.applications import Starlette
 
-__all__ = ["Reviewer", "build_app", "main"]
+__all__ = ["EVENTS_ENV", "Reviewer", "build_app", "main"]
+
+#: The environment variable naming the file the agent appends its events to (``--events``).
+EVENTS_ENV = "MUXGATE_EXAMPLE_EVENTS"
+
+#: The events file (``--events``, else ``MUXGATE_EXAMPLE_EVENTS``); None: nothing is recorded.
+_events_path: str | None = None
+
+
+def record(event: str, **fields: Any) -> None:
+    """Append an event to the events file, when one is configured."""
+    path = _events_path or os.environ.get(EVENTS_ENV)
+    if path:
+        entry = {"event": event, "t": time.monotonic(), **fields}
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(entry) + "\n")
 
 
 class Reviewer(AgentExecutor):
@@ -46,6 +73,17 @@ class Reviewer(AgentExecutor):
         self.notes = notes
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        assert context.task_id is not None
+        task_id = context.task_id
+        record("call", task_id=task_id)
+        try:
+            await self._review(context, event_queue)
+        except BaseException:  # the cancellation of its task (or of the server)
+            record("cancelled", task_id=task_id)
+            raise
+        record("finished", task_id=task_id)
+
+    async def _review(self, context: RequestContext, event_queue: EventQueue) -> None:
         assert context.task_id is not None
         assert context.context_id is not None
         text = context.get_user_input()
@@ -66,11 +104,13 @@ class Reviewer(AgentExecutor):
             await updater.add_artifact(
                 [new_text_part(f"{note}; ")], artifact_id="review", append=i > 0
             )
+            record("note", task_id=context.task_id, index=i)
         await updater.complete(_message(updater, "review: looks fine"))
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         assert context.task_id is not None
         assert context.context_id is not None
+        record("cancel", task_id=context.task_id)
         await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
 
@@ -107,6 +147,7 @@ async def _serve(port: int, delay: float, notes: int) -> None:
     port = sock.getsockname()[1]
     app = build_app(port, delay=delay, notes=notes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    record("started", pid=os.getpid(), transport="http", port=port)
     print(f"PORT {port}", flush=True)
     with contextlib.suppress(asyncio.CancelledError):
         await server.serve(sockets=[sock])
@@ -117,7 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9999, help="0: a free port")
     parser.add_argument("--delay-ms", type=int, default=200, help="pause before each note")
     parser.add_argument("--notes", type=int, default=3)
+    parser.add_argument(
+        "--events", metavar="FILE", help=f"record events to FILE (default: ${EVENTS_ENV})"
+    )
     args = parser.parse_args(argv)
+    global _events_path
+    _events_path = args.events
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args.port, args.delay_ms / 1000, args.notes))
 
