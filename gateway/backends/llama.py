@@ -58,6 +58,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -117,6 +118,8 @@ STABLE_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 5.0
 #: Lines of the server's output kept for error messages.
 TAIL_LINES: Final = 50
+#: The server's output is drained in blocks of at most this many bytes.
+OUTPUT_BLOCK: Final = 65_536
 HEALTH_POLL_S: Final = 0.05
 #: The model name sent upstream (llama-server serves the one model it loaded, whatever it is).
 MODEL_NAME: Final = "local"
@@ -212,18 +215,31 @@ class _Server:
         return self.proc.pid
 
     async def _read(self) -> None:
+        """Drain the server's output in blocks, keeping its last lines for error messages.
+
+        Blocks, not lines: with ``-v`` llama-server writes ~25 lines per token, and a loop
+        wake-up plus a log record per line would put the model server's chatter on the event
+        loop that reads cancels. The lines go to the debug log only when it is enabled."""
         stream = self.proc.stdout
         assert stream is not None
+        debug = logging.getLogger("muxgate.llama").isEnabledFor(logging.DEBUG)
+        partial = b""
         while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over the limit (readline dropped it)
-                line = b"(a line too long to keep)\n"
-            if not line:
+            block = await stream.read(OUTPUT_BLOCK)
+            if not block:
+                if partial:
+                    self.tail.append(partial.decode("utf-8", "replace").rstrip())
                 return
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            log.debug("llama.output", pid=self.proc.pid, line=text)
+            lines = (partial + block).split(b"\n")
+            partial = lines.pop()
+            if len(partial) > OUTPUT_BLOCK:  # a line without end: keep its start only
+                lines.append(partial[:200] + b"...")
+                partial = b""
+            texts = [line.decode("utf-8", "replace").rstrip() for line in lines[-TAIL_LINES:]]
+            self.tail.extend(texts)
+            if debug:
+                for text in texts:
+                    log.debug("llama.output", pid=self.proc.pid, line=text)
 
     def last_lines(self, n: int = 12) -> str:
         lines = list(self.tail)[-n:]
