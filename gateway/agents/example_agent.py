@@ -120,11 +120,12 @@ def _message(updater: TaskUpdater, text: str) -> Any:
     )
 
 
-def build_app(port: int, *, delay: float = 0.2, notes: int = 3) -> Starlette:
-    """The agent's Starlette app: the JSON-RPC endpoint at ``/`` and its card."""
-    card = AgentCard(
-        name="muxgate example reviewer",
-        description="reviews a text: a few notes, then a one-line review",
+def agent_card(port: int, *, name: str, description: str, skill: str) -> AgentCard:
+    """The card of an agent served by this machine on ``port``: JSON-RPC at ``/`` (A2A 1.0),
+    streaming, text in and out, one skill."""
+    return AgentCard(
+        name=name,
+        description=description,
         version="1.0.0",
         supported_interfaces=[
             AgentInterface(
@@ -134,7 +135,17 @@ def build_app(port: int, *, delay: float = 0.2, notes: int = 3) -> Starlette:
         capabilities=AgentCapabilities(streaming=True),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
-        skills=[AgentSkill(id="review", name="review", description="review a text", tags=[])],
+        skills=[AgentSkill(id=skill, name=skill, description=description, tags=[])],
+    )
+
+
+def build_app(port: int, *, delay: float = 0.2, notes: int = 3) -> Starlette:
+    """The agent's Starlette app: the JSON-RPC endpoint at ``/`` and its card."""
+    card = agent_card(
+        port,
+        name="muxgate example reviewer",
+        description="reviews a text: a few notes, then a one-line review",
+        skill="review",
     )
     handler = DefaultRequestHandler(Reviewer(delay=delay, notes=notes), InMemoryTaskStore(), card)
     return Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])

@@ -39,10 +39,6 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import TaskUpdater
 from a2a.server.tasks.inmemory_task_store import InMemoryTaskStore
 from a2a.types.a2a_pb2 import (
-    AgentCapabilities,
-    AgentCard,
-    AgentInterface,
-    AgentSkill,
     Role,
     TaskState,
 )
@@ -50,6 +46,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from gateway.agents.example_agent import agent_card
 
 
 @dataclass
@@ -174,19 +172,11 @@ async def _record(request: Request) -> JSONResponse:
 
 
 def build_app(port: int) -> Starlette:
-    card = AgentCard(
+    card = agent_card(
+        port,
         name="muxgate test agent",
         description="streams a few updates slowly; records tasks/cancel",
-        version="1.0.0",
-        supported_interfaces=[
-            AgentInterface(
-                url=f"http://127.0.0.1:{port}/", protocol_binding="JSONRPC", protocol_version="1.0"
-            )
-        ],
-        capabilities=AgentCapabilities(streaming=True),
-        default_input_modes=["text/plain"],
-        default_output_modes=["text/plain"],
-        skills=[AgentSkill(id="slow", name="slow", description="slow work", tags=["test"])],
+        skill="slow",
     )
     handler = DefaultRequestHandler(TestAgent(), InMemoryTaskStore(), card)
     routes = [
