@@ -378,7 +378,7 @@ class Connection:
 
     def _welcome(self, principal: Principal) -> None:
         config = self.gateway.config
-        self.mux = Multiplexer(self.gateway, self.outbound, principal)
+        self.mux = Multiplexer(self.gateway.multiplexer_services, self.outbound, principal)
         # Authenticated: frames up to the configured size (see PREAUTH_MAX_FRAME_BYTES), and
         # out of the budget for connections that have not authenticated.
         self.ws.protocol.max_message_size = config.max_frame_bytes

@@ -9,8 +9,10 @@ touches no other request (G6).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 from protocol import (
     Cancel,
@@ -29,28 +31,46 @@ from protocol import (
 )
 
 from .auth import AuthError, Principal
+from .observability import GatewayObserver
 from .outbound import Outbound
-from .registry import DuplicateRequest, RequestKey
+from .pipeline import Backend
+from .registry import DuplicateRequest, RequestKey, RequestRegistry
 from .request import Request
 
-if TYPE_CHECKING:
-    from .server import Gateway
+__all__ = ["Multiplexer", "MultiplexerServices"]
 
-__all__ = ["Multiplexer"]
+
+@dataclass(frozen=True, slots=True)
+class MultiplexerServices:
+    """What the multiplexer uses of the gateway, and nothing else: one bundle per gateway,
+    shared by its connections."""
+
+    backend: Backend
+    registry: RequestRegistry
+    observer: GatewayObserver
+    #: Keep a pipeline task referenced until it ends (shutdown awaits them).
+    track: Callable[[asyncio.Future[Any]], None]
+    #: Whether the gateway is shutting down (new chats are refused with ``unavailable``).
+    draining: Callable[[], bool]
+    max_streams: int
+    max_timeout_ms: int
+    max_content_chars: int
 
 
 class Multiplexer:
     """The requests of one connection."""
 
-    def __init__(self, gateway: Gateway, outbound: Outbound, principal: Principal) -> None:
-        self.gateway = gateway
+    def __init__(
+        self, services: MultiplexerServices, outbound: Outbound, principal: Principal
+    ) -> None:
+        self.services = services
         self.outbound = outbound
         self.principal = principal
         #: Requests whose pipeline still runs (counted against ``max_streams``).
         self.requests: set[Request] = set()
 
     def error(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        self.gateway.observer.errors.labels(code.value).inc()
+        self.services.observer.errors.labels(code.value).inc()
         self.outbound.send_control(Error(code=code, message=message, request_id=request_id))
 
     async def dispatch(self, message: ClientMessage) -> None:
@@ -65,9 +85,8 @@ class Multiplexer:
 
     def chat(self, chat: Chat) -> None:
         rid = chat.request_id
-        gateway = self.gateway
-        config = gateway.config
-        if gateway.draining:
+        services = self.services
+        if services.draining():
             self.error(ErrorCode.UNAVAILABLE, "the gateway is shutting down", rid)
             return
         try:
@@ -75,17 +94,17 @@ class Multiplexer:
         except AuthError as exc:
             self.error(exc.code, exc.message, rid)
             return
-        if len(self.requests) >= config.max_streams:
+        if len(self.requests) >= services.max_streams:
             self.error(
                 ErrorCode.TOO_MANY_STREAMS,
-                f"at most {config.max_streams} concurrent requests per connection",
+                f"at most {services.max_streams} concurrent requests per connection",
                 rid,
             )
             return
         if rid in self.outbound.streams:
             self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
             return
-        timeout_ms = min(chat.timeout_ms or config.max_timeout_ms, config.max_timeout_ms)
+        timeout_ms = min(chat.timeout_ms or services.max_timeout_ms, services.max_timeout_ms)
         messages = chat.messages or (ChatMessage(role=Role.USER, content=chat.message or ""),)
         request = Request(
             key=RequestKey(user, rid),
@@ -93,11 +112,11 @@ class Multiplexer:
             messages=messages,
             metadata=chat.metadata or {},
             outbound=self.outbound,
-            backend=gateway.backend,
-            registry=gateway.registry,
-            observer=gateway.observer,
+            backend=services.backend,
+            registry=services.registry,
+            observer=services.observer,
             timeout=timeout_ms / 1000,
-            max_content_chars=config.max_content_chars,
+            max_content_chars=services.max_content_chars,
             steps=chat.steps,
         )
         try:
@@ -106,7 +125,7 @@ class Multiplexer:
             self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
             return
         self.requests.add(request)
-        gateway.track(task)
+        services.track(task)
         task.add_done_callback(partial(self._finished, request))
 
     def _finished(self, request: Request, _task: object) -> None:
@@ -116,7 +135,7 @@ class Multiplexer:
         key = self._cancel_key(cancel)
         if key is None:
             return
-        status = await self.gateway.registry.cancel(key, CancelReason.CLIENT)
+        status = await self.services.registry.cancel(key, CancelReason.CLIENT)
         self._cancel_result(key.request_id, status)
         # The cancelled response (and this result) go out now, not at the writer's next turn.
         self.outbound.flush_now()
@@ -128,7 +147,7 @@ class Multiplexer:
         key = self._cancel_key(cancel)
         if key is None:
             return
-        status = self.gateway.registry.cancel_now(key, CancelReason.CLIENT)
+        status = self.services.registry.cancel_now(key, CancelReason.CLIENT)
         self._cancel_result(key.request_id, status)
 
     def _cancel_key(self, cancel: Cancel) -> RequestKey | None:

@@ -29,6 +29,7 @@ from .backends import load_backend
 from .config import Config, ConfigError
 from .connection import PREAUTH_MAX_FRAME_BYTES, Connection, EagerServerConnection
 from .http_api import answer_early, process_request
+from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend
 from .registry import InMemoryRegistry
@@ -93,6 +94,17 @@ class Gateway:
         self._server: Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closed_totals = [0, 0]
+        #: What each connection's multiplexer uses of the gateway (a narrow seam, not self).
+        self.multiplexer_services = MultiplexerServices(
+            backend=self.backend,
+            registry=self.registry,
+            observer=self.observer,
+            track=self.track,
+            draining=lambda: self.draining,
+            max_streams=config.max_streams,
+            max_timeout_ms=config.max_timeout_ms,
+            max_content_chars=config.max_content_chars,
+        )
 
     # -- bookkeeping -------------------------------------------------------------------------
 
