@@ -51,7 +51,7 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 from protocol import ChatMessage, Role
 
@@ -78,6 +78,7 @@ _REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
 }
 
 
+@runtime_checkable
 class Completer(Protocol):
     """An LLM backend a flow can call for one completion (``simulated``, ``openai``,
     ``llama``)."""
@@ -251,7 +252,7 @@ class FlowBackend:
         if llm == "flow":
             raise ConfigError("backend 'flow' option 'llm' cannot be 'flow'")
         backend: Backend = load_backend(llm, **dict(llm_options or {}))
-        if not callable(getattr(backend, "complete", None)):
+        if not isinstance(backend, Completer):
             raise ConfigError(f"backend 'flow' option 'llm': backend {llm!r} has no complete()")
         self.llm_name = llm
         self.llm: Any = backend
@@ -375,9 +376,9 @@ class FlowBackend:
                 if key.startswith("arguments.")
             )
             result = await self._tools.call(ctx, step.server, step.tool, arguments)
-            return str(getattr(result, "text", result))
+            return str(result.text)
         result = await self._agents.ask(ctx, step.agent, text["message"])
-        return str(getattr(result, "text", result))
+        return str(result.text)
 
     async def _answer_with_tools(self, ctx: RequestContext, step: FlowStep, prompt: str) -> str:
         """The model answers ``prompt`` and may call the step's tools itself: each round is an
@@ -435,7 +436,7 @@ class FlowBackend:
             if failure.code != "tool_error":
                 raise
             return f"error: {failure.message}"
-        return str(getattr(result, "text", result))
+        return str(result.text)
 
 
 def _function(server: str, tool: Any) -> dict[str, Any]:
