@@ -295,8 +295,8 @@ async def deep_unauth(at: Attack) -> None:
 async def deep_auth(at: Attack) -> None:
     line = '{"type":"cancel","request_id":"deep-1","x":' + DEEP + "}"
     at.ready()
-    # After a ping: the gateway decodes a frame of cancels as it reads it (EagerServerConnection
-    # in gateway/connection.py), but not a connection's first message.
+    # After a ping: an authenticated connection's frames are decoded and handled in the
+    # callback that read them (gateway/connection.py), not only its first message.
     await at.workers(200, lambda: at.probe(line, 1, auth=True, greet=True))
 
 

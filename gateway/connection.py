@@ -1,11 +1,18 @@
-"""One WebSocket connection: authenticate, read and decode frames, run the writer, close.
+"""One muxgate connection over a WebSocket: authenticate, admit, decode, dispatch, close.
 
-This is the I/O edge. Frames are decoded by ``protocol``; each valid message goes to the
-:class:`Multiplexer`, each invalid one gets its ``error`` (G6). Everything written goes
-through the connection's :class:`Outbound` (synchronous writes while the socket takes data, a
-writer task while it does not). Whatever ends the connection (client close, slow consumer,
-flood, shutdown), the ``finally`` cancels its requests with reason "disconnect" (G7) and stops
+This is the protocol edge above the transport. Its :class:`Channel` (the gateway's own
+transport, :mod:`gateway.transport`, or the ASGI adapter) hands it each complete message;
+frames are decoded by ``protocol``; each valid message goes to the :class:`Multiplexer`, each
+invalid one gets its ``error`` (G6). Everything written goes through the connection's
+:class:`Outbound`. Whatever ends the connection (client close, slow consumer, flood,
+shutdown), :meth:`Connection.lost` cancels its requests with reason "disconnect" (G7) and stops
 the writer, so nothing of it is left running.
+
+Messages are handled in the callback that delivered them — a cancel takes effect before the
+transport reads another byte — in order, a bounded number per loop turn. While answers wait
+unwritten (a client that sends faster than it reads), the connection stops reading: the
+channel's ``pause_reading`` is TCP backpressure, and its queue of decoded messages is bounded by
+what one read delivered.
 """
 
 from __future__ import annotations
@@ -14,15 +21,13 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, cast
 
 import structlog
-from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
 
 import protocol
 from protocol import (
@@ -39,16 +44,77 @@ from protocol import (
     Welcome,
 )
 
-from .auth import AuthError, Principal
-from .multiplexer import Multiplexer
+from .auth import Authenticator, AuthError, Principal
+from .config import Config
+from .multiplexer import Multiplexer, MultiplexerServices
+from .observability import GatewayObserver
 from .outbound import Outbound, SlowConsumer
 
-if TYPE_CHECKING:
-    from .server import Gateway
-
-__all__ = ["Connection", "EagerServerConnection"]
+__all__ = ["Channel", "Connection", "ConnectionServices"]
 
 log = structlog.get_logger("muxgate.connection")
+
+#: Before authentication, a connection may send this many bytes (a ``hello`` with the largest
+#: token and client key fits, SPEC.md §4.4, plus a frame header); beyond, it closes 1009 before
+#: the rest of a large frame is read.
+PREAUTH_MAX_FRAME_BYTES = 16_384
+#: Messages handled per loop turn: other connections' callbacks run between turns.
+MESSAGES_PER_TURN = 64
+#: A rate excess ends (for the 4029 rule) once no message was refused for this long.
+RATE_EXCESS_QUIET = 1.0
+#: Rate tokens a frame refused for carrying too many messages costs: what the most messages a
+#: frame may carry would have cost, plus one.
+_FRAME_COST = protocol.limits.MAX_BATCH_MESSAGES + 1
+#: RFC 6455: a text frame that is not UTF-8.
+_INVALID_DATA = 1007
+#: Close timeout: a peer that does not answer a close frame within it loses the TCP connection.
+CLOSE_TIMEOUT = 10.0
+
+
+class Channel(Protocol):
+    """What a connection needs of its WebSocket (see gateway.transport.WebSocket)."""
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    def writable(self) -> bool:
+        """Whether ``write`` may be called now (open, buffer under its high-water mark)."""
+
+    def write(self, data: bytes, text: bool) -> None:
+        """One message as one frame, now. Raises ConnectionClosed once closing."""
+
+    async def send(self, data: bytes, text: bool) -> None:
+        """One message, once the peer has taken what was written before."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def limit_input(self, limit: int | None) -> None:
+        """Close 1009 once more than ``limit`` bytes arrive (None: no limit but the frame's)."""
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close at once, without the closing handshake (the peer broke the protocol)."""
+
+    async def close(self, code: int, reason: str, close_timeout: float) -> None:
+        """The closing handshake, bounded by ``close_timeout`` (then the TCP connection is
+        dropped)."""
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionServices:
+    """What a connection uses of the gateway, and nothing else (one bundle per gateway)."""
+
+    config: Config
+    auth: Authenticator
+    observer: GatewayObserver
+    multiplexer: MultiplexerServices
+    #: The connection was welcomed after a hello: it leaves the unauthenticated budget.
+    authenticated: Callable[[Connection], None]
+    #: The connection has ended: everything of it is stopped.
+    finished: Callable[[Connection], None]
 
 
 class _Closing(Exception):
@@ -60,121 +126,39 @@ class _Closing(Exception):
         self.reason = reason
 
 
-class EagerServerConnection(ServerConnection):
-    """websockets' server connection plus two hooks, so that a cancel takes effect in the loop
-    turn that read it: a complete data frame may be taken by ``read_early`` instead of being
-    queued for ``recv()``; an HTTP request may be answered by ``answer_early`` (the class's,
-    set per gateway) before the handler task's turn, which then sends ``early_response``.
-
-    Why: a cancel is the one message whose latency is the product. Queued, it waits for the
-    reader (or handler) task's next turn, behind every callback already scheduled (under load,
-    hundreds of token wake-ups). Order is kept: ``read_early`` is offered a frame only when no
-    message is queued before it (``queued``: messages handed to the queue and not yet taken by
-    recv()); an HTTP request is the only message of its connection. ``process_event`` is
-    websockets' per-event step (ServerConnection overrides it for the handshake), not a
-    documented hook: if a release stopped calling it, cancels would take the usual path again,
-    and the tests that count early cancels would say so.
-    """
-
-    #: ``(connection, request) -> response or None`` (None: the usual path).
-    answer_early: Callable[[ServerConnection, Request], Response | None] | None = None
-    #: ``request -> bytes or None``: the largest frame this connection takes until it has
-    #: authenticated (None: ``max_size``). Decided on the handshake request, before the 101
-    #: is written, so no frame of the client's can be parsed under the larger limit.
-    preauth_max_size: Callable[[Request], int | None] | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.read_early: Callable[[Frame], bool] | None = None
-        self.queued = 0
-        self.early_response: Response | None = None
-        #: Bytes of frames ``read_early`` may still take in this ``data_received`` call.
-        self.early_budget = 0
-
-    def data_received(self, data: bytes) -> None:
-        # One read's worth of early work is bounded (a read may hold hundreds of frames): the
-        # rest goes through recv(), whose bounded queue pauses reading (TCP backpressure).
-        self.early_budget = EARLY_BYTES_PER_READ
-        super().data_received(data)
-
-    def process_event(self, event: Event) -> None:
-        if isinstance(event, Request) and self.request is None:
-            cls = type(self)
-            if cls.preauth_max_size is not None:
-                limit = cls.preauth_max_size(event)
-                if limit is not None:
-                    self.protocol.max_message_size = limit
-            answer_early = cls.answer_early
-            if answer_early is not None:
-                try:
-                    self.early_response = answer_early(self, event)
-                except Exception:  # a bug: the usual path answers (or fails) on its own
-                    log.exception("connection.answer_early_failed")
-        elif isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
-            read_early = self.read_early
-            if (
-                read_early is not None
-                and self.queued == 0
-                and event.fin
-                and event.opcode is not Opcode.CONT
-                and len(event.data) <= self.early_budget
-                and self._try_early(read_early, event)
-            ):
-                return
-            if event.fin:
-                self.queued += 1
-        super().process_event(event)
-
-    def _try_early(self, read_early: Callable[[Frame], bool], frame: Frame) -> bool:
-        self.early_budget -= len(frame.data)
-        try:
-            return read_early(frame)
-        except Exception:  # a bug: decline, the usual path handles (or refuses) the frame
-            log.exception("connection.read_early_failed")
-            self.read_early = None  # once is enough: no traceback per frame
-            return False
-
-
-_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
-#: Frames answered early per read (bytes): ~350 cancels, well under a millisecond of work.
-EARLY_BYTES_PER_READ = 16_384
-#: Before authentication, a connection's frames are at most this large: a ``hello`` with the
-#: largest token and client key fits (SPEC.md §4.4); a 1 MiB frame of junk is refused by
-#: websockets from its header (1009) before its payload is read.
-PREAUTH_MAX_FRAME_BYTES = 16_384
-#: Messages handled before the reader yields to the loop (other connections' callbacks run).
-MESSAGES_PER_TURN = 64
-#: A rate excess ends (for the 4029 rule) once no message was refused for this long.
-RATE_EXCESS_QUIET = 1.0
-#: Only frames holding this are decoded early: chats, pings and hellos take the usual path.
-_CANCEL_MARK = {Codec.JSON: b'"cancel"', Codec.MSGPACK: b"\xa6cancel"}
-#: Rate tokens a frame refused for carrying too many messages costs: what the most messages a
-#: frame may carry would have cost, plus one.
-_FRAME_COST = protocol.limits.MAX_BATCH_MESSAGES + 1
+_Inbound = protocol.Message | RemoteProtocolError
 
 
 class Connection:
-    def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
-        self.gateway = gateway
-        self.ws = ws
+    """One client's connection; the channel's handler (``message``, ``lost``)."""
+
+    def __init__(
+        self,
+        services: ConnectionServices,
+        channel: Channel,
+        *,
+        codec: Codec,
+        headers: Mapping[str, str],
+        address: str,
+    ) -> None:
+        self.services = services
+        self.channel = channel
+        self.address = address
         self.id = secrets.token_hex(8)
-        self.codec = Codec.from_subprotocol(ws.subprotocol)
-        config = gateway.config
-        # The transport's high-water mark, as websockets set it (``write_limit``): above it,
-        # frames wait for the drain in the writer task instead of being written at once.
-        self._high_water = ws.transport.get_write_buffer_limits()[1]
+        self.codec = codec
+        self._text = codec.is_text
+        config = services.config
         self.outbound = Outbound(
             self._send,
-            self.codec,
+            codec,
             write=self._write,
-            writable=self._writable,
+            writable=channel.writable,
             max_batch_bytes=config.max_batch_bytes,
             max_pending_chars=config.max_pending_chars,
             max_control=config.max_control_messages,
             slow_consumer_timeout=config.slow_consumer_timeout,
         )
         self.mux: Multiplexer | None = None
-        self._text = self.codec.is_text
         # Token bucket for inbound messages (SPEC.md §7: rate_limited, then close 4029).
         self._tokens = float(config.rate_burst)
         self._refill_at = time.monotonic()
@@ -184,175 +168,199 @@ class Connection:
         self._last_refusal = 0.0
         # SPEC.md §4.4: handshake credentials are checked now but decided on the first
         # message, since a hello may replace them.
-        self._headers = ws.request.headers if ws.request is not None else {}
+        self._headers = headers
         self._principal: Principal | None = None
         self._auth_error: AuthError | None = None
         try:
-            self._principal = gateway.auth.from_headers(self._headers)
+            self._principal = services.auth.from_headers(headers)
         except AuthError as exc:
             self._auth_error = exc
         #: Counted against the gateway's budget for connections that have not authenticated
         #: until this is True (credentials in the handshake, or a welcomed hello).
         self.authenticated = self._principal is not None
-        #: True while the reader task waits in recv() (not while it handles a message).
-        self._waiting = False
-        #: Cancels answered in the loop turn that read them (see EagerServerConnection).
+        #: Decoded messages not handled yet (only while reading is paused: see _hold).
+        self._inbox: deque[_Inbound] = deque()
+        self._held = False
+        self._closing = False
+        #: Cancels answered in the callback that delivered their frame.
         self.cancels_read_early = 0
-        #: Set once run() has ended: everything of this connection is stopped.
+        #: Set once the connection has ended: everything of it is stopped.
         self.finished = asyncio.Event()
-        #: The messages of the next frame recv() returns, decoded by _read_early and declined.
-        self._predecoded: list[protocol.Message | RemoteProtocolError] | None = None
-        if isinstance(ws, EagerServerConnection):
-            ws.read_early = self._read_early
+        self._writer: asyncio.Task[None] | None = None
+        #: The connection's own short tasks (waiting for room, closing): referenced here until
+        #: they end, and not the gateway's (a close handshake with a peer that does not read
+        #: lasts the close timeout; the gateway's pipelines are long idle by then).
+        self._background: set[asyncio.Task[Any]] = set()
+        self._hello_timer: asyncio.TimerHandle | None = None
 
-    async def _send(self, frame: bytes) -> None:
-        await self.ws.send(frame, text=self._text)
-
-    def _writable(self) -> bool:
-        ws = self.ws
-        return (
-            ws.protocol.state is State.OPEN
-            and ws.transport.get_write_buffer_size() <= self._high_water
+    def start(self) -> None:
+        """Start the writer and, without credentials yet, the hello timeout."""
+        self._writer = writer = asyncio.create_task(
+            self.outbound.run(), name=f"muxgate-writer-{self.id}"
         )
-
-    def _write(self, frame: bytes) -> None:
-        # websockets' public synchronous write (no await, no flow control: _writable is ours).
-        # A failed write raises (ExceptionGroup); the writer task then ends the connection.
-        broadcast((self.ws,), frame, text=self._text, raise_exceptions=True)
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        writer = asyncio.create_task(self.outbound.run(), name=f"muxgate-writer-{self.id}")
         writer.add_done_callback(self._writer_done)
-        try:
-            await self._read_loop()
-        except _Closing as closing:
-            await self._flush_and_close(closing.code, closing.reason)
-        except ConnectionClosed:
-            pass
-        finally:
-            if self.mux is not None:
-                self.mux.disconnect()
-            self.outbound.close()
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
-            log.debug("connection.closed", connection_id=self.id, close_code=self.ws.close_code)
+        config = self.services.config
+        if self._principal is None:
+            if config.auth_required:
+                self.channel.limit_input(PREAUTH_MAX_FRAME_BYTES + 14)  # + a frame's header
+            self._hello_timer = asyncio.get_running_loop().call_later(
+                config.hello_timeout, self._hello_timed_out
+            )
+
+    # -- the channel's handler -----------------------------------------------------------------
+
+    def message(self, data: bytes, text: bool) -> None:
+        """One complete message from the client: decode it, then handle it now (or, while the
+        connection holds its reading, after what came before it)."""
+        if self._closing:
+            return  # closing: whatever else the client sends is read and dropped
+        results = self._decode(data, text)
+        if results is None:
+            return
+        inbox = self._inbox
+        if inbox or self._held:
+            inbox.extend(results)
+            return
+        # The common case: nothing waits before this frame, handle it in this callback.
+        inbox.extend(results)
+        self._pump(early=True)
+
+    def lost(self) -> None:
+        """The connection is gone (either side closed it, or the network did)."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self._inbox.clear()
+        self._closing = True
+        if self.mux is not None:
+            self.mux.disconnect()
+        self.outbound.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        log.debug("connection.closed", connection_id=self.id, close_code=self.channel.close_code)
+        if not self.finished.is_set():
             self.finished.set()
+            self.services.finished(self)
 
-    async def _read_loop(self) -> None:
-        headers = self._headers
-        hello_timeout = None if self._principal is not None else self.gateway.config.hello_timeout
-        recv = self._recv
-        outbound = self.outbound
-        # Messages handled since the reader last yielded: recv() returns without suspending
-        # while frames are queued, so a flood would otherwise hold the loop (other clients
-        # wait) for as long as it keeps the queue full.
-        handled = 0
-        while True:
-            if outbound.closed:  # the writer ended it (4008, 1011): its close is under way
-                await self._discard_until_closed()
-                return
-            if self.mux is None and hello_timeout is not None:
-                try:
-                    async with asyncio.timeout(hello_timeout):
-                        data = await recv()
-                except TimeoutError:
-                    self._refuse(AuthError(ErrorCode.UNAUTHORIZED, "authentication required"))
-            else:
-                data = await recv()
-            if self._text and isinstance(data, bytes):
-                # SPEC.md §2.2: a binary frame on a JSON connection; nothing in it is processed.
-                self._first_message_seen()
-                if self._admit(None):  # bad input counts towards the rate like any message
-                    self._error(ErrorCode.BAD_FRAME, "a JSON connection takes text frames only")
-                continue
-            results, self._predecoded = self._predecoded, None
-            if results is None:
-                results = protocol.decode(data, self.codec, Sender.CLIENT)
-            for result in results:
-                # Inbound backpressure: every message may queue an answer. A client that
-                # sends faster than it reads waits here (then in websockets' bounded queue,
-                # then in the kernel) instead of growing the gateway's memory. Only answers
-                # count, not stream text: that has its own bound (max_pending_chars pauses the
-                # pipeline), and a client behind on its streams must still be heard when it
-                # cancels them, since a cancel is what shrinks its backlog.
-                if outbound.control_backlog:
-                    await outbound.control_room()
-                    handled = 0
-                elif handled >= MESSAGES_PER_TURN:
-                    await asyncio.sleep(0)
-                    handled = 0
-                if outbound.closed:
-                    break
-                handled += 1
-                if isinstance(result, RemoteProtocolError):
-                    if result.message_type == "hello" and self.mux is None:
-                        # SPEC.md §4.4 (5): a refused first hello closes, even in dev mode.
-                        self._refuse_with(result.code, result.message)
-                    self._first_message_seen()
-                    # A refused frame costs what its messages would have (SPEC.md §7.1).
-                    cost = _FRAME_COST if result.code is ErrorCode.FRAME_TOO_LARGE else 1
-                    if self._admit(result, cost):
-                        self._error(result.code, result.message, result.request_id)
-                    continue
-                message = cast(ClientMessage, result)  # decode(..., Sender.CLIENT) ensures it
-                if not isinstance(message, Cancel) and not self._admit(message):
-                    continue  # a cancel is never refused for rate (SPEC.md §7.1)
-                if isinstance(message, Hello) and self.mux is None:
-                    self._hello(message, headers)
-                    continue
-                self._first_message_seen()
-                assert self.mux is not None
-                await self.mux.dispatch(message)
+    # -- decode --------------------------------------------------------------------------------
 
-    async def _recv(self) -> str | bytes:
-        ws = self.ws
-        self._waiting = True
-        try:
-            data = await ws.recv()
-        finally:
-            self._waiting = False
-        if isinstance(ws, EagerServerConnection):
-            ws.queued -= 1
-        return data
-
-    def _read_early(self, frame: Frame) -> bool:
-        """Answer a frame of cancels now, in the loop turn that read it, if the reader task is
-        waiting with nothing queued (so nothing read before it is still unhandled). Anything
-        else — another message, a bad frame, a frame before authentication — is declined and
-        takes the usual path through recv()."""
-        mux = self.mux
-        if (
-            mux is None
-            or not self._waiting
-            or (frame.opcode is Opcode.TEXT) != self._text
-            or self.outbound.control_backlog  # answers wait unwritten: the reader paces
-        ):
-            return False
-        data = bytes(frame.data)
-        if _CANCEL_MARK[self.codec] not in data:
-            return False
+    def _decode(self, data: bytes, text: bool) -> list[_Inbound] | None:
+        """The frame's messages (and refusals); None if the frame itself closed the connection."""
+        if text != self._text:
+            # SPEC.md §2.2: the codec's frame type only; nothing in the frame is processed.
+            message = (
+                "a JSON connection takes text frames only"
+                if self._text
+                else "msgpack needs binary frames"
+            )
+            return [RemoteProtocolError(ErrorCode.BAD_FRAME, message)]
         results = protocol.decode(data, self.codec, Sender.CLIENT)
-        if not all(isinstance(r, Cancel) for r in results):
-            # Declined: the frame is queued, and with nothing queued before it (see
-            # EagerServerConnection), it is the next one recv() returns. Its messages are
-            # decoded already: the reader takes them instead of decoding the frame again. (A
-            # frame that is not UTF-8 never gets there: recv() closes with 1007 first.)
-            self._predecoded = results
-            return False
-        for cancel in results:
-            mux.cancel_now(cast(Cancel, cancel))
-        self.cancels_read_early += len(results)
-        return True
+        if text and any(isinstance(r, RemoteProtocolError) for r in results):
+            # RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection (1007). Checked
+            # only for frames already refused: a valid frame was valid UTF-8 to the decoder.
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.channel.fail(_INVALID_DATA, f"invalid UTF-8 at position {exc.start}")
+                return None
+        return results
 
-    def _hello(self, hello: Hello, headers: object) -> None:
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _pump(self, *, early: bool = False) -> None:
+        """Handle the waiting messages in order, up to a turn's worth."""
+        inbox = self._inbox
+        outbound = self.outbound
+        handled = 0
+        cancelled = False
         try:
-            principal = self.gateway.auth.from_hello(
+            while inbox:
+                if outbound.closed:  # the writer ended it (4008, 1011): its close is under way
+                    inbox.clear()
+                    return
+                # Inbound backpressure: every message may queue an answer. A client that sends
+                # faster than it reads waits (its bytes unread, in the kernel) instead of growing
+                # the gateway's memory. Only answers count, not stream text: that has its own
+                # bound (max_pending_chars pauses the pipeline), and a client behind on its
+                # streams must still be heard when it cancels them, since a cancel is what
+                # shrinks its backlog.
+                if outbound.control_backlog:
+                    self._hold(until_room=True)
+                    return
+                if handled >= MESSAGES_PER_TURN:
+                    self._hold(until_room=False)
+                    return
+                handled += 1
+                result = inbox.popleft()
+                if isinstance(result, Cancel):
+                    cancelled = True
+                    if early:
+                        self.cancels_read_early += 1
+                self._handle(result)
+        except _Closing as closing:
+            inbox.clear()
+            self._closing = True
+            self._spawn(self._flush_and_close(closing.code, closing.reason))
+        finally:
+            if cancelled:
+                # The cancel results go out now, not at the writer's next turn.
+                outbound.flush_now()
+
+    def _hold(self, *, until_room: bool) -> None:
+        """Stop reading until the waiting messages may be handled: in the next loop turn, or
+        once the answers waiting unwritten are down to the low mark."""
+        self._held = True
+        self.channel.pause_reading()
+        if until_room:
+            self._spawn(self._resume_when_room())
+        else:
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resume_when_room(self) -> None:
+        await self.outbound.control_room()
+        self._resume()
+
+    def _resume(self) -> None:
+        self._held = False
+        if self._closing:
+            return
+        self._pump()
+        if not self._held and not self._closing:
+            self.channel.resume_reading()
+
+    def _handle(self, result: _Inbound) -> None:
+        if isinstance(result, RemoteProtocolError):
+            if result.message_type == "hello" and self.mux is None:
+                # SPEC.md §4.4 (5): a refused first hello closes, even in dev mode.
+                self._refuse_with(result.code, result.message)
+            self._first_message_seen()
+            # A refused frame costs what its messages would have (SPEC.md §7.1).
+            cost = _FRAME_COST if result.code is ErrorCode.FRAME_TOO_LARGE else 1
+            if self._admit(result, cost):
+                self._error(result.code, result.message, result.request_id)
+            return
+        message = cast(ClientMessage, result)  # decode(..., Sender.CLIENT) ensures it
+        if not isinstance(message, Cancel) and not self._admit(message):
+            return  # a cancel is never refused for rate (SPEC.md §7.1)
+        if isinstance(message, Hello) and self.mux is None:
+            self._hello(message)
+            return
+        self._first_message_seen()
+        assert self.mux is not None
+        self.mux.dispatch_now(message)
+
+    # -- authentication ------------------------------------------------------------------------
+
+    def _hello(self, hello: Hello) -> None:
+        try:
+            principal = self.services.auth.from_hello(
                 hello,
                 self._principal,
-                headers=headers,  # type: ignore[arg-type]
+                headers=self._headers,
             )
         except AuthError as exc:
             self._refuse(exc)  # SPEC.md §4.4 (5): a refused hello closes, even in dev mode
@@ -369,6 +377,15 @@ class Connection:
         else:
             self._welcome(self._principal)
 
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        if self.mux is not None or self._closing:
+            return
+        self._closing = True
+        self._inbox.clear()
+        self._error(ErrorCode.UNAUTHORIZED, "authentication required")
+        self._spawn(self._flush_and_close(CloseCode.UNAUTHORIZED, "unauthorized"))
+
     def _refuse(self, exc: AuthError) -> NoReturn:
         self._refuse_with(exc.code, exc.message)
 
@@ -377,14 +394,16 @@ class Connection:
         raise _Closing(CloseCode.UNAUTHORIZED, "unauthorized")
 
     def _welcome(self, principal: Principal) -> None:
-        config = self.gateway.config
-        self.mux = Multiplexer(self.gateway.multiplexer_services, self.outbound, principal)
-        # Authenticated: frames up to the configured size (see PREAUTH_MAX_FRAME_BYTES), and
-        # out of the budget for connections that have not authenticated.
-        self.ws.protocol.max_message_size = config.max_frame_bytes
+        services = self.services
+        config = services.config
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self.mux = Multiplexer(services.multiplexer, self.outbound, principal)
+        self.channel.limit_input(None)  # frames up to max_frame_bytes from now on
         if not self.authenticated:
             self.authenticated = True
-            self.gateway.connection_authenticated(self)
+            services.authenticated(self)
         self.outbound.send_control(
             Welcome(
                 connection_id=self.id,
@@ -398,6 +417,8 @@ class Connection:
             )
         )
 
+    # -- admission -----------------------------------------------------------------------------
+
     def _admit(self, message: ClientMessage | RemoteProtocolError | None, cost: int = 1) -> bool:
         """Token bucket: refuse (rate_limited) beyond the rate; close 4029 if it goes on.
 
@@ -406,7 +427,7 @@ class Connection:
         seconds with no quiet second between them (a client that keeps sending above the
         rate: the bucket refills, so some of its messages pass and the count in a row
         restarts, but the excess never stops)."""
-        config = self.gateway.config
+        config = self.services.config
         now = time.monotonic()
         self._tokens = min(
             float(config.rate_burst), self._tokens + (now - self._refill_at) * config.rate_limit
@@ -431,8 +452,17 @@ class Connection:
         return False
 
     def _error(self, code: ErrorCode | str, message: str, request_id: str | None = None) -> None:
-        self.gateway.observer.errors.labels(str(code)).inc()
+        self.services.observer.errors.labels(str(code)).inc()
         self.outbound.send_control(Error(code=str(code), message=message, request_id=request_id))
+
+    # -- writing and closing -------------------------------------------------------------------
+
+    async def _send(self, frame: bytes) -> None:
+        await self.channel.send(frame, self._text)
+
+    def _write(self, frame: bytes) -> None:
+        # A failed write raises (ConnectionClosed); the writer task then ends the connection.
+        self.channel.write(frame, self._text)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -444,7 +474,7 @@ class Connection:
         elif exc is None or isinstance(exc, ConnectionClosed):
             # The connection is gone: nothing more will be written. Close the outbound now, so
             # a reader waiting for room for its answers (control_room) goes on, finds the
-            # connection closed and ends; the reader's own cleanup does the rest.
+            # connection closed and ends; lost() does the rest.
             self.outbound.close()
             return
         else:
@@ -452,10 +482,12 @@ class Connection:
             code, reason = CloseCode.INTERNAL_ERROR, "internal error"
         # Nothing more can be written: the requests stop now (G7), not when the TCP connection
         # finally dies, which for a peer that does not read may be much later.
+        self._closing = True
+        self._inbox.clear()
         if self.mux is not None:
             self.mux.disconnect()
         self.outbound.close()
-        self.gateway.track(asyncio.ensure_future(self.close(code, reason)))
+        self._spawn(self.close(code, reason))
 
     async def _flush_and_close(self, code: CloseCode, reason: str) -> None:
         """Give queued messages (the error explaining the close) a moment, stop the requests,
@@ -469,31 +501,11 @@ class Connection:
         self.outbound.close()
         if self.mux is not None:
             self.mux.disconnect()
-        discard = asyncio.create_task(self._discard_until_closed())
-        try:
-            await self.close(code, reason)
-        finally:
-            discard.cancel()
-
-    async def _discard_until_closed(self) -> None:
-        """Read and drop whatever the client still sends until its close frame arrives.
-
-        Once the reader stops, websockets' queue of received frames fills and it stops reading
-        the socket, so the client's close frame would never be read and the close handshake
-        would last the whole close timeout (the connection's memory with it)."""
-        ws = self.ws
-        if isinstance(ws, EagerServerConnection):
-            ws.read_early = None
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await ws.recv(decode=False)
+        await self.close(code, reason)
 
     async def close(self, code: CloseCode, reason: str) -> None:
-        """Close with ``code``. A peer that does not read cannot take the close frame either
-        (``close`` would wait for the socket to drain forever): drop the TCP connection after
-        the close timeout."""
-        try:
-            async with asyncio.timeout(self.ws.close_timeout or 10.0):
-                await self.ws.close(code, reason)
-        except TimeoutError:
-            self.ws.transport.abort()
+        """Close with ``code``; a peer that does not read cannot take the close frame either:
+        the TCP connection is dropped after the close timeout."""
+        self._closing = True
+        self.channel.resume_reading()  # the peer's close frame must be read
+        await self.channel.close(code, reason, CLOSE_TIMEOUT)

@@ -73,11 +73,13 @@ class Multiplexer:
         self.services.observer.errors.labels(code.value).inc()
         self.outbound.send_control(Error(code=code, message=message, request_id=request_id))
 
-    async def dispatch(self, message: ClientMessage) -> None:
+    def dispatch_now(self, message: ClientMessage) -> None:
+        """Act on one message, synchronously: a chat's pipeline is started, a cancel decided
+        (the cancelled response is queued before this returns)."""
         if isinstance(message, Chat):
             self.chat(message)
         elif isinstance(message, Cancel):
-            await self.cancel(message)
+            self.cancel_now(message)
         elif isinstance(message, Ping):
             self.outbound.send_control(Pong(id=message.id))
         elif isinstance(message, Hello):
@@ -131,19 +133,9 @@ class Multiplexer:
     def _finished(self, request: Request, _task: object) -> None:
         self.requests.discard(request)
 
-    async def cancel(self, cancel: Cancel) -> None:
-        key = self._cancel_key(cancel)
-        if key is None:
-            return
-        status = await self.services.registry.cancel(key, CancelReason.CLIENT)
-        self._cancel_result(key.request_id, status)
-        # The cancelled response (and this result) go out now, not at the writer's next turn.
-        self.outbound.flush_now()
-
     def cancel_now(self, cancel: Cancel) -> None:
-        """:meth:`cancel`, synchronously (this process's registry): for a cancel read in the
-        loop turn that received it. The cancelled response is written before this returns
-        (Request.cancel); the result goes with the next write."""
+        """Decide a cancel now (this process's registry). The cancelled response is written
+        before this returns (Request.cancel); the result goes with the next write."""
         key = self._cancel_key(cancel)
         if key is None:
             return

@@ -1,4 +1,4 @@
-"""The gateway process: one event loop, one websockets server, HTTP on the same port.
+"""The gateway process: one event loop, one port for WebSockets and HTTP (gateway.transport).
 
 :class:`Gateway` owns what is shared by connections (config, backend, auth, request registry,
 metrics) and the shutdown sequence (SPEC.md §5.5, issue: SIGTERM/SIGINT): stop accepting, let
@@ -12,28 +12,27 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import NegotiationError
-from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 import protocol
-from protocol import CancelReason, CloseCode
+from protocol import CancelReason, CloseCode, Codec
 
-from .auth import Authenticator, has_credentials
+from .auth import Authenticator
 from .backends import load_backend
 from .config import Config, ConfigError
-from .connection import PREAUTH_MAX_FRAME_BYTES, Connection, EagerServerConnection
-from .http_api import answer_early, process_request
+from .connection import Connection, ConnectionServices
+from .http_api import HttpServices, respond, upgrade_refusal
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
-from .pipeline import Backend
+from .pipeline import Backend, BackendInfo
 from .registry import InMemoryRegistry
 from .stats import STATS_PATH, LiveStats, StatsFeed
+from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocket, WebSocketHandler, serve
 from .webui import WebUI
 
 __all__ = ["Gateway", "run"]
@@ -41,17 +40,29 @@ __all__ = ["Gateway", "run"]
 log = structlog.get_logger("muxgate")
 
 
-def _select_subprotocol(
-    conn: ServerConnection, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    """SPEC.md §2.2: msgpack if offered, else JSON; none offered means JSON; only unknown
-    ones offered: HTTP 400."""
-    for name in protocol.SUBPROTOCOLS:
-        if name in offered:
-            return Subprotocol(name)
-    if offered:
-        raise NegotiationError(f"unsupported subprotocols; offer one of {protocol.SUBPROTOCOLS}")
-    return None
+#: The transport's high-water mark for one connection's unsent bytes: above it, frames wait
+#: for the drain (in the connection's writer task) instead of being written at once.
+WRITE_LIMIT = 32_768
+#: An HTTP connection with no request in progress is closed after this long (keep-alive); it
+#: is also the time a client has to send a whole request head.
+HTTP_KEEPALIVE = 10.0
+#: Every WebSocket is pinged when it has been silent this long, and dropped (1011) when the
+#: ping is not answered (nor anything else received) within PING_TIMEOUT.
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
+_SUBPROTOCOLS = [Subprotocol(s) for s in protocol.SUBPROTOCOLS]
+
+
+class _Refused:
+    """The handler of a WebSocket closed as soon as it opened (limits): ignores everything."""
+
+    __slots__ = ()
+
+    def message(self, data: bytes, text: bool) -> None:
+        pass
+
+    def lost(self) -> None:
+        pass
 
 
 class Gateway:
@@ -86,12 +97,15 @@ class Gateway:
         )
         self.webui = WebUI() if config.webui else None
         self.connections: set[Connection] = set()
+        #: Every open TCP connection (HTTP keep-alive, WebSockets): the watchdog's rounds.
+        self.transports: set[HttpConnection] = set()
         #: Connections that have not authenticated yet, by client address (see _admit).
         self._unauthenticated: dict[str, int] = {}
         self._unauthenticated_total = 0
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: Server | None = None
+        self._refusals: set[asyncio.Future[None]] = set()
+        self._server: asyncio.Server | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closed_totals = [0, 0]
         #: What each connection's multiplexer uses of the gateway (a narrow seam, not self).
@@ -105,6 +119,27 @@ class Gateway:
             max_timeout_ms=config.max_timeout_ms,
             max_content_chars=config.max_content_chars,
         )
+        self.connection_services = ConnectionServices(
+            config=config,
+            auth=self.auth,
+            observer=self.observer,
+            multiplexer=self.multiplexer_services,
+            authenticated=self.connection_authenticated,
+            finished=self._connection_finished,
+        )
+        self.http_services = HttpServices(
+            auth=self.auth,
+            registry=self.registry,
+            observer=self.observer,
+            stats=self.stats,
+            webui=lambda: self.webui,
+            backend_info=self._backend_info,
+            draining=lambda: self.draining,
+            stats_public=config.stats_public,
+        )
+        # What the transport asks of the application (gateway.transport.Application).
+        self.max_message_bytes = config.max_frame_bytes
+        self.subprotocols = _SUBPROTOCOLS
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -129,7 +164,7 @@ class Gateway:
     @property
     def port(self) -> int:
         assert self._server is not None, "not started"
-        sockname = next(iter(self._server.sockets)).getsockname()
+        sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])
 
     @property
@@ -157,91 +192,123 @@ class Gateway:
             raise
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
 
-    async def _serve(self) -> Server:
+    async def _serve(self) -> asyncio.Server:
         config = self.config
         return await serve(
-            self._handle,
-            config.host,
-            config.port,
-            subprotocols=[Subprotocol(s) for s in protocol.SUBPROTOCOLS],
-            select_subprotocol=_select_subprotocol,
-            process_request=self._process_request,
-            max_size=config.max_frame_bytes,
-            # permessage-deflate costs ~100 KiB per connection and CPU per frame; chat tokens
-            # are tiny, batching already amortises framing.
-            compression=None,
-            server_header="muxgate",
-            # Frames queued for the reader before websockets stops reading the socket (TCP
-            # backpressure): with frames of up to max_frame_bytes, this bounds a connection's
-            # unread input. The reader drains it at once unless the client does not read.
-            max_queue=4,
-            # Cancels (frames and DELETEs) take effect in the loop turn that reads them.
-            create_connection=self._connection_class(),
+            self, config.host, config.port, write_limit=WRITE_LIMIT, keepalive=HTTP_KEEPALIVE
         )
 
     async def _watch_writers(self) -> None:
-        """One timer for the whole gateway instead of one per frame sent: a writer blocked in
-        one send longer than ``slow_consumer_timeout`` has a client that stopped reading."""
+        """One timer for the whole gateway instead of one per frame, connection or ping: a
+        writer blocked in one send longer than ``slow_consumer_timeout`` has a client that
+        stopped reading; an idle HTTP keep-alive connection is closed; a silent WebSocket is
+        pinged, and dropped if it stays silent."""
         limit = self.config.slow_consumer_timeout
         period = min(1.0, limit / 4)
         loop = asyncio.get_running_loop()
+        next_ping_round = loop.time() + period
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             for conn in self.connections:
                 if conn.outbound.stuck_for(now) > limit:
                     conn.outbound.abort_slow()
+            for tcp in list(self.transports):
+                deadline = tcp.deadline
+                if deadline is not None and now > deadline:
+                    tcp.close()
+            if now >= next_ping_round:
+                next_ping_round = now + min(PING_INTERVAL, PING_TIMEOUT) / 4
+                self._keepalive(now)
 
-    def _connection_class(self) -> type[EagerServerConnection]:
-        """This gateway's connections: early HTTP answers need the gateway."""
-        gateway = self
+    def _keepalive(self, now: float) -> None:
+        for tcp in self.transports:
+            ws = tcp.websocket
+            if ws is None or not ws.open:
+                continue
+            if ws.ping_sent_at is not None:
+                if now - ws.ping_sent_at > PING_TIMEOUT:
+                    ws.fail(1011, "keepalive ping timeout")
+            elif now - ws.last_received > PING_INTERVAL:
+                ws.ping_sent_at = now
+                ws.ping()
 
-        class GatewayConnection(EagerServerConnection):
-            @staticmethod
-            def answer_early(conn: ServerConnection, request: Request) -> Response | None:
-                return answer_early(gateway, conn, request)
+    # -- gateway.transport.Application ---------------------------------------------------------
 
-            @staticmethod
-            def preauth_max_size(request: Request) -> int | None:
-                # Without credentials in the handshake, the first frame must be a hello: a
-                # small one (checked on presence only: invalid credentials are refused on
-                # the first message, which then closes the connection).
-                if not gateway.config.auth_required or has_credentials(request.headers):
-                    return None
-                return PREAUTH_MAX_FRAME_BYTES
+    def select_subprotocol(self, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        """SPEC.md §2.2: msgpack if offered, else JSON; none offered means JSON; only unknown
+        ones offered: HTTP 400."""
+        for name in _SUBPROTOCOLS:
+            if name in offered:
+                return name
+        if offered:
+            raise NegotiationError(
+                f"unsupported subprotocols; offer one of {protocol.SUBPROTOCOLS}"
+            )
+        return None
 
-        return GatewayConnection
+    def http(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        return respond(self.http_services, request)
 
-    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        return await process_request(self, conn, request)
+    def is_websocket(self, request: HttpRequest) -> bool:
+        return request.path in (protocol.WS_PATH, STATS_PATH)
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        if ws.request is not None and ws.request.path.partition("?")[0] == STATS_PATH:
-            await self.stats_feed.serve(ws)
-            return
+    def upgrade(self, request: HttpRequest) -> HttpResponse | None:
+        return upgrade_refusal(self.http_services, request)
+
+    def connection_made(self, conn: HttpConnection) -> None:
+        self.transports.add(conn)
+
+    def connection_lost(self, conn: HttpConnection) -> None:
+        self.transports.discard(conn)
+
+    def opened(self, request: HttpRequest, socket: WebSocket) -> WebSocketHandler:
+        if request.path == STATS_PATH:
+            subscriber = self.stats_feed.subscribe(socket, request.headers)
+            if subscriber is not None:
+                return subscriber
+            return self._refuse_open(socket, "too many stats subscribers")
         if len(self.connections) >= self.config.max_connections:
-            await ws.close(CloseCode.TRY_AGAIN_LATER, "connection limit reached")
-            return
-        conn = Connection(self, ws)
-        address = _address(ws)
+            return self._refuse_open(socket, "connection limit reached")
+        conn = Connection(
+            self.connection_services,
+            socket,
+            codec=Codec.from_subprotocol(socket.subprotocol),
+            headers=request.headers,
+            address=request.peer,
+        )
         if not conn.authenticated:
-            refusal = self._unauthenticated_refusal(address)
+            refusal = self._unauthenticated_refusal(conn.address)
             if refusal is not None:
-                await ws.close(CloseCode.TRY_AGAIN_LATER, refusal)
-                return
-            self._unauthenticated[address] = self._unauthenticated.get(address, 0) + 1
+                return self._refuse_open(socket, refusal)
+            self._unauthenticated[conn.address] = self._unauthenticated.get(conn.address, 0) + 1
             self._unauthenticated_total += 1
         self.connections.add(conn)
         self.observer.connections.inc()
-        try:
-            await conn.run()
-        finally:
-            if not conn.authenticated:
-                self._release_unauthenticated(address)
-            self.connections.discard(conn)
-            self.observer.connections.dec()
-            self._closed_totals[0] += conn.outbound.chunks_sent
-            self._closed_totals[1] += conn.outbound.frames_sent
+        conn.start()
+        return conn
+
+    def _refuse_open(self, socket: WebSocket, reason: str) -> WebSocketHandler:
+        closing = asyncio.ensure_future(socket.close(CloseCode.TRY_AGAIN_LATER, reason, 10.0))
+        self._refusals.add(closing)  # referenced until closed; not a pipeline (see tasks)
+        closing.add_done_callback(self._refusals.discard)
+        return _Refused()
+
+    def _connection_finished(self, conn: Connection) -> None:
+        if not conn.authenticated:
+            self._release_unauthenticated(conn.address)
+        self.connections.discard(conn)
+        self.observer.connections.dec()
+        self._closed_totals[0] += conn.outbound.chunks_sent
+        self._closed_totals[1] += conn.outbound.frames_sent
+
+    def _backend_info(self) -> BackendInfo:
+        """``GET /v1/backend`` (SPEC.md §8.3): the backend's name, model and chat settings."""
+        describe = getattr(self.backend, "describe", None)
+        info = describe() if describe is not None else None
+        if not isinstance(info, BackendInfo):  # a backend that does not say: its name only
+            info = BackendInfo(name=self.config.backend if self.backend_configured else "custom")
+        return info
 
     def _unauthenticated_refusal(self, address: str) -> str | None:
         """Why a connection without credentials is refused now (None: admitted).
@@ -259,7 +326,7 @@ class Gateway:
 
     def connection_authenticated(self, conn: Connection) -> None:
         """``conn`` was welcomed after a hello: it leaves the unauthenticated budget."""
-        self._release_unauthenticated(_address(conn.ws))
+        self._release_unauthenticated(conn.address)
 
     def _release_unauthenticated(self, address: str) -> None:
         self._unauthenticated_total -= 1
@@ -303,11 +370,13 @@ class Gateway:
         close = getattr(self.backend, "aclose", None)  # e.g. the openai backend's connections
         if close is not None:
             await close()
-        self._server.close(close_connections=False)  # stop accepting
+        self._server.close()  # stop accepting
         await self.stats_feed.close()
         closes = [self._close_going_away(conn, max(grace, 1.0)) for conn in self.connections]
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
+        for tcp in list(self.transports):  # HTTP keep-alive connections, refused sockets
+            tcp.close()
         await self._server.wait_closed()
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -320,7 +389,7 @@ class Gateway:
             async with asyncio.timeout(flush_timeout):
                 await conn.outbound.flushed()
         except TimeoutError:
-            conn.ws.transport.abort()
+            conn.channel.abort()
             return
         await conn.close(CloseCode.GOING_AWAY, "server shutdown")
 
@@ -330,12 +399,6 @@ class Gateway:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown(grace=0.0 if exc_info[0] is not None else None)
-
-
-def _address(ws: ServerConnection) -> str:
-    """The client's IP address (the peer of the TCP connection)."""
-    peer = ws.remote_address
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def run(config: Config) -> None:

@@ -42,12 +42,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import orjson
-from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from protocol import CancelReason, CloseCode, ResponseStatus
 
@@ -216,6 +214,21 @@ def is_operator(auth: Authenticator | None, headers: Mapping[str, str]) -> bool:
     return principal is not None and principal.kind == "client_key"
 
 
+class FeedSocket(Protocol):
+    """What the feed needs of a subscriber's WebSocket (see gateway.transport.WebSocket)."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the peer's TCP stack."""
+
+    @property
+    def open(self) -> bool: ...
+
+    def write(self, data: bytes, text: bool) -> None: ...
+
+    async def close(self, code: int, reason: str, close_timeout: float) -> None: ...
+
+
 class StatsFeed:
     """Subscribers of ``/v1/stats`` and the one task that ticks while there is any.
 
@@ -239,8 +252,8 @@ class StatsFeed:
         self._auth = auth
         #: Every subscriber (what the ticker broadcasts to); the operators are also in
         #: ``_operators``.
-        self._subscribers: set[ServerConnection] = set()
-        self._operators: set[ServerConnection] = set()
+        self._subscribers: set[FeedSocket] = set()
+        self._operators: set[FeedSocket] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -251,51 +264,40 @@ class StatsFeed:
     def operator_subscribers(self) -> int:
         return len(self._operators)
 
-    async def serve(self, ws: ServerConnection) -> None:
-        """Run one subscriber until it leaves; messages it sends are read and ignored."""
-        headers = ws.request.headers if ws.request is not None else {}
+    def subscribe(self, socket: FeedSocket, headers: Mapping[str, str]) -> _Subscriber | None:
+        """Add a subscriber and send it its first snapshot; None if the feed is full (the
+        caller closes it with 1013). What the subscriber sends is read and ignored."""
         operator = is_operator(self._auth, headers)
         if operator:
             full = len(self._operators) >= self._max_operators
         else:
             full = len(self._subscribers) - len(self._operators) >= self._max
         if full:
-            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many stats subscribers")
-            return
-        # The slot is taken before the first await, so simultaneous subscribers cannot all
-        # pass the check above.
-        self._subscribers.add(ws)
+            return None
+        self._subscribers.add(socket)
         if operator:
-            self._operators.add(ws)
-        try:
-            # The first frame is a snapshot of its own (it must not reset the shared interval).
-            # It is written before this task yields, so no tick can come before it.
-            await ws.send(orjson.dumps(self._stats.snapshot()), text=True)
-            if self._ticker is None or self._ticker.done():
-                self._ticker = asyncio.create_task(self._tick(), name="muxgate-stats")
-            async for _ in ws:
-                pass  # nothing to say to the feed; reading keeps close handshakes working
-        except ConnectionClosed:
-            # Gone without a close handshake (a reset, a dead network): nothing to log, and
-            # nothing for websockets to log either ("connection handler failed").
-            pass
-        finally:
-            self._subscribers.discard(ws)
-            self._operators.discard(ws)
+            self._operators.add(socket)
+        # The first frame is a snapshot of its own (it must not reset the shared interval),
+        # written now, so no tick can come before it.
+        with contextlib.suppress(ConnectionClosed):
+            socket.write(orjson.dumps(self._stats.snapshot()), True)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick(), name="muxgate-stats")
+        return _Subscriber(self, socket)
+
+    def _unsubscribe(self, socket: FeedSocket) -> None:
+        self._subscribers.discard(socket)
+        self._operators.discard(socket)
 
     async def _tick(self) -> None:
         while self._subscribers:
             await asyncio.sleep(self._interval)
-            ready = [
-                ws
-                for ws in self._subscribers
-                if ws.protocol.state is State.OPEN
-                and ws.transport.get_write_buffer_size() <= SUBSCRIBER_BUFFER_LIMIT
-            ]
-            # A failed write means that subscriber's connection is going away, and its own
-            # handler ends it. (Without raise_exceptions, websockets logs a warning for each.)
-            with contextlib.suppress(ExceptionGroup):
-                broadcast(ready, self._stats.tick(), text=True, raise_exceptions=True)
+            frame = self._stats.tick()
+            for socket in list(self._subscribers):
+                # A subscriber whose socket is not draining misses ticks (bounded buffer).
+                if socket.open and socket.buffered <= SUBSCRIBER_BUFFER_LIMIT:
+                    with contextlib.suppress(ConnectionClosed):  # going: lost() removes it
+                        socket.write(frame, True)
 
     async def idle(self) -> None:
         """Return once no subscriber is left and the ticker has stopped."""
@@ -309,6 +311,22 @@ class StatsFeed:
         subscribers = list(self._subscribers)
         if subscribers:
             await asyncio.gather(
-                *(ws.close(CloseCode.GOING_AWAY, "server shutdown") for ws in subscribers),
+                *(s.close(CloseCode.GOING_AWAY, "server shutdown", 1.0) for s in subscribers),
                 return_exceptions=True,
             )
+
+
+class _Subscriber:
+    """A feed subscriber's WebSocket handler: ignores what it is sent, leaves when lost."""
+
+    __slots__ = ("_feed", "_socket")
+
+    def __init__(self, feed: StatsFeed, socket: FeedSocket) -> None:
+        self._feed = feed
+        self._socket = socket
+
+    def message(self, data: bytes, text: bool) -> None:
+        pass  # nothing to say to the feed
+
+    def lost(self) -> None:
+        self._feed._unsubscribe(self._socket)

@@ -8,7 +8,6 @@ few hundred KiB at most and are read once, on first use.
 
 from __future__ import annotations
 
-import email.utils
 import mimetypes
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -16,8 +15,7 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from typing import Final
 
-from websockets.datastructures import Headers
-from websockets.http11 import Response
+from .transport import HttpResponse
 
 __all__ = ["WebUI"]
 
@@ -71,7 +69,7 @@ class WebUI:
     def owns(self, path: str) -> bool:
         return path in _ROUTES or path in self._index
 
-    def respond(self, path: str) -> Response | None:
+    def respond(self, path: str) -> HttpResponse | None:
         name = "/" + _ROUTES[path] if path in _ROUTES else path
         entry = self._index.get(name)
         if entry is None:
@@ -87,14 +85,12 @@ class WebUI:
                 "public, max-age=31536000, immutable" if name.startswith("/assets/") else "no-cache"
             )
             cached = self._cache[name] = _File(entry.read_bytes(), content_type, cache)
-        headers = Headers(
+        return HttpResponse(
+            HTTPStatus.OK,
             [
-                ("Date", email.utils.formatdate(usegmt=True)),
-                ("Connection", "close"),
-                ("Content-Length", str(len(cached.body))),
                 ("Content-Type", cached.content_type),
                 ("Cache-Control", cached.cache_control),
                 ("X-Content-Type-Options", "nosniff"),
-            ]
+            ],
+            cached.body,
         )
-        return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, cached.body)

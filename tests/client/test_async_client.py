@@ -236,7 +236,7 @@ async def test_reconnects_on_the_next_call_after_a_drop(gateway: Gateway) -> Non
         await wait_active(gateway, "r-1")
         (conn,) = gateway.connections
         first_id = conn.id
-        conn.ws.transport.abort()  # the network drops
+        conn.channel.transport.abort()  # the network drops
         with pytest.raises(ConnectionLost) as lost:
             await task
         assert lost.value.close_code == 1006

@@ -192,7 +192,7 @@ def test_sync_client_reconnects(gw: ThreadedGateway, client: Client) -> None:
 
     async def drop() -> None:
         for conn in list(gw.gw.connections):
-            conn.ws.transport.abort()
+            conn.channel.transport.abort()
 
     gw.call(drop())
     time.sleep(0.05)

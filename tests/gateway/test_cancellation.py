@@ -339,7 +339,7 @@ async def slow_reader(gw: Gateway, codec: Codec) -> AsyncIterator[WireClient]:
         await client.send(Ping(id=1))
         await client.wait_for(lambda: bool(client.others))  # the pong: connection is up
         (conn,) = gw.connections
-        server_sock = conn.ws.transport.get_extra_info("socket")
+        server_sock = conn.channel.transport.get_extra_info("socket")
         server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         yield client
 
@@ -1360,8 +1360,8 @@ async def test_a_cancel_is_answered_in_the_loop_turn_that_reads_it(
 async def test_a_cancel_queued_behind_its_chat_is_not_read_before_it(
     gateway: Gateway, codec: Codec
 ) -> None:
-    """Order holds: a cancel arriving in the same read as the chat it cancels (so the chat is
-    still queued for the reader) takes the usual path and finds its request."""
+    """Order holds: a cancel arriving in the same read as the chat it cancels is handled right
+    after it, in the same callback, and finds its request."""
     async with WireClient.open(gateway.url, codec) as client:
         for n in range(20):
             rid = f"r{n}"
@@ -1373,16 +1373,15 @@ async def test_a_cancel_queued_behind_its_chat_is_not_read_before_it(
             )
             assert (await client.response(rid)).status is ResponseStatus.CANCELLED
             assert (await client.cancel_result(rid)).status is CancelStatus.CANCELLED
-        assert _connection(gateway).cancels_read_early == 0
+        assert _connection(gateway).cancels_read_early == 20
     await settled(gateway)
 
 
 @pytest.mark.parametrize("codec", CODECS)
-async def test_a_frame_of_cancels_with_a_bad_one_takes_the_usual_path(
+async def test_a_frame_of_cancels_with_a_bad_one_answers_both(
     gateway: Gateway, codec: Codec
 ) -> None:
-    """G6 through the early reader: it declines a frame it cannot take whole; the usual path
-    answers the good cancel and gives the bad message its error."""
+    """G6 in the read callback: the good cancel is answered, the bad message gets its error."""
     async with WireClient.open(gateway.url, codec) as client:
         track = await client.chat("r1", metadata=ENDLESS)
         await client.chunks("r1", 1)
@@ -1394,21 +1393,21 @@ async def test_a_frame_of_cancels_with_a_bad_one_takes_the_usual_path(
         await client.send_raw(protocol.join_batch([good, bad], codec))
         assert (await client.response("r1")).status is ResponseStatus.CANCELLED
         await client.wait_for(lambda: bool(client.errors or track.errors))
-        assert _connection(gateway).cancels_read_early == 0
+        assert _connection(gateway).cancels_read_early == 1
     await settled(gateway)
 
 
 async def test_http_delete_is_answered_in_the_loop_turn_that_reads_it(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The DELETE is decided when its request is parsed, not in the handler task's turn: the
-    usual path is never reached (it would fail here), and every answer is still right."""
+    """The DELETE is decided in the callback that parsed its request: the asynchronous path
+    (a task, as for GET) is never taken (it would fail here), and every answer is still right."""
     from gateway import http_api
 
     async def usual_path(*args: Any) -> Any:
-        raise AssertionError("DELETE took the usual path")
+        raise AssertionError("DELETE took the asynchronous path")
 
-    monkeypatch.setattr(http_api, "_request_by_id", usual_path)
+    monkeypatch.setattr(http_api, "_status", usual_path)
     async with WireClient.open(gateway.url) as client:
         await client.chat("r1", metadata=ENDLESS)
         await client.chunks("r1", 2)

@@ -589,7 +589,7 @@ async def stuck_reader(gw: Gateway, backend: ProbedBackend, rid: str) -> AsyncIt
         async with asyncio.timeout(5):
             await probe.started.wait()
         (conn,) = [c for c in gw.connections if rid in c.outbound.streams]
-        server_sock = conn.ws.transport.get_extra_info("socket")
+        server_sock = conn.channel.transport.get_extra_info("socket")
         server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         probe.go.set()
         yield ws, conn, probe
