@@ -38,7 +38,8 @@ from protocol import (
 )
 
 from .cancellation import CancelToken, PipelineHalted
-from .outbound import ContentTooLarge, Outbound, Stream
+from .outbound import Outbound
+from .output_queue import ContentTooLarge, OutputQueue
 from .pipeline import Backend, BackendFailure, RequestContext, StepRecord
 from .registry import RequestKey, RequestRecord, RequestRegistry, RequestStatus
 
@@ -89,7 +90,7 @@ class Request:
         self.backend = backend
         self.registry = registry
         self.observer = observer
-        self.stream: Stream = Stream(outbound, key.request_id, stream=stream)
+        self.stream = OutputQueue(outbound.scheduler, key.request_id, stream=stream)
         if max_content_chars is not None:
             self.stream.max_content_chars = max_content_chars
         self.token = CancelToken()

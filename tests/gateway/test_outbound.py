@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 import protocol
-from gateway.outbound import COALESCE_AFTER, MAX_PENDING_STEPS, Outbound, SlowConsumer, Stream
+from gateway.outbound import COALESCE_AFTER, MAX_PENDING_STEPS, Outbound, SlowConsumer
+from gateway.output_queue import OutputQueue
 from gateway.pipeline import StepRecord
 from protocol import (
     CancelReason,
@@ -50,7 +51,7 @@ async def test_chunks_packed_before_a_cancel_are_not_written_after_it(batch_byte
     request's packed chunks; only what was already written precedes its response."""
     send = GatedSend()
     outbound = Outbound(send, Codec.JSON, max_batch_bytes=batch_bytes)
-    stream = Stream(outbound, "r1", stream=True)
+    stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     # Over 1 MiB in total, so even batching needs several frames.
     for _ in range(3):
@@ -124,7 +125,10 @@ async def test_writes_synchronously_until_the_socket_is_full_then_the_writer_awa
     sock = Socket()
     outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
     writer = asyncio.create_task(outbound.run())
-    first, second = Stream(outbound, "a", stream=True), Stream(outbound, "b", stream=True)
+    first, second = (
+        OutputQueue(outbound.scheduler, "a", stream=True),
+        OutputQueue(outbound.scheduler, "b", stream=True),
+    )
     outbound.attach_stream(first)
     outbound.attach_stream(second)
 
@@ -182,7 +186,7 @@ async def test_flush_now_writes_the_cancelled_response_before_returning() -> Non
     sock = Socket()
     outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
     writer = asyncio.create_task(outbound.run())
-    stream = Stream(outbound, "r1", stream=True)
+    stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     stream.push("pending text of the cancelled request")
     stream.machine.on_cancel()
@@ -204,7 +208,7 @@ async def test_a_lone_surrogate_is_sent_replaced_not_dropped(codec: Codec) -> No
 
     outbound = Outbound(send, codec)
     writer = asyncio.create_task(outbound.run())
-    stream = Stream(outbound, "r1", stream=True)
+    stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     stream.push("a\ud800b")
     await outbound.flushed()
@@ -306,7 +310,7 @@ async def test_steps_keep_their_place_among_chunks_and_wait_like_text() -> None:
     producer wait, as text does; a cancel drops the queued steps with the text."""
     send = GatedSend()
     outbound = Outbound(send, Codec.JSON)
-    stream = Stream(outbound, "r1", stream=True)
+    stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     tool = StepRecord(kind="tool", name="search", index=0)
     for n in range(COALESCE_AFTER + 3):  # enough to be coalesced
@@ -332,7 +336,7 @@ async def test_steps_keep_their_place_among_chunks_and_wait_like_text() -> None:
     # Backpressure: steps nobody writes (the socket is blocked) make the producer wait.
     blocked = GatedSend()
     slow = Outbound(blocked, Codec.JSON)
-    other = Stream(slow, "r2", stream=True)
+    other = OutputQueue(slow.scheduler, "r2", stream=True)
     slow.attach_stream(other)
     slow_writer = asyncio.create_task(slow.run())
     other.push("x")
