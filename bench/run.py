@@ -8,9 +8,10 @@
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
-Every server (the gateway, the bare ``websockets`` ceiling, the FastAPI peer) runs in its own
-process, and so does every load generator (``bench/loadgen.py``); server CPU time comes from
-``/proc/<pid>/stat`` over the measured window, RSS from ``/proc/<pid>/status``. Writes
+Every server (the gateway, the bare ``websockets`` ceiling, the bare ``websockets`` batched peer,
+the FastAPI peer) runs in its own process, and so does every load generator
+(``bench/loadgen.py``); server CPU time comes from ``/proc/<pid>/stat`` over the measured
+window, RSS from ``/proc/<pid>/status``. Writes
 ``latest.json`` (all figures + the machine), ``latest.md`` (the tables README shows) and
 ``cancel_latency.png`` (CDF of client-observed cancel latency) into ``bench/results/``.
 
@@ -155,11 +156,11 @@ class Server:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        if self.kind == "ceiling":
+        if self.kind in ("ceiling", "batched"):
             assert self.proc.stdout is not None
             line = self.proc.stdout.readline()
             if line.strip() != b"ready":
-                raise RuntimeError(f"ceiling server did not start: {self.stderr_tail()}")
+                raise RuntimeError(f"{self.kind} server did not start: {self.stderr_tail()}")
             return
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -285,6 +286,8 @@ class Bench:
             argv += ["--log-level", "warning", "--log-format", "json", "--shutdown-grace", "1"]
         elif kind == "ceiling":
             argv = [PY, str(BENCH / "ceiling_server.py"), "--port", str(port)]
+        elif kind == "batched":
+            argv = [PY, str(BENCH / "batched_server.py"), "--port", str(port)]
         elif kind == "llm_proxy":
             argv = [PY, str(BENCH / "llm_proxy_peer.py"), "--port", str(port)]
         else:
@@ -338,6 +341,7 @@ class Bench:
             ("gateway", "gateway", (), True),
             ("gateway_unbatched", "gateway", ("--max-batch-bytes", "0"), True),
             ("ceiling", "ceiling", ("--streams", str(streams)), False),
+            ("batched", "batched", ("--streams", str(streams)), False),
             ("fastapi", "fastapi", (), True),
         ]
         # Full: a fresh server per run. Quick: one server for both codecs (fewer start-ups).
@@ -346,7 +350,7 @@ class Bench:
         for label, kind, flags, verify in targets:
             for group in groups:
                 extra = flags
-                if kind == "ceiling":
+                if kind in ("ceiling", "batched"):  # the gateway's chunk size, measured above
                     extra = (*flags, "--message-bytes", str(sizes[group[0]]))
                 done = []
                 with self.server(kind, *extra, name=f"{label}-{'-'.join(group)}") as srv:
@@ -359,7 +363,8 @@ class Bench:
                         verified = r["verify"] and r["verify"]["mean_chunk_message_bytes"]
                         if label == "gateway" and verified:
                             sizes[codec] = round(r["verify"]["mean_chunk_message_bytes"])
-                        r["message_bytes"] = sizes[group[0]] if kind == "ceiling" else None
+                        padded = kind in ("ceiling", "batched")
+                        r["message_bytes"] = sizes[group[0]] if padded else None
                         runs[f"{label}/{codec}"] = r
                         done.append(codec)
                         self.log(
@@ -374,7 +379,7 @@ class Bench:
         ratios: dict[str, Any] = {}
         for codec in ("json", "msgpack"):
             ceiling = runs[f"ceiling/{codec}"]["chunks_per_server_cpu_s"]
-            for label in ("gateway", "gateway_unbatched", "fastapi"):
+            for label in ("gateway", "gateway_unbatched", "batched", "fastapi"):
                 value = runs[f"{label}/{codec}"]["chunks_per_server_cpu_s"]
                 ratios[f"{label}_vs_ceiling/{codec}"] = (
                     round(value / ceiling, 3) if value and ceiling else None
@@ -385,7 +390,18 @@ class Bench:
                 if gw["chunks_per_server_cpu_s"] and fa["chunks_per_server_cpu_s"]
                 else None
             )
-        self.log("  ratios (chunks per server-CPU-second): " + json.dumps(ratios))
+            # Issue 15 item 4: the gateway's server CPU per chunk over the bare batched loop's
+            # (CPU per chunk, so lower is better: target <= 1.2).
+            ba = runs[f"batched/{codec}"]["chunks_per_server_cpu_s"]
+            ratios[f"gateway_vs_batched/{codec}"] = (
+                round(ba / gw["chunks_per_server_cpu_s"], 3)
+                if ba and gw["chunks_per_server_cpu_s"]
+                else None
+            )
+        self.log(
+            "  ratios (chunks per server-CPU-second; gateway_vs_batched: CPU per chunk): "
+            + json.dumps(ratios)
+        )
         return {
             "load": {"conns": conns, "streams_per_conn": streams, "token_delay_ms": 0},
             "runs": runs,
@@ -1179,6 +1195,7 @@ def markdown(results: dict[str, Any]) -> str:
             "gateway": "muxgate (batching)",
             "gateway_unbatched": "muxgate, `--max-batch-bytes 0`",
             "ceiling": "bare websockets, 1 msg/frame (ceiling)",
+            "batched": "bare websockets, batched like the gateway",
             "fastapi": "FastAPI/uvicorn, task per request",
         }
         for label, name in names.items():
@@ -1204,12 +1221,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_f(r.get('gateway_unbatched_vs_ceiling/json'))}x, msgpack "
             f"{_f(r.get('gateway_unbatched_vs_ceiling/msgpack'))}x; muxgate/FastAPI: JSON "
             f"{_f(r.get('gateway_vs_fastapi/json'))}x, msgpack "
-            f"{_f(r.get('gateway_vs_fastapi/msgpack'))}x. The ceiling sends pre-encoded chunk "
+            f"{_f(r.get('gateway_vs_fastapi/msgpack'))}x. Gateway server CPU-µs per chunk over "
+            "the bare batched loop's (issue 15 target: <= 1.2x): JSON "
+            f"{_f(r.get('gateway_vs_batched/json'))}x, msgpack "
+            f"{_f(r.get('gateway_vs_batched/msgpack'))}x (server CPU-s per M chunks = CPU-µs "
+            "per chunk). The ceiling sends pre-encoded chunk "
             "messages padded to the gateway's mean chunk message size "
             f"({_f(tp['runs'].get('ceiling/json', {}).get('message_bytes'))} B JSON, "
             f"{_f(tp['runs'].get('ceiling/msgpack', {}).get('message_bytes'))} B msgpack), "
-            "one per frame, in a loop per connection. Server CPU includes the embedded "
-            "simulated backend producing the tokens.",
+            "one per frame, in a loop per connection. The batched peer "
+            "(`bench/batched_server.py`) sends the same texts as the gateway's own chunk "
+            "messages (encoded per chunk, `seq` contiguous), one burst per stream per loop turn "
+            "as the simulated backend emits them, packed into one frame per loop turn the way "
+            "the gateway packs them (byte-identical frames); no backend, no request lifecycle, "
+            "no responses. Server CPU of muxgate includes the embedded simulated backend "
+            "producing the tokens.",
             "",
         ]
     ca = s.get("cancel")
