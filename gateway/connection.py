@@ -303,7 +303,7 @@ class Connection:
         finally:
             if cancelled:
                 # The cancel results go out now, not at the writer's next turn.
-                outbound.flush_now()
+                outbound.write_now()
 
     def _hold(self, *, until_room: bool) -> None:
         """Stop reading until the waiting messages may be handled: in the next loop turn, or
@@ -351,7 +351,7 @@ class Connection:
             return
         self._first_message_seen()
         assert self.mux is not None
-        self.mux.dispatch_now(message)
+        self.mux.dispatch(message)
 
     # -- authentication ------------------------------------------------------------------------
 

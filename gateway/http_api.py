@@ -161,7 +161,7 @@ def _request_by_id(
     if request.method == "DELETE":
         # Answered in the callback that read the request: the cancel takes effect before the
         # transport reads another byte.
-        return _cancelled(request_id, services.registry.cancel_now(key, CancelReason.API))
+        return _cancelled(request_id, services.registry.cancel_local(key, CancelReason.API))
     return _status(services, key)
 
 

@@ -73,13 +73,13 @@ class Multiplexer:
         self.services.observer.errors.labels(code.value).inc()
         self.outbound.send_control(Error(code=code, message=message, request_id=request_id))
 
-    def dispatch_now(self, message: ClientMessage) -> None:
+    def dispatch(self, message: ClientMessage) -> None:
         """Act on one message, synchronously: a chat's pipeline is started, a cancel decided
         (the cancelled response is queued before this returns)."""
         if isinstance(message, Chat):
             self.chat(message)
         elif isinstance(message, Cancel):
-            self.cancel_now(message)
+            self.cancel(message)
         elif isinstance(message, Ping):
             self.outbound.send_control(Pong(id=message.id))
         elif isinstance(message, Hello):
@@ -133,13 +133,13 @@ class Multiplexer:
     def _finished(self, request: Request, _task: object) -> None:
         self.requests.discard(request)
 
-    def cancel_now(self, cancel: Cancel) -> None:
+    def cancel(self, cancel: Cancel) -> None:
         """Decide a cancel now (this process's registry). The cancelled response is written
         before this returns (Request.cancel); the result goes with the next write."""
         key = self._cancel_key(cancel)
         if key is None:
             return
-        status = self.services.registry.cancel_now(key, CancelReason.CLIENT)
+        status = self.services.registry.cancel_local(key, CancelReason.CLIENT)
         self._cancel_result(key.request_id, status)
 
     def _cancel_key(self, cancel: Cancel) -> RequestKey | None:

@@ -197,7 +197,7 @@ class Outbound:
 
     # -- synchronous writing (the socket takes data) -----------------------------------------
 
-    def flush_now(self) -> None:
+    def write_now(self) -> None:
         """Write what is pending now, before returning, if the socket takes data (the cancel
         path: the cancelled response goes out before any bookkeeping, one loop turn earlier
         than the scheduled flush). Otherwise the writer task owns writing and sends it in

@@ -120,9 +120,9 @@ class RequestRegistry(Protocol):
 
     async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus: ...
 
-    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
-        """:meth:`cancel` decided synchronously, from what this process knows: for a cancel
-        read in the loop turn that received it (the early paths of a frame and a DELETE)."""
+    def cancel_local(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        """:meth:`cancel` decided synchronously, from what this process knows: a cancel is
+        decided in the callback that read it (a frame, a DELETE), before another byte is read."""
         ...
 
     async def lookup(self, key: RequestKey) -> RequestRecord | None: ...
@@ -168,9 +168,9 @@ class InMemoryRegistry:
         self._expire()
 
     async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
-        return self.cancel_now(key, reason)
+        return self.cancel_local(key, reason)
 
-    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+    def cancel_local(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
         """Synchronous cancel for callers on this node's event loop."""
         request = self._active.get(key)
         if request is not None:

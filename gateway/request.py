@@ -167,7 +167,7 @@ class Request:
             halt=halt,
         )
         self.outbound.cancel_stream(self.stream, response, on_sent=self._cancel_sent)
-        self.outbound.flush_now()  # on the socket now; the bookkeeping below can wait
+        self.outbound.write_now()  # on the socket now; the bookkeeping below can wait
         self._answered()
         return CancelStatus.CANCELLED
 

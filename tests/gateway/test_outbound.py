@@ -180,7 +180,7 @@ async def test_control_overflow_in_a_synchronous_flush_ends_the_writer_as_a_slow
     assert sock.written == []
 
 
-async def test_flush_now_writes_the_cancelled_response_before_returning() -> None:
+async def test_write_now_writes_the_cancelled_response_before_returning() -> None:
     """The cancel path: the response is on the socket when the cancel handler returns, not at
     the next loop turn (one turn less of cancel latency)."""
     sock = Socket()
@@ -191,7 +191,7 @@ async def test_flush_now_writes_the_cancelled_response_before_returning() -> Non
     stream.push("pending text of the cancelled request")
     stream.machine.on_cancel()
     outbound.cancel_stream(stream, cancelled("r1"))
-    outbound.flush_now()
+    outbound.write_now()
     assert [m for _, m in sock.messages()] == [cancelled("r1")]
     outbound.close()
     await writer
