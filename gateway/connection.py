@@ -157,6 +157,7 @@ class Connection:
             max_pending_chars=config.max_pending_chars,
             max_control=config.max_control_messages,
             slow_consumer_timeout=config.slow_consumer_timeout,
+            on_failure=self._writer_failed,
         )
         self.mux: Multiplexer | None = None
         # Token bucket for inbound messages (SPEC.md §7: rate_limited, then close 4029).
@@ -186,7 +187,6 @@ class Connection:
         self.cancels_read_early = 0
         #: Set once the connection has ended: everything of it is stopped.
         self.finished = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
         #: The connection's own short tasks (waiting for room, closing): referenced here until
         #: they end, and not the gateway's (a close handshake with a peer that does not read
         #: lasts the close timeout; the gateway's pipelines are long idle by then).
@@ -194,11 +194,7 @@ class Connection:
         self._hello_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        """Start the writer and, without credentials yet, the hello timeout."""
-        self._writer = writer = asyncio.create_task(
-            self.outbound.run(), name=f"muxgate-writer-{self.id}"
-        )
-        writer.add_done_callback(self._writer_done)
+        """Without credentials yet: the hello timeout, and the input bound."""
         config = self.services.config
         if self._principal is None:
             if config.auth_required:
@@ -234,8 +230,6 @@ class Connection:
         if self.mux is not None:
             self.mux.disconnect()
         self.outbound.close()
-        if self._writer is not None:
-            self._writer.cancel()
         log.debug("connection.closed", connection_id=self.id, close_code=self.channel.close_code)
         if not self.finished.is_set():
             self.finished.set()
@@ -464,14 +458,11 @@ class Connection:
         # A failed write raises (ConnectionClosed); the writer task then ends the connection.
         self.channel.write(frame, self._text)
 
-    def _writer_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
+    def _writer_failed(self, exc: BaseException) -> None:
         if isinstance(exc, SlowConsumer):
             log.warning("connection.slow_consumer", connection_id=self.id, detail=str(exc))
             code, reason = CloseCode.SLOW_CONSUMER, "slow consumer"
-        elif exc is None or isinstance(exc, ConnectionClosed):
+        elif isinstance(exc, ConnectionClosed):
             # The connection is gone: nothing more will be written. Close the outbound now, so
             # a reader waiting for room for its answers (control_room) goes on, finds the
             # connection closed and ends; lost() does the rest.

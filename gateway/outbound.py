@@ -86,8 +86,11 @@ class Outbound:
         max_pending_chars: int = 65_536,
         max_control: int = 4096,
         slow_consumer_timeout: float = 30.0,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._send = send
+        #: Called when the writer task ends with an exception (SlowConsumer, a closed socket).
+        self._on_failure = on_failure
         self._write = write
         self._writable = writable
         self.codec = codec
@@ -188,6 +191,7 @@ class Outbound:
         self._idle.clear()
         if self._writer_owns:
             self._wakeup.set()
+            self._ensure_writer()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop = self._loop
@@ -246,6 +250,32 @@ class Outbound:
         self._writer_owns = True
         self._failure = failure
         self._wakeup.set()
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """Start the writer task if none runs. It exists only while it has work: a connection
+        whose socket takes data has none (most of them, most of the time: no task's memory
+        per idle connection); it ends once it has caught up and writing is synchronous again."""
+        task = self._task
+        if (task is None or task.done()) and not self._closed:
+            self._task = task = asyncio.get_running_loop().create_task(
+                self._run(), name="muxgate-writer"
+            )
+            task.add_done_callback(self._writer_done)
+
+    def start_writer(self) -> asyncio.Task[None]:
+        """The writer task, started now if none runs (it starts by itself when it has work:
+        this is for tests that hold a reference to it)."""
+        self._ensure_writer()
+        assert self._task is not None
+        return self._task
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._on_failure is not None:
+            self._on_failure(exc)
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -254,6 +284,13 @@ class Outbound:
         self._closed = True
         self.scheduler.close()  # waiting producers go on (to their checkpoint)
         self._wakeup.set()
+        task = self._task
+        if (
+            task is not None
+            and self.send_started is not None
+            and task is not asyncio.current_task()
+        ):
+            task.cancel()  # blocked in a send to a connection that is gone
         self._idle.set()  # nothing will be sent any more: whoever awaits flushed() may go on
         if self._room is not None:
             self._room.set()
@@ -288,13 +325,12 @@ class Outbound:
         """Return once everything queued so far has been handed to the socket."""
         await self._idle.wait()
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """The writer task: it writes whenever the socket is full (awaiting the drain), and
-        every frame when there is no ``write``; otherwise it sleeps.
+        every frame when there is no ``write``; it ends once writing is synchronous again.
 
         Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
         """
-        self._task = asyncio.current_task()
         frames_of = self.scheduler.frames
         while not self._closed:
             await self._wakeup.wait()
@@ -311,6 +347,7 @@ class Outbound:
                     hook()
             if self._write is not None and self._writable is not None:
                 self._writer_owns = False  # caught up: synchronous writes again
+                return
 
     def _next_batch(self) -> Batch:
         """The scheduler's next frame's worth; the reader may go on once answers went out."""

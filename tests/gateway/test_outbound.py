@@ -56,7 +56,7 @@ async def test_chunks_packed_before_a_cancel_are_not_written_after_it(batch_byte
     # Over 1 MiB in total, so even batching needs several frames.
     for _ in range(3):
         stream.push("x" * 400_000)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     await send.first_started.wait()
 
     stream.machine.on_cancel()
@@ -124,7 +124,7 @@ async def test_writes_synchronously_until_the_socket_is_full_then_the_writer_awa
 ):
     sock = Socket()
     outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     first, second = (
         OutputQueue(outbound.scheduler, "a", stream=True),
         OutputQueue(outbound.scheduler, "b", stream=True),
@@ -172,7 +172,7 @@ async def test_control_overflow_in_a_synchronous_flush_ends_the_writer_as_a_slow
     outbound = Outbound(
         sock.send, Codec.JSON, write=sock.write, writable=sock.writable, max_control=3
     )
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     for n in range(5):  # all queued before the flush callback runs
         outbound.send_control(protocol.Pong(id=n))
     with pytest.raises(SlowConsumer):
@@ -185,7 +185,7 @@ async def test_write_now_writes_the_cancelled_response_before_returning() -> Non
     the next loop turn (one turn less of cancel latency)."""
     sock = Socket()
     outbound = Outbound(sock.send, Codec.JSON, write=sock.write, writable=sock.writable)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     stream.push("pending text of the cancelled request")
@@ -207,7 +207,7 @@ async def test_a_lone_surrogate_is_sent_replaced_not_dropped(codec: Codec) -> No
         frames.append(frame)
 
     outbound = Outbound(send, codec)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     stream = OutputQueue(outbound.scheduler, "r1", stream=True)
     outbound.attach_stream(stream)
     stream.push("a\ud800b")
@@ -229,7 +229,7 @@ async def test_control_overflow_ends_a_writer_blocked_in_a_send() -> None:
     slow-consumer timeout later) while pongs and errors pile up meanwhile."""
     send = GatedSend()  # the first send blocks until released: it never is here
     outbound = Outbound(send, Codec.JSON, max_control=3)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     outbound.send_control(protocol.Pong(id=0))
     await send.first_started.wait()
     for n in range(1, 5):
@@ -247,7 +247,7 @@ async def test_control_overflow_ends_an_idle_synchronous_writer_at_once() -> Non
     outbound = Outbound(
         sock.send, Codec.JSON, write=sock.write, writable=sock.writable, max_control=8
     )
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     await asyncio.sleep(0)  # the writer waits for work
     for n in range(100):  # one loop turn: the flush callback has not run
         outbound.send_control(protocol.Pong(id=n))
@@ -264,7 +264,7 @@ async def test_control_room_holds_the_reader_until_answers_are_written() -> None
     quarter, and at once when the outbound closes."""
     send = GatedSend()  # the first send blocks: the client is not reading
     outbound = Outbound(send, Codec.JSON, max_control=16)
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     outbound.send_control(protocol.Pong(id=0))
     await send.first_started.wait()
     for n in range(1, 9):
@@ -285,7 +285,7 @@ async def test_control_room_holds_the_reader_until_answers_are_written() -> None
     # A closed outbound never holds the reader.
     stuck = GatedSend()
     closing = Outbound(stuck, Codec.JSON, max_control=16)
-    closing_writer = asyncio.create_task(closing.run())
+    closing_writer = closing.start_writer()
     closing.send_control(protocol.Pong(id=0))
     await stuck.first_started.wait()
     for n in range(1, 9):
@@ -318,7 +318,7 @@ async def test_steps_keep_their_place_among_chunks_and_wait_like_text() -> None:
     stream.push_step(tool, StepState.STARTED)
     stream.push_step(tool, StepState.ENDED)
     stream.push("b")
-    writer = asyncio.create_task(outbound.run())
+    writer = outbound.start_writer()
     await send.first_started.wait()
     send.release.set()
     await outbound.flushed()
@@ -338,7 +338,7 @@ async def test_steps_keep_their_place_among_chunks_and_wait_like_text() -> None:
     slow = Outbound(blocked, Codec.JSON)
     other = OutputQueue(slow.scheduler, "r2", stream=True)
     slow.attach_stream(other)
-    slow_writer = asyncio.create_task(slow.run())
+    slow_writer = slow.start_writer()
     other.push("x")
     await blocked.first_started.wait()  # the writer now waits on a reader that does not read
     for index in range(MAX_PENDING_STEPS + 1):

@@ -213,7 +213,8 @@ async def test_a_fragmented_message_is_joined(gateway: Gateway) -> None:
         await ws.send([message[:5].decode(), message[5:20].decode(), message[20:].decode()])
         types = []
         while "response" not in types:
-            types.append(orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+            frame = await asyncio.wait_for(ws.recv(decode=False), 10)
+            types.extend(orjson.loads(line)["type"] for line in frame.split(b"\n"))
         assert types[0] == "welcome"
         assert "chunk" in types
     await settled(gateway)
