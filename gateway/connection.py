@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, cast
@@ -169,7 +168,7 @@ class Connection:
         self._last_refusal = 0.0
         # SPEC.md §4.4: handshake credentials are checked now but decided on the first
         # message, since a hello may replace them.
-        self._headers = headers
+        self._headers: Mapping[str, str] = headers
         self._principal: Principal | None = None
         self._auth_error: AuthError | None = None
         try:
@@ -179,14 +178,18 @@ class Connection:
         #: Counted against the gateway's budget for connections that have not authenticated
         #: until this is True (credentials in the handshake, or a welcomed hello).
         self.authenticated = self._principal is not None
-        #: Decoded messages not handled yet (only while reading is paused: see _hold).
-        self._inbox: deque[_Inbound] = deque()
+        #: Decoded messages not handled yet: those of the frame at hand, and more only while
+        #: reading is paused (see _hold). A list, reused: a deque would cost ~600 bytes per
+        #: connection, and the messages of one read are few.
+        self._inbox: list[_Inbound] = []
+        self._next = 0
         self._held = False
         self._closing = False
         #: Cancels answered in the callback that delivered their frame.
         self.cancels_read_early = 0
-        #: Set once the connection has ended: everything of it is stopped.
-        self.finished = asyncio.Event()
+        #: True once the connection has ended: everything of it is stopped.
+        self.ended = False
+        self._ended_waiter: asyncio.Future[None] | None = None
         #: The connection's own short tasks (waiting for room, closing): referenced here until
         #: they end, and not the gateway's (a close handshake with a peer that does not read
         #: lasts the close timeout; the gateway's pipelines are long idle by then).
@@ -214,26 +217,34 @@ class Connection:
         if results is None:
             return
         inbox = self._inbox
-        if inbox or self._held:
-            inbox.extend(results)
-            return
-        # The common case: nothing waits before this frame, handle it in this callback.
+        waiting = self._held or self._next < len(inbox)
         inbox.extend(results)
-        self._pump(early=True)
+        if not waiting:  # the common case: nothing waits before this frame, handle it now
+            self._pump(early=True)
 
     def lost(self) -> None:
         """The connection is gone (either side closed it, or the network did)."""
         if self._hello_timer is not None:
             self._hello_timer.cancel()
-        self._inbox.clear()
+        self._drop_inbox()
         self._closing = True
         if self.mux is not None:
             self.mux.disconnect()
         self.outbound.close()
         log.debug("connection.closed", connection_id=self.id, close_code=self.channel.close_code)
-        if not self.finished.is_set():
-            self.finished.set()
+        if not self.ended:
+            self.ended = True
             self.services.finished(self)
+            if self._ended_waiter is not None and not self._ended_waiter.done():
+                self._ended_waiter.set_result(None)
+
+    async def wait_ended(self) -> None:
+        """Return once the connection has ended (lost): everything of it is stopped."""
+        if self.ended:
+            return
+        if self._ended_waiter is None:
+            self._ended_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._ended_waiter)
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -267,9 +278,9 @@ class Connection:
         handled = 0
         cancelled = False
         try:
-            while inbox:
+            while self._next < len(inbox):
                 if outbound.closed:  # the writer ended it (4008, 1011): its close is under way
-                    inbox.clear()
+                    self._drop_inbox()
                     return
                 # Inbound backpressure: every message may queue an answer. A client that sends
                 # faster than it reads waits (its bytes unread, in the kernel) instead of growing
@@ -284,20 +295,26 @@ class Connection:
                     self._hold(until_room=False)
                     return
                 handled += 1
-                result = inbox.popleft()
+                result = inbox[self._next]
+                self._next += 1
                 if isinstance(result, Cancel):
                     cancelled = True
                     if early:
                         self.cancels_read_early += 1
                 self._handle(result)
+            self._drop_inbox()  # all handled
         except _Closing as closing:
-            inbox.clear()
+            self._drop_inbox()
             self._closing = True
             self._spawn(self._flush_and_close(closing.code, closing.reason))
         finally:
             if cancelled:
                 # The cancel results go out now, not at the writer's next turn.
                 outbound.write_now()
+
+    def _drop_inbox(self) -> None:
+        self._inbox.clear()
+        self._next = 0
 
     def _hold(self, *, until_room: bool) -> None:
         """Stop reading until the waiting messages may be handled: in the next loop turn, or
@@ -376,7 +393,7 @@ class Connection:
         if self.mux is not None or self._closing:
             return
         self._closing = True
-        self._inbox.clear()
+        self._drop_inbox()
         self._error(ErrorCode.UNAUTHORIZED, "authentication required")
         self._spawn(self._flush_and_close(CloseCode.UNAUTHORIZED, "unauthorized"))
 
@@ -394,6 +411,7 @@ class Connection:
             self._hello_timer.cancel()
             self._hello_timer = None
         self.mux = Multiplexer(services.multiplexer, self.outbound, principal)
+        self._headers = {}  # decided: the handshake's headers are not needed any more
         self.channel.limit_input(None)  # frames up to max_frame_bytes from now on
         if not self.authenticated:
             self.authenticated = True
@@ -474,7 +492,7 @@ class Connection:
         # Nothing more can be written: the requests stop now (G7), not when the TCP connection
         # finally dies, which for a peer that does not read may be much later.
         self._closing = True
-        self._inbox.clear()
+        self._drop_inbox()
         if self.mux is not None:
             self.mux.disconnect()
         self.outbound.close()

@@ -106,7 +106,8 @@ class Outbound:
         self._control = scheduler.control
         self._room: asyncio.Event | None = None
         self.slow_consumer_timeout = slow_consumer_timeout
-        self._wakeup = asyncio.Event()
+        #: Wakes the writer task (made with the first one: an idle connection has neither).
+        self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._flushing = False  # a sent hook may cancel a request, which flushes: not twice
@@ -118,8 +119,9 @@ class Outbound:
         self._task: asyncio.Task[Any] | None = None
         #: Why the writer task was cancelled (SlowConsumer's message), if it was.
         self._slow: str | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        #: Nothing is pending. An event only once someone awaits flushed() (rare: closes).
+        self._is_idle = True
+        self._idle: asyncio.Event | None = None
         self._closed = False
         #: Frames written: a figure for metrics and benchmarks (chunks_sent: the scheduler's).
         self.frames_sent = 0
@@ -188,10 +190,9 @@ class Outbound:
         await room.event.wait()
 
     def _wake(self) -> None:
-        self._idle.clear()
+        self._is_idle = False
         if self._writer_owns:
-            self._wakeup.set()
-            self._ensure_writer()
+            self._signal_writer()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop = self._loop
@@ -236,7 +237,7 @@ class Outbound:
                     return
                 parts, owners, sent_hooks = self._next_batch()
                 if not parts:
-                    self._idle.set()
+                    self._set_idle()
                     return
                 for frame in frames_of(parts, owners):
                     write(frame)
@@ -249,8 +250,19 @@ class Outbound:
     def _hand_over(self, *, failure: BaseException | None = None) -> None:
         self._writer_owns = True
         self._failure = failure
-        self._wakeup.set()
+        self._signal_writer()
+
+    def _signal_writer(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = asyncio.Event()
+        wakeup.set()
         self._ensure_writer()
+
+    def _set_idle(self) -> None:
+        self._is_idle = True
+        if self._idle is not None:
+            self._idle.set()
 
     def _ensure_writer(self) -> None:
         """Start the writer task if none runs. It exists only while it has work: a connection
@@ -258,6 +270,8 @@ class Outbound:
         per idle connection); it ends once it has caught up and writing is synchronous again."""
         task = self._task
         if (task is None or task.done()) and not self._closed:
+            if self._wakeup is None:
+                self._wakeup = asyncio.Event()
             self._task = task = asyncio.get_running_loop().create_task(
                 self._run(), name="muxgate-writer"
             )
@@ -283,7 +297,8 @@ class Outbound:
         """Stop the writer; pending output is discarded (the connection is gone)."""
         self._closed = True
         self.scheduler.close()  # waiting producers go on (to their checkpoint)
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
         task = self._task
         if (
             task is not None
@@ -291,7 +306,7 @@ class Outbound:
             and task is not asyncio.current_task()
         ):
             task.cancel()  # blocked in a send to a connection that is gone
-        self._idle.set()  # nothing will be sent any more: whoever awaits flushed() may go on
+        self._set_idle()  # nothing will be sent any more: whoever awaits flushed() may go on
         if self._room is not None:
             self._room.set()
 
@@ -323,7 +338,12 @@ class Outbound:
 
     async def flushed(self) -> None:
         """Return once everything queued so far has been handed to the socket."""
-        await self._idle.wait()
+        while not self._is_idle:
+            idle = self._idle
+            if idle is None:
+                idle = self._idle = asyncio.Event()
+            idle.clear()
+            await idle.wait()
 
     async def _run(self) -> None:
         """The writer task: it writes whenever the socket is full (awaiting the drain), and
@@ -332,15 +352,17 @@ class Outbound:
         Raises :class:`SlowConsumer` when the client stops reading; the connection closes.
         """
         frames_of = self.scheduler.frames
+        wakeup = self._wakeup
+        assert wakeup is not None  # made with the task (_ensure_writer)
         while not self._closed:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             if self._failure is not None:
                 raise self._failure
             while not self._closed:
                 parts, owners, sent_hooks = self._next_batch()
                 if not parts:
-                    self._idle.set()
+                    self._set_idle()
                     break
                 await self._send_frames(frames_of(parts, owners))
                 for hook in sent_hooks:

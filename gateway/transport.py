@@ -142,17 +142,13 @@ class WebSocket:
         "last_received",
         "ping_sent_at",
         "protocol",
-        "request",
         "subprotocol",
         "transport",
     )
 
-    def __init__(
-        self, protocol: ServerProtocol, transport: asyncio.Transport, request: HttpRequest
-    ) -> None:
+    def __init__(self, protocol: ServerProtocol, transport: asyncio.Transport) -> None:
         self.protocol = protocol
         self.transport = transport
-        self.request = request
         self.subprotocol = protocol.subprotocol
         self.handler: WebSocketHandler | None = None
         self._paused = False
@@ -572,7 +568,14 @@ class HttpConnection(asyncio.Protocol):
         )
         trailing, _closed = conn.trailing_data
         self._h11 = None
-        handshake = HandshakeRequest(request.target, request.headers, request.method)
+        # Only what the handshake reads: the request's other headers (cookies, user agent) are
+        # the application's, and websockets' parser would keep a second copy of them.
+        handshake_headers = Headers(
+            (name, value)
+            for name, value in request.headers.raw_items()
+            if name.lower() in _HANDSHAKE_HEADERS
+        )
+        handshake = HandshakeRequest(request.target, handshake_headers, request.method)
         protocol.receive_data(handshake.serialize())
         events = protocol.events_received()
         if not events or not isinstance(events[0], HandshakeRequest):
@@ -582,7 +585,7 @@ class HttpConnection(asyncio.Protocol):
         if response.status_code == 101:
             response.headers["Server"] = "muxgate"
         protocol.send_response(response)
-        websocket = WebSocket(protocol, transport, request)
+        websocket = WebSocket(protocol, transport)
         websocket.last_received = self._loop.time()
         self.websocket = websocket
         self.deadline = None
@@ -592,6 +595,20 @@ class HttpConnection(asyncio.Protocol):
         websocket.handler = app.opened(request, websocket)
         if trailing:
             websocket.data_received(trailing, self._loop.time())
+
+
+_HANDSHAKE_HEADERS = frozenset(
+    {
+        "host",
+        "upgrade",
+        "connection",
+        "origin",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+    }
+)
 
 
 def _phrase(status: int) -> bytes:

@@ -429,7 +429,7 @@ async def test_a_flooder_that_resets_while_the_reader_waits_for_room_is_cleaned_
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         flood.transport.abort()  # RST
         async with asyncio.timeout(5):
-            await conn.finished.wait()
+            await conn.wait_ended()
 
 
 async def test_a_frame_the_early_cancel_path_declines_is_decoded_once(
