@@ -188,7 +188,10 @@ class OutputQueue:
     # -- ending ------------------------------------------------------------------------------
 
     def finish(self, status: ResponseStatus, usage: Usage, error: ErrorInfo | None = None) -> None:
-        """Queue the completed or failed response after this queue's pending text."""
+        """Queue the completed or failed response after this queue's pending text. This commits
+        it (the machine's :meth:`~protocol.RequestStateMachine.on_commit`): the request is decided
+        now, although the response goes out after that text."""
+        self.machine.on_commit(status)
         self._terminal = Response(
             request_id=self.request_id, status=status, error=error, usage=usage
         )

@@ -11,6 +11,14 @@ request is indistinguishable from an unknown one: ``not_found``.
 
 Finished requests are remembered for ``retention_seconds`` and at most ``retention_count``
 entries, so a late cancel still answers ``already_completed`` / ``already_cancelled``.
+
+One state machine (SPEC.md §5.1): a request's status lives in the gateway's
+:class:`protocol.RequestStateMachine` (its output queue's ``machine``), and every cancel outcome is
+that machine's (:data:`protocol.state.CANCEL_OUTCOMES`). A running request decides a cancel
+itself (:meth:`LiveRequest.cancel` feeds its machine); a finished one is remembered as a frozen
+:class:`RequestRecord` that keeps the machine's final state, which a late cancel is looked up in.
+:class:`RequestStatus` is only the vocabulary of ``GET``, derived from the machine
+(:meth:`RequestStatus.of`), never assigned.
 """
 
 from __future__ import annotations
@@ -21,7 +29,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol import CancelReason, CancelStatus, ErrorInfo, Usage
+from protocol import (
+    CancelReason,
+    CancelStatus,
+    ErrorInfo,
+    RequestState,
+    RequestStateMachine,
+    Usage,
+)
+from protocol.state import CANCEL_OUTCOMES
 
 __all__ = [
     "DuplicateRequest",
@@ -42,7 +58,8 @@ class RequestKey:
 
 
 class RequestStatus(enum.StrEnum):
-    """Status words of ``GET /v1/requests/{id}`` (SPEC.md §8)."""
+    """Status words of ``GET /v1/requests/{id}`` (SPEC.md §8.2): the gateway's machine, as the
+    HTTP API words it (:meth:`of`). Not a state of its own."""
 
     ACTIVE = "active"
     CANCELLING = "cancelling"  # cancelled on the wire; the pipeline has not halted yet
@@ -50,18 +67,46 @@ class RequestStatus(enum.StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"
 
+    @classmethod
+    def of(cls, machine: RequestStateMachine) -> RequestStatus:
+        """The word for where ``machine`` (gateway side) stands: its :attr:`decided` state; a
+        cancelled request is ``cancelling`` until its final usage went out (the pipeline halted,
+        SPEC.md §5.4), i.e. while the machine still expects the ``usage`` report."""
+        state = machine.decided
+        if state is RequestState.CANCELLED and machine.usage_pending:
+            return cls.CANCELLING
+        return _WORDS[state]
+
+
+_WORDS: dict[RequestState, RequestStatus] = {
+    RequestState.ACTIVE: RequestStatus.ACTIVE,
+    # Only inside Request.cancel, between reading the cancel and queuing the cancelled response.
+    RequestState.CANCELLING: RequestStatus.CANCELLING,
+    RequestState.COMPLETED: RequestStatus.COMPLETED,
+    RequestState.CANCELLED: RequestStatus.CANCELLED,
+    RequestState.FAILED: RequestStatus.FAILED,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
-    """What ``GET`` reports about a request."""
+    """What ``GET`` reports about a request: a snapshot of it, taken from its machine."""
 
     request_id: str
     status: RequestStatus
+    #: The machine's :attr:`~protocol.RequestStateMachine.decided` state when the snapshot was
+    #: taken: what a cancel of a finished request is decided against (not part of the body).
+    state: RequestState
     usage: Usage
     reason: CancelReason | None = None
     error: ErrorInfo | None = None
     created_at: float = 0.0  # wall-clock seconds
     finished_at: float | None = None
+
+    @property
+    def cancel_outcome(self) -> CancelStatus:
+        """What a cancel finding the request as recorded answers (the protocol's table, G4)."""
+        return CANCEL_OUTCOMES[self.state]
 
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"request_id": self.request_id, "status": self.status.value}
@@ -100,7 +145,8 @@ class LiveRequest(Protocol):
         ...
 
     def cancel(self, reason: CancelReason) -> CancelStatus:
-        """Decide the cancel atomically (no await) and return its outcome."""
+        """Decide the cancel atomically (no await) and return its outcome: the outcome its state
+        machine gives (``on_cancel``)."""
         ...
 
     def record(self) -> RequestRecord: ...
@@ -178,9 +224,7 @@ class InMemoryRegistry:
         record = self._record(key)
         if record is None:
             return CancelStatus.NOT_FOUND
-        if record.status in (RequestStatus.CANCELLED, RequestStatus.CANCELLING):
-            return CancelStatus.ALREADY_CANCELLED
-        return CancelStatus.ALREADY_COMPLETED
+        return record.cancel_outcome
 
     async def lookup(self, key: RequestKey) -> RequestRecord | None:
         request = self._active.get(key)

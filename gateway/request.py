@@ -2,11 +2,14 @@
 
 Theory of operation (SPEC.md §5-§6):
 
-- ``status`` moves ACTIVE -> COMPLETED | FAILED | CANCELLING -> CANCELLED, and the move out of
-  ACTIVE happens in exactly one synchronous method (:meth:`Request.cancel`,
-  :meth:`Request._complete`, :meth:`Request._fail`). The event loop runs one of them at a time,
-  so the race between a cancel and completion is decided atomically: whoever runs first wins, the
-  other sees a non-ACTIVE status (G4).
+- The request's state is its output queue's :class:`protocol.RequestStateMachine` (gateway
+  side, ``self.stream.machine``): nothing here keeps a status of its own. The move out of ACTIVE
+  happens in exactly one synchronous method: :meth:`Request.cancel` feeds the cancel to the
+  machine (``on_cancel``), :meth:`Request._complete` and :meth:`Request._fail` commit the
+  response (``OutputQueue.finish`` -> ``on_commit``). The event loop runs one of them at a time,
+  so the race between a cancel and completion is decided atomically: whichever the machine sees
+  first wins, and the machine gives the cancel its outcome (G4). ``status`` (the ``GET`` word)
+  and ``record()`` are read from the machine.
 - A cancel flags the pipeline (the :class:`CancelToken`), drops the request's pending text and
   queues the cancelled response in the same step (G2). It never cancels the pipeline task: the
   pipeline halts at its next checkpoint (G5). Only then is the usage final; the ``usage`` report
@@ -31,6 +34,7 @@ from protocol import (
     ErrorInfo,
     Halt,
     HaltState,
+    RequestState,
     Response,
     ResponseStatus,
     StepInfo,
@@ -108,8 +112,6 @@ class Request:
         )
         #: The client asked for its pipeline's steps (``chat.steps``): halt objects too.
         self.reports_steps = steps
-        self.status = RequestStatus.ACTIVE
-        self.reason: CancelReason | None = None
         self.error: ErrorInfo | None = None
         self.created_at = time.time()
         self.started = time.perf_counter()
@@ -135,27 +137,49 @@ class Request:
 
     def record(self) -> RequestRecord:
         final = self.halted_at is not None
+        machine = self.stream.machine
+        status = RequestStatus.of(machine)
+        reason = self.reason
         return RequestRecord(
             request_id=self._key.request_id,
-            status=self.status,
-            usage=self.ctx.usage.snapshot(cancelled=self.reason is not None, final=final),
-            reason=self.reason,
+            status=status,
+            state=machine.decided,
+            usage=self.ctx.usage.snapshot(cancelled=reason is not None, final=final),
+            reason=reason,
             error=self.error,
             created_at=self.created_at,
-            finished_at=None if self.status is RequestStatus.ACTIVE else time.time(),
+            finished_at=None if status is RequestStatus.ACTIVE else time.time(),
         )
 
+    # -- state, read from the machine --------------------------------------------------------
+
+    @property
+    def status(self) -> RequestStatus:
+        """Where the request stands, in the words of ``GET`` (SPEC.md §8.2)."""
+        return RequestStatus.of(self.stream.machine)
+
+    @property
+    def reason(self) -> CancelReason | None:
+        """The reason of the effective cancel, if any: the first one fixes it (SPEC.md §5.3)."""
+        return self.token.reason
+
+    @property
+    def undecided(self) -> bool:
+        """No cancel read and no response committed yet: the machine is still ACTIVE."""
+        return self.stream.machine.decided is RequestState.ACTIVE
+
+    # -- the cancel --------------------------------------------------------------------------
+
     def cancel(self, reason: CancelReason) -> CancelStatus:
-        """Decide a cancel now (G2, G4). Never awaits; never cancels the pipeline task."""
-        if self.status is not RequestStatus.ACTIVE:
-            if self.status in (RequestStatus.CANCELLING, RequestStatus.CANCELLED):
-                return CancelStatus.ALREADY_CANCELLED
-            return CancelStatus.ALREADY_COMPLETED
-        self.status = RequestStatus.CANCELLING
-        self.reason = reason
+        """Decide a cancel now (G2, G4). Never awaits; never cancels the pipeline task.
+
+        The machine decides: its outcome is the answer, and only ``cancelled`` (it found the
+        request ACTIVE, nothing committed) acts."""
+        outcome = self.stream.machine.on_cancel()
+        if outcome is not CancelStatus.CANCELLED:
+            return outcome
         self.cancel_read_at = time.perf_counter()
         self.token.cancel(reason)  # flags the pipeline; aborts an abortable stream read
-        self.stream.machine.on_cancel()
         halt = None
         if self.reports_steps:  # where the pipeline will halt: after the step it is in, if any
             halt = Halt(state=HaltState.PENDING, step=_step_info(self.ctx.halt_pending()))
@@ -193,7 +217,7 @@ class Request:
         try:
             await self.backend.run(self.ctx)
         except PipelineHalted as exc:
-            if self.status is RequestStatus.ACTIVE:
+            if self.undecided:
                 # Halted although nobody cancelled (a backend raised it itself): without this
                 # the request would never get its response (G1). It is the backend's failure.
                 self._fail(exc)
@@ -206,26 +230,24 @@ class Request:
                 raise
             # Nobody cancelled this task: the backend let a CancelledError of its own escape
             # (an inner task it cancelled). That is its failure, not a cancel of the request.
-            if self.status is RequestStatus.ACTIVE:
+            if self.undecided:
                 self._fail(exc)
         except Exception as exc:  # the backend's failure is this request's, not the gateway's
-            if self.status is RequestStatus.ACTIVE:
+            if self.undecided:
                 self._fail(exc)
         else:
-            if self.status is RequestStatus.ACTIVE:
+            if self.undecided:
                 self._complete()
         finally:
             self._halted()
 
     def _complete(self) -> None:
-        self.status = RequestStatus.COMPLETED
-        self.stream.finish(
+        self.stream.finish(  # commits the response: the machine is decided COMPLETED
             ResponseStatus.COMPLETED, self.ctx.usage.snapshot(cancelled=False, final=True)
         )
         self._answered()
 
     def _fail(self, exc: BaseException) -> None:
-        self.status = RequestStatus.FAILED
         if isinstance(exc, BackendFailure):  # the backend explains it (e.g. invalid_field)
             self.error = exc.error
             self.failure_expected = True
@@ -237,7 +259,7 @@ class Request:
             # the log the rest, with the traceback.
             self.error = ErrorInfo(code=ErrorCode.BACKEND_ERROR, message="the backend failed")
         self.failure = exc
-        self.stream.finish(
+        self.stream.finish(  # commits the response: the machine is decided FAILED
             ResponseStatus.FAILED,
             self.ctx.usage.snapshot(cancelled=False, final=True),
             self.error,
@@ -259,17 +281,17 @@ class Request:
 
     def _halted(self) -> None:
         self.halted_at = time.perf_counter()
-        if self.status is RequestStatus.CANCELLING:
-            self.status = RequestStatus.CANCELLED
+        machine = self.stream.machine
+        if machine.usage_pending:  # cancelled, and the response's usage was not final
             usage = self.ctx.usage.snapshot(cancelled=True, final=True)
             halt = None
             if self.reports_steps:
                 step, aborted = self.ctx.halted_in()
                 halt = Halt(state=HaltState.HALTED, step=_step_info(step), aborted=aborted)
             # SPEC.md §5.4: the final figure follows the non-final one in the response.
-            self.outbound.send_control(
-                UsageReport(request_id=self._key.request_id, usage=usage, halt=halt)
-            )
+            report = UsageReport(request_id=self._key.request_id, usage=usage, halt=halt)
+            machine.on_usage(report)  # status: cancelling -> cancelled
+            self.outbound.send_control(report)
         # Finished (SPEC.md §5.6): the id is free and the record kept for late cancels and GET.
         self.registry.finished(self)
         self.observer.request_halted(self)

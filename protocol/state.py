@@ -32,6 +32,15 @@ The guarantees of SPEC.md §6 that one side can check alone follow from the tabl
 - G4: :meth:`RequestStateMachine.on_cancel` returns the outcome of a cancel from the state it
   found: ``cancelled`` once, ``already_cancelled`` or ``already_completed`` afterwards.
 
+The gateway *commits* a completed or failed response before it can send it: the response waits
+behind the request's chunks still queued, which go out first (G3). SPEC.md §5.1 decides the race
+with a cancel by that commit, not by the write, so the gateway's machine records it
+(:meth:`RequestStateMachine.on_commit`): a cancel read after the commit finds the terminal state
+the committed response leads to (``already_completed``), although the chunks before it are still
+being sent. :attr:`RequestStateMachine.decided` is that state: the gateway's answer to "where does
+this request stand", for cancels and for status lookups alike. A cancelled response is never
+committed ahead of chunks: it drops them and goes out at once (:meth:`on_response`, G2).
+
 A refused event raises :class:`LocalProtocolError` when this side would be the one sending it (a
 bug here) and :class:`RemoteProtocolError` when it was received (the peer's fault), both with
 code ``protocol_violation``. A cancel is never refused: it is idempotent by design.
@@ -179,6 +188,7 @@ class RequestStateMachine:
         "_open_steps",
         "_parts",
         "_transitions",
+        "committed",
         "next_seq",
         "next_step",
         "request_id",
@@ -193,6 +203,9 @@ class RequestStateMachine:
         self.role = role
         self.stream = stream
         self.state = RequestState.ACTIVE
+        #: Gateway only: the terminal state of a response committed (:meth:`on_commit`) and not
+        #: sent yet; None otherwise.
+        self.committed: RequestState | None = None
         self.next_seq = 0
         #: True after a cancelled response whose usage was not final, until its ``usage`` report.
         self.usage_pending = False
@@ -209,6 +222,14 @@ class RequestStateMachine:
             f"RequestStateMachine({self.request_id!r}, {self.role.name}, "
             f"state={self.state.name}, next_seq={self.next_seq})"
         )
+
+    @property
+    def decided(self) -> RequestState:
+        """Where the request stands once what this side committed is sent: :attr:`state`, or (on
+        the gateway) the terminal state of a committed response still behind queued chunks.
+        Cancels are decided against it (G4)."""
+        committed = self.committed
+        return self.state if committed is None else committed
 
     @property
     def text(self) -> str:
@@ -250,20 +271,40 @@ class RequestStateMachine:
         self.state = state
 
     def on_cancel(self) -> CancelStatus:
-        """A cancel was read (gateway) or sent (client). Never refused. Returns its outcome."""
-        outcome = CANCEL_OUTCOMES[self.state]
-        self.state = self._transitions[(self.state, Event.CANCEL)]
+        """A cancel was read (gateway) or sent (client). Never refused. Returns its outcome,
+        from the state the cancel finds: :attr:`decided` (G4)."""
+        found = self.decided
+        outcome = CANCEL_OUTCOMES[found]
+        # After a commit the cancel finds a terminal state, which it leaves unchanged; the
+        # chunks before the committed response still go out (``state`` stays).
+        if found is self.state:
+            self.state = self._transitions[(found, Event.CANCEL)]
         self._cancels_unanswered += 1
         return outcome
+
+    def on_commit(self, status: ResponseStatus) -> None:
+        """Gateway only: the terminal response with ``status`` was committed to the outgoing
+        queue, to be sent (:meth:`on_response`) after the chunks queued before it. From now on
+        the request is :attr:`decided`: a cancel finds that response's terminal state (G4). The
+        commit is refused where sending the response would be (G1, G2), and a second one is."""
+        if self.role is not Sender.GATEWAY:
+            raise ValueError("only the gateway commits a response before sending it")
+        if self.committed is not None:
+            raise self._violation(f"{status.value} response after a committed response")
+        self.committed = self._next(_RESPONSE_EVENT[status])
 
     def on_response(self, response: Response) -> None:
         """The terminal response was sent (gateway) or received (client)."""
         state = self._next(_RESPONSE_EVENT[response.status])
+        committed = self.committed
+        if committed is not None and state is not committed:
+            raise self._violation(f"{response.status.value} response, but another was committed")
         streamed = response.status is ResponseStatus.COMPLETED and self.stream
         if streamed and response.content != self.text:
             # Refused before any change: the gateway can still send the right response (G1).
             raise self._violation("completed content differs from the streamed chunks")
         self.state = state
+        self.committed = None
         self.usage_pending = not response.usage.final
 
     def on_usage(self, report: UsageReport) -> None:

@@ -416,6 +416,38 @@ async def test_cancel_while_completed_response_is_queued(codec: Codec) -> None:
         await settled(gw)
 
 
+async def test_get_while_completed_response_is_queued_says_completed() -> None:
+    """One state machine answers both: while the completed response waits behind unsent text,
+    GET already says ``completed`` (the machine is decided), exactly as a cancel then answers
+    ``already_completed``; the record keeps that state once the request is finished."""
+    pieces, piece = 1_000, "y" * 100
+    backend = Firehose(max_pending=10**6, piece=piece, pieces=pieces)
+    async with running_gateway(backend_impl=backend, max_pending_chars=200_000) as gw:
+        async with slow_reader(gw, Codec.JSON) as client:
+            client.ws.transport.pause_reading()
+            await client.chat("r1")
+            async with asyncio.timeout(10):
+                await backend.halted.wait()
+            (conn,) = gw.connections
+            assert conn.outbound.streams["r1"].finishing  # precondition: response not written
+            status, body = await http(gw, "GET", "r1")
+            assert (status, body["status"], body["usage"]["final"]) == (200, "completed", True)
+            assert "reason" not in body
+            rec = await record(gw, "r1")
+            assert (rec.status, rec.cancel_outcome) == (
+                RequestStatus.COMPLETED,
+                CancelStatus.ALREADY_COMPLETED,
+            )
+            client.ws.transport.resume_reading()
+            assert (await client.response("r1")).status is ResponseStatus.COMPLETED
+        await settled(gw)
+        rec = await record(gw, "r1")
+        assert (rec.status, rec.cancel_outcome) == (
+            RequestStatus.COMPLETED,
+            CancelStatus.ALREADY_COMPLETED,
+        )
+
+
 # -- G4: idempotent, race-safe cancel ----------------------------------------------------------
 
 

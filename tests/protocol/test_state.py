@@ -361,6 +361,132 @@ def test_gateway_race_is_decided_by_the_first_event(first, outcome, terminal):
     assert machine.state is terminal
 
 
+# --- G4 on the gateway: the commit decides, the chunks before it still go out -------------------
+
+
+@pytest.mark.parametrize("response", [completed("ab"), failed()], ids=["completed", "failed"])
+def test_gateway_cancel_after_the_commit_is_already_completed(response):
+    """SPEC.md §5.1: the race is decided when the response is committed, not when it is sent."""
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    machine.on_chunk(0, "a")
+    machine.on_commit(response.status)
+    terminal = response_state(response)
+    assert (machine.state, machine.committed, machine.decided) == (S.ACTIVE, terminal, terminal)
+    assert machine.on_cancel() is CancelStatus.ALREADY_COMPLETED
+    assert machine.on_cancel() is CancelStatus.ALREADY_COMPLETED
+    assert machine.state is S.ACTIVE  # the chunks queued before the response still go out
+    machine.on_chunk(1, "b")
+    with pytest.raises(LocalProtocolError):
+        machine.on_response(cancelled())  # not the committed response
+    assert machine.decided is terminal
+    machine.on_response(response)
+    assert (machine.state, machine.committed, machine.decided) == (terminal, None, terminal)
+    assert machine.on_cancel() is CancelStatus.ALREADY_COMPLETED
+
+
+def test_gateway_commit_after_the_cancel_was_read_is_refused():
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    assert machine.on_cancel() is CancelStatus.CANCELLED
+    for status in (ResponseStatus.COMPLETED, ResponseStatus.FAILED):
+        with pytest.raises(LocalProtocolError) as info:
+            machine.on_commit(status)  # G2: the cancel won the race
+        assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+        assert (machine.state, machine.committed) == (S.CANCELLING, None)
+
+
+@pytest.mark.parametrize("state", [S.COMPLETED, S.CANCELLED, S.FAILED], ids=lambda s: s.value)
+@pytest.mark.parametrize("status", list(ResponseStatus), ids=lambda s: s.value)
+def test_gateway_commit_after_the_response_is_refused(state, status):
+    machine = machine_in(Sender.GATEWAY, state)
+    with pytest.raises(LocalProtocolError):
+        machine.on_commit(status)  # G1
+    assert (machine.state, machine.committed, machine.decided) == (state, None, state)
+
+
+def test_gateway_commits_once():
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    machine.on_commit(ResponseStatus.COMPLETED)
+    for status in ResponseStatus:
+        with pytest.raises(LocalProtocolError):
+            machine.on_commit(status)
+    assert machine.committed is S.COMPLETED
+
+
+def test_only_the_gateway_commits():
+    machine = RequestStateMachine(RID, Sender.CLIENT)
+    with pytest.raises(ValueError, match="gateway"):
+        machine.on_commit(ResponseStatus.COMPLETED)
+    assert (machine.committed, machine.decided) == (None, S.ACTIVE)
+
+
+#: Gateway events for the random test below: the table's, plus committing a response.
+COMMIT_COMPLETED, COMMIT_FAILED = "commit_completed", "commit_failed"
+_COMMITS = {COMMIT_COMPLETED: Event.COMPLETED, COMMIT_FAILED: Event.FAILED}
+_RESPONSES = {Event.COMPLETED, Event.CANCELLED, Event.FAILED}
+
+
+@settings(max_examples=400)
+@given(
+    events=st.lists(st.sampled_from([*Event, COMMIT_COMPLETED, COMMIT_FAILED]), max_size=14),
+    data=st.data(),
+)
+def test_gateway_random_sequences_with_commits(events, data):
+    """Any gateway event sequence, commits included, against a reference model: a commit is
+    accepted where its response would be and only once; a cancel is decided against the
+    committed state; a response must be the committed one; a refused event changes nothing."""
+    table = TRANSITIONS[Sender.GATEWAY]
+    machine = RequestStateMachine(RID, Sender.GATEWAY)
+    state: RequestState = S.ACTIVE
+    committed: RequestState | None = None
+    pending, cancelled_outcomes = False, 0
+    for event in events:
+        final = data.draw(st.booleans()) if event is Event.CANCELLED else True
+        if isinstance(event, str):
+            allowed = committed is None and (state, _COMMITS[event]) in table
+        elif event in _RESPONSES:
+            nxt = table.get((state, event))
+            allowed = nxt is not None and committed in (None, nxt)
+        else:
+            allowed = (state, event) in table and (event is not Event.USAGE or pending)
+
+        def action(event: Event | str = event, final: bool = final) -> object:
+            if isinstance(event, str):
+                status = ResponseStatus(_COMMITS[event].value)
+                return machine.on_commit(status)
+            if event is Event.CANCELLED:
+                return machine.on_response(cancelled(final=final))
+            return apply(machine, event)
+
+        if not allowed:
+            before = (*snapshot(machine), machine.committed)
+            with pytest.raises(LocalProtocolError):
+                action()
+            assert (*snapshot(machine), machine.committed) == before
+            continue
+        outcome = action()
+        if isinstance(event, str):
+            committed = table[(state, _COMMITS[event])]
+        elif event is Event.CANCEL:
+            found = state if committed is None else committed
+            assert outcome is CANCEL_OUTCOMES[found]
+            if committed is not None:
+                assert outcome is CancelStatus.ALREADY_COMPLETED
+            else:
+                state = table[(state, event)]
+            cancelled_outcomes += outcome is CancelStatus.CANCELLED
+        else:
+            state = table[(state, event)]
+            if event in _RESPONSES:
+                committed = None
+                pending = event is Event.CANCELLED and not final
+            if event is Event.USAGE:
+                pending = False
+        decided = state if committed is None else committed
+        assert (machine.state, machine.committed, machine.decided) == (state, committed, decided)
+        assert machine.usage_pending == pending
+    assert cancelled_outcomes <= 1
+
+
 # --- usage reports ------------------------------------------------------------------------------
 
 
