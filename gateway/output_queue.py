@@ -264,7 +264,8 @@ class OutputQueue:
             texts = ["".join(texts)]
         machine = self.machine
         prefix, encode = self._prefix, protocol.encode_chunk_from
-        for text in texts:
+        if len(texts) == 1:  # the reader keeps up: one text per turn
+            text = texts[0]
             seq = machine.next_seq
             try:
                 encoded = encode(prefix, seq, text, codec)
@@ -273,6 +274,15 @@ class OutputQueue:
                 encoded = encode(prefix, seq, text, codec)
             machine.on_chunk(seq, text)
             out.append(encoded)
+        else:  # a burst: encoded together, checked once
+            first = machine.next_seq
+            try:
+                many = [encode(prefix, first + i, text, codec) for i, text in enumerate(texts)]
+            except (TypeError, ValueError):  # a lone surrogate: replace it
+                texts = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]
+                many = [encode(prefix, first + i, text, codec) for i, text in enumerate(texts)]
+            machine.on_chunks(first, texts)  # checked before any of them is handed out
+            out.extend(many)
         self._scheduler.chunks_sent += len(texts)
 
     def _take_with_steps(self, codec: Codec, out: list[bytes]) -> None:

@@ -214,10 +214,16 @@ async def test_a_lone_surrogate_is_sent_replaced_not_dropped(codec: Codec) -> No
     await outbound.flushed()
     stream.push("c")
     await outbound.flushed()
+    for text in ("d", "e\udfff", "f"):  # a burst, taken (and encoded) in one turn
+        stream.push(text)
+    await outbound.flushed()
     chunks = [m for f in frames for m in protocol.decode(f, codec, Sender.GATEWAY)]
     assert [(c.seq, c.text) for c in chunks if isinstance(c, protocol.Chunk)] == [
         (0, "a?b"),
         (1, "c"),
+        (2, "d"),
+        (3, "e?"),
+        (4, "f"),
     ]
     outbound.close()
     await writer

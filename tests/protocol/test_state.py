@@ -202,6 +202,28 @@ def test_seq_must_be_contiguous_from_zero(role, seqs, bad_at):
 
 
 @ROLES
+def test_chunks_in_a_row_are_checked_once_like_one_by_one(role):
+    """on_chunks(first, texts) is on_chunk for each: the same seq rule, text and refusals."""
+    machine = RequestStateMachine(RID, role)
+    machine.on_chunks(0, ["a", "b", "c"])
+    assert (machine.next_seq, machine.text) == (3, "abc")
+    before = snapshot(machine)
+    for bad_first in (2, 4, 0):
+        with pytest.raises(REFUSAL[role]):
+            machine.on_chunks(bad_first, ["x", "y"])
+        assert snapshot(machine) == before
+    machine.on_chunk(3, "d")
+    machine.on_chunks(4, ["e"])
+    machine.on_response(completed("abcde"))
+    with pytest.raises(REFUSAL[role]):  # nothing after the response
+        machine.on_chunks(5, ["f", "g"])
+    unstreamed = RequestStateMachine(RID, role, stream=False)
+    with pytest.raises(REFUSAL[role]):
+        unstreamed.on_chunks(0, ["x", "y"])
+    assert unstreamed.next_seq == 0
+
+
+@ROLES
 def test_text_joins_the_chunks(role):
     machine = RequestStateMachine(RID, role)
     assert machine.text == ""
