@@ -1,7 +1,7 @@
 # Entry points. README.md names `make test` (every test, on a fresh machine) and `make bench`.
 PYTHON ?= python3
 
-.PHONY: test deps deps-llama test-python test-go test-web check-webui webui lint bench
+.PHONY: test deps deps-llama test-python test-asgi test-go test-web check-webui webui lint bench
 
 # Every test: Python (protocol, gateway, SDK, CLI), Go SDK, TypeScript SDK + browser tests.
 test: deps test-python test-go test-web
@@ -31,6 +31,16 @@ deps-llama:
 
 test-python:
 	$(PYTHON) -m pytest
+	$(MAKE) test-asgi
+
+# The conformance suites and the SDK's end-to-end tests again, with every gateway served by the
+# ASGI adapter (gateway/asgi.py) under uvicorn instead of the gateway's own transport (tests
+# marked native_transport are skipped there). About a minute and a half.
+ASGI_TESTS = tests/gateway/test_streaming.py tests/gateway/test_cancellation.py \
+  tests/gateway/test_http_api.py tests/gateway/test_steps.py tests/gateway/test_auth_e2e.py \
+  tests/gateway/test_stats_webui.py tests/client
+test-asgi:
+	MUXGATE_TEST_TRANSPORT=asgi $(PYTHON) -m pytest $(ASGI_TESTS)
 
 test-go:
 	cd go && go vet ./... && go test -race ./...

@@ -13,7 +13,7 @@ import gc
 import signal
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from websockets.exceptions import NegotiationError
@@ -25,14 +25,14 @@ from protocol import CancelReason, CloseCode, Codec
 from .auth import Authenticator
 from .backends import load_backend
 from .config import Config, ConfigError
-from .connection import Connection, ConnectionServices
+from .connection import Channel, Connection, ConnectionServices
 from .http_api import HttpServices, respond, upgrade_refusal
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
 from .registry import InMemoryRegistry
-from .stats import STATS_PATH, LiveStats, StatsFeed
-from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocket, WebSocketHandler, serve
+from .stats import STATS_PATH, FeedSocket, LiveStats, StatsFeed
+from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocketHandler, serve
 from .webui import WebUI
 
 __all__ = ["Gateway", "run"]
@@ -51,6 +51,14 @@ HTTP_KEEPALIVE = 10.0
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
 _SUBPROTOCOLS = [Subprotocol(s) for s in protocol.SUBPROTOCOLS]
+
+
+class Socket(Channel, FeedSocket, Protocol):
+    """What :meth:`Gateway.opened` uses of an open WebSocket: the transport's
+    :class:`~gateway.transport.WebSocket`, or the ASGI adapter's channel (gateway.asgi)."""
+
+    @property
+    def subprotocol(self) -> Subprotocol | None: ...
 
 
 class _Refused:
@@ -106,6 +114,10 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refusals: set[asyncio.Future[None]] = set()
         self._server: asyncio.Server | None = None
+        #: Set by start(). With ``start(listen=False)`` another server serves the gateway (an
+        #: ASGI server, gateway.asgi); ``port``/``url`` report ``served_port`` then, if set.
+        self.started = False
+        self.served_port: int | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closed_totals = [0, 0]
         #: What each connection's multiplexer uses of the gateway (a narrow seam, not self).
@@ -163,6 +175,8 @@ class Gateway:
 
     @property
     def port(self) -> int:
+        if self._server is None and self.served_port is not None:
+            return self.served_port
         assert self._server is not None, "not started"
         sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])
@@ -177,19 +191,23 @@ class Gateway:
 
     # -- serving -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
+        """Start the backend, the listener (unless ``listen`` is false: an ASGI server serves
+        the gateway, see gateway.asgi) and the watchdog."""
         # A backend with a process or a connection to set up first (e.g. ``llama`` starts its
         # model server): a failure stops the start before the port opens.
         astart = getattr(self.backend, "astart", None)
         if astart is not None:
             await astart()
         try:
-            self._server = await self._serve()
+            if listen:
+                self._server = await self._serve()
         except BaseException:
             close = getattr(self.backend, "aclose", None)
             if astart is not None and close is not None:
                 await close()  # e.g. stop the model server it started
             raise
+        self.started = True
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
 
     async def _serve(self) -> asyncio.Server:
@@ -262,7 +280,7 @@ class Gateway:
     def connection_lost(self, conn: HttpConnection) -> None:
         self.transports.discard(conn)
 
-    def opened(self, request: HttpRequest, socket: WebSocket) -> WebSocketHandler:
+    def opened(self, request: HttpRequest, socket: Socket) -> WebSocketHandler:
         if request.path == STATS_PATH:
             subscriber = self.stats_feed.subscribe(socket, request.headers)
             if subscriber is not None:
@@ -288,7 +306,7 @@ class Gateway:
         conn.start()
         return conn
 
-    def _refuse_open(self, socket: WebSocket, reason: str) -> WebSocketHandler:
+    def _refuse_open(self, socket: Socket, reason: str) -> WebSocketHandler:
         closing = asyncio.ensure_future(socket.close(CloseCode.TRY_AGAIN_LATER, reason, 10.0))
         self._refusals.add(closing)  # referenced until closed; not a pipeline (see tasks)
         closing.add_done_callback(self._refusals.discard)
@@ -338,7 +356,7 @@ class Gateway:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain: no new connections or chats; wait up to ``grace`` s; cancel the rest; close."""
-        if self._server is None:
+        if not self.started:
             return
         grace = self.config.shutdown_grace if grace is None else grace
         # From now on WebSocket handshakes get 503 and chats `unavailable`, while the HTTP API
@@ -370,14 +388,16 @@ class Gateway:
         close = getattr(self.backend, "aclose", None)  # e.g. the openai backend's connections
         if close is not None:
             await close()
-        self._server.close()  # stop accepting
+        if self._server is not None:
+            self._server.close()  # stop accepting
         await self.stats_feed.close()
         closes = [self._close_going_away(conn, max(grace, 1.0)) for conn in self.connections]
         if closes:
             await asyncio.gather(*closes, return_exceptions=True)
         for tcp in list(self.transports):  # HTTP keep-alive connections, refused sockets
             tcp.close()
-        await self._server.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
         if self._watchdog is not None:
             self._watchdog.cancel()
 

@@ -23,6 +23,11 @@ import pytest
 
 from gateway import CancelStatus, Client
 
+from ..gateway.conftest import native_transport
+
+#: The gateway here is ``muxgate serve`` (its own transport), whatever MUXGATE_TEST_TRANSPORT says.
+pytestmark = native_transport
+
 KEY = "cli-test-key-0123456789"
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "you> "

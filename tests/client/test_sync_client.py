@@ -15,6 +15,7 @@ import pytest
 from gateway import CancelStatus, ChatFuture, Client, RequestFailed
 from gateway.registry import RequestStatus
 
+from ..gateway.conftest import native_transport
 from .conftest import ENDLESS, SLOW_TOOL, ThreadedGateway, same_usage_over_http, threaded
 
 #: Slow tokens: a stream spends its time waiting in ``next()``.
@@ -187,6 +188,7 @@ def test_close_stops_the_thread_and_refuses_further_calls(gw: ThreadedGateway) -
     assert threading.active_count() <= before
 
 
+@native_transport  # the network drop is the gateway transport's abort()
 def test_sync_client_reconnects(gw: ThreadedGateway, client: Client) -> None:
     assert client.chat("one").status == "completed"
 

@@ -1,9 +1,17 @@
-"""Fixtures: a real gateway on an ephemeral port, in this event loop, spoken to over sockets."""
+"""Fixtures: a real gateway on an ephemeral port, in this event loop, spoken to over sockets.
+
+``MUXGATE_TEST_TRANSPORT`` chooses what serves it: ``native`` (default) the gateway's own
+transport (gateway/transport.py); ``asgi`` the ASGI adapter (gateway/asgi.py) under an
+in-process uvicorn on a socket of its own. Tests marked ``native_transport`` reach into the
+gateway's own transport (or start ``muxgate serve``) and are skipped under ``asgi``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -17,6 +25,44 @@ from gateway.server import Gateway
 #: Fast simulated backend for tests: short plan/tool steps, a few ms per token.
 FAST = {"tokens": 20, "token_delay_ms": 2, "plan_ms": 5, "tool_ms": 5}
 
+#: What serves the gateways of running_gateway(): "native" or "asgi" (see the module's doc).
+TRANSPORT = os.environ.get("MUXGATE_TEST_TRANSPORT", "native")
+if TRANSPORT not in ("native", "asgi"):
+    raise pytest.UsageError(f"MUXGATE_TEST_TRANSPORT must be native or asgi, not {TRANSPORT!r}")
+
+#: Marks the tests (``pytestmark`` for a module) that reach into the gateway's own transport
+#: (its sockets and buffers, the read callback) or start ``muxgate serve``: skipped when the
+#: tests run over the ASGI adapter. A skipif, so that it needs no registration wherever used.
+native_transport = pytest.mark.skipif(
+    TRANSPORT == "asgi", reason="the gateway's own transport (MUXGATE_TEST_TRANSPORT=asgi)"
+)
+
+
+@contextlib.asynccontextmanager
+async def asgi_server(app: Any, host: str, **options: Any) -> AsyncIterator[int]:
+    """``app`` served by an in-process uvicorn on an ephemeral port of ``host`` (pre-bound
+    here, so the port is known before it starts): yields the port."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    port = int(sock.getsockname()[1])
+    settings: dict[str, Any] = {"lifespan": "off", "log_level": "warning", "access_log": False}
+    config = uvicorn.Config(app, **{**settings, "http": "h11", **options})
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="test-uvicorn")
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # raises what stopped it
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.005)
+        yield port
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
 
 @contextlib.asynccontextmanager
 async def running_gateway(
@@ -29,11 +75,43 @@ async def running_gateway(
     options = {**fast, **settings.pop("backend_options", {})}
     config = Config(port=0, backend_options=options, **settings)
     gateway = Gateway(config, backend=backend_impl)
+    if TRANSPORT == "asgi":
+        async with _over_asgi(gateway):
+            yield gateway
+        return
     await gateway.start()
     try:
         yield gateway
     finally:
         await gateway.shutdown(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def _over_asgi(gateway: Gateway) -> AsyncIterator[None]:
+    """The gateway core started without its listener, served by uvicorn through the adapter
+    (its limits as the gateway's: the largest message; no compression, as the gateway's own
+    transport does not negotiate it)."""
+    from gateway.asgi import asgi_app
+
+    await gateway.start(listen=False)
+    stopped = False
+    try:
+        async with asgi_server(
+            asgi_app(gateway),
+            gateway.config.host,
+            ws="websockets-sansio",
+            ws_max_size=gateway.max_message_bytes,
+            ws_per_message_deflate=False,
+        ) as port:
+            gateway.served_port = port
+            try:
+                yield
+            finally:
+                stopped = True  # drained while uvicorn still serves: clients get their 1001
+                await gateway.shutdown(grace=0.5)
+    finally:
+        if not stopped:  # uvicorn did not start: the core stops all the same
+            await gateway.shutdown(grace=0.5)
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from protocol import (
     UsageReport,
 )
 
-from .conftest import running_gateway, settled
+from .conftest import native_transport, running_gateway, settled
 from .wire import Track, WireClient
 
 CODECS = [pytest.param(c, id=c.name.lower()) for c in Codec]
@@ -344,6 +344,7 @@ async def slow_reader(gw: Gateway, codec: Codec) -> AsyncIterator[WireClient]:
         yield client
 
 
+@native_transport  # slow_reader(): the server socket's send buffer
 @pytest.mark.parametrize("codec", CODECS)
 async def test_slow_reader_pending_chunks_are_dropped_not_sent(codec: Codec) -> None:
     """G2 with a reader that stopped reading: text queued in the gateway when the cancel is read
@@ -385,6 +386,7 @@ async def test_slow_reader_pending_chunks_are_dropped_not_sent(codec: Codec) -> 
         await settled(gw)
 
 
+@native_transport  # slow_reader(): the server socket's send buffer
 @pytest.mark.parametrize("codec", CODECS)
 async def test_cancel_while_completed_response_is_queued(codec: Codec) -> None:
     """The race is decided by what the gateway committed, not by what it wrote: the pipeline
@@ -416,6 +418,7 @@ async def test_cancel_while_completed_response_is_queued(codec: Codec) -> None:
         await settled(gw)
 
 
+@native_transport  # slow_reader(): the server socket's send buffer
 async def test_get_while_completed_response_is_queued_says_completed() -> None:
     """One state machine answers both: while the completed response waits behind unsent text,
     GET already says ``completed`` (the machine is decided), exactly as a cancel then answers

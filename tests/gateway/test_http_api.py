@@ -42,7 +42,7 @@ from protocol import (
     UsageReport,
 )
 
-from .conftest import running_gateway, settled
+from .conftest import native_transport, running_gateway, settled
 from .http_client import HttpAnswer, http
 from .wire import Track, WireClient
 
@@ -673,6 +673,7 @@ async def _wait_healthy(proc: subprocess.Popen[bytes], log_path: Path, deadline:
         await asyncio.sleep(0.05)
 
 
+@native_transport  # the real `muxgate serve`: the gateway's own transport
 async def test_seed_curl_line_verbatim(tmp_path: Path) -> None:
     # The line is the one the spec promises to honour (SPEC.md §8.1).
     assert SEED_CURL in (REPO / "protocol" / "SPEC.md").read_text(encoding="utf-8")

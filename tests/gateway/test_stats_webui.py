@@ -23,7 +23,7 @@ from gateway.stats import LiveStats
 from gateway.webui import WebUI
 from protocol import Cancel, Chat, Codec, ResponseStatus
 
-from .conftest import FAST, running_gateway, settled
+from .conftest import FAST, native_transport, running_gateway, settled
 from .http_client import http
 from .wire import WireClient
 
@@ -485,6 +485,7 @@ async def test_the_shipped_demo_is_built_and_every_asset_it_names_is_served() ->
                 assert loaded.body
 
 
+@native_transport  # the server socket and its write buffer
 async def test_feed_skips_a_subscriber_that_does_not_read_and_serves_the_others() -> None:
     """A subscriber whose socket is not draining misses ticks: its buffer stops growing at the
     limit, while a reading subscriber keeps getting frames."""

@@ -27,7 +27,10 @@ import gateway.server
 from gateway.server import Gateway
 from protocol import CloseCode
 
-from .conftest import running_gateway, settled
+from .conftest import native_transport, running_gateway, settled
+
+#: This module tests the gateway's own transport: under the ASGI adapter the server is uvicorn.
+pytestmark = native_transport
 
 JSON = ["muxgate.v1.json"]
 
