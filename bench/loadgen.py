@@ -4,7 +4,8 @@ else asyncio), in its own process.
     python bench/loadgen.py throughput  --url WS --codec json --conns 8 --streams 16 ...
     python bench/loadgen.py cancel      --url WS --conns 10 --streams 1000 --via frame ...
     python bench/loadgen.py connections --url WS --count 2500   (driven over stdin, see below)
-    python bench/loadgen.py http-canceller --base http://127.0.0.1:PORT   (spawned by `cancel`)
+    python bench/loadgen.py http-canceller --base http://127.0.0.1:PORT [--keep-alive]
+                                           (spawned by `cancel --via http [--keep-alive]`)
 
 The load generator is the measuring instrument: every millisecond its own loop is late is
 counted as server latency, so it runs on the faster loop (measured under the cancel load:
@@ -29,6 +30,7 @@ import gc
 import json
 import random
 import resource
+import select
 import socket
 import sys
 import time
@@ -493,6 +495,7 @@ class CancelRun:
                 "http-canceller",
                 "--base",
                 a.http_base,
+                *(["--keep-alive"] if a.keep_alive else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
@@ -567,10 +570,10 @@ class CancelRun:
             assert canceller.stdin is not None
             assert canceller.stdout is not None
             canceller.stdin.close()
-            out = await canceller.stdout.read()
+            out = (await canceller.stdout.read()).splitlines()
             await canceller.wait()
             sent = {
-                rid: (t_sent, t_done, status) for rid, t_sent, t_done, status in json.loads(out)
+                rid: (t_sent, t_done, status) for rid, t_sent, t_done, status in json.loads(out[-1])
             }
             latencies, between, rtts = [], [], []
             statuses: dict[str, int] = {}
@@ -583,7 +586,14 @@ class CancelRun:
                 between.append(sum(1 for t in st.post_cancel if t >= t_sent))
                 if st.rid in self.terminal_at:
                     latencies.append(self.terminal_at[st.rid] - t_sent)
-            http = {"http_status": statuses, "http_round_trip": _summary_ms(rtts)}
+            http = {
+                "http_status": statuses,
+                "http_round_trip": _summary_ms(rtts),
+                "keep_alive": a.keep_alive,
+                # TCP connections the canceller opened: one per DELETE, or (keep-alive) one
+                # plus a new one each time the gateway had closed it.
+                "connections_opened": json.loads(out[-2])["connections"],
+            }
         else:
             latencies = [self.latencies[s.rid] for s in self.cancelled if s.rid in self.latencies]
             between = [s.between for s in self.cancelled]
@@ -594,6 +604,7 @@ class CancelRun:
         missing = sum(1 for s in self.cancelled if s.rid not in self.terminal_at)
         return {
             "via": a.via,
+            "keep_alive": a.via == "http" and a.keep_alive,
             "conns": a.conns,
             "streams": a.streams,
             "token_delay_ms": a.token_delay_ms,
@@ -635,32 +646,144 @@ class CancelRun:
 
 
 def http_canceller(a: argparse.Namespace) -> None:
-    """Reads request ids on stdin; for each, ``DELETE /v1/requests/{id}`` on a new connection
-    (as ``curl`` would); on EOF prints ``[[rid, t_sent, t_done, status], ...]``.
+    """Reads request ids on stdin; for each, ``DELETE /v1/requests/{id}``; on EOF prints
+    ``{"connections": n}`` (TCP connections opened) and then ``[[rid, t_sent, t_done, status],
+    ...]``, one line each.
+
+    Without ``--keep-alive``, each ``DELETE`` on a new connection (as ``curl`` would); with it,
+    every ``DELETE`` on one persistent HTTP/1.1 connection (as ``requests.Session`` or
+    ``httpx.Client`` would), opened before ``ready``. A connection the server closed (the
+    gateway closes one idle for 10 s; or a ``Connection: close`` answer) is replaced: checked
+    before reuse, and should a request still fail on a reused connection before any byte of
+    its answer, it is sent once more on a new one (``t_sent`` stays the first attempt's).
 
     Plain blocking sockets, one cancel at a time (one per 10 ms is the load): the instrument
     adds no event loop of its own between deciding to cancel and the request's bytes leaving.
     """
     base = a.base.removeprefix("http://").rstrip("/")
     host, _, port = base.partition(":")
+    address = (host, int(port))
     results: list[tuple[str, float, float, int]] = []
+    client = _KeepAliveClient(address) if a.keep_alive else None
+    connections = 0
+    if client is not None:
+        with contextlib.suppress(OSError):
+            client.connect()
     _emit("ready")
     while line := sys.stdin.buffer.readline():
         rid = line.strip().decode()
+        request = (
+            f"DELETE /v1/requests/{rid} HTTP/1.1\r\nHost: {base}\r\n"
+            "User-Agent: muxgate-bench\r\nAccept: */*\r\n\r\n".encode()
+        )
         t_sent = monotonic()
         status = -1
         try:
-            with socket.create_connection((host, int(port))) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(
-                    f"DELETE /v1/requests/{rid} HTTP/1.1\r\nHost: {base}\r\n"
-                    "User-Agent: muxgate-bench\r\nAccept: */*\r\n\r\n".encode()
-                )
-                status = _read_http_status(sock)
+            if client is not None:
+                status = client.request(request)
+            else:
+                connections += 1
+                with socket.create_connection(address) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.sendall(request)
+                    status = _read_http_status(sock)
         except (OSError, ValueError, IndexError):
-            pass
+            if client is not None:
+                client.close()
         results.append((rid, t_sent, monotonic(), status))
+    if client is not None:
+        connections = client.connections
+        client.close()
+    _emit({"connections": connections})
     _emit(results)
+
+
+class _KeepAliveClient:
+    """One persistent HTTP/1.1 connection on a plain blocking socket, one request at a time;
+    replaced when the server has closed it (see :func:`http_canceller`)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.sock: socket.socket | None = None
+        self.connections = 0  # opened, the first one included
+
+    def connect(self) -> socket.socket:
+        self.close()
+        sock = socket.create_connection(self.address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.connections += 1
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _reusable(self) -> bool:
+        """Open and silent: between answers (each read whole) an open connection has nothing
+        to read; one the server closed reads as EOF or an error, and unsolicited bytes would
+        put it out of step: in all three cases, not reusable."""
+        if self.sock is None:
+            return False
+        if not select.select([self.sock], [], [], 0)[0]:  # one poll, no wait
+            return True
+        self.close()
+        return False
+
+    def request(self, data: bytes) -> int:
+        """Send ``data`` (one whole request) and read the whole answer; its status code."""
+        reused = self._reusable()
+        sock = self.sock if reused else self.connect()
+        assert sock is not None
+        try:
+            status, keep = self._exchange(sock, data)
+        except _NothingReceived:
+            if not reused:
+                raise
+            # The server closed it between the check and the request: once more, on a new one.
+            status, keep = self._exchange(self.connect(), data)
+        if not keep:
+            self.close()
+        return status
+
+    @staticmethod
+    def _exchange(sock: socket.socket, data: bytes) -> tuple[int, bool]:
+        """Send, then read one whole answer (headers, then Content-Length bytes): its status,
+        and whether the connection stays usable. :class:`_NothingReceived` when the connection
+        failed before any byte of the answer (the request may be sent again)."""
+        try:
+            sock.sendall(data)
+            answer = sock.recv(65536)
+        except OSError as exc:
+            raise _NothingReceived from exc
+        if not answer:
+            raise _NothingReceived
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            if not more:
+                raise ValueError("connection closed before the headers ended")
+            answer += more
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length, keep = 0, True
+        for header in lines[1:]:
+            name, _, value = header.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and b"close" in value.lower():
+                keep = False
+        while len(body) < length:
+            more = sock.recv(65536)
+            if not more:
+                raise ValueError("connection closed in the body")
+            body += more
+        return int(lines[0].split()[1]), keep and len(body) == length
+
+
+class _NothingReceived(ConnectionError):
+    """The connection failed before any byte of the answer."""
 
 
 def _read_http_status(sock: socket.socket) -> int:
@@ -1021,6 +1144,11 @@ def main() -> int:
     c.add_argument("--url", required=True)
     c.add_argument("--http-base")
     c.add_argument("--via", choices=["frame", "http"], default="frame")
+    c.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="via http: every DELETE on one persistent connection (default: a new one each)",
+    )
     c.add_argument("--conns", type=int, default=10)
     c.add_argument("--streams", type=int, default=1000)
     c.add_argument("--tokens", type=int, default=100_000)
@@ -1037,6 +1165,11 @@ def main() -> int:
 
     h = sub.add_parser("http-canceller")
     h.add_argument("--base", required=True)
+    h.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="one persistent connection for every DELETE (default: a new one each, as curl)",
+    )
 
     n = sub.add_parser("connections")
     n.add_argument("--url", required=True)
