@@ -120,6 +120,7 @@ class Multiplexer:
             timeout=timeout_ms / 1000,
             max_content_chars=services.max_content_chars,
             steps=chat.steps,
+            on_finished=self.requests.discard,
         )
         try:
             task = request.start()
@@ -128,6 +129,7 @@ class Multiplexer:
             return
         self.requests.add(request)
         services.track(task)
+        # Also when the task ends: one cancelled before its first step never finishes itself.
         task.add_done_callback(partial(self._finished, request))
 
     def _finished(self, request: Request, _task: object) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from protocol import (
@@ -87,8 +87,13 @@ class Request:
         timeout: float | None,
         max_content_chars: int | None = None,
         steps: bool = False,
+        on_finished: Callable[[Request], object] | None = None,
     ) -> None:
         self._key = key
+        #: Called once the request is finished (SPEC.md §5.6), before anything of its end is
+        #: written: the connection stops counting it against max_streams at that moment, so a
+        #: client that saw it finish and sends its next chat at once is never refused.
+        self._on_finished = on_finished
         self._serial = next(_serials)
         self.outbound = outbound
         self.backend = backend
@@ -294,6 +299,8 @@ class Request:
             self.outbound.send_control(report)
         # Finished (SPEC.md §5.6): the id is free and the record kept for late cancels and GET.
         self.registry.finished(self)
+        if self._on_finished is not None:
+            self._on_finished(self)
         self.observer.request_halted(self)
 
 

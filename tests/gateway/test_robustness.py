@@ -344,6 +344,48 @@ async def test_subprotocol_only_unknown_offered_is_refused_400(gateway: Gateway)
 # --- 2. limits -----------------------------------------------------------------------------------
 
 
+async def test_a_request_stops_counting_before_its_end_is_written() -> None:
+    """SPEC.md §5.6: a request counts against max_streams until it is finished; a client that
+    sees it finish may send its next chat at once, and the gateway (which handles that chat in
+    the callback that reads it) must not refuse it. So whenever a frame carrying a request's
+    end (a final response, or the final usage after a cancel) is written, that request no
+    longer counts: checked at every write, completed and cancelled requests alike."""
+    async with running_gateway(max_streams=2) as gw, WireClient.open(gw.url) as client:
+        await client.chat("warm", metadata=QUICK)
+        await client.response("warm")
+        (conn,) = gw.connections
+        assert conn.mux is not None
+        mux, channel = conn.mux, conn.channel
+        counted_at_end: list[tuple[str, set[str]]] = []
+
+        class Recording:
+            """The connection's channel, recording what counts when a request's end is written."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(channel, name)
+
+            def write(self, data: bytes, text: bool) -> None:
+                for m in protocol.decode(data, client.codec, protocol.Sender.GATEWAY):
+                    final = (isinstance(m, protocol.Response) and m.usage.final) or isinstance(
+                        m, protocol.UsageReport
+                    )
+                    if final:
+                        counted = {r.ctx.request_id for r in mux.requests}
+                        counted_at_end.append((m.request_id, counted))
+                channel.write(data, text)
+
+        conn.channel = Recording()  # type: ignore[assignment]
+        for n in range(10):
+            await client.chat(f"q{n}", metadata=QUICK)
+            await client.chat(f"c{n}", metadata=LONG)
+            await client.chunks(f"c{n}", 1)
+            await client.cancel(f"c{n}")
+            await client.response(f"q{n}")
+            await client.final_usage(f"c{n}")
+        assert len(counted_at_end) == 20
+        assert all(rid not in counted for rid, counted in counted_at_end), counted_at_end
+
+
 async def test_max_streams() -> None:
     async with running_gateway(max_streams=3) as gw, WireClient.open(gw.url) as client:
         for rid in ("s1", "l1", "l2", "x4"):
