@@ -8,7 +8,8 @@
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
-Every server (the gateway, the bare ``websockets`` ceiling, the bare ``websockets`` batched peer,
+Every server (the gateway, the same gateway core through its ASGI adapter under uvicorn
+(``bench/asgi_gateway.py``), the bare ``websockets`` ceiling, the bare ``websockets`` batched peer,
 the FastAPI peer) runs in its own process, and so does every load generator
 (``bench/loadgen.py``); server CPU time comes from ``/proc/<pid>/stat`` over the measured
 window, RSS from ``/proc/<pid>/status``. Writes
@@ -275,6 +276,7 @@ class Bench:
         self, kind: str, *flags: str, name: str | None = None, ready_timeout: float = 20.0
     ) -> Iterator[Server]:
         port = free_port()
+        self.last_probe = None  # a probe's report belongs to the server it probed
         if kind == "gateway":
             argv = [PY, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
             if self.profile_to is not None:
@@ -283,6 +285,12 @@ class Bench:
                 report = self.tmp / f"{name or kind}-{port}.probe.json"
                 probe = [str(BENCH / "gcprobe.py"), "--gc", self.gc_probe, "--report", str(report)]
                 argv[1:4] = [*probe, "--", "serve"]
+            argv += ["--log-level", "warning", "--log-format", "json", "--shutdown-grace", "1"]
+        elif kind == "gateway_asgi":
+            # The same core, config and flags as `muxgate serve`, served by uvicorn through
+            # gateway.asgi (bench/asgi_gateway.py). Not under cProfile or the GC probe (both
+            # wrap `muxgate serve`; the probe times asyncio's loop, not uvloop's).
+            argv = [PY, str(BENCH / "asgi_gateway.py"), "--host", "127.0.0.1", "--port", str(port)]
             argv += ["--log-level", "warning", "--log-format", "json", "--shutdown-grace", "1"]
         elif kind == "ceiling":
             argv = [PY, str(BENCH / "ceiling_server.py"), "--port", str(port)]
@@ -340,6 +348,7 @@ class Bench:
         targets: list[tuple[str, str, tuple[str, ...], bool]] = [
             ("gateway", "gateway", (), True),
             ("gateway_unbatched", "gateway", ("--max-batch-bytes", "0"), True),
+            ("gateway_asgi", "gateway_asgi", (), True),
             ("ceiling", "ceiling", ("--streams", str(streams)), False),
             ("batched", "batched", ("--streams", str(streams)), False),
             ("fastapi", "fastapi", (), True),
@@ -379,7 +388,7 @@ class Bench:
         ratios: dict[str, Any] = {}
         for codec in ("json", "msgpack"):
             ceiling = runs[f"ceiling/{codec}"]["chunks_per_server_cpu_s"]
-            for label in ("gateway", "gateway_unbatched", "batched", "fastapi"):
+            for label in ("gateway", "gateway_unbatched", "gateway_asgi", "batched", "fastapi"):
                 value = runs[f"{label}/{codec}"]["chunks_per_server_cpu_s"]
                 ratios[f"{label}_vs_ceiling/{codec}"] = (
                     round(value / ceiling, 3) if value and ceiling else None
@@ -398,9 +407,17 @@ class Bench:
                 if ba and gw["chunks_per_server_cpu_s"]
                 else None
             )
+            # Issue 15: the same core through the ASGI adapter under uvicorn, its server CPU per
+            # chunk over the native transport's (lower is better; 1.0 = no cost).
+            asgi = runs[f"gateway_asgi/{codec}"]["chunks_per_server_cpu_s"]
+            ratios[f"gateway_asgi_vs_gateway/{codec}"] = (
+                round(gw["chunks_per_server_cpu_s"] / asgi, 3)
+                if asgi and gw["chunks_per_server_cpu_s"]
+                else None
+            )
         self.log(
-            "  ratios (chunks per server-CPU-second; gateway_vs_batched: CPU per chunk): "
-            + json.dumps(ratios)
+            "  ratios (chunks per server-CPU-second; gateway_vs_batched, gateway_asgi_vs_gateway: "
+            "CPU per chunk): " + json.dumps(ratios)
         )
         return {
             "load": {"conns": conns, "streams_per_conn": streams, "token_delay_ms": 0},
@@ -445,13 +462,16 @@ class Bench:
         max_streams = str(max(64, -(-streams // conns) + 8))
         runs: dict[str, dict[str, Any]] = {}
         # HTTP: a new connection per DELETE (as curl), and one kept-alive connection for all.
+        # gateway_asgi: the same core through gateway.asgi under uvicorn (bench/asgi_gateway.py).
         variants = (
-            ("gateway_frame", ["--via", "frame"]),
-            ("gateway_http", ["--via", "http"]),
-            ("gateway_http_keepalive", ["--via", "http", "--keep-alive"]),
+            ("gateway_frame", "gateway", ["--via", "frame"]),
+            ("gateway_http", "gateway", ["--via", "http"]),
+            ("gateway_http_keepalive", "gateway", ["--via", "http", "--keep-alive"]),
+            ("gateway_asgi_frame", "gateway_asgi", ["--via", "frame"]),
+            ("gateway_asgi_http_keepalive", "gateway_asgi", ["--via", "http", "--keep-alive"]),
         )
-        for label, via in variants:
-            with self.server("gateway", "--max-streams", max_streams, name=label) as srv:
+        for label, kind, via in variants:
+            with self.server(kind, "--max-streams", max_streams, name=label) as srv:
                 runs[label] = self.loadgen(
                     "cancel", "--url", srv.url, *via, "--http-base", srv.http,
                     "--metrics", srv.http, "--server-pid", str(srv.pid), *load,
@@ -484,7 +504,7 @@ class Bench:
     def _log_cancel(self, label: str, r: dict[str, Any]) -> None:
         lat = r["latency"]
         self.log(
-            f"  {label:22} {r['cancels']} cancels  p50 {lat['p50_ms']:.2f}  p99 {lat['p99_ms']:.2f}"
+            f"  {label:27} {r['cancels']} cancels  p50 {lat['p50_ms']:.2f}  p99 {lat['p99_ms']:.2f}"
             f"  max {lat['max_ms']:.2f} ms  after-terminal {r['chunks_after_terminal']}  "
             f"between {r['chunks_between_cancel_and_terminal']['total']}  "
             f"server {r['server_cpu_util']:.2f} client {r['client_cpu_util']:.2f} "
@@ -1238,6 +1258,7 @@ def markdown(results: dict[str, Any]) -> str:
         names = {
             "gateway": "muxgate (batching)",
             "gateway_unbatched": "muxgate, `--max-batch-bytes 0`",
+            "gateway_asgi": "muxgate via ASGI (uvicorn)",
             "ceiling": "bare websockets, 1 msg/frame (ceiling)",
             "batched": "bare websockets, batched like the gateway",
             "fastapi": "FastAPI/uvicorn, task per request",
@@ -1269,7 +1290,12 @@ def markdown(results: dict[str, Any]) -> str:
             "the bare batched loop's (issue 15 target: <= 1.2x): JSON "
             f"{_f(r.get('gateway_vs_batched/json'))}x, msgpack "
             f"{_f(r.get('gateway_vs_batched/msgpack'))}x (server CPU-s per M chunks = CPU-µs "
-            "per chunk). The ceiling sends pre-encoded chunk "
+            "per chunk). muxgate via ASGI: the same core, config and flags served by uvicorn "
+            "through `gateway.asgi` (`bench/asgi_gateway.py`: uvloop, uvicorn's "
+            "`websockets-sansio`, no per-message deflate); its server CPU-µs per chunk over "
+            f"the native transport's: JSON {_f(r.get('gateway_asgi_vs_gateway/json'))}x, "
+            f"msgpack {_f(r.get('gateway_asgi_vs_gateway/msgpack'))}x. The ceiling sends "
+            "pre-encoded chunk "
             "messages padded to the gateway's mean chunk message size "
             f"({_f(tp['runs'].get('ceiling/json', {}).get('message_bytes'))} B JSON, "
             f"{_f(tp['runs'].get('ceiling/msgpack', {}).get('message_bytes'))} B msgpack), "
@@ -1311,6 +1337,8 @@ def markdown(results: dict[str, Any]) -> str:
             "gateway_frame": "muxgate, `cancel` frame",
             "gateway_http": "muxgate, `DELETE /v1/requests/{id}`, new connection each",
             "gateway_http_keepalive": "muxgate, `DELETE /v1/requests/{id}`, keep-alive",
+            "gateway_asgi_frame": "muxgate via ASGI (uvicorn), `cancel` frame",
+            "gateway_asgi_http_keepalive": "muxgate via ASGI (uvicorn), `DELETE`, keep-alive",
             "fastapi_frame": "FastAPI/uvicorn, `cancel` frame",
         }
         for label, name in names.items():
@@ -1330,7 +1358,8 @@ def markdown(results: dict[str, Any]) -> str:
             + cancel_targets(ca["runs"])["summary"]
             + " App ping RTT: an application `ping` every 10 ms on the same connections, "
             "half-way between cancels; it shows how fast the server answers any control "
-            "message under this load.",
+            "message under this load. muxgate via ASGI: the same core served by uvicorn through "
+            "`gateway.asgi` (`bench/asgi_gateway.py`); its HTTP keep-alive is uvicorn's (h11).",
             "",
             "![cancel latency CDF](cancel_latency.png)",
             "",
@@ -1561,6 +1590,8 @@ def plot(results: dict[str, Any], samples: dict[str, list[float]], path: Path) -
         "gateway_frame": "muxgate, cancel frame",
         "gateway_http": "muxgate, HTTP DELETE, new connection",
         "gateway_http_keepalive": "muxgate, HTTP DELETE, keep-alive",
+        "gateway_asgi_frame": "muxgate via ASGI (uvicorn), cancel frame",
+        "gateway_asgi_http_keepalive": "muxgate via ASGI (uvicorn), HTTP DELETE, keep-alive",
         "fastapi_frame": "FastAPI/uvicorn, cancel frame",
     }
     for label, name in names.items():

@@ -16,7 +16,7 @@ from .config import Config, ConfigError, load_config
 __all__ = ["main"]
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the gateway",
@@ -55,7 +55,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muxgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
+    serve_parser(sub)
     sub.add_parser("spec", help="print the wire protocol specification (protocol/SPEC.md)")
     chat_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
