@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 
-from websockets.asyncio.server import ServerConnection, serve
+from bare_peer import drain_inbound, run_peer
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
 
 import protocol
 from protocol import Codec
@@ -105,12 +103,6 @@ def texts_for(streams: int, message_bytes: int, codec: Codec) -> list[str]:
     return texts
 
 
-async def _drain_inbound(ws: ServerConnection) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        async for _ in ws:
-            pass
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -143,7 +135,7 @@ def main() -> int:
             max_batch_bytes=a.max_batch_bytes,
             conn=connections,
         )
-        reader = asyncio.create_task(_drain_inbound(ws))
+        reader = asyncio.create_task(drain_inbound(ws))
         send, frame, turn = ws.send, streams.frame, asyncio.sleep
         try:
             while True:
@@ -154,29 +146,7 @@ def main() -> int:
         finally:
             reader.cancel()
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with serve(
-            handler,
-            a.host,
-            a.port,
-            subprotocols=[Subprotocol(s) for s in protocol.SUBPROTOCOLS],
-            compression=None,
-        ):
-            print("ready", flush=True)
-            await stop.wait()
-
-    # The same event loop as the gateway and the ceiling ("auto": uvloop when installed).
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run())
-    else:
-        uvloop.run(run())
-    return 0
+    return run_peer(handler, a.host, a.port)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 
-from websockets.asyncio.server import ServerConnection, serve
+from bare_peer import drain_inbound, run_peer
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
 
 import protocol
 from protocol import Codec
-
-
-async def _drain_inbound(ws: ServerConnection) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        async for _ in ws:
-            pass
 
 
 def main() -> int:
@@ -49,7 +41,7 @@ def main() -> int:
             rid, seq = f"c0-{i + 1}", 1000 + i
             pad = a.message_bytes - len(protocol.encode_chunk(rid, seq, " ", codec))
             messages.append(protocol.encode_chunk(rid, seq, " " + "x" * max(pad, 5), codec))
-        reader = asyncio.create_task(_drain_inbound(ws))
+        reader = asyncio.create_task(drain_inbound(ws))
         send = ws.send
         try:
             while True:
@@ -60,30 +52,7 @@ def main() -> int:
         finally:
             reader.cancel()
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with serve(
-            handler,
-            a.host,
-            a.port,
-            subprotocols=[Subprotocol(s) for s in protocol.SUBPROTOCOLS],
-            compression=None,
-        ):
-            print("ready", flush=True)
-            await stop.wait()
-
-    # The same event loop the gateway picks ("auto": uvloop when installed), so the ceiling
-    # stays the same server minus muxgate.
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(run())
-    else:
-        uvloop.run(run())
-    return 0
+    return run_peer(handler, a.host, a.port)
 
 
 if __name__ == "__main__":
