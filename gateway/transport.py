@@ -32,7 +32,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as HandshakeRequest
-from websockets.protocol import State
+from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -276,6 +276,24 @@ class WebSocket:
         handler = self.handler
         if handler is None:
             return
+        try:
+            self._deliver(handler, events)
+        except Exception:
+            # A bug in a handler: this connection ends (1011) and says nothing more; the other
+            # connections, and the loop, go on. Logged once, with the traceback.
+            log.exception("websocket.handler_failed")
+            self.handler = None
+            self.fail(1011, "internal error")
+            handler.lost()
+            return
+        budget = self._input_budget
+        if budget is not None:  # still limited after this read's messages were handled
+            budget = self._input_budget = budget - len(received)
+            if budget < 0:
+                self.fail(1009, "frame too large before authentication")
+
+    def _deliver(self, handler: WebSocketHandler, events: list[Event]) -> None:
+        """Each complete message (fragments joined) to the handler, in order."""
         for event in events:
             if not isinstance(event, Frame):
                 continue
@@ -294,11 +312,6 @@ class WebSocket:
                 if event.fin:
                     whole, self._fragments = bytes(self._fragments), None
                     handler.message(whole, self._fragments_text)
-        budget = self._input_budget
-        if budget is not None:  # still limited after this read's messages were handled
-            budget = self._input_budget = budget - len(received)
-            if budget < 0:
-                self.fail(1009, "frame too large before authentication")
 
     def pause_writing(self) -> None:
         self._paused = True

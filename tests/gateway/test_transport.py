@@ -278,3 +278,38 @@ async def _no_connections(gw: Gateway) -> None:
     async with asyncio.timeout(5):
         while gw.connections:  # noqa: ASYNC110 - the connection leaves on connection_lost
             await asyncio.sleep(0.01)
+
+
+async def test_a_handler_bug_closes_that_connection_1011_and_no_other(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while handling a message (here injected for one ping id) ends that connection with
+    1011 and cancels its requests (G7); another connection on the same gateway goes on."""
+    from gateway.connection import Connection
+    from protocol import Ping
+
+    handle = Connection._handle
+
+    def failing(self: Connection, result: Any) -> None:
+        if isinstance(result, Ping) and result.id == "boom":
+            raise RuntimeError("injected")
+        handle(self, result)
+
+    monkeypatch.setattr(Connection, "_handle", failing)
+    async with (
+        connect(gateway.url, subprotocols=JSON) as victim,  # type: ignore[arg-type]
+        connect(gateway.url, subprotocols=JSON) as other,  # type: ignore[arg-type]
+    ):
+        chat = {"type": "chat", "request_id": "long", "message": "x", "metadata": {"tokens": 10**4}}
+        await victim.send(orjson.dumps(chat).decode())
+        await victim.send(orjson.dumps({"type": "ping", "id": "boom"}).decode())
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(victim.recv(), 10)
+        assert victim.close_code == 1011
+        await other.send(orjson.dumps({"type": "ping", "id": "fine"}).decode())
+        texts: list[bytes] = []
+        while not any(b'"pong"' in t for t in texts):
+            texts.append(await asyncio.wait_for(other.recv(decode=False), 10))
+    await settled(gateway)
+    assert not gateway.registry.active()
