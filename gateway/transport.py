@@ -53,6 +53,9 @@ MAX_REQUEST_BODY = 65_536
 #: dropped before the connection is closed (so that the refusal is not lost to a reset).
 LINGERING_SECONDS = 2.0
 MAX_LINGERING_BYTES = 1 << 20
+#: An HTTP connection whose answers wait unread (the write buffer over its high-water mark) is
+#: closed after this many keep-alive periods without the client reading.
+WRITE_STALL_FACTOR = 3
 #: Header block limit (h11's incomplete-event limit): a larger request head is a 431.
 MAX_REQUEST_HEAD = 16_384
 
@@ -356,6 +359,8 @@ class HttpConnection(asyncio.Protocol):
         self.deadline: float | None = None
         #: After a refusal: bytes still read and dropped before closing (see _refuse).
         self._lingering = 0
+        #: The write buffer is over its high-water mark: no more requests are taken.
+        self._write_paused = False
         self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -408,10 +413,25 @@ class HttpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.websocket is not None:
             self.websocket.pause_writing()
+            return
+        # HTTP: a client that pipelines requests and does not read the answers stops being
+        # read (TCP backpressure) instead of its answers piling up in the write buffer.
+        self._write_paused = True
+        # Not idle while answers wait to be read, but a client that stops reading for good is
+        # dropped: the same deadline mechanism, longer.
+        self.deadline = self._loop.time() + self._keepalive * WRITE_STALL_FACTOR
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.websocket is not None:
             self.websocket.resume_writing()
+            return
+        self._write_paused = False
+        self.deadline = self._loop.time() + self._keepalive
+        if self.transport is not None and not self.transport.is_closing() and not self._busy:
+            self.transport.resume_reading()
+            self._step()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -422,7 +442,12 @@ class HttpConnection(asyncio.Protocol):
     def _step(self) -> None:
         """Take the parsed events: one request at a time, in order."""
         conn = self._h11
-        while conn is not None and not self._busy and self.websocket is None:
+        while (
+            conn is not None
+            and not self._busy
+            and not self._write_paused
+            and self.websocket is None
+        ):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -496,7 +521,8 @@ class HttpConnection(asyncio.Protocol):
             response = task.result()
         self._respond(conn, request, response)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+            if not self._write_paused:
+                self.transport.resume_reading()
             self._step()
 
     def _respond(self, conn: h11.Connection, request: HttpRequest, response: HttpResponse) -> None:
@@ -530,7 +556,8 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()  # keep-alive: the next request (maybe already buffered)
-            self.deadline = self._loop.time() + self._keepalive
+            if not self._write_paused:  # else pause_writing set the longer deadline
+                self.deadline = self._loop.time() + self._keepalive
 
     def _refuse(self, status: int, message: str) -> None:
         """A request h11 could not parse (or too large): answer if still possible, close."""

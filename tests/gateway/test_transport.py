@@ -313,3 +313,77 @@ async def test_a_handler_bug_closes_that_connection_1011_and_no_other(
             texts.append(await asyncio.wait_for(other.recv(decode=False), 10))
     await settled(gateway)
     assert not gateway.registry.active()
+
+
+class _FakeTransport:
+    """Just enough of an asyncio transport to drive HttpConnection without a socket."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.reading = True
+        self.closed = False
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _HealthOnly:
+    """An application answering every request with a tiny 200."""
+
+    max_message_bytes = 1 << 20
+    subprotocols: tuple[Any, ...] = ()
+
+    def http(self, request: Any) -> Any:
+        from gateway.transport import HttpResponse
+
+        return HttpResponse(200, [], request.target.encode())
+
+    def is_websocket(self, request: Any) -> bool:
+        return False
+
+    def connection_made(self, conn: Any) -> None:
+        pass
+
+    def connection_lost(self, conn: Any) -> None:
+        pass
+
+
+async def test_a_full_write_buffer_stops_taking_pipelined_requests() -> None:
+    """A client that pipelines requests and reads no answer: once the transport's write buffer
+    is over its high-water mark (pause_writing), no further request is parsed or answered and
+    reading stops (TCP backpressure); resume_writing takes the next ones, in order."""
+    from gateway.transport import HttpConnection
+
+    tcp = HttpConnection(_HealthOnly(), write_limit=1 << 15, keepalive=10.0)  # type: ignore[arg-type]
+    fake = _FakeTransport()
+    tcp.connection_made(fake)  # type: ignore[arg-type]
+    tcp.data_received(b"GET /1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert fake.written.count(b"HTTP/1.1 200") == 1
+    tcp.pause_writing()  # the client stopped reading
+    assert not fake.reading
+    tcp.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i for i in (2, 3, 4)))
+    assert fake.written.count(b"HTTP/1.1 200") == 1  # nothing more answered meanwhile
+    tcp.resume_writing()
+    assert fake.reading
+    assert fake.written.count(b"HTTP/1.1 200") == 4
+    bodies = [part.rsplit(b"\r\n\r\n", 1)[-1] for part in fake.written.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"/1", b"/2", b"/3", b"/4"]
+    assert tcp.deadline is not None  # idle again: the keep-alive deadline applies
