@@ -144,13 +144,33 @@ _CALL: contextvars.ContextVar[_CallSlot | None] = contextvars.ContextVar(
 )
 
 
-class _TappedWrite:
-    """The session's write stream, seen by the calling task: it learns the request id of its
-    ``tools/call`` and whether a ``notifications/cancelled`` for it went out (with our reason).
-    The SDK writes both from the caller's task, so the call's context variable is set."""
+class _StreamWrapper:
+    """A stream of the SDK's, wrapped: closing and its context go to the inner stream."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool | None:
+        result: bool | None = await self._inner.__aexit__(exc_type, exc_val, exc_tb)
+        return result
+
+
+class _TappedWrite(_StreamWrapper):
+    """The session's write stream, seen by the calling task: it learns the request id of its
+    ``tools/call`` and whether a ``notifications/cancelled`` for it went out (with our reason).
+    The SDK writes both from the caller's task, so the call's context variable is set."""
 
     async def send(self, item: SessionMessage, /) -> None:
         slot = _CALL.get()
@@ -172,29 +192,13 @@ class _TappedWrite:
                 )
         await self._inner.send(item)
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
-    async def __aenter__(self) -> Self:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> bool | None:
-        result: bool | None = await self._inner.__aexit__(exc_type, exc_val, exc_tb)
-        return result
-
-
-class _WatchedRead:
+class _WatchedRead(_StreamWrapper):
     """The session's read stream: its end (the server's stdout closed, the HTTP transport
     gave up) wakes the supervisor at once."""
 
     def __init__(self, inner: Any, on_end: Callable[[], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._on_end = on_end
 
     @property
@@ -217,22 +221,6 @@ class _WatchedRead:
             return await self.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> bool | None:
-        result: bool | None = await self._inner.__aexit__(exc_type, exc_val, exc_tb)
-        return result
 
 
 class _Transport:
