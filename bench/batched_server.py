@@ -8,7 +8,7 @@ request lifecycle, only what every chunk needs on the wire. Per connection, one 
 turn of the event loop, each of ``--streams`` streams produces a burst of tokens (as many as the
 gateway's simulated backend emits per loop turn at zero delay, ``ZERO_DELAY_BURST``), each token
 encoded as its own chunk with the gateway's hot path (``protocol.chunk_prefix`` once per request,
-``protocol.encode_chunk_from`` per chunk, ``seq`` contiguous), and everything pending goes out as
+``protocol.encode_chunks_from`` per burst, ``seq`` contiguous), and everything pending goes out as
 one frame (``protocol.join_batch``, up to ``--max-batch-bytes``: one turn per stream, round
 robin, at least one, as ``gateway/outbound.py`` packs), written with ``send`` (which awaits the
 drain only when the socket is full). After ``--tokens`` chunks a stream starts a new request id
@@ -68,7 +68,7 @@ class Streams:
     def frame(self) -> bytes:
         """The next frame: one turn (a burst of chunks) per stream, round robin, up to the cap
         (at least one turn); the streams left out go first in the next frame."""
-        codec, encode = self.codec, protocol.encode_chunk_from
+        codec, encode = self.codec, protocol.encode_chunks_from
         burst, tokens = self.burst, self.tokens
         prefixes, seqs, texts = self.prefixes, self.seqs, self.texts
         n = len(texts)
@@ -76,14 +76,16 @@ class Streams:
         size = 0
         start = i = self.turn
         while True:
-            prefix, seq, text = prefixes[i], seqs[i], texts[i]
-            for _ in range(burst):
-                chunk = encode(prefix, seq, text, codec)
-                parts.append(chunk)
-                size += len(chunk)
-                seq += 1
+            seq, left = seqs[i], burst
+            while left:  # the burst, up to the end of the answer at a time
+                count = min(left, tokens - seq)
+                chunks = encode(prefixes[i], seq, [texts[i]] * count, codec)
+                parts += chunks
+                size += sum(map(len, chunks))
+                seq += count
+                left -= count
                 if seq == tokens:  # the answer is complete: the stream's next request
-                    prefix = prefixes[i] = self._new_prefix()
+                    prefixes[i] = self._new_prefix()
                     seq = 0
             seqs[i] = seq
             i = i + 1 if i + 1 < n else 0

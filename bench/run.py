@@ -415,15 +415,40 @@ class Bench:
                 if asgi and gw["chunks_per_server_cpu_s"]
                 else None
             )
+        # The floor under the gateway's CPU per chunk: one task per request, woken once per
+        # burst (bench/task_floor.py). The lowest gateway_vs_batched that design allows is the
+        # batched loop's CPU per chunk plus that floor, over the batched loop's.
+        floor = self.task_floor(conns * streams)
+        for codec in ("json", "msgpack"):
+            ba_us = runs[f"batched/{codec}"]["server_cpu_s_per_million_chunks"]
+            ratios[f"floor_vs_batched/{codec}"] = (
+                round((ba_us + floor["cpu_us_per_token"]) / ba_us, 3) if ba_us else None
+            )
         self.log(
-            "  ratios (chunks per server-CPU-second; gateway_vs_batched, gateway_asgi_vs_gateway: "
-            "CPU per chunk): " + json.dumps(ratios)
+            "  ratios (chunks per server-CPU-second; gateway_vs_batched, gateway_asgi_vs_gateway, "
+            "floor_vs_batched: CPU per chunk): " + json.dumps(ratios)
         )
+        self.log(f"  task floor: {json.dumps(floor)}")
         return {
             "load": {"conns": conns, "streams_per_conn": streams, "token_delay_ms": 0},
             "runs": runs,
             "ratios": ratios,
+            "task_floor": floor,
         }
+
+    def task_floor(self, streams: int) -> dict[str, Any]:
+        """bench/task_floor.py in its own process, on the server's core when pinned."""
+        turns = "500" if self.quick else "3000"
+        r = subprocess.run(
+            [PY, str(BENCH / "task_floor.py"), "--streams", str(streams), "--turns", turns],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            timeout=120,
+            check=True,
+            preexec_fn=_pinned(self._cpus[0] if self._cpus else None),
+        )
+        return dict(json.loads(r.stdout.splitlines()[-1]))
 
     # -- scenario 2 ------------------------------------------------------------------------------
 
@@ -1290,7 +1315,16 @@ def markdown(results: dict[str, Any]) -> str:
             "the bare batched loop's (issue 15 target: <= 1.2x): JSON "
             f"{_f(r.get('gateway_vs_batched/json'))}x, msgpack "
             f"{_f(r.get('gateway_vs_batched/msgpack'))}x (server CPU-s per M chunks = CPU-µs "
-            "per chunk). muxgate via ASGI: the same core, config and flags served by uvicorn "
+            "per chunk). The floor under it: each request's pipeline is its own asyncio task "
+            "(a cancel reaches one request's checkpoints, never another's), woken once per "
+            "burst of tokens; that wake alone costs "
+            f"{_f(tp.get('task_floor', {}).get('cpu_us_per_token'))} CPU-µs per token "
+            "(`bench/task_floor.py`: the tasks and the token generators, nothing encoded or "
+            "written), so a task per request cannot come below "
+            f"{_f(r.get('floor_vs_batched/json'))}x (JSON) / "
+            f"{_f(r.get('floor_vs_batched/msgpack'))}x (msgpack) of the batched loop, which "
+            "makes every stream's chunks in one task per connection. muxgate via ASGI: the "
+            "same core, config and flags served by uvicorn "
             "through `gateway.asgi` (`bench/asgi_gateway.py`: uvloop, uvicorn's "
             "`websockets-sansio`, no per-message deflate); its server CPU-µs per chunk over "
             f"the native transport's: JSON {_f(r.get('gateway_asgi_vs_gateway/json'))}x, "

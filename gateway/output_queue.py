@@ -147,6 +147,23 @@ class OutputQueue:
             scheduler.schedule(self)
         return self.pending_chars > scheduler.max_pending_chars
 
+    def push_many(self, texts: list[str]) -> bool:
+        """:meth:`push` each of ``texts`` (a read of several tokens), checked and scheduled once."""
+        if self.closed or self._terminal is not None:
+            return False
+        size = sum(map(len, texts))
+        self.emitted_chars += size
+        if self.emitted_chars > self.max_content_chars:
+            raise ContentTooLarge(f"the answer exceeds {self.max_content_chars} characters")
+        self.pending.extend(texts)
+        self.pending_chars += size
+        if not self.machine.stream:
+            return False
+        scheduler = self._scheduler
+        if not self.scheduled:
+            scheduler.schedule(self)
+        return self.pending_chars > scheduler.max_pending_chars
+
     def push_step(self, step: StepRecord, state: StepState) -> None:
         """Queue a ``step`` message after the text pushed so far (:class:`pipeline.StepSink`)."""
         if self.closed or self._terminal is not None:
@@ -263,26 +280,14 @@ class OutputQueue:
         if len(texts) > COALESCE_AFTER:
             texts = ["".join(texts)]
         machine = self.machine
-        prefix, encode = self._prefix, protocol.encode_chunk_from
-        if len(texts) == 1:  # the reader keeps up: one text per turn
-            text = texts[0]
-            seq = machine.next_seq
-            try:
-                encoded = encode(prefix, seq, text, codec)
-            except (TypeError, ValueError):  # a backend emitted a lone surrogate
-                text = text.encode("utf-8", "replace").decode("utf-8")
-                encoded = encode(prefix, seq, text, codec)
-            machine.on_chunk(seq, text)
-            out.append(encoded)
-        else:  # a burst: encoded together, checked once
-            first = machine.next_seq
-            try:
-                many = [encode(prefix, first + i, text, codec) for i, text in enumerate(texts)]
-            except (TypeError, ValueError):  # a lone surrogate: replace it
-                texts = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]
-                many = [encode(prefix, first + i, text, codec) for i, text in enumerate(texts)]
-            machine.on_chunks(first, texts)  # checked before any of them is handed out
-            out.extend(many)
+        first = machine.next_seq
+        try:
+            encoded = protocol.encode_chunks_from(self._prefix, first, texts, codec)
+        except (TypeError, ValueError):  # a backend emitted a lone surrogate: replace it
+            texts = [text.encode("utf-8", "replace").decode("utf-8") for text in texts]
+            encoded = protocol.encode_chunks_from(self._prefix, first, texts, codec)
+        machine.on_chunks(first, texts)  # checked before any of them is handed out
+        out.extend(encoded)
         self._scheduler.chunks_sent += len(texts)
 
     def _take_with_steps(self, codec: Codec, out: list[bytes]) -> None:

@@ -9,9 +9,10 @@ answer with ``await ctx.emit(text)`` and wraps every long operation in one of th
 ``ctx.tool_call(fn)``       one MCP tool call, then a checkpoint
 ``ctx.agent_call(fn)``      one A2A agent call, then a checkpoint
 ``ctx.plan(fn)``            a planning / task-decomposition step, then a checkpoint
-``ctx.stream_llm(tokens)``  an *abortable* streaming LLM call: every token is a checkpoint and a
+``ctx.stream_llm(tokens)``  an *abortable* streaming LLM call: every read is a checkpoint and a
                             cancel stops reading the upstream at once (beyond the seed, which
-                            cannot stop a running LLM call)
+                            cannot stop a running LLM call); a read is one token, or a list of
+                            the tokens that arrived together
 ==========================  ==================================================================
 
 Every helper checks the cancel flag *before* it starts (no new call after the flag, G5) and
@@ -160,6 +161,10 @@ class ChunkSink(Protocol):
 
     def push(self, text: str) -> bool:
         """Queue ``text``; True when the queue is over its cap and the producer should wait."""
+        ...
+
+    def push_many(self, texts: list[str]) -> bool:
+        """:meth:`push` each of ``texts`` (none empty), in one call."""
         ...
 
     async def drained(self) -> None:
@@ -383,7 +388,8 @@ class RequestContext:
 
     @property
     def tokens_after_cancel(self) -> int:
-        """Tokens an abortable stream produced after the cancel flag was set (should be <= 1)."""
+        """Tokens an abortable stream delivered after the cancel flag was set (read, never
+        emitted): 0 or 1 with one token per read, since the cancel aborts the read at once."""
         return self._tokens_after_cancel
 
     @property
@@ -482,7 +488,7 @@ class RequestContext:
 
     async def stream_llm(
         self,
-        tokens: AsyncIterable[str],
+        tokens: AsyncIterable[str | list[str]],
         *,
         input_tokens: int = 0,
         name: str = "llm_stream",
@@ -490,9 +496,14 @@ class RequestContext:
     ) -> str:
         """Read an abortable token stream, emitting each token; returns the text read.
 
+        Each item the stream yields is one read: a token, or a ``list`` of the tokens that
+        arrived together (a network read of several, or a burst). The cancel flag is checked once
+        per read: a list is emitted whole or not at all, and costs one turn of this loop, not one
+        per token (the hot path at high token rates).
+
         Every token counts as one output token (``input_tokens`` and those estimates can be
         replaced by the provider's figures with ``usage.report``). A cancel stops the read at
-        once, even between tokens, and closes the upstream (``aclose``) so a real provider stops
+        once, even between reads, and closes the upstream (``aclose``) so a real provider stops
         generating; the step then halts with :class:`PipelineHalted`.
         """
         parts: list[str] = []
@@ -522,7 +533,12 @@ class RequestContext:
         return "".join(parts)
 
     async def _read_llm_stream(
-        self, tokens: AsyncIterable[str], parts: list[str], input_tokens: int, name: str, emit: bool
+        self,
+        tokens: AsyncIterable[str | list[str]],
+        parts: list[str],
+        input_tokens: int,
+        name: str,
+        emit: bool,
     ) -> None:
         # A method, not a closure: closures cost a function and a cell per free variable for
         # every active request, all scanned by the garbage collector (whose pauses delay cancels).
@@ -533,12 +549,22 @@ class RequestContext:
         # Hot path, once per token: emit() inlined (no coroutine per token); the cancel check
         # below is its checkpoint.
         async for piece in tokens:
-            usage.output_tokens += 1
+            if isinstance(piece, str):  # one token
+                usage.output_tokens += 1
+                if token.reason is not None:
+                    self._tokens_after_cancel += 1
+                    return  # cut: the step never ends (halt.aborted)
+                parts.append(piece)
+                if emit and piece and sink.push(piece):
+                    await sink.drained()
+                continue
+            burst = _burst(piece)  # the tokens of one read: one check, one push
+            usage.output_tokens += len(piece)  # every token read, empty ones too (as above)
             if token.reason is not None:
-                self._tokens_after_cancel += 1
-                return  # cut: the step never ends (halt.aborted)
-            parts.append(piece)
-            if emit and piece and sink.push(piece):
+                self._tokens_after_cancel += len(piece)
+                return
+            parts.extend(burst)
+            if emit and burst and sink.push_many(burst):
                 await sink.drained()
         self._end(step)
 
@@ -624,6 +650,13 @@ class RequestContext:
 
 #: Non-abortable operations whose step timed out: they run to their end unobserved.
 _ABANDONED: set[asyncio.Future[Any]] = set()
+
+
+def _burst(piece: object) -> list[str]:
+    """A read of several tokens (``stream_llm``): a list, without its empty strings."""
+    if not isinstance(piece, list):
+        raise TypeError(f"a token stream yielded {type(piece).__name__}: expected str or list[str]")
+    return [text for text in piece if text] if "" in piece else piece
 
 
 def _forget(operation: asyncio.Future[Any]) -> None:

@@ -14,6 +14,7 @@ from .codec import (
     encode_batch,
     encode_chunk,
     encode_chunk_from,
+    encode_chunks_from,
     join_batch,
     to_wire,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "encode_batch",
     "encode_chunk",
     "encode_chunk_from",
+    "encode_chunks_from",
     "join_batch",
     "parse_message",
     "to_wire",

@@ -48,6 +48,7 @@ __all__ = [
     "encode_batch",
     "encode_chunk",
     "encode_chunk_from",
+    "encode_chunks_from",
     "join_batch",
     "to_wire",
 ]
@@ -188,6 +189,23 @@ def encode_chunk_from(prefix: bytes, seq: int, text: str, codec: Codec) -> bytes
     if codec is Codec.JSON:
         return b'%s%d,"text":%s}' % (prefix, seq, orjson.dumps(text))
     return b"".join((prefix, _pack(seq), _TEXT_KEY, _pack(text)))
+
+
+def encode_chunks_from(
+    prefix: bytes, first_seq: int, texts: Sequence[str], codec: Codec
+) -> list[bytes]:
+    """``[encode_chunk_from(prefix, first_seq + i, text, codec) for i, text in ...]``, in one
+    call: the gateway's hot path encodes a request's pending texts together (the per-chunk
+    function call is a third of the cost of a short chunk). Same bytes, same errors."""
+    seqs = range(first_seq, first_seq + len(texts))
+    if codec is Codec.JSON:
+        template = prefix.replace(b"%", b"%%") + b'%d,"text":%s}'
+        dumps = orjson.dumps
+        return [template % (seq, dumps(text)) for seq, text in zip(seqs, texts, strict=True)]
+    join, pack, key = b"".join, _pack, _TEXT_KEY
+    return [
+        join((prefix, pack(seq), key, pack(text))) for seq, text in zip(seqs, texts, strict=True)
+    ]
 
 
 # A chunk's msgpack map: 4 entries, keys in the canonical order (see to_wire).

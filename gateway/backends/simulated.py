@@ -33,6 +33,7 @@ import asyncio
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Final
 
 from protocol import ChatMessage, ErrorCode
@@ -46,6 +47,7 @@ __all__ = [
     "SimulatedBackend",
     "SimulationSettings",
     "TokenBudget",
+    "WordStream",
     "estimate_tokens",
     "prompt_topic",
     "word_stream",
@@ -274,16 +276,58 @@ def _sentence_pool() -> list[tuple[str, ...]]:
     return _pool
 
 
-def word_stream(seed: int, topic: str | None = None) -> Iterator[str]:
+class WordStream:
+    """An endless, deterministic stream of tokens: words with a leading space. Iterate it, or
+    :meth:`take` several at once (a burst: one slice of a buffer of whole sentences, refilled
+    a few sentences at a time, not a call per word)."""
+
+    __slots__ = ("_at", "_buffer", "_pool", "_rng")
+
+    def __init__(self, seed: int, topic: str | None = None) -> None:
+        self._rng = rng = _SplitMix64(seed)
+        self._pool = _sentence_pool()
+        self._buffer: list[str] = []
+        self._at = 0
+        if topic:
+            opening = [*_noun_phrase(rng), rng.pick(_VERBS), *_noun_phrase(rng)]
+            opening[-1] += "."
+            self._buffer = [" " + word for word in ["On", topic + ",", *opening]]
+
+    def __iter__(self) -> WordStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._at == len(self._buffer):
+            self._refill(1)
+        word = self._buffer[self._at]
+        self._at += 1
+        return word
+
+    def take(self, n: int) -> list[str]:
+        """The next ``n`` tokens."""
+        at = self._at
+        if at + n > len(self._buffer):
+            self._refill(n)
+            at = 0
+        self._at = at + n
+        return self._buffer[at : at + n]
+
+    def _refill(self, n: int) -> None:
+        """Keep the words not yet taken and add whole sentences until ``n`` are there."""
+        buffer = self._buffer[self._at :]
+        pool, rng = self._pool, self._rng
+        while len(buffer) < max(n, _REFILL_WORDS):
+            buffer += pool[rng.next() % _POOL_SIZE]
+        self._buffer, self._at = buffer, 0
+
+
+#: Words buffered per refill of a :class:`WordStream` (a few sentences).
+_REFILL_WORDS: Final = 64
+
+
+def word_stream(seed: int, topic: str | None = None) -> WordStream:
     """An endless, deterministic stream of tokens: words with a leading space."""
-    rng = _SplitMix64(seed)
-    if topic:
-        opening = [*_noun_phrase(rng), rng.pick(_VERBS), *_noun_phrase(rng)]
-        opening[-1] += "."
-        yield from (" " + word for word in ["On", topic + ",", *opening])
-    pool = _sentence_pool()
-    while True:
-        yield from pool[rng.next() % _POOL_SIZE]
+    return WordStream(seed, topic)
 
 
 # -- the backend ------------------------------------------------------------------------------
@@ -431,35 +475,67 @@ class SimulatedBackend:
         await asyncio.sleep(settings.agent_ms / 1000)
         return self.agent_result(ctx)
 
-    async def simulate_tokens(
+    def simulate_tokens(
         self, words: Iterator[str], settings: SimulationSettings, start: int, stop: int
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[str | list[str]]:
         """The simulated LLM's answer tokens ``start`` to ``stop`` (of ``settings.tokens``).
 
         Sleeps ``token_delay_ms`` before each token (on the backend's shared
         :class:`TokenClock`, each deadline counted from the previous one, so the pace holds
-        however late the loop runs); with 0 it still yields to the event loop
-        every ``ZERO_DELAY_BURST`` tokens, so other streams get their turns.
+        however late the loop runs) and yields it. With 0 it yields a list of up to
+        ``ZERO_DELAY_BURST`` tokens per turn of the event loop, as a provider's network read
+        of several tokens arrives: other streams get their turns between bursts.
         """
+        if not settings.token_delay_ms:
+            return self._token_bursts(words, settings, start, stop)
+        return self._paced_tokens(words, settings, start, stop)
+
+    async def _paced_tokens(
+        self, words: Iterator[str], settings: SimulationSettings, start: int, stop: int
+    ) -> AsyncIterator[str]:
+        """One token per ``token_delay_ms``."""
         delay = settings.token_delay_ms / 1000
         schedule = self._token_clock().schedule
         due: float | None = None  # each token's deadline counts from the last one's
         for index in range(start, stop):
             if index == settings.fail_at_token:
                 raise _simulated_failure(index)
-            if delay:
-                due, wake = schedule(delay, due)
-                if wake is not None:
-                    await wake
-            elif index % ZERO_DELAY_BURST == 0:
-                # Zero delay (benchmarks): a real provider's tokens arrive in network reads of
-                # several tokens; yielding every token would measure the event loop, not us.
-                await asyncio.sleep(0)
+            due, wake = schedule(delay, due)
+            if wake is not None:
+                await wake
             word = next(words)
             if index == settings.tokens - 1:  # the answer ends with a full stop
                 word = word.rstrip(".,") + "."
             yield word
         if stop == settings.tokens and settings.fail_at_token == settings.tokens:
+            raise _simulated_failure(stop)
+
+    async def _token_bursts(
+        self, words: Iterator[str], settings: SimulationSettings, start: int, stop: int
+    ) -> AsyncIterator[list[str]]:
+        """Zero delay (benchmarks): tokens ``start`` to ``stop`` in lists, a turn of the event
+        loop before each list that starts at a multiple of ``ZERO_DELAY_BURST``. Yielding every
+        token alone would measure the event loop and the generator protocol, not the gateway."""
+        take = words.take if isinstance(words, WordStream) else None
+        last = settings.tokens - 1
+        fail_at = settings.fail_at_token if settings.fail_at_token is not None else -1
+        index = start
+        while index < stop:
+            if index % ZERO_DELAY_BURST == 0:
+                await asyncio.sleep(0)
+            end = min(stop, index - index % ZERO_DELAY_BURST + ZERO_DELAY_BURST)
+            failing = index <= fail_at < end
+            if failing:
+                end = fail_at
+            burst = take(end - index) if take is not None else list(islice(words, end - index))
+            if end - 1 == last and burst:  # the answer ends with a full stop
+                burst[-1] = burst[-1].rstrip(".,") + "."
+            if burst:
+                yield burst
+            if failing:
+                raise _simulated_failure(fail_at)
+            index = end
+        if stop == settings.tokens and fail_at == settings.tokens:
             raise _simulated_failure(stop)
 
     def _token_clock(self) -> TokenClock:

@@ -12,7 +12,8 @@ import importlib.metadata
 import sys
 import textwrap
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from gateway.backends.simulated import (
     METADATA_KEYS,
     ZERO_DELAY_BURST,
     SimulationSettings,
+    WordStream,
     estimate_tokens,
     prompt_topic,
 )
@@ -66,6 +68,11 @@ class ListSink:
         if len(self.items) == self.notify_at:
             self.reached.set()
         return False  # never over its cap
+
+    def push_many(self, texts: list[str]) -> bool:
+        for text in texts:
+            self.push(text)
+        return False
 
     async def drained(self) -> None:
         return None
@@ -457,6 +464,72 @@ async def test_fail_at_token_raises_after_that_many_tokens(fail_at: int) -> None
 async def test_fail_at_token_beyond_the_answer_never_fires() -> None:
     _, ctx = await run_text(SimulatedBackend(**FAST), metadata={"tokens": 10, "fail_at_token": 11})
     assert len(sink_of(ctx).items) == 10
+
+
+def test_word_stream_taken_in_bursts_equals_it_read_word_by_word() -> None:
+    """The zero-delay bursts (``take``) are the same words as the paced stream (iteration)."""
+    for seed, topic in ((7, "cats"), (123, None)):
+        expected = list(islice(WordStream(seed, topic), 400))
+        bursts, words = [1, 8, 3, 17, 2, 30], WordStream(seed, topic)
+        taken: list[str] = []
+        while len(taken) < 400:
+            taken += words.take(bursts[len(taken) % len(bursts)])
+        assert taken[:400] == expected
+
+
+async def test_zero_delay_text_is_the_paced_text() -> None:
+    """Bursts change how the tokens are read, never which: same seed, same chunks."""
+    fast, _ = await run_text(SimulatedBackend(tokens=40, **FAST))
+    paced, _ = await run_text(SimulatedBackend(tokens=40, **{**FAST, "token_delay_ms": 1}))
+    assert fast == paced
+
+
+# -- reads of several tokens (stream_llm) -----------------------------------------------------
+
+
+async def _reads(*reads: str | list[str]) -> AsyncIterator[str | list[str]]:
+    for read in reads:
+        await asyncio.sleep(0)
+        yield read
+
+
+async def test_stream_llm_emits_each_token_of_a_list_read_as_its_own_piece() -> None:
+    ctx = make_ctx()
+    text = await ctx.stream_llm(_reads("a", ["b", "", "c"], [], "d", ["e"]), input_tokens=5)
+    assert text == "abcde"
+    assert sink_of(ctx).items == ["a", "b", "c", "d", "e"]  # no empty piece reaches the sink
+    assert ctx.usage.output_tokens == 6  # every token read counts, the empty one too
+    assert kinds(ctx) == ["llm_stream"]
+
+
+async def test_stream_llm_a_list_read_after_the_cancel_is_dropped_whole() -> None:
+    """One check per read: a list that arrives after the flag is not emitted, not even its
+    first token, and all of it counts as read after the cancel (and as output tokens)."""
+    ctx = make_ctx()
+
+    async def tokens() -> AsyncIterator[str | list[str]]:
+        yield ["one", "two"]
+        token_of(ctx).cancel(CancelReason.CLIENT)
+        yield ["three", "four", "five"]  # delivered before the read is aborted
+
+    with pytest.raises(PipelineHalted):
+        await ctx.stream_llm(tokens(), name="answer")
+    assert sink_of(ctx).items == ["one", "two"]
+    assert ctx.tokens_after_cancel == 3
+    assert ctx.usage.output_tokens == 5
+
+
+@pytest.mark.parametrize("read", [("a", "b"), b"ab", 7])
+async def test_stream_llm_refuses_a_read_that_is_neither_str_nor_list(read: object) -> None:
+    ctx = make_ctx()
+
+    async def tokens() -> AsyncIterator[object]:
+        yield "ok"
+        yield read
+
+    with pytest.raises(TypeError, match="expected str or list"):
+        await ctx.stream_llm(tokens())  # type: ignore[arg-type]
+    assert sink_of(ctx).items == ["ok"]
 
 
 # -- cancellation -----------------------------------------------------------------------------

@@ -596,6 +596,13 @@ class ProbedBackend(SimulatedBackend):
                 probe.max_pending = max(probe.max_pending, sink.pending_chars)  # type: ignore[attr-defined]
                 return over
 
+            def push_many(self, texts: list[str]) -> bool:
+                over = sink.push_many(texts)
+                probe.pushes += 1
+                probe.max_token = max(probe.max_token, sum(map(len, texts)))  # one push
+                probe.max_pending = max(probe.max_pending, sink.pending_chars)  # type: ignore[attr-defined]
+                return over
+
             async def drained(self) -> None:
                 probe.waiting = True
                 probe.paused.set()

@@ -22,6 +22,7 @@ from protocol import (
     encode_batch,
     encode_chunk,
     encode_chunk_from,
+    encode_chunks_from,
     join_batch,
     to_wire,
 )
@@ -152,6 +153,37 @@ def test_encode_chunk_from_a_prefix_equals_encode_of_chunk(codec, rid, seq, text
     assert encode_chunk_from(prefix, seq, text, codec) == encode(
         Chunk(request_id=rid, seq=seq, text=text), codec
     )
+
+
+@CODECS
+@settings(max_examples=100)
+@given(
+    rid=s.request_ids,
+    seq=st.integers(0, 2**53 - 13),  # the last chunk's seq still a safe integer
+    texts=st.lists(s.texts(min_size=1, max_size=40), max_size=12),
+)
+def test_encode_chunks_from_equals_one_encode_per_chunk(codec, rid, seq, texts):
+    """The hot path's batch encoder: the same bytes as one ``encode`` per chunk, in order."""
+    prefix = chunk_prefix(rid, codec)
+    assert encode_chunks_from(prefix, seq, texts, codec) == [
+        encode(Chunk(request_id=rid, seq=seq + i, text=text), codec) for i, text in enumerate(texts)
+    ]
+
+
+@CODECS
+def test_encode_chunks_from_takes_the_prefix_as_bytes_not_a_format(codec):
+    """A ``%`` in the prefix (no valid id has one; the function does not rely on that)."""
+    prefix = chunk_prefix("r%d%s%%", codec)
+    assert encode_chunks_from(prefix, 7, ["a", "%s"], codec) == [
+        encode_chunk_from(prefix, 7, "a", codec),
+        encode_chunk_from(prefix, 8, "%s", codec),
+    ]
+
+
+@CODECS
+def test_encode_chunks_from_refuses_a_lone_surrogate(codec):
+    with pytest.raises((TypeError, ValueError)):
+        encode_chunks_from(chunk_prefix("r1", codec), 0, ["ok", "a\ud800b"], codec)
 
 
 @CODECS
