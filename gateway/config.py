@@ -91,6 +91,17 @@ class Config:
     #: Finished requests remembered for late cancels and GET.
     retention_seconds: float = 300.0
     retention_count: int = 100_000
+    #: Resumable requests (SPEC.md §5.8): the grace a chat gets without ``grace_ms`` and the
+    #: most it may ask for, in seconds; how many ended ones keep their text for a resume; how
+    #: many may run detached at once (past it, a closed connection cancels them, G7).
+    resume_grace_seconds: float = 30.0
+    resume_max_grace_seconds: float = 300.0
+    resume_retention_count: int = 1000
+    max_detached: int = 10_000
+    #: A cancel that finds no request leaves a tombstone this long (SPEC.md §5.3): a chat with
+    #: that id and user arriving meanwhile ends cancelled at once. 0 turns it off.
+    tombstone_seconds: float = 10.0
+    tombstone_count: int = 10_000
     #: On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled.
     shutdown_grace: float = 10.0
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,
@@ -125,6 +136,9 @@ class Config:
             "max_timeout_ms",
             "rate_burst",
             "retention_count",
+            "resume_retention_count",
+            "max_detached",
+            "tombstone_count",
             "stats_interval_ms",
             "max_stats_subscribers",
             "gc_young_threshold",
@@ -153,10 +167,20 @@ class Config:
             "rate_limit",
             "rate_close_after",
             "shutdown_grace",
+            "resume_grace_seconds",
+            "resume_max_grace_seconds",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:  # "nan" would switch the check off
                 raise ConfigError(f"{name} must be a positive finite number")
+        if not math.isfinite(self.tombstone_seconds) or self.tombstone_seconds < 0:
+            raise ConfigError("tombstone_seconds must be a finite number >= 0 (0: off)")
+        if self.resume_max_grace_seconds * 1000 > limits.MAX_GRACE_MS:
+            raise ConfigError(
+                f"resume_max_grace_seconds must be at most {limits.MAX_GRACE_MS // 1000}"
+            )
+        if self.resume_grace_seconds > self.resume_max_grace_seconds:
+            raise ConfigError("resume_grace_seconds must not exceed resume_max_grace_seconds")
         if self.event_loop not in ("auto", "asyncio", "uvloop"):
             raise ConfigError("event_loop must be auto, asyncio or uvloop")
         if self.log_format not in ("auto", "json", "console"):

@@ -222,6 +222,13 @@ class Connection:
         if not waiting:  # the common case: nothing waits before this frame, handle it now
             self._pump(early=True)
 
+    def _close_outbound(self) -> None:
+        """Nothing more will be written. Resumable requests go on detached (SPEC.md §5.8):
+        moved out first, since closing drops every queue's unwritten text."""
+        if self.mux is not None:
+            self.mux.detach()
+        self.outbound.close()
+
     def lost(self) -> None:
         """The connection is gone (either side closed it, or the network did)."""
         if self._hello_timer is not None:
@@ -230,7 +237,7 @@ class Connection:
         self._closing = True
         if self.mux is not None:
             self.mux.disconnect()
-        self.outbound.close()
+        self._close_outbound()
         log.debug("connection.closed", connection_id=self.id, close_code=self.channel.close_code)
         if not self.ended:
             self.ended = True
@@ -484,7 +491,7 @@ class Connection:
             # The connection is gone: nothing more will be written. Close the outbound now, so
             # a reader waiting for room for its answers (control_room) goes on, finds the
             # connection closed and ends; lost() does the rest.
-            self.outbound.close()
+            self._close_outbound()
             return
         else:
             log.error("connection.writer_failed", connection_id=self.id, exc_info=exc)
@@ -495,7 +502,7 @@ class Connection:
         self._drop_inbox()
         if self.mux is not None:
             self.mux.disconnect()
-        self.outbound.close()
+        self._close_outbound()
         self._spawn(self.close(code, reason))
 
     async def _flush_and_close(self, code: CloseCode, reason: str) -> None:
@@ -507,7 +514,7 @@ class Connection:
         # Nothing more will be sent. Stop the requests now (G7), not after the close handshake,
         # which a client that does not read stretches to the close timeout while its pipelines
         # go on spending tokens. The outbound closes first: no response is written any more.
-        self.outbound.close()
+        self._close_outbound()
         if self.mux is not None:
             self.mux.disconnect()
         await self.close(code, reason)

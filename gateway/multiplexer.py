@@ -25,8 +25,13 @@ from protocol import (
     Error,
     ErrorCode,
     Hello,
+    Moved,
     Ping,
     Pong,
+    Resumable,
+    Resume,
+    ResumeResult,
+    ResumeStatus,
     Role,
 )
 
@@ -34,8 +39,9 @@ from .auth import AuthError, Principal
 from .observability import GatewayObserver
 from .outbound import Outbound
 from .pipeline import Backend
-from .registry import DuplicateRequest, RequestKey, RequestRegistry
+from .registry import RequestKey, RequestRegistry
 from .request import Request
+from .resume import Resumables
 
 __all__ = ["Multiplexer", "MultiplexerServices"]
 
@@ -55,6 +61,8 @@ class MultiplexerServices:
     max_streams: int
     max_timeout_ms: int
     max_content_chars: int
+    #: Resumable requests of the gateway (SPEC.md §5.8).
+    resumables: Resumables
 
 
 class Multiplexer:
@@ -68,6 +76,9 @@ class Multiplexer:
         self.principal = principal
         #: Requests whose pipeline still runs (counted against ``max_streams``).
         self.requests: set[Request] = set()
+        #: Resumable requests attached here whose output may still be unwritten: detached,
+        #: not cancelled, when the connection closes (SPEC.md §5.8).
+        self.resumable: set[Request] = set()
 
     def error(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
         self.services.observer.errors.labels(code.value).inc()
@@ -80,6 +91,8 @@ class Multiplexer:
             self.chat(message)
         elif isinstance(message, Cancel):
             self.cancel(message)
+        elif isinstance(message, Resume):
+            self.resume(message)
         elif isinstance(message, Ping):
             self.outbound.send_control(Pong(id=message.id))
         elif isinstance(message, Hello):
@@ -108,8 +121,9 @@ class Multiplexer:
             return
         timeout_ms = min(chat.timeout_ms or services.max_timeout_ms, services.max_timeout_ms)
         messages = chat.messages or (ChatMessage(role=Role.USER, content=chat.message or ""),)
+        key = RequestKey(user, rid)
         request = Request(
-            key=RequestKey(user, rid),
+            key=key,
             stream=chat.stream,
             messages=messages,
             metadata=chat.metadata or {},
@@ -120,13 +134,25 @@ class Multiplexer:
             timeout=timeout_ms / 1000,
             max_content_chars=services.max_content_chars,
             steps=chat.steps,
-            on_finished=self.requests.discard,
+            resumable=chat.resumable,
+            on_finished=self._request_finished,
         )
-        try:
-            task = request.start()
-        except DuplicateRequest:
+        if services.registry.is_active(key):
             self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
             return
+        if chat.resumable:  # its first message, before any chunk or response (SPEC.md §5.8)
+            grace = services.resumables.grace_for(chat.grace_ms)
+            entry = services.resumables.register(request, grace, self)
+            ack = Resumable(request_id=rid, epoch=entry.epoch, grace_ms=max(1, round(grace * 1000)))
+            request.stream.machine.on_resumable(ack)
+            self.outbound.send_control(ack)
+            self.resumable.add(request)
+        tombstone = services.registry.take_tombstone(key)
+        if tombstone is not None:  # a cancel came first (SPEC.md §5.3): never starts
+            self.requests.add(request)
+            request.start_cancelled(tombstone)
+            return
+        task = request.start()
         self.requests.add(request)
         services.track(task)
         # Also when the task ends: one cancelled before its first step never finishes itself.
@@ -134,6 +160,11 @@ class Multiplexer:
 
     def _finished(self, request: Request, _task: object) -> None:
         self.requests.discard(request)
+
+    def _request_finished(self, request: Request) -> None:
+        self.requests.discard(request)
+        if request.stream.machine.resumable:
+            self.services.resumables.ended(request)
 
     def cancel(self, cancel: Cancel) -> None:
         """Decide a cancel now (this process's registry). The cancelled response is written
@@ -162,8 +193,82 @@ class Multiplexer:
         else:
             self.outbound.send_control(result)
 
+    # -- resume (SPEC.md §5.8) ---------------------------------------------------------------
+
+    def resume(self, resume: Resume) -> None:
+        """Continue a resumable request here: answered ``resume_result`` (then the stream), or
+        ``error`` for a resume this connection cannot take."""
+        rid = resume.request_id
+        services = self.services
+        try:
+            user = self.principal.user_for(resume.user_id)
+        except AuthError as exc:
+            self.error(exc.code, exc.message, rid)
+            return
+        entry = services.resumables.find(RequestKey(user, rid), resume.epoch)
+        request = entry.request if entry is not None else None
+        if not isinstance(request, Request):  # unknown, another user's, another epoch: alike
+            self.outbound.send_control(ResumeResult(request_id=rid, status=ResumeStatus.NOT_FOUND))
+            return
+        assert entry is not None
+        if rid in self.outbound.streams or request in self.requests:
+            self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active here", rid)
+            return
+        after = -1 if resume.after_seq is None else resume.after_seq
+        if after >= request.stream.machine.next_seq:
+            self.error(ErrorCode.INVALID_FIELD, "after_seq is beyond the last chunk sent", rid)
+            return
+        running = not request.finished
+        if running and len(self.requests) >= services.max_streams:
+            self.error(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"at most {services.max_streams} concurrent requests per connection",
+                rid,
+            )
+            return
+        owner = entry.owner
+        moving = isinstance(owner, Multiplexer) and not request.stream.closed
+        self.outbound.send_control(ResumeResult(request_id=rid, status=ResumeStatus.RESUMED))
+        request.reattach(self.outbound, after)
+        if isinstance(owner, Multiplexer):
+            owner.release(request, moved=moving)
+        request.set_on_finished(self._request_finished)
+        if running:
+            self.requests.add(request)
+        self.resumable.add(request)
+        services.resumables.attached_to(request, self)
+
+    def release(self, request: Request, *, moved: bool) -> None:
+        """``request`` was resumed on another connection: it no longer counts here, and (when
+        this connection still expected more of it) the client is told."""
+        self.requests.discard(request)
+        self.resumable.discard(request)
+        if moved:
+            self.outbound.send_control(Moved(request_id=request.key.request_id))
+
+    def detach(self) -> None:
+        """The connection is closing: its resumable requests with output still to come go on
+        detached (SPEC.md §5.8) rather than being cancelled by :meth:`disconnect`. Before the
+        outbound closes, which would drop their pending text."""
+        resumables = self.services.resumables
+        for request in list(self.resumable):
+            self.resumable.discard(request)
+            if request.finished and request.stream.closed:
+                continue  # all of it was written here: resumable from its record alone
+            if not request.finished and not resumables.may_detach():
+                continue  # too many detached at once: cancelled like any other (G7)
+            self.requests.discard(request)
+            request.set_on_finished(self._detached_finished)
+            request.detach(Outbound.void(self.outbound.codec))
+            resumables.detached_from(request)
+
+    def _detached_finished(self, request: Request) -> None:
+        self.services.resumables.ended(request)
+
     def disconnect(self) -> None:
-        """G7: the connection closed; cancel its requests (their pipelines halt on their own)."""
+        """G7: the connection closed; cancel its requests (their pipelines halt on their own).
+        Resumable ones were detached first (:meth:`detach`) and are not among them."""
+        self.detach()
         for request in list(self.requests):
             request.cancel(CancelReason.DISCONNECT)
 

@@ -49,6 +49,18 @@ __all__ = [
 ]
 
 
+async def _never_sent(frame: bytes) -> None:  # pragma: no cover - writable() is always true
+    pass
+
+
+def _discard(frame: bytes) -> None:
+    pass
+
+
+def _always() -> bool:
+    return True
+
+
 class SlowConsumer(Exception):
     """The peer did not read for longer than the configured limit."""
 
@@ -125,6 +137,13 @@ class Outbound:
         self._closed = False
         #: Frames written: a figure for metrics and benchmarks (chunks_sent: the scheduler's).
         self.frames_sent = 0
+
+    @classmethod
+    def void(cls, codec: Codec) -> Outbound:
+        """Where a detached request's output goes (SPEC.md §5.8): written nowhere, at once, so
+        its chunks are numbered and recorded (and its response kept) as if sent, in order, with
+        no producer ever waiting. One per detached request: ids of different users may match."""
+        return cls(_never_sent, codec, write=_discard, writable=_always)
 
     @property
     def streams(self) -> dict[str, OutputQueue]:

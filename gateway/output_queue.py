@@ -97,16 +97,39 @@ class OutputQueue:
         "on_room",
         "pending",
         "pending_chars",
+        "replay",
         "request_id",
         "scheduled",
+        "sent_response",
+        "tail",
         "trailer",
     )
 
-    def __init__(self, scheduler: FrameScheduler, request_id: str, *, stream: bool) -> None:
+    def __init__(
+        self,
+        scheduler: FrameScheduler,
+        request_id: str,
+        *,
+        stream: bool,
+        resumable: bool = False,
+        machine: RequestStateMachine | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self.request_id = request_id
         self._prefix = protocol.chunk_prefix(request_id, scheduler.codec)  # once per request
-        self.machine = RequestStateMachine(request_id, Sender.GATEWAY, stream=stream)
+        if machine is None:
+            machine = RequestStateMachine(
+                request_id, Sender.GATEWAY, stream=stream, resumable=resumable
+            )
+        self.machine = machine
+        #: The terminal response as it was sent (content filled in): what a resume replays
+        #: after the chunks once the request has ended (SPEC.md §5.8).
+        self.sent_response: Response | None = None
+        #: Resume (SPEC.md §5.8): texts of chunks sent before, with the ``seq`` of the first,
+        #: to send again ahead of anything pending; and encoded messages after them (a replayed
+        #: response and usage report), after which the queue closes.
+        self.replay: tuple[int, list[str]] | None = None
+        self.tail: list[bytes] = []
         self.pending: list[str] = []
         self.pending_chars = 0
         #: The completed or failed response to send once the pending text is flushed (its
@@ -222,8 +245,50 @@ class OutputQueue:
         """G2: drop everything pending, now. The caller queues ``response`` (cancelled) as a
         control message in the same synchronous step, and has fed the cancel to the machine."""
         self.machine.on_response(response)  # refuses anything but a cancelled response now
+        self.sent_response = response
         self.cancelled = True
+        self.replay = None  # chunks sent before the cancel: the replay was of those, dropped
+        self.tail.clear()
         self.close()
+
+    # -- resume (SPEC.md §5.8) ---------------------------------------------------------------
+
+    def move_to(self, scheduler: FrameScheduler, *, replay_after: int | None = None) -> None:
+        """Leave this queue's scheduler for ``scheduler`` (a detach, or a resume on another
+        connection), keeping the text not taken yet and a committed response; with
+        ``replay_after`` (a resume: the last ``seq`` the client has, or -1 for none), the chunks
+        sent after it go out again first. Step messages not taken yet are dropped (a resume does
+        not replay steps); ``trailer`` messages belong to the old connection: the caller sends
+        them there first. Unlike :meth:`close`, a waiting producer is not released."""
+        old = self._scheduler
+        if old.queues.get(self.request_id) is self:
+            del old.queues[self.request_id]
+        self.events.clear()
+        self.trailer.clear()
+        self._scheduler = scheduler
+        self._prefix = protocol.chunk_prefix(self.request_id, scheduler.codec)
+        self.scheduled = False  # the old scheduler's ready queue skips it (next_batch)
+        scheduler.attach(self)
+        if replay_after is not None:
+            self.set_replay(replay_after)
+        if self.replay is not None or self._terminal is not None:
+            scheduler.schedule(self, urgent=self._terminal is not None)
+        elif self.pending:
+            scheduler.schedule(self)
+
+    def set_replay(self, after_seq: int) -> None:
+        """Send the chunks after ``after_seq`` (-1: all) again, ahead of the pending text."""
+        texts = self.machine.chunks_after(None if after_seq < 0 else after_seq)
+        self.replay = (after_seq + 1, texts) if texts else None
+
+    def replay_ended(self, after_seq: int, response: Response, *after: GatewayMessage) -> None:
+        """A resume of a request that has ended: its chunks after ``after_seq`` (-1: all), its
+        response and ``after`` (a usage report), then this queue closes. The chunks come from
+        ``self.machine``, the one of the ended request (given at construction)."""
+        self.set_replay(after_seq)
+        codec = self._scheduler.codec
+        self.tail = [protocol.encode(m, codec) for m in (response, *after)]
+        self._scheduler.schedule(self, urgent=True)
 
     def close(self) -> None:
         """Nothing more of this request will be taken; a waiting producer goes on."""
@@ -245,6 +310,15 @@ class OutputQueue:
         out: list[bytes] = []
         machine = self.machine
         pending = self.pending
+        if self.replay is not None:  # a resume: the chunks sent before, again, first
+            first, texts = self.replay
+            self.replay = None
+            out.extend(protocol.encode_chunks_from(self._prefix, first, texts, codec))
+        if self.tail:  # a resume of a request that had ended: its response (and usage)
+            out.extend(self.tail)
+            self.tail = []
+            self.close()
+            return out
         if self.events:
             self._take_with_steps(codec, out)
         elif pending and machine.stream:
@@ -267,6 +341,7 @@ class OutputQueue:
                     usage=terminal.usage,
                 )
             machine.on_response(terminal)
+            self.sent_response = terminal
             out.append(protocol.encode(terminal, codec))
             out.extend(self.trailer)
             self.trailer.clear()
@@ -426,9 +501,9 @@ class FrameScheduler:
                 if size >= cap and parts:
                     break
                 output = queue.popleft()
-                output.scheduled = False
-                if output.closed:
+                if output.closed or output._scheduler is not self:  # ended, or moved away
                     continue
+                output.scheduled = False
                 taken = output.take(codec)
                 size += sum(map(len, taken))
                 parts.extend(taken)

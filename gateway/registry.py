@@ -171,6 +171,16 @@ class RequestRegistry(Protocol):
         decided in the callback that read it (a frame, a DELETE), before another byte is read."""
         ...
 
+    def is_active(self, key: RequestKey) -> bool:
+        """Whether the user has an unfinished request with this id (a new chat would be a
+        duplicate)."""
+        ...
+
+    def take_tombstone(self, key: RequestKey) -> CancelReason | None:
+        """The reason of a cancel that found no request for ``key`` within the tombstone
+        window, consumed; None if there is none (SPEC.md §5.3, cancel before start)."""
+        ...
+
     async def lookup(self, key: RequestKey) -> RequestRecord | None: ...
 
     def active(self) -> list[LiveRequest]: ...
@@ -183,9 +193,20 @@ class RequestRegistry(Protocol):
 class InMemoryRegistry:
     """One process's requests: a dict of active ones and a bounded LRU of finished records."""
 
-    def __init__(self, *, retention_seconds: float = 300.0, retention_count: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        retention_seconds: float = 300.0,
+        retention_count: int = 10_000,
+        tombstone_seconds: float = 10.0,
+        tombstone_count: int = 10_000,
+    ) -> None:
         self.retention_seconds = retention_seconds
         self.retention_count = retention_count
+        #: Cancels that found no request, by key (SPEC.md §5.3): (monotonic time, reason).
+        self.tombstone_seconds = tombstone_seconds
+        self.tombstone_count = tombstone_count
+        self._tombstones: OrderedDict[RequestKey, tuple[float, CancelReason]] = OrderedDict()
         self._active: dict[RequestKey, LiveRequest] = {}
         # key -> (monotonic time finished, serial of the request, record)
         self._finished: OrderedDict[RequestKey, tuple[float, int, RequestRecord]] = OrderedDict()
@@ -217,14 +238,46 @@ class InMemoryRegistry:
         return self.cancel_local(key, reason)
 
     def cancel_local(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
-        """Synchronous cancel for callers on this node's event loop."""
+        """Synchronous cancel for callers on this node's event loop. A cancel that finds
+        nothing leaves a tombstone (SPEC.md §5.3, cancel before start)."""
         request = self._active.get(key)
         if request is not None:
             return request.cancel(reason)
         record = self._record(key)
         if record is None:
+            self._bury(key, reason)
             return CancelStatus.NOT_FOUND
         return record.cancel_outcome
+
+    def is_active(self, key: RequestKey) -> bool:
+        return key in self._active
+
+    def take_tombstone(self, key: RequestKey) -> CancelReason | None:
+        """The reason of a cancel that named ``key`` before its chat arrived, within the
+        window (consumed: one chat ends cancelled, the next one runs)."""
+        tombstones = self._tombstones
+        if not tombstones:
+            return None
+        entry = tombstones.pop(key, None)
+        if entry is None:
+            return None
+        at, reason = entry
+        return reason if time.monotonic() - at <= self.tombstone_seconds else None
+
+    def _bury(self, key: RequestKey, reason: CancelReason) -> None:
+        if self.tombstone_seconds <= 0:
+            return
+        tombstones = self._tombstones
+        tombstones.pop(key, None)  # a second cancel restarts the window
+        tombstones[key] = (time.monotonic(), reason)
+        while len(tombstones) > self.tombstone_count:
+            tombstones.popitem(last=False)
+        horizon = time.monotonic() - self.tombstone_seconds
+        while tombstones:
+            oldest, (at, _) = next(iter(tombstones.items()))
+            if at >= horizon:
+                break
+            del tombstones[oldest]
 
     async def lookup(self, key: RequestKey) -> RequestRecord | None:
         request = self._active.get(key)

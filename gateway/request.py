@@ -87,6 +87,7 @@ class Request:
         timeout: float | None,
         max_content_chars: int | None = None,
         steps: bool = False,
+        resumable: bool = False,
         on_finished: Callable[[Request], object] | None = None,
     ) -> None:
         self._key = key
@@ -99,7 +100,11 @@ class Request:
         self.backend = backend
         self.registry = registry
         self.observer = observer
-        self.stream = OutputQueue(outbound.scheduler, key.request_id, stream=stream)
+        self.stream = OutputQueue(
+            outbound.scheduler, key.request_id, stream=stream, resumable=resumable
+        )
+        #: The ``usage`` report once written (a resume after the end replays it, §5.8).
+        self.usage_report: UsageReport | None = None
         if max_content_chars is not None:
             self.stream.max_content_chars = max_content_chars
         self.token = CancelToken()
@@ -169,6 +174,11 @@ class Request:
         return self.token.reason
 
     @property
+    def finished(self) -> bool:
+        """The pipeline halted: the request no longer counts against a connection (§5.6)."""
+        return self.halted_at is not None
+
+    @property
     def undecided(self) -> bool:
         """No cancel read and no response committed yet: the machine is still ACTIVE."""
         return self.stream.machine.decided is RequestState.ACTIVE
@@ -200,7 +210,66 @@ class Request:
         self._answered()
         return CancelStatus.CANCELLED
 
+    # -- detach and resume (SPEC.md §5.8) ----------------------------------------------------
+
+    def set_on_finished(self, on_finished: Callable[[Request], object] | None) -> None:
+        """Who counts the request now (the connection it moved to; None while detached)."""
+        self._on_finished = on_finished
+
+    def detach(self, void: Outbound) -> None:
+        """Its connection closed: its output goes on into ``void`` (numbered, kept)."""
+        if not self.stream.closed:
+            self.stream.move_to(void.scheduler)
+        self.outbound = void
+
+    def reattach(self, outbound: Outbound, after_seq: int) -> None:
+        """Resumed on ``outbound``'s connection, the client having the chunks up to
+        ``after_seq`` (-1: none): those after it go out again first, then the live output;
+        or, if the response was already sent (elsewhere or nowhere), it and the usage report.
+        The caller checked that ``after_seq`` is below the machine's ``next_seq``."""
+        old, stream = self.outbound, self.stream
+        if not stream.closed:
+            if stream.trailer:  # answers to the old connection's own cancels: theirs
+                old.send_control(*stream.trailer)
+            stream.move_to(outbound.scheduler, replay_after=after_seq)
+        else:
+            response = stream.sent_response
+            assert response is not None, "a closed queue of a resumable request sent its end"
+            replay = OutputQueue(
+                outbound.scheduler, self._key.request_id, stream=True, machine=stream.machine
+            )
+            replay.sent_response = response
+            outbound.attach_stream(replay)
+            after = (self.usage_report,) if self.usage_report is not None else ()
+            replay.replay_ended(after_seq, response, *after)
+            self.stream = replay
+        self.outbound = outbound
+        outbound.write_now()
+
     # -- the pipeline ------------------------------------------------------------------------
+
+    def start_cancelled(self, reason: CancelReason) -> None:
+        """Accept the request and end it at once, cancelled, without starting its pipeline: a
+        cancel for its id arrived before it (SPEC.md §5.3, cancel before start). Its only
+        message is the cancelled response, with zero usage, final."""
+        self.registry.add(self)
+        self.outbound.attach_stream(self.stream)
+        self.observer.request_started(self)
+        self.stream.machine.on_cancel()
+        self.cancel_read_at = time.perf_counter()
+        self.token.cancel(reason)
+        halt = Halt(state=HaltState.HALTED) if self.reports_steps else None
+        response = Response(
+            request_id=self._key.request_id,
+            status=ResponseStatus.CANCELLED,
+            reason=reason,
+            usage=self.ctx.usage.snapshot(cancelled=True, final=True),
+            halt=halt,
+        )
+        self.outbound.cancel_stream(self.stream, response, on_sent=self._cancel_sent)
+        self.outbound.write_now()
+        self._answered()
+        self._halted()
 
     def start(self) -> asyncio.Task[None]:
         """Register, open the outbound stream, arm the deadline, start the pipeline task.
@@ -296,6 +365,7 @@ class Request:
             # SPEC.md §5.4: the final figure follows the non-final one in the response.
             report = UsageReport(request_id=self._key.request_id, usage=usage, halt=halt)
             machine.on_usage(report)  # status: cancelling -> cancelled
+            self.usage_report = report
             self.outbound.send_control(report)
         # Finished (SPEC.md §5.6): the id is free and the record kept for late cancels and GET.
         self.registry.finished(self)

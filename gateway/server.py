@@ -31,6 +31,7 @@ from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
 from .registry import InMemoryRegistry
+from .resume import Resumables
 from .stats import STATS_PATH, FeedSocket, LiveStats, StatsFeed
 from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocketHandler, serve
 from .webui import WebUI
@@ -92,7 +93,16 @@ class Gateway:
         )
         self.auth_mode = self.auth.mode
         self.registry = InMemoryRegistry(
-            retention_seconds=config.retention_seconds, retention_count=config.retention_count
+            retention_seconds=config.retention_seconds,
+            retention_count=config.retention_count,
+            tombstone_seconds=config.tombstone_seconds,
+            tombstone_count=config.tombstone_count,
+        )
+        self.resumables = Resumables(
+            default_grace=config.resume_grace_seconds,
+            max_grace=config.resume_max_grace_seconds,
+            max_ended=config.resume_retention_count,
+            max_detached=config.max_detached,
         )
         self.stats = LiveStats(lambda: len(self.connections), time.monotonic)
         self.observer = GatewayObserver(self._totals, self.stats)
@@ -130,6 +140,7 @@ class Gateway:
             max_streams=config.max_streams,
             max_timeout_ms=config.max_timeout_ms,
             max_content_chars=config.max_content_chars,
+            resumables=self.resumables,
         )
         self.connection_services = ConnectionServices(
             config=config,
@@ -398,6 +409,7 @@ class Gateway:
             tcp.close()
         if self._server is not None:
             await self._server.wait_closed()
+        self.resumables.close()  # detached requests were cancelled with the others: timers
         if self._watchdog is not None:
             self._watchdog.cancel()
 

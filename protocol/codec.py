@@ -149,6 +149,8 @@ def to_wire(message: Message) -> dict[str, Any]:
             wire[name] = _value_wire(value)
     if wire.get("steps") is False:  # chat.steps: optional, written only when true (§3.3)
         del wire["steps"]
+    if wire.get("resumable") is False:  # chat.resumable: likewise (§3.3)
+        del wire["resumable"]
     return wire
 
 

@@ -42,6 +42,12 @@ MAX_METADATA_DEPTH: Final = 8
 #: ``chat.timeout_ms`` upper bound (one hour); a gateway may announce a lower one.
 MAX_TIMEOUT_MS: Final = 3_600_000
 
+#: ``chat.grace_ms`` upper bound (one hour): how long a resumable request may outlive its
+#: connection (SPEC.md §5.8); a gateway caps it lower and says so in ``resumable.grace_ms``.
+MAX_GRACE_MS: Final = 3_600_000
+#: ``epoch`` (``resumable``, ``resume``): 1-64 characters of ``[A-Za-z0-9._:-]``.
+EPOCH_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+
 #: ``hello.token`` and ``hello.client_key``, in characters.
 MAX_TOKEN_CHARS: Final = 8192
 MAX_CLIENT_KEY_CHARS: Final = 256

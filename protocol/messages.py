@@ -42,10 +42,15 @@ __all__ = [
     "Hello",
     "Limits",
     "Message",
+    "Moved",
     "Ping",
     "Pong",
     "Response",
     "ResponseStatus",
+    "Resumable",
+    "Resume",
+    "ResumeResult",
+    "ResumeStatus",
     "Role",
     "Sender",
     "Step",
@@ -103,6 +108,16 @@ class CancelStatus(enum.StrEnum):
     NOT_FOUND = "not_found"
 
 
+class ResumeStatus(enum.StrEnum):
+    """The outcome of one ``resume``: ``resume_result.status`` (SPEC.md §5.8)."""
+
+    #: The stream continues on this connection: the chunks after ``after_seq`` follow.
+    RESUMED = "resumed"
+    #: Nothing to resume for this user, id and epoch (never resumable, forgotten, another
+    #: user's, another incarnation of the id, or the gateway restarted).
+    NOT_FOUND = "not_found"
+
+
 class StepState(enum.StrEnum):
     """``step.state``: a pipeline step began or finished (SPEC.md §3.12)."""
 
@@ -155,6 +170,11 @@ def _check_bool(name: str, value: object) -> None:
 def _check_request_id(value: object) -> None:
     if type(value) is not str or not limits.REQUEST_ID_PATTERN.fullmatch(value):
         raise _invalid("request_id must be 1-128 characters of [A-Za-z0-9._:-]")
+
+
+def _check_epoch(value: object) -> None:
+    if type(value) is not str or not limits.EPOCH_PATTERN.fullmatch(value):
+        raise _invalid("epoch must be 1-64 characters of [A-Za-z0-9._:-]")
 
 
 def _check_user_id(value: object) -> None:
@@ -412,6 +432,12 @@ class Chat:
     metadata: dict[str, JSONValue] | None = None
     #: Ask for ``step`` messages and ``halt`` objects (SPEC.md §3.12). Written only when true.
     steps: bool = False
+    #: Survive the connection: a closed connection detaches the request instead of cancelling
+    #: it, and ``resume`` continues it on another (SPEC.md §5.8). Written only when true.
+    resumable: bool = False
+    #: How long a detached request waits for a ``resume`` (capped by the gateway); only with
+    #: ``resumable``.
+    grace_ms: int | None = None
 
     def __post_init__(self) -> None:
         _check_request_id(self.request_id)
@@ -436,6 +462,11 @@ class Chat:
             _check_int("timeout_ms", self.timeout_ms, 1, limits.MAX_TIMEOUT_MS)
         _check_metadata(self.metadata)
         _check_bool("steps", self.steps)
+        _check_bool("resumable", self.resumable)
+        if self.grace_ms is not None:
+            if not self.resumable:
+                raise _invalid("grace_ms is only for a resumable chat")
+            _check_int("grace_ms", self.grace_ms, 1, limits.MAX_GRACE_MS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -451,6 +482,25 @@ class Cancel:
         _check_request_id(self.request_id)
         _check_user_id(self.user_id)
         _check_opt_str("reason", self.reason, limits.MAX_REASON_CHARS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resume:
+    """Continue a resumable request of this user on this connection, after the chunk
+    ``after_seq`` (absent: from the first chunk). Answered by exactly one ``resume_result``."""
+
+    TYPE: ClassVar[str] = "resume"
+    request_id: str
+    epoch: str
+    after_seq: int | None = None
+    user_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_epoch(self.epoch)
+        if self.after_seq is not None:
+            _check_int("after_seq", self.after_seq, 0, limits.MAX_SAFE_INTEGER)
+        _check_user_id(self.user_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -601,6 +651,49 @@ class CancelResult:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Resumable:
+    """The first message about a resumable request: the incarnation ``epoch`` a ``resume``
+    names, and the grace period the gateway grants (SPEC.md §5.8)."""
+
+    TYPE: ClassVar[str] = "resumable"
+    request_id: str
+    epoch: str
+    grace_ms: int
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_epoch(self.epoch)
+        _check_int("grace_ms", self.grace_ms, 1, limits.MAX_GRACE_MS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeResult:
+    """The answer to one ``resume``; when ``resumed``, the request's chunks after the resume's
+    ``after_seq`` follow on this connection, then its ``response`` (SPEC.md §5.8)."""
+
+    TYPE: ClassVar[str] = "resume_result"
+    request_id: str
+    status: ResumeStatus
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "status", _coerce_enum(self.status, ResumeStatus))
+        _check_enum("status", self.status, ResumeStatus)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Moved:
+    """The request was resumed on another connection: nothing more about it comes on this
+    one (SPEC.md §5.8)."""
+
+    TYPE: ClassVar[str] = "moved"
+    request_id: str
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
     """A refused message. With ``request_id`` when the refused message named a valid one."""
 
@@ -633,9 +726,19 @@ class Pong:
         _check_ping_id(self.id)
 
 
-ClientMessage: TypeAlias = Hello | Chat | Cancel | Ping
+ClientMessage: TypeAlias = Hello | Chat | Cancel | Resume | Ping
 GatewayMessage: TypeAlias = (
-    Welcome | Chunk | Step | Response | UsageReport | CancelResult | Error | Pong
+    Welcome
+    | Chunk
+    | Step
+    | Response
+    | UsageReport
+    | CancelResult
+    | Resumable
+    | ResumeResult
+    | Moved
+    | Error
+    | Pong
 )
 Message: TypeAlias = ClientMessage | GatewayMessage
 
@@ -724,6 +827,7 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
     if type_ == "chat":
         stream = o.get("stream")  # null is absent, as for every optional field (see _field)
         steps = o.get("steps")
+        resumable = o.get("resumable")
         return Chat(
             request_id=_field(o, "request_id", required=True),
             message=_field(o, "message"),
@@ -733,12 +837,21 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
             timeout_ms=_field(o, "timeout_ms"),
             metadata=_field(o, "metadata"),
             steps=False if steps is None else steps,
+            resumable=False if resumable is None else resumable,
+            grace_ms=_field(o, "grace_ms"),
         )
     if type_ == "cancel":
         return Cancel(
             request_id=_field(o, "request_id", required=True),
             user_id=_field(o, "user_id"),
             reason=_field(o, "reason"),
+        )
+    if type_ == "resume":
+        return Resume(
+            request_id=_field(o, "request_id", required=True),
+            epoch=_field(o, "epoch", required=True),
+            after_seq=_field(o, "after_seq"),
+            user_id=_field(o, "user_id"),
         )
     if type_ == "ping":
         return Ping(id=_field(o, "id"))
@@ -790,6 +903,19 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
             request_id=_field(o, "request_id", required=True),
             status=_field(o, "status", required=True),
         )
+    if type_ == "resumable":
+        return Resumable(
+            request_id=_field(o, "request_id", required=True),
+            epoch=_field(o, "epoch", required=True),
+            grace_ms=_field(o, "grace_ms", required=True),
+        )
+    if type_ == "resume_result":
+        return ResumeResult(
+            request_id=_field(o, "request_id", required=True),
+            status=_field(o, "status", required=True),
+        )
+    if type_ == "moved":
+        return Moved(request_id=_field(o, "request_id", required=True))
     if type_ == "error":
         return Error(
             code=_field(o, "code", required=True),
@@ -808,9 +934,22 @@ def _from_wire(type_: str, o: Mapping[str, JSONValue]) -> Message:
     raise AssertionError(f"unhandled type {type_}")  # pragma: no cover - guarded by TYPES
 
 
-CLIENT_TYPES: frozenset[str] = frozenset(c.TYPE for c in (Hello, Chat, Cancel, Ping))
+CLIENT_TYPES: frozenset[str] = frozenset(c.TYPE for c in (Hello, Chat, Cancel, Resume, Ping))
 GATEWAY_TYPES: frozenset[str] = frozenset(
-    c.TYPE for c in (Welcome, Chunk, Step, Response, UsageReport, CancelResult, Error, Pong)
+    c.TYPE
+    for c in (
+        Welcome,
+        Chunk,
+        Step,
+        Response,
+        UsageReport,
+        CancelResult,
+        Resumable,
+        ResumeResult,
+        Moved,
+        Error,
+        Pong,
+    )
 )
 _TYPES_BY_SENDER = {Sender.CLIENT: CLIENT_TYPES, Sender.GATEWAY: GATEWAY_TYPES}
 

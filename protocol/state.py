@@ -58,6 +58,9 @@ from .messages import (
     CancelStatus,
     Response,
     ResponseStatus,
+    Resumable,
+    ResumeResult,
+    ResumeStatus,
     Sender,
     Step,
     StepState,
@@ -78,6 +81,10 @@ class RequestState(enum.Enum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    #: Client only: ``moved`` received; the request goes on on another connection (§5.8).
+    MOVED = "moved"
+    #: Client only: a ``resume`` answered ``not_found``; nothing about the request will come.
+    GONE = "gone"
 
     @property
     def is_terminal(self) -> bool:
@@ -85,6 +92,8 @@ class RequestState(enum.Enum):
 
 
 _TERMINAL: Final = frozenset({RequestState.COMPLETED, RequestState.CANCELLED, RequestState.FAILED})
+#: Client only: nothing more about the request arrives on this connection, though it may run on.
+_ENDED_HERE: Final = frozenset({RequestState.MOVED, RequestState.GONE})
 
 
 class Event(enum.Enum):
@@ -97,6 +106,10 @@ class Event(enum.Enum):
     FAILED = "failed"
     USAGE = "usage"
     STEP = "step"
+    #: Client only: ``moved`` received (§5.8).
+    MOVED = "moved"
+    #: Client only: the ``resume_result`` of this machine's resume said ``not_found``.
+    GONE = "gone"
 
 
 _S = RequestState
@@ -142,8 +155,12 @@ TRANSITIONS: Final[dict[Sender, dict[tuple[RequestState, Event], RequestState]]]
         (_S.CANCEL_SENT, _E.CHUNK): _S.CANCEL_SENT,
         (_S.CANCEL_SENT, _E.STEP): _S.CANCEL_SENT,
         **_ends(_S.CANCEL_SENT),
-        **_cancel_is_idempotent(_S.CANCEL_SENT, *_TERMINAL),
+        **_cancel_is_idempotent(_S.CANCEL_SENT, *_TERMINAL, *_ENDED_HERE),
         (_S.CANCELLED, _E.USAGE): _S.CANCELLED,
+        (_S.ACTIVE, _E.MOVED): _S.MOVED,
+        (_S.CANCEL_SENT, _E.MOVED): _S.MOVED,
+        (_S.ACTIVE, _E.GONE): _S.GONE,
+        (_S.CANCEL_SENT, _E.GONE): _S.GONE,
     },
 }
 
@@ -164,14 +181,19 @@ CANCEL_OUTCOMES: Final[dict[RequestState, CancelStatus]] = {
     _S.CANCELLED: CancelStatus.ALREADY_CANCELLED,
     _S.COMPLETED: CancelStatus.ALREADY_COMPLETED,
     _S.FAILED: CancelStatus.ALREADY_COMPLETED,
+    # Client only, where the answer comes from elsewhere: the same as a sent cancel's.
+    _S.MOVED: CancelStatus.ALREADY_CANCELLED,
+    _S.GONE: CancelStatus.ALREADY_CANCELLED,
 }
 
 #: Client check of a ``cancel_result``: the states it may find the request in. The gateway sends
 #: a cancel's result after the request's response (SPEC.md §5.3), so a client has seen it.
+#: After ``moved`` or a ``not_found`` resume the response goes elsewhere (or nowhere), so any
+#: outcome may be the true one.
 _RESULT_STATES: Final[dict[CancelStatus, frozenset[RequestState]]] = {
-    CancelStatus.CANCELLED: frozenset({_S.CANCELLED}),
-    CancelStatus.ALREADY_CANCELLED: frozenset({_S.CANCELLED}),
-    CancelStatus.ALREADY_COMPLETED: frozenset({_S.COMPLETED, _S.FAILED}),
+    CancelStatus.CANCELLED: frozenset({_S.CANCELLED, *_ENDED_HERE}),
+    CancelStatus.ALREADY_CANCELLED: frozenset({_S.CANCELLED, *_ENDED_HERE}),
+    CancelStatus.ALREADY_COMPLETED: frozenset({_S.COMPLETED, _S.FAILED, *_ENDED_HERE}),
     CancelStatus.NOT_FOUND: frozenset(RequestState),
 }
 
@@ -188,21 +210,38 @@ class RequestStateMachine:
         "_chunk_states",
         "_open_steps",
         "_parts",
+        "_step_base",
         "_transitions",
+        "awaiting_resume",
         "committed",
+        "epoch",
+        "first_seq",
         "next_seq",
         "next_step",
         "request_id",
+        "resumable",
         "role",
         "state",
         "stream",
         "usage_pending",
     )
 
-    def __init__(self, request_id: str, role: Sender, *, stream: bool = True) -> None:
+    def __init__(
+        self, request_id: str, role: Sender, *, stream: bool = True, resumable: bool = False
+    ) -> None:
         self.request_id = request_id
         self.role = role
         self.stream = stream
+        #: The chat asked to survive its connection (§5.8): the gateway keeps every chunk's
+        #: text apart (a resume replays them by ``seq``) and sends ``resumable`` first.
+        self.resumable = resumable
+        #: The request's incarnation, from its ``resumable`` message (None until then).
+        self.epoch: str | None = None
+        #: Client only, after :meth:`resuming`: the ``resume_result`` has not arrived yet.
+        self.awaiting_resume = False
+        #: The first ``seq`` this side tracks: 0, or the chunk after a resume's ``after_seq``
+        #: (the text before it was received on an earlier connection).
+        self.first_seq = 0
         self.state = RequestState.ACTIVE
         #: Gateway only: the terminal state of a response committed (:meth:`on_commit`) and not
         #: sent yet; None otherwise.
@@ -217,6 +256,23 @@ class RequestStateMachine:
         #: The index the next ``step`` started must carry, and the started steps not ended.
         self.next_step = 0
         self._open_steps: set[int] = set()
+        #: After a resume (§5.8) steps before it were not replayed: the index of the first step
+        #: started since (-1 until one does); None when every step was seen from the first.
+        self._step_base: int | None = None
+
+    @classmethod
+    def resuming(
+        cls, request_id: str, epoch: str, after_seq: int | None, *, stream: bool = True
+    ) -> RequestStateMachine:
+        """Client side: the machine of a request this client sent ``resume`` for, having
+        received its chunks up to ``after_seq`` (None: none) on an earlier connection. Until the
+        ``resume_result`` arrives (:meth:`on_resume_result`) nothing else about it may."""
+        machine = cls(request_id, Sender.CLIENT, stream=stream, resumable=True)
+        machine.epoch = epoch
+        machine.awaiting_resume = True
+        machine.first_seq = machine.next_seq = 0 if after_seq is None else after_seq + 1
+        machine._step_base = -1
+        return machine
 
     def __repr__(self) -> str:
         return (
@@ -234,10 +290,22 @@ class RequestStateMachine:
 
     @property
     def text(self) -> str:
-        """The streamed text so far (chunk texts joined)."""
+        """The streamed text so far (chunk texts joined; after a resume, since ``first_seq``)."""
         if len(self._parts) > 1:
+            if self.resumable:  # each chunk's text stays apart: chunks_after replays them
+                return "".join(self._parts)
             self._parts[:] = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
+
+    def chunks_after(self, seq: int | None) -> list[str]:
+        """Gateway, resumable requests: the texts of the chunks sent after ``seq`` (None: all),
+        in order; the first has ``seq + 1``. ValueError for a ``seq`` not sent yet."""
+        start = 0 if seq is None else seq + 1 - self.first_seq
+        if not self.resumable:
+            raise ValueError("only a resumable request keeps its chunks apart")
+        if start < 0 or start > len(self._parts):
+            raise ValueError(f"no chunk {seq} was sent (next seq {self.next_seq})")
+        return self._parts[start:]
 
     # -- events ------------------------------------------------------------------------------
 
@@ -246,8 +314,8 @@ class RequestStateMachine:
         # Hot path (once per chunk): a chunk never changes the state, so membership in the
         # table-derived tuple replaces the (state, event) lookup; tuple membership compares by
         # identity first and skips hashing the enums.
-        if self.state not in self._chunk_states:
-            self._advance(Event.CHUNK)  # raises the refusal
+        if self.state not in self._chunk_states or self.awaiting_resume:
+            self._refuse_chunk()
         if not self.stream:
             raise self._violation("chunk for a request with stream=false")
         if seq != self.next_seq:
@@ -258,8 +326,8 @@ class RequestStateMachine:
     def on_chunks(self, first_seq: int, texts: Sequence[str]) -> None:
         """:meth:`on_chunk` for chunks ``first_seq``, ``first_seq + 1``, ... sent in a row:
         checked once (the gateway's hot path takes a request's pending chunks together)."""
-        if self.state not in self._chunk_states:
-            self._advance(Event.CHUNK)  # raises the refusal
+        if self.state not in self._chunk_states or self.awaiting_resume:
+            self._refuse_chunk()
         if not self.stream:
             raise self._violation("chunk for a request with stream=false")
         if first_seq != self.next_seq:
@@ -271,15 +339,20 @@ class RequestStateMachine:
         """A ``step`` message was sent (gateway) or received (client): before the response, and
         on the gateway not after a cancel was read. Started steps count 0, 1, 2, ...; a step ends
         at most once, after it started (SPEC.md §3.12)."""
+        self._check_resumed("step")
         state = self._next(Event.STEP)
+        base = self._step_base
         if step.state is StepState.STARTED:
+            if base == -1:  # the first step started since a resume sets the count (§5.8)
+                self._step_base = self.next_step = step.index
             if step.index != self.next_step:
                 raise self._violation(f"step {step.index} started, expected {self.next_step}")
             self.next_step += 1
             self._open_steps.add(step.index)
         elif step.index in self._open_steps:
             self._open_steps.discard(step.index)
-        else:
+        elif base is None or (base != -1 and step.index >= base):
+            # (after a resume, a step started before it may end: it was not replayed)
             raise self._violation(f"step {step.index} ended but is not running")
         self.state = state
 
@@ -308,17 +381,50 @@ class RequestStateMachine:
 
     def on_response(self, response: Response) -> None:
         """The terminal response was sent (gateway) or received (client)."""
+        self._check_resumed("response")
         state = self._next(_RESPONSE_EVENT[response.status])
         committed = self.committed
         if committed is not None and state is not committed:
             raise self._violation(f"{response.status.value} response, but another was committed")
         streamed = response.status is ResponseStatus.COMPLETED and self.stream
-        if streamed and response.content != self.text:
+        # After a resume this side saw only the chunks since first_seq: the content ends so.
+        whole = self.first_seq == 0 or self.role is Sender.GATEWAY
+        if streamed and not (
+            response.content == self.text if whole else response.content.endswith(self.text)
+        ):
             # Refused before any change: the gateway can still send the right response (G1).
             raise self._violation("completed content differs from the streamed chunks")
         self.state = state
         self.committed = None
         self.usage_pending = not response.usage.final
+
+    def on_resumable(self, message: Resumable) -> None:
+        """The ``resumable`` message was sent (gateway) or received (client): only for a chat
+        that asked for it, once, before anything else about the request (§5.8)."""
+        if not self.resumable:
+            raise self._violation("resumable for a chat that did not ask to be")
+        if self.epoch is not None:
+            raise self._violation("a second resumable message")
+        seen = self.next_seq or self.next_step or self.state.is_terminal
+        if seen or self.state in _ENDED_HERE:
+            raise self._violation("resumable after other messages about the request")
+        self.epoch = message.epoch
+
+    def on_moved(self) -> None:
+        """Client side: ``moved`` received; the request goes on on another connection. Only
+        for a request known to be resumable (its ``resumable`` arrived, or it was resumed)."""
+        self._check_resumed("moved")
+        if self.epoch is None and self.role is Sender.CLIENT:
+            raise self._violation("moved for a request not known to be resumable")
+        self._advance(Event.MOVED)
+
+    def on_resume_result(self, result: ResumeResult) -> None:
+        """Client side: the answer to this machine's ``resume`` (:meth:`resuming`)."""
+        if not self.awaiting_resume:
+            raise self._violation("resume_result for no outstanding resume")
+        if result.status is ResumeStatus.NOT_FOUND:
+            self._advance(Event.GONE)
+        self.awaiting_resume = False
 
     def on_usage(self, report: UsageReport) -> None:
         """The final usage report of a cancelled request."""
@@ -338,6 +444,14 @@ class RequestStateMachine:
         self._cancels_unanswered -= 1
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _refuse_chunk(self) -> None:
+        self._check_resumed("chunk")
+        self._advance(Event.CHUNK)  # raises the refusal
+
+    def _check_resumed(self, what: str) -> None:
+        if self.awaiting_resume:
+            raise self._violation(f"{what} before the resume_result")
 
     def _next(self, event: Event) -> RequestState:
         try:

@@ -238,6 +238,20 @@ func (c *Client) build(req *ChatRequest, stream bool) (*protocol.Chat, error) {
 		}
 		chat.TimeoutMs = int64(ms)
 	}
+	if req.Grace < 0 {
+		return nil, invalidf("negative grace period")
+	}
+	if req.Grace > 0 {
+		if !req.Resumable {
+			return nil, invalidf("a grace period is only for a resumable chat")
+		}
+		ms := (req.Grace + time.Millisecond - 1) / time.Millisecond
+		if ms > protocol.MaxGraceMs {
+			return nil, invalidf("grace period above %d ms", protocol.MaxGraceMs)
+		}
+		chat.GraceMs = int64(ms)
+	}
+	chat.Resumable = req.Resumable
 	if req.Metadata != nil {
 		raw, err := json.Marshal(req.Metadata)
 		if err != nil {
@@ -281,17 +295,24 @@ func (c *Client) unannounce(id string, a *announcement) {
 
 // start connects if needed and puts chat on the wire; wantSteps: the consumer takes the steps.
 func (c *Client) start(ctx context.Context, chat *protocol.Chat, a *announcement, wantSteps bool) (*conn, *exchange, error) {
-	defer c.unannounce(chat.RequestID, a)
+	return c.open(ctx, chat.RequestID, a, func(conn *conn) (*exchange, error) {
+		return conn.start(ctx, chat, wantSteps)
+	})
+}
+
+// open connects if needed and puts a request's first message on the wire (send).
+func (c *Client) open(ctx context.Context, id string, a *announcement, send func(*conn) (*exchange, error)) (*conn, *exchange, error) {
+	defer c.unannounce(id, a)
 	conn, err := c.connection(ctx)
 	if err == nil {
 		var e *exchange
-		if e, err = conn.start(ctx, chat, wantSteps); err == nil {
+		if e, err = send(conn); err == nil {
 			return conn, e, nil
 		}
 	}
 	if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
-		// The context ended before the chat was sent (waiting for the connection or a slot).
-		err = &CancelledError{RequestID: chat.RequestID, Cause: ctxErr}
+		// The context ended before the message was sent (waiting for the connection or a slot).
+		err = &CancelledError{RequestID: id, Cause: ctxErr}
 	}
 	return nil, nil, err
 }

@@ -10,9 +10,16 @@ package muxgate
 //     completed content equal to the streamed text (G1-G3), a usage report only when announced,
 //     a cancel_result only for a cancel sent; and for steps (§3.12): only for a chat that asked,
 //     none after the response, started indices 0, 1, 2, ... without gap, an ended one only for
-//     a started step not ended yet, a halt only in a cancelled response or the usage after it. A violation closes the connection (1002) and
-//     fails every request on it with a *ProtocolError (protocol_violation). The reader never
-//     blocks on a consumer: chunks and steps go to the exchange's bounded buffer (see below).
+//     a started step not ended yet, a halt only in a cancelled response or the usage after it;
+//     and for resumable requests (§5.8): resumable once, only for a chat that asked, before
+//     anything else about it; moved only for a request known to be resumable (its epoch
+//     known), and nothing but cancel_results after moved or a resume_result not_found;
+//     nothing about a resumed request before its resume_result, then seq from the resume's
+//     after_seq + 1, a completed content that ends with the text received since, and steps
+//     not checked against those before the resume. A violation closes the connection (1002)
+//     and fails every request on it with a *ProtocolError (protocol_violation). The reader
+//     never blocks on a consumer: chunks and steps go to the exchange's bounded buffer (see
+//     below).
 //   - the writer is the only goroutine that writes. Callers enqueue encoded messages under
 //     conn.mu and wake it; whatever is pending when it runs goes out as one batched frame
 //     (SPEC.md §2.4) within the welcome limits. A context's AfterFunc can therefore queue a
@@ -33,6 +40,7 @@ package muxgate
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash"
 	"hash/fnv"
 	"io"
@@ -88,6 +96,57 @@ type exchange struct {
 	running  map[int64]bool // started, not ended
 	nextStep int64
 	halt     *Halt // the latest: the response's, then the usage message's
+
+	// Resumable requests (SPEC.md §5.8).
+	resumable      bool          // the chat asked (or a resume started the exchange)
+	epoch          string        // from the resumable message or the resume; "" = none
+	grace          time.Duration // granted by the resumable message; 0 = unknown
+	resumed        bool          // started by a resume (Client.Resume)
+	firstSeq       int64         // the first seq tracked here: 0, or the resume's after_seq + 1
+	awaitingResume bool          // the resume is sent, its resume_result has not arrived
+	resumeAnswered chan struct{} // closed by the resume_result (resume exchanges only)
+	moved          bool          // moved received: the request goes on on another connection
+	gone           bool          // resume_result not_found: nothing about it will come
+	firstStep      int64         // resumed: index of the first step started since, -1 = none
+	endedBefore    map[int64]bool
+}
+
+// endedHere refuses a message about e that nothing may precede or follow: before the
+// resume_result of a resume, after moved or a resume_result not_found (SPEC.md §5.8).
+func (e *exchange) endedHere(what string) *ProtocolError {
+	switch {
+	case e.awaitingResume:
+		return violation(what+" before the resume_result (§5.8)", e.id)
+	case e.moved:
+		return violation(what+" after moved (§5.8)", e.id)
+	case e.gone:
+		return violation(what+" after resume_result not_found (§5.8)", e.id)
+	}
+	return nil
+}
+
+// heardOf reports whether the gateway sent anything about e's request that shows it accepted
+// the chat (so a later error cannot be the chat's refusal).
+func (e *exchange) heardOf() bool {
+	return e.response != nil || e.nextSeq != 0 || len(e.stepLog) != 0 || e.epoch != "" || e.moved
+}
+
+// contentMatches checks a completed content against the streamed text (G3), by length and
+// FNV-64a hash. After a resume from after_seq, the text before it came on another connection:
+// the content then only has to end with the text received here (SPEC.md §5.8).
+func (e *exchange) contentMatches(content string) bool {
+	tail := content
+	if e.firstSeq > 0 {
+		if len(content) < e.streamedLen {
+			return false
+		}
+		tail = content[len(content)-e.streamedLen:]
+	} else if len(content) != e.streamedLen {
+		return false
+	}
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(tail))
+	return h.Sum64() == e.streamed.Sum64()
 }
 
 func (e *exchange) isDone() bool {
@@ -225,47 +284,14 @@ func (c *conn) enqueueLocked(data []byte) {
 // start queues chat once a stream slot is free and registers its exchange; wantSteps: the
 // consumer takes the steps in order with the chunks.
 func (c *conn) start(ctx context.Context, chat *protocol.Chat, wantSteps bool) (*exchange, error) {
-	data := protocol.EncodeUnchecked(chat, c.codec)
-	c.mu.Lock()
-	if int64(len(data)) > c.limits.MaxFrameBytes {
-		c.mu.Unlock()
-		return nil, invalidf("chat of %d bytes exceeds the gateway's max_frame_bytes (%d)", len(data), c.limits.MaxFrameBytes)
-	}
-	_, dup := c.exchanges[chat.RequestID]
-	c.mu.Unlock()
-	if dup {
-		return nil, duplicate(chat.RequestID)
-	}
-	// Beyond max_streams, wait for a slot rather than be refused with too_many_streams.
-	select {
-	case c.slots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-c.done:
-		return nil, c.err
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.err != nil {
-		<-c.slots
-		return nil, c.err
-	}
-	if _, dup := c.exchanges[chat.RequestID]; dup {
-		<-c.slots
-		return nil, duplicate(chat.RequestID)
-	}
-	user := chat.UserID
-	if user == "" && c.welcome != nil {
-		user = c.welcome.UserID
-	}
 	e := &exchange{
 		id:         chat.RequestID,
 		chatUserID: chat.UserID,
-		user:       user,
 		stream:     chat.Stream,
 		keep:       chat.Stream || wantSteps,
 		wantSteps:  wantSteps && chat.Steps,
 		steps:      chat.Steps,
+		resumable:  chat.Resumable,
 		notify:     make(chan struct{}, 1),
 		done:       make(chan struct{}),
 	}
@@ -275,9 +301,77 @@ func (c *conn) start(ctx context.Context, chat *protocol.Chat, wantSteps bool) (
 	if chat.Stream {
 		e.streamed = fnv.New64a()
 	}
-	c.exchanges[chat.RequestID] = e
+	return e, c.register(ctx, e, protocol.EncodeUnchecked(chat, c.codec), "chat")
+}
+
+// resume queues a resume once a stream slot is free (a resumed request counts against this
+// connection's max_streams, SPEC.md §5.8) and registers its exchange, which accepts nothing
+// about the request before the resume_result. The original chat's stream and steps flags are
+// not known here: the exchange accepts chunks, steps and halts, and takes the steps as events.
+func (c *conn) resume(ctx context.Context, m *protocol.Resume) (*exchange, error) {
+	e := &exchange{
+		id:             m.RequestID,
+		chatUserID:     m.UserID,
+		stream:         true,
+		keep:           true,
+		wantSteps:      true,
+		steps:          true,
+		running:        map[int64]bool{},
+		streamed:       fnv.New64a(),
+		resumable:      true,
+		epoch:          m.Epoch,
+		resumed:        true,
+		awaitingResume: true,
+		resumeAnswered: make(chan struct{}),
+		firstStep:      -1,
+		endedBefore:    map[int64]bool{},
+		notify:         make(chan struct{}, 1),
+		done:           make(chan struct{}),
+	}
+	if m.AfterSeq != nil {
+		e.firstSeq = *m.AfterSeq + 1
+		e.nextSeq = e.firstSeq
+	}
+	return e, c.register(ctx, e, protocol.EncodeUnchecked(m, c.codec), "resume")
+}
+
+// register queues data (e's chat or resume) once a stream slot is free, and registers e.
+func (c *conn) register(ctx context.Context, e *exchange, data []byte, what string) error {
+	c.mu.Lock()
+	if int64(len(data)) > c.limits.MaxFrameBytes {
+		c.mu.Unlock()
+		return invalidf("%s of %d bytes exceeds the gateway's max_frame_bytes (%d)", what, len(data), c.limits.MaxFrameBytes)
+	}
+	_, dup := c.exchanges[e.id]
+	c.mu.Unlock()
+	if dup {
+		return duplicate(e.id)
+	}
+	// Beyond max_streams, wait for a slot rather than be refused with too_many_streams.
+	select {
+	case c.slots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.done:
+		return c.err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		<-c.slots
+		return c.err
+	}
+	if _, dup := c.exchanges[e.id]; dup {
+		<-c.slots
+		return duplicate(e.id)
+	}
+	e.user = e.chatUserID
+	if e.user == "" && c.welcome != nil {
+		e.user = c.welcome.UserID
+	}
+	c.exchanges[e.id] = e
 	c.enqueueLocked(data)
-	return e, nil
+	return nil
 }
 
 func duplicate(id string) error {
@@ -517,9 +611,10 @@ func (c *conn) close() {
 // wait returns once the reader and the writer have stopped.
 func (c *conn) wait() { c.stopped.Wait() }
 
-// maybeFinishLocked frees e's slot once nothing more will arrive about it (SPEC.md §5.6).
+// maybeFinishLocked frees e's slot once nothing more will arrive about it (SPEC.md §5.6): a
+// moved request counts against the connection that resumed it (§5.8).
 func (c *conn) maybeFinishLocked(e *exchange) {
-	if (e.response != nil || e.refused) && !e.usagePending && len(e.cancels) == 0 && c.exchanges[e.id] == e {
+	if (e.response != nil || e.refused || e.moved || e.gone) && !e.usagePending && len(e.cancels) == 0 && c.exchanges[e.id] == e {
 		delete(c.exchanges, e.id)
 		<-c.slots
 	}
@@ -558,6 +653,9 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if perr != nil {
 			return perr
 		}
+		if perr := e.endedHere("chunk"); perr != nil {
+			return perr
+		}
 		switch {
 		case e.response != nil:
 			return violation("chunk after the response (G1)", e.id)
@@ -577,6 +675,9 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if perr != nil {
 			return perr
 		}
+		if perr := e.endedHere("step"); perr != nil {
+			return perr
+		}
 		if perr := e.onStepLocked(m); perr != nil {
 			return perr
 		}
@@ -589,15 +690,14 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if perr != nil {
 			return perr
 		}
+		if perr := e.endedHere("response"); perr != nil {
+			return perr
+		}
 		if e.response != nil {
 			return violation("a second response (G1)", e.id)
 		}
-		if m.Status == protocol.StatusCompleted && e.stream {
-			h := fnv.New64a()
-			_, _ = h.Write([]byte(m.Content))
-			if len(m.Content) != e.streamedLen || h.Sum64() != e.streamed.Sum64() {
-				return violation("completed content differs from the streamed chunks (G3)", e.id)
-			}
+		if m.Status == protocol.StatusCompleted && e.stream && !e.contentMatches(m.Content) {
+			return violation("completed content differs from the streamed chunks (G3)", e.id)
 		}
 		if m.Halt != nil && !e.steps {
 			return violation("halt for a chat without steps (§3.12)", e.id)
@@ -610,6 +710,9 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 	case *protocol.UsageReport:
 		e, perr := c.exchangeLocked(m.RequestID, "usage")
 		if perr != nil {
+			return perr
+		}
+		if perr := e.endedHere("usage"); perr != nil {
 			return perr
 		}
 		if !e.usagePending {
@@ -631,8 +734,13 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if e == nil || len(e.cancels) == 0 {
 			return violation("cancel_result for no cancel", m.RequestID)
 		}
-		if !e.refused {
+		if e.awaitingResume {
+			return violation("cancel_result before the resume_result (§5.8)", e.id)
+		}
+		if !e.refused && !e.moved && !e.gone {
 			// §5.1: the result follows the response on the connection that runs the request.
+			// After moved (or a resume not found) the response went elsewhere (or nowhere), so
+			// any status may be the true one (§5.8).
 			switch m.Status {
 			case protocol.CancelCancelled, protocol.CancelAlreadyCancelled:
 				if e.response == nil || e.response.Status != StatusCancelled {
@@ -650,6 +758,57 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 			w <- cancelOutcome{status: CancelResult(m.Status)}
 		}
 		c.maybeFinishLocked(e)
+	case *protocol.Resumable:
+		e, perr := c.exchangeLocked(m.RequestID, "resumable")
+		if perr != nil {
+			return perr
+		}
+		if perr := e.endedHere("resumable"); perr != nil {
+			return perr
+		}
+		switch {
+		case !e.resumable:
+			return violation("resumable for a chat that did not ask (§5.8)", e.id)
+		case e.epoch != "":
+			return violation("a second resumable (§5.8)", e.id)
+		case e.heardOf():
+			return violation("resumable after other messages about the request (§5.8)", e.id)
+		}
+		e.epoch, e.grace = m.Epoch, time.Duration(m.GraceMs)*time.Millisecond
+	case *protocol.ResumeResult:
+		e, perr := c.exchangeLocked(m.RequestID, "resume_result")
+		if perr != nil {
+			return perr
+		}
+		if !e.awaitingResume {
+			return violation("resume_result for no resume (§5.8)", e.id)
+		}
+		e.awaitingResume = false
+		close(e.resumeAnswered)
+		if m.Status == protocol.ResumeNotFound {
+			e.gone, e.keep = true, false
+			e.finishWith(nil, fmt.Errorf("%w: request %s, epoch %s", ErrResumeNotFound, e.id, e.epoch))
+			c.maybeFinishLocked(e)
+		}
+	case *protocol.Moved:
+		e, perr := c.exchangeLocked(m.RequestID, "moved")
+		if perr != nil {
+			return perr
+		}
+		if perr := e.endedHere("moved"); perr != nil {
+			return perr
+		}
+		switch {
+		case e.epoch == "": // its resumable message arrived, or this connection resumed it
+			return violation("moved for a request not known to be resumable (§5.8)", e.id)
+		case e.response != nil:
+			return violation("moved after the response (G1)", e.id)
+		}
+		// The request goes on on another connection. What was buffered before stays readable;
+		// then the consumer's stream ends with ErrMoved. No cancel is sent for it any more.
+		e.moved = true
+		e.finishWith(nil, fmt.Errorf("%w: request %s", ErrMoved, e.id))
+		c.maybeFinishLocked(e)
 	case *protocol.Error:
 		return c.onErrorLocked(m)
 	case *protocol.Pong:
@@ -659,25 +818,52 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 }
 
 // onStepLocked checks a step against the request's state (SPEC.md §5.1, §3.12) and records it.
+// After a resume the steps before it are unknown (they are not replayed): the first step
+// started since may have any index, and a step started before it may end (once).
 func (e *exchange) onStepLocked(m *protocol.Step) *ProtocolError {
+	firstSinceResume := e.resumed && e.firstStep < 0 && m.State == protocol.StepStarted
 	switch {
 	case !e.steps:
 		return violation("step for a chat without steps (§3.12)", e.id)
 	case e.response != nil:
 		return violation("step after the response (§3.12)", e.id)
-	case m.State == protocol.StepStarted && m.Index != e.nextStep:
+	case firstSinceResume && e.endedBeforeFrom(m.Index):
+		return violation("step started after its end was received (§3.12)", e.id)
+	case m.State == protocol.StepStarted && !firstSinceResume && m.Index != e.nextStep:
 		return violation("step started out of order (§3.12)", e.id)
-	case m.State == protocol.StepEnded && !e.running[m.Index]:
+	case m.State == protocol.StepEnded && !e.running[m.Index] && !e.startedBeforeResume(m.Index):
 		return violation("step ended that is not running (§3.12)", e.id)
 	}
-	if m.State == protocol.StepStarted {
+	switch {
+	case m.State == protocol.StepStarted:
+		if firstSinceResume {
+			e.firstStep, e.nextStep = m.Index, m.Index
+		}
 		e.nextStep++
 		e.running[m.Index] = true
-	} else {
+	case e.running[m.Index]:
 		delete(e.running, m.Index)
+	default: // started before the resume
+		e.endedBefore[m.Index] = true
 	}
 	e.stepLog = append(e.stepLog, stepOf(m))
 	return nil
+}
+
+// startedBeforeResume: after a resume, step index may have started before it (below the
+// first step started since, if any) and has not ended since.
+func (e *exchange) startedBeforeResume(index int64) bool {
+	return e.resumed && (e.firstStep < 0 || index < e.firstStep) && !e.endedBefore[index]
+}
+
+// endedBeforeFrom: a step at or above index ended since the resume, before any step started.
+func (e *exchange) endedBeforeFrom(index int64) bool {
+	for i := range e.endedBefore {
+		if i >= index {
+			return true
+		}
+	}
+	return false
 }
 
 // currentLocked is the running step that started last.
@@ -727,7 +913,13 @@ func (c *conn) onErrorLocked(m *protocol.Error) *ProtocolError {
 		return perr
 	}
 	switch {
-	case e.response == nil && !e.refused && e.nextSeq == 0 && e.nextStep == 0:
+	case e.awaitingResume:
+		// The resume itself was refused (SPEC.md §3.4): invalid_field, forbidden,
+		// duplicate_request_id, too_many_streams. No resume_result follows.
+		e.awaitingResume, e.refused, e.keep = false, true, false
+		close(e.resumeAnswered)
+		e.finishWith(nil, perr)
+	case !e.resumed && !e.refused && !e.heardOf():
 		// The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
 		e.refused = true
 		e.keep = false

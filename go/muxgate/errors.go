@@ -15,7 +15,8 @@ import (
 //	                             (Is ErrConnect; .Status is the HTTP status of a refused handshake)
 //	*ConnectionLostError         the WebSocket closed while the request was in flight (Is
 //	                             ErrConnectionLost; .Code is the close code; the gateway has
-//	                             cancelled the request, SPEC.md G7); the next call reconnects
+//	                             cancelled the request, SPEC.md G7, unless it was resumable:
+//	                             then it waits for Client.Resume, §5.8); the next call reconnects
 //	*ProtocolError               a wire error code: the gateway refused a message with an
 //	                             `error` (Code duplicate_request_id, too_many_streams,
 //	                             rate_limited, unavailable, forbidden, unauthorized, ...) or the
@@ -28,6 +29,12 @@ import (
 //	*RequestFailedError          the request ended with status failed (.Response.Error)
 //	ErrSlowConsumer              a stream's consumer fell behind its bounded buffer; the
 //	                             request was cancelled (wrapped in a *CancelledError)
+//	ErrMoved                     a resumable request was resumed on another connection (the
+//	                             gateway sent moved, SPEC.md §5.8): it goes on there, not
+//	                             cancelled; nothing more about it comes here
+//	ErrResumeNotFound            Client.Resume found nothing to resume (resume_result
+//	                             not_found: unknown id, another user's, another epoch, or its
+//	                             grace period is over)
 //	ErrClosed                    the Client was closed
 //
 // Chat returns a Response with Status cancelled and no error when the gateway cancelled the
@@ -40,6 +47,13 @@ var (
 	ErrCancelled      = errors.New("muxgate: request cancelled")
 	ErrSlowConsumer   = errors.New("muxgate: stream consumer too slow, request cancelled")
 	ErrClosed         = errors.New("muxgate: client closed")
+	// ErrMoved ends a request's call or stream on this connection when the gateway says the
+	// request was resumed on another connection (SPEC.md §5.8). The request is not cancelled:
+	// whoever resumed it gets the rest and its response. Whatever arrived before the move is
+	// still yielded first.
+	ErrMoved = errors.New("muxgate: request moved to another connection")
+	// ErrResumeNotFound: a resume found nothing to continue (resume_result not_found).
+	ErrResumeNotFound = errors.New("muxgate: no resumable request with this id and epoch")
 )
 
 // Sentinels matched by code (errors.Is(err, ErrUnauthorized) is true for any *ProtocolError

@@ -31,6 +31,19 @@ type ChatRequest struct {
 	// the request is cancelled, Halt objects saying where the pipeline halts. An older gateway
 	// ignores it and sends none.
 	Steps bool
+	// Resumable asks the gateway to keep the request through a dropped connection
+	// (chat.resumable, SPEC.md §5.8): when the connection closes the request is detached, not
+	// cancelled, and runs on for its grace period, waiting for a resume. The gateway's grant
+	// (the epoch a resume names, the grace period) is on the handle: Stream.Resumption. This
+	// SDK does not reconnect by itself: a request whose connection drops still ends with a
+	// *ConnectionLostError, and Client.Resume (with Stream.ResumeRequest) continues it. If the
+	// request is resumed elsewhere, its call or stream here ends with ErrMoved. An older
+	// gateway ignores it (then Stream.Resumption reports nothing).
+	Resumable bool
+	// Grace is how long a detached resumable request waits for a resume (chat.grace_ms,
+	// rounded up to a millisecond, at most one hour); zero: the gateway's default. Only with
+	// Resumable. The gateway may grant less (Stream.Resumption).
+	Grace time.Duration
 	// OnStep, when set, is called with every step of the request in the order the gateway sent
 	// it, interleaved with the chunks in wire order; it implies Steps. It runs on the goroutine
 	// that consumes the request (the caller of Chat, the Task of ChatAsync, the range loop of
@@ -38,6 +51,33 @@ type ChatRequest struct {
 	// connection's reader and never concurrently with itself. A slow OnStep delays only its
 	// own request (what it has not taken yet is bounded like a stream's chunks).
 	OnStep func(Step)
+}
+
+// Resumption is what the gateway granted a resumable request (its resumable message, SPEC.md
+// §3.13).
+type Resumption struct {
+	RequestID string
+	// Epoch names this incarnation of the request id: a resume must give it, so that it never
+	// continues a different request that reused the id (or one from before a gateway restart).
+	Epoch string
+	// Grace is how long the request outlives a dropped connection, waiting for a resume. Zero
+	// on a stream opened by Client.Resume (the gateway does not repeat it).
+	Grace time.Duration
+}
+
+// ResumeRequest names a resumable request to continue on this client's connection
+// (Client.Resume, SPEC.md §5.8). Stream.ResumeRequest builds it for a stream whose connection
+// dropped.
+type ResumeRequest struct {
+	// RequestID is the request's id.
+	RequestID string
+	// Epoch is the request's epoch, from its Resumption.
+	Epoch string
+	// UserID is the user the request is for; default the client's (WithUserID).
+	UserID string
+	// FromSeq is the seq of the first chunk wanted: the number of chunks the caller already
+	// has. Zero replays every chunk; n > 0 sends after_seq n-1.
+	FromSeq int64
 }
 
 // ChatMessage is one turn of a conversation.

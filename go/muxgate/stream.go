@@ -5,6 +5,8 @@ import (
 	"iter"
 	"slices"
 	"sync/atomic"
+
+	"github.com/muxgate/muxgate/go/protocol"
 )
 
 // Stream is one streamed chat opened by Client.OpenStream: a handle on the request while it
@@ -88,6 +90,107 @@ func (s *Stream) Events() iter.Seq2[Event, error] {
 			}
 		}
 	}
+}
+
+// Resume continues a resumable request on this client's connection (SPEC.md §5.8): typically
+// one whose connection dropped (its stream ended with a *ConnectionLostError; the gateway kept
+// it for its grace period), by the handle's Stream.ResumeRequest, or by id and epoch from
+// another process of the same user. It sends resume and waits for the gateway's answer: the
+// stream of the chunks from req.FromSeq on (those kept while detached, then the live ones),
+// the live steps (steps are not replayed) and the response. If the request still runs on
+// another connection, it moves here and that connection's stream ends with ErrMoved.
+//
+// A resume that finds nothing (an unknown id, another user's, another epoch, a grace period
+// over) returns an error wrapping ErrResumeNotFound; one the gateway refuses, a
+// *ProtocolError (duplicate_request_id when the request still runs on this connection).
+// Cancelling ctx cancels the request on the gateway, as with OpenStream. The chat's stream and
+// steps flags are not known on this side: steps, if any, are yielded as events, and a
+// completed response's content only has to end with the text received since the resume.
+func (c *Client) Resume(ctx context.Context, req *ResumeRequest) (*Stream, error) {
+	if c.sErr != nil {
+		return nil, c.sErr
+	}
+	if req == nil {
+		return nil, invalidf("nil ResumeRequest")
+	}
+	if !protocol.ValidRequestID(req.RequestID) {
+		return nil, invalidf("request id must be 1-128 characters of [A-Za-z0-9._:-]: %q", req.RequestID)
+	}
+	if !protocol.ValidEpoch(req.Epoch) {
+		return nil, invalidf("epoch must be 1-64 characters of [A-Za-z0-9._:-]: %q", req.Epoch)
+	}
+	if req.UserID != "" && !protocol.ValidUserID(req.UserID) {
+		return nil, invalidf("user id must be 1-128 characters of [A-Za-z0-9._:@-]: %q", req.UserID)
+	}
+	if req.FromSeq < 0 || req.FromSeq > protocol.MaxSafeInteger+1 {
+		return nil, invalidf("FromSeq out of range: %d", req.FromSeq)
+	}
+	m := &protocol.Resume{RequestID: req.RequestID, Epoch: req.Epoch, UserID: req.UserID}
+	if req.FromSeq > 0 {
+		after := req.FromSeq - 1
+		m.AfterSeq = &after
+	}
+	a, err := c.announce(req.RequestID)
+	if err != nil {
+		return nil, err
+	}
+	conn, e, err := c.open(ctx, req.RequestID, a, func(conn *conn) (*exchange, error) {
+		return conn.resume(ctx, m)
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &Stream{c: c, conn: conn, e: e, ctx: ctx}
+	s.stop = context.AfterFunc(ctx, func() { conn.stop(e) })
+	select {
+	case <-e.resumeAnswered:
+	case <-e.done:
+	case <-ctx.Done():
+	}
+	conn.mu.Lock()
+	awaiting, resumed := e.awaitingResume, !e.awaitingResume && !e.refused && !e.gone
+	err = e.err
+	conn.mu.Unlock()
+	switch {
+	case resumed:
+		return s, nil
+	case awaiting && err == nil: // the context ended first: cancel the request (once)
+		s.stop()
+		conn.stop(e)
+		return nil, &CancelledError{RequestID: e.id, Cause: ctx.Err()}
+	}
+	s.stop()
+	return nil, err
+}
+
+// Resumption returns what the gateway granted this resumable request (ChatRequest.Resumable):
+// its epoch and grace period. ok is false until the gateway's resumable message arrived (it
+// comes before anything else about the request), and for good when the chat did not ask or
+// the gateway ignored the request (an older gateway). On a stream opened by Client.Resume it
+// has the resume's epoch and no grace period.
+func (s *Stream) Resumption() (r Resumption, ok bool) {
+	s.conn.mu.Lock()
+	defer s.conn.mu.Unlock()
+	if s.e.epoch == "" {
+		return Resumption{}, false
+	}
+	return Resumption{RequestID: s.e.id, Epoch: s.e.epoch, Grace: s.e.grace}, true
+}
+
+// ResumeRequest returns what Client.Resume needs to continue this request on a new connection
+// after this one dropped: its id, user and epoch, and FromSeq after the last chunk this
+// connection received (the Events loop yields every chunk received before it ends, so a
+// consumer that ranged to the end has exactly those). ok is false when the request is not
+// resumable (Resumption has nothing). Take it once the connection is gone: while the request
+// still streams here, chunks that arrive after the call come here (until moved) and again on
+// the resuming connection.
+func (s *Stream) ResumeRequest() (req *ResumeRequest, ok bool) {
+	s.conn.mu.Lock()
+	defer s.conn.mu.Unlock()
+	if s.e.epoch == "" {
+		return nil, false
+	}
+	return &ResumeRequest{RequestID: s.e.id, Epoch: s.e.epoch, UserID: s.e.chatUserID, FromSeq: s.e.nextSeq}, true
 }
 
 // Close cancels the request on the gateway unless it has ended (or a cancel is on its way),

@@ -16,6 +16,8 @@ const (
 	MaxMetadataBytes     = 16384
 	MaxMetadataDepth     = 8
 	MaxTimeoutMs         = 3600000
+	MaxGraceMs           = 3600000 // chat.grace_ms and resumable.grace_ms (SPEC.md §5.8)
+	MaxEpochLength       = 64      // EPOCH_PATTERN [A-Za-z0-9._:-]{1,64}
 	MaxTokenChars        = 8192
 	MaxClientKeyChars    = 256
 	MaxReasonChars       = 256
@@ -40,8 +42,10 @@ func idChar(c byte, at bool) bool {
 		c == '.' || c == '_' || c == ':' || c == '-' || at && c == '@'
 }
 
-func matchID(s string, at bool) bool {
-	if len(s) < 1 || len(s) > 128 {
+func matchID(s string, at bool) bool { return matchIDLen(s, at, 128) }
+
+func matchIDLen(s string, at bool, maxLen int) bool {
+	if len(s) < 1 || len(s) > maxLen {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
@@ -57,6 +61,10 @@ func ValidRequestID(s string) bool { return matchID(s, false) }
 
 // ValidUserID reports whether s matches USER_ID_PATTERN [A-Za-z0-9._:@-]{1,128}.
 func ValidUserID(s string) bool { return matchID(s, true) }
+
+// ValidEpoch reports whether s matches EPOCH_PATTERN [A-Za-z0-9._:-]{1,64}: the incarnation
+// of a resumable request that a resume names (SPEC.md §3.13).
+func ValidEpoch(s string) bool { return matchIDLen(s, false, MaxEpochLength) }
 
 // ValidErrorCode reports whether s matches ERROR_CODE_PATTERN [a-z][a-z0-9_]{0,63}.
 func ValidErrorCode(s string) bool { return snakeWord(s, 64) }

@@ -58,6 +58,23 @@ const (
 	CancelNotFound         CancelStatus = "not_found"
 )
 
+// ResumeStatus is the outcome of one resume (resume_result.status, SPEC.md §5.8).
+type ResumeStatus string
+
+// The outcomes of a resume.
+const (
+	// ResumeResumed: the request continues on this connection; its chunks after the resume's
+	// after_seq follow, then whatever else it sends.
+	ResumeResumed ResumeStatus = "resumed"
+	// ResumeNotFound: nothing to resume for this user, id and epoch (never resumable, its
+	// grace period is over, another user's, another incarnation of the id, a gateway restart);
+	// nothing about the request follows.
+	ResumeNotFound ResumeStatus = "not_found"
+)
+
+// Valid reports whether s is one of the two outcomes.
+func (s ResumeStatus) Valid() bool { return s == ResumeResumed || s == ResumeNotFound }
+
 // StepState is whether a pipeline step began or finished (step.state, SPEC.md §3.12).
 type StepState string
 
@@ -256,6 +273,12 @@ type Chat struct {
 	// Steps asks for step messages and halt objects (SPEC.md §3.12). Optional, default false,
 	// written only when true (so older encodings keep their bytes).
 	Steps bool
+	// Resumable asks the gateway to keep the request through a closed connection, for a
+	// resume on another (SPEC.md §5.8). Optional, default false, written only when true.
+	Resumable bool
+	// GraceMs is how long a detached request waits for a resume, 1..MaxGraceMs; only with
+	// Resumable. 0 = absent (the gateway's default).
+	GraceMs int64
 }
 
 // Cancel asks the gateway to cancel one request (SPEC.md §3.4).
@@ -263,6 +286,15 @@ type Cancel struct {
 	RequestID string
 	UserID    string // "" = absent
 	Reason    *string
+}
+
+// Resume continues a resumable request of the user on this connection, from the chunk after
+// AfterSeq (SPEC.md §3.4, §5.8). It is answered by one ResumeResult (or an Error).
+type Resume struct {
+	RequestID string
+	Epoch     string // EPOCH_PATTERN: the request's incarnation, from its Resumable message
+	AfterSeq  *int64 // the last chunk the client has, 0..2^53-1; nil = absent (replay from seq 0)
+	UserID    string // "" = absent
 }
 
 // Ping asks for a Pong with the same ID.
@@ -321,6 +353,26 @@ type CancelResult struct {
 	Status    CancelStatus
 }
 
+// Resumable is the first message about a request whose chat had resumable true (SPEC.md
+// §3.13): the epoch a resume names and the grace period the gateway granted.
+type Resumable struct {
+	RequestID string
+	Epoch     string
+	GraceMs   int64 // 1..MaxGraceMs
+}
+
+// ResumeResult answers one Resume (SPEC.md §3.13).
+type ResumeResult struct {
+	RequestID string
+	Status    ResumeStatus
+}
+
+// Moved says that a request this connection ran was resumed on another connection: nothing
+// more about it comes on this one, except cancel_results (SPEC.md §3.13, §5.8).
+type Moved struct {
+	RequestID string
+}
+
 // Error refuses a client message or frame (SPEC.md §3.10).
 type Error struct {
 	Code      string
@@ -335,6 +387,7 @@ type Pong struct{ ID PingID }
 func (*Hello) Type() string        { return "hello" }
 func (*Chat) Type() string         { return "chat" }
 func (*Cancel) Type() string       { return "cancel" }
+func (*Resume) Type() string       { return "resume" }
 func (*Ping) Type() string         { return "ping" }
 func (*Welcome) Type() string      { return "welcome" }
 func (*Chunk) Type() string        { return "chunk" }
@@ -342,6 +395,9 @@ func (*Step) Type() string         { return "step" }
 func (*Response) Type() string     { return "response" }
 func (*UsageReport) Type() string  { return "usage" }
 func (*CancelResult) Type() string { return "cancel_result" }
+func (*Resumable) Type() string    { return "resumable" }
+func (*ResumeResult) Type() string { return "resume_result" }
+func (*Moved) Type() string        { return "moved" }
 func (*Error) Type() string        { return "error" }
 func (*Pong) Type() string         { return "pong" }
 
@@ -566,8 +622,65 @@ func (m *Chat) Validate() error {
 			return err
 		}
 	}
-	return checkMetadata(m.Metadata)
+	if err := checkMetadata(m.Metadata); err != nil {
+		return err
+	}
+	if m.GraceMs != 0 {
+		if !m.Resumable {
+			return invalid("grace_ms is only for a resumable chat")
+		}
+		return checkRange("grace_ms", m.GraceMs, 1, MaxGraceMs)
+	}
+	return nil
 }
+
+func checkEpoch(s string) error {
+	if !ValidEpoch(s) {
+		return invalid("epoch must be 1-64 characters of [A-Za-z0-9._:-]")
+	}
+	return nil
+}
+
+// Validate checks the message against SPEC.md §3.4.
+func (m *Resume) Validate() error {
+	if err := checkRequestID(m.RequestID); err != nil {
+		return err
+	}
+	if err := checkEpoch(m.Epoch); err != nil {
+		return err
+	}
+	if m.AfterSeq != nil {
+		if err := checkRange("after_seq", *m.AfterSeq, 0, MaxSafeInteger); err != nil {
+			return err
+		}
+	}
+	return checkOptUserID(m.UserID)
+}
+
+// Validate checks the message against SPEC.md §3.13.
+func (m *Resumable) Validate() error {
+	if err := checkRequestID(m.RequestID); err != nil {
+		return err
+	}
+	if err := checkEpoch(m.Epoch); err != nil {
+		return err
+	}
+	return checkRange("grace_ms", m.GraceMs, 1, MaxGraceMs)
+}
+
+// Validate checks the message against SPEC.md §3.13.
+func (m *ResumeResult) Validate() error {
+	if err := checkRequestID(m.RequestID); err != nil {
+		return err
+	}
+	if !m.Status.Valid() {
+		return invalid("status must be one of: resumed, not_found")
+	}
+	return nil
+}
+
+// Validate checks the message against SPEC.md §3.13.
+func (m *Moved) Validate() error { return checkRequestID(m.RequestID) }
 
 // Validate checks the message against SPEC.md §3.4.
 func (m *Cancel) Validate() error {
@@ -821,6 +934,24 @@ func (m *Chat) Wire() *Object {
 	if m.Steps { // written only when true (SPEC.md §9)
 		o.Set("steps", Bool(true))
 	}
+	if m.Resumable { // likewise
+		o.Set("resumable", Bool(true))
+	}
+	if m.GraceMs != 0 {
+		o.Set("grace_ms", Int(m.GraceMs))
+	}
+	return o
+}
+
+// Wire returns the canonical map.
+func (m *Resume) Wire() *Object {
+	o := head(m)
+	o.Set("request_id", String(m.RequestID))
+	o.Set("epoch", String(m.Epoch))
+	if m.AfterSeq != nil {
+		o.Set("after_seq", Int(*m.AfterSeq))
+	}
+	setNonEmpty(o, "user_id", m.UserID)
 	return o
 }
 
@@ -909,6 +1040,30 @@ func (m *CancelResult) Wire() *Object {
 	o := head(m)
 	o.Set("request_id", String(m.RequestID))
 	o.Set("status", String(string(m.Status)))
+	return o
+}
+
+// Wire returns the canonical map.
+func (m *Resumable) Wire() *Object {
+	o := head(m)
+	o.Set("request_id", String(m.RequestID))
+	o.Set("epoch", String(m.Epoch))
+	o.Set("grace_ms", Int(m.GraceMs))
+	return o
+}
+
+// Wire returns the canonical map.
+func (m *ResumeResult) Wire() *Object {
+	o := head(m)
+	o.Set("request_id", String(m.RequestID))
+	o.Set("status", String(string(m.Status)))
+	return o
+}
+
+// Wire returns the canonical map.
+func (m *Moved) Wire() *Object {
+	o := head(m)
+	o.Set("request_id", String(m.RequestID))
 	return o
 }
 

@@ -288,6 +288,20 @@ func fromWire(typ string, o *Object) (Message, error) {
 			}
 			m.Steps = v.Bool
 		}
+		if v, ok := f.get("resumable"); ok {
+			if v.Kind != KindBool {
+				return nil, invalid("resumable must be a boolean")
+			}
+			m.Resumable = v.Bool
+		}
+		if v, ok := f.get("grace_ms"); ok {
+			if m.GraceMs, err = asInt("grace_ms", v); err != nil {
+				return nil, err
+			}
+			if m.GraceMs == 0 { // 0 is the typed field's "absent"
+				return nil, invalid("grace_ms must be in 1..%d", MaxGraceMs)
+			}
+		}
 		return m, nil
 	case "cancel":
 		m := &Cancel{}
@@ -298,6 +312,23 @@ func fromWire(typ string, o *Object) (Message, error) {
 			return nil, err
 		}
 		m.Reason, err = f.optStr("reason")
+		return m, err
+	case "resume":
+		m := &Resume{}
+		if m.RequestID, err = f.reqStr("request_id"); err != nil {
+			return nil, err
+		}
+		if m.Epoch, err = f.reqStr("epoch"); err != nil {
+			return nil, err
+		}
+		if v, ok := f.get("after_seq"); ok {
+			seq, err := asInt("after_seq", v)
+			if err != nil {
+				return nil, err
+			}
+			m.AfterSeq = &seq
+		}
+		m.UserID, err = f.optNonEmpty("user_id", ValidUserID)
 		return m, err
 	case "ping":
 		id, err := f.pingID()
@@ -406,6 +437,28 @@ func fromWire(typ string, o *Object) (Message, error) {
 		status, err := f.reqStr("status")
 		m.Status = CancelStatus(status)
 		return m, err
+	case "resumable":
+		m := &Resumable{}
+		if m.RequestID, err = f.reqStr("request_id"); err != nil {
+			return nil, err
+		}
+		if m.Epoch, err = f.reqStr("epoch"); err != nil {
+			return nil, err
+		}
+		m.GraceMs, err = f.reqInt("grace_ms")
+		return m, err
+	case "resume_result":
+		m := &ResumeResult{}
+		if m.RequestID, err = f.reqStr("request_id"); err != nil {
+			return nil, err
+		}
+		status, err := f.reqStr("status")
+		m.Status = ResumeStatus(status)
+		return m, err
+	case "moved":
+		m := &Moved{}
+		m.RequestID, err = f.reqStr("request_id")
+		return m, err
 	case "error":
 		m := &Error{}
 		if m.Code, err = f.reqStr("code"); err != nil {
@@ -421,8 +474,9 @@ func fromWire(typ string, o *Object) (Message, error) {
 }
 
 var senderTypes = [2]map[string]bool{
-	SenderClient:  {"hello": true, "chat": true, "cancel": true, "ping": true},
-	SenderGateway: {"welcome": true, "chunk": true, "step": true, "response": true, "usage": true, "cancel_result": true, "error": true, "pong": true},
+	SenderClient: {"hello": true, "chat": true, "cancel": true, "resume": true, "ping": true},
+	SenderGateway: {"welcome": true, "chunk": true, "step": true, "response": true, "usage": true, "cancel_result": true,
+		"resumable": true, "resume_result": true, "moved": true, "error": true, "pong": true},
 }
 
 // Sender is who sent a frame; it decides which types are valid (SPEC.md §3.1).

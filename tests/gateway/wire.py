@@ -27,9 +27,13 @@ from protocol import (
     Error,
     GatewayMessage,
     Message,
+    Moved,
     RemoteProtocolError,
     RequestStateMachine,
     Response,
+    Resumable,
+    Resume,
+    ResumeResult,
     Sender,
     Step,
     UsageReport,
@@ -55,6 +59,10 @@ class Track:
     chunks_after_cancel_sent: int = 0
     #: every message about this request, in arrival order
     log: list[GatewayMessage] = field(default_factory=list)
+    #: resumable requests (SPEC.md §5.8): the gateway's ``resumable``, resume results, moved
+    resumable: Resumable | None = None
+    resume_results: list[ResumeResult] = field(default_factory=list)
+    moved: bool = False
 
 
 class WireClient:
@@ -67,6 +75,8 @@ class WireClient:
         self.others: list[Message] = []  # pongs etc.
         self.frames = 0
         self.violations: list[BaseException] = []
+        #: abort() cut the TCP connection: the reader's end is not a violation.
+        self.aborted = False
         self._changed = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
 
@@ -118,14 +128,41 @@ class WireClient:
             await self.ws.send(data)
 
     async def chat(self, request_id: str, message: str = "hello", **fields: Any) -> Track:
-        track = self.track(request_id, stream=fields.get("stream", True))
+        track = self.track(
+            request_id,
+            stream=fields.get("stream", True),
+            resumable=fields.get("resumable", False),
+        )
         await self.send(Chat(request_id=request_id, message=message, **fields))
         return track
 
-    def track(self, request_id: str, *, stream: bool = True) -> Track:
-        track = Track(RequestStateMachine(request_id, Sender.CLIENT, stream=stream))
+    def track(self, request_id: str, *, stream: bool = True, resumable: bool = False) -> Track:
+        machine = RequestStateMachine(request_id, Sender.CLIENT, stream=stream, resumable=resumable)
+        track = Track(machine)
         self.tracks[request_id] = track
         return track
+
+    async def resume(
+        self, request_id: str, epoch: str, after_seq: int | None = None, **fields: Any
+    ) -> Track:
+        """Send ``resume``; the new track follows the request from ``after_seq + 1``."""
+        machine = RequestStateMachine.resuming(request_id, epoch, after_seq)
+        track = self.tracks[request_id] = Track(machine)
+        await self.send(Resume(request_id=request_id, epoch=epoch, after_seq=after_seq, **fields))
+        return track
+
+    async def resume_result(self, request_id: str, timeout: float = 10.0) -> ResumeResult:
+        track = self.tracks[request_id]
+        await self.wait_for(lambda: bool(track.resume_results) or bool(track.errors), timeout)
+        if not track.resume_results:
+            raise AssertionError(f"resume refused: {track.errors}")
+        return track.resume_results[0]
+
+    async def resumable(self, request_id: str, timeout: float = 10.0) -> Resumable:
+        track = self.tracks[request_id]
+        await self.wait_for(lambda: track.resumable is not None, timeout)
+        assert track.resumable is not None
+        return track.resumable
 
     async def cancel(self, request_id: str, **fields: Any) -> None:
         track = self.tracks.get(request_id)
@@ -134,6 +171,11 @@ class WireClient:
             if track.cancel_sent_at is None:
                 track.cancel_sent_at = time.monotonic()
         await self.send(Cancel(request_id=request_id, **fields))
+
+    def abort(self) -> None:
+        """Cut the TCP connection without a close frame (a network drop, a killed tab)."""
+        self.aborted = True
+        self.ws.transport.abort()
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -189,7 +231,7 @@ class WireClient:
                 async with self._changed:
                     self._changed.notify_all()
         except Exception as exc:  # a protocol violation by the gateway fails the test
-            if not isinstance(exc, asyncio.CancelledError):
+            if not isinstance(exc, asyncio.CancelledError) and not self.aborted:
                 self.violations.append(exc)
         finally:
             async with self._changed:
@@ -235,3 +277,12 @@ class WireClient:
         elif isinstance(m, CancelResult):
             track.machine.on_cancel_result(m)
             track.cancel_results.append(m)
+        elif isinstance(m, Resumable):
+            track.machine.on_resumable(m)
+            track.resumable = m
+        elif isinstance(m, ResumeResult):
+            track.machine.on_resume_result(m)
+            track.resume_results.append(m)
+        elif isinstance(m, Moved):
+            track.machine.on_moved()
+            track.moved = True

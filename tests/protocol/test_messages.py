@@ -28,12 +28,16 @@ from protocol import (
     Hello,
     Limits,
     LocalProtocolError,
+    Moved,
     Ping,
     Pong,
     ProtocolError,
     RemoteProtocolError,
     Response,
     ResponseStatus,
+    Resumable,
+    Resume,
+    ResumeResult,
     Role,
     Sender,
     Step,
@@ -68,6 +72,10 @@ BASE: dict[type, dict[str, Any]] = {
     CancelResult: {"request_id": "r1", "status": "cancelled"},
     Error: {"code": "bad_frame", "message": "m"},
     Pong: {},
+    Resume: {"request_id": "r1", "epoch": "e1.7"},
+    Resumable: {"request_id": "r1", "epoch": "e1.7", "grace_ms": 30000},
+    ResumeResult: {"request_id": "r1", "status": "resumed"},
+    Moved: {"request_id": "r1"},
 }
 SENDER = {cls: Sender.CLIENT if cls.TYPE in CLIENT_TYPES else Sender.GATEWAY for cls in BASE}
 CANCELLED = {"status": "cancelled", "content": "", "reason": "client"}
@@ -121,8 +129,27 @@ BAD_USER_IDS = {
     "int": 7,
     "bool": False,
 }
-WITH_REQUEST_ID = [Chat, Cancel, Chunk, Response, UsageReport, CancelResult]
-WITH_USER_ID = [Hello, Chat, Cancel, Welcome]
+WITH_REQUEST_ID = [
+    Chat,
+    Cancel,
+    Chunk,
+    Response,
+    UsageReport,
+    CancelResult,
+    Resume,
+    Resumable,
+    ResumeResult,
+    Moved,
+]
+WITH_USER_ID = [Hello, Chat, Cancel, Welcome, Resume]
+BAD_EPOCHS = {
+    "empty": "",
+    "too-long": "e" * 65,
+    "space": "e 1",
+    "slash": "e/1",
+    "int": 7,
+    "none": None,
+}
 
 INVALID = [
     *(
@@ -207,6 +234,39 @@ INVALID = [
             "lone-surrogate-value": {"a": ["\udfff"]},
         }.items()
     ),
+    # chat.resumable / grace_ms (SPEC §5.8)
+    *(
+        bad(Chat, f"resumable-{name}", resumable=value)
+        for name, value in {"one": 1, "str": "true", "none": None}.items()
+    ),
+    bad(Chat, "grace_ms-without-resumable", grace_ms=1000),
+    *(
+        bad(Chat, f"grace_ms-{name}", resumable=True, grace_ms=value)
+        for name, value in {
+            "zero": 0,
+            "too-big": limits.MAX_GRACE_MS + 1,
+            "bool": True,
+            "float": 10.0,
+            "str": "10",
+        }.items()
+    ),
+    # resume / resumable: epoch; after_seq; grace_ms
+    *(
+        bad(cls, f"epoch-{name}", epoch=value)
+        for cls in (Resume, Resumable)
+        for name, value in BAD_EPOCHS.items()
+    ),
+    *(
+        bad(Resume, f"after_seq-{name}", after_seq=value)
+        for name, value in {"negative": -1, "too-big": SAFE + 1, "bool": True, "str": "1"}.items()
+    ),
+    *(
+        bad(Resumable, f"grace_ms-{name}", grace_ms=value)
+        for name, value in {"zero": 0, "too-big": limits.MAX_GRACE_MS + 1, "none": None}.items()
+    ),
+    bad(ResumeResult, "status-unknown", status="gone"),
+    bad(ResumeResult, "status-cancel-status", status=CancelStatus.NOT_FOUND),
+    bad(ResumeResult, "status-none", status=None),
     # cancel
     bad(Cancel, "reason-int", reason=1),
     bad(Cancel, "reason-too-long", reason="r" * (limits.MAX_REASON_CHARS + 1)),
@@ -645,6 +705,7 @@ CONSTRUCTION_ONLY = {
     "Response-failed-error-dict",
     "Response-status-other-enum",  # the StrEnum is written as its string
     "Chat-stream-none",  # null on the wire is absent: the default
+    "Chat-resumable-none",  # likewise
 }
 WIRE_CASES = [
     pytest.param(p.values[0], p.values[1], id=p.id)

@@ -30,6 +30,9 @@ from protocol import (
     RequestStateMachine,
     Response,
     ResponseStatus,
+    Resumable,
+    ResumeResult,
+    ResumeStatus,
     Sender,
     Step,
     StepState,
@@ -44,7 +47,7 @@ ROLES = pytest.mark.parametrize("role", list(Sender), ids=lambda r: r.name.lower
 REFUSAL = {Sender.GATEWAY: LocalProtocolError, Sender.CLIENT: RemoteProtocolError}
 REACHABLE = {
     Sender.GATEWAY: {S.ACTIVE, S.CANCELLING, S.COMPLETED, S.CANCELLED, S.FAILED},
-    Sender.CLIENT: {S.ACTIVE, S.CANCEL_SENT, S.COMPLETED, S.CANCELLED, S.FAILED},
+    Sender.CLIENT: {S.ACTIVE, S.CANCEL_SENT, S.COMPLETED, S.CANCELLED, S.FAILED, S.MOVED, S.GONE},
 }
 
 
@@ -83,7 +86,21 @@ def apply(machine: RequestStateMachine, event: Event) -> object:
         return machine.on_response(failed())
     if event is Event.STEP:
         return machine.on_step(step(machine.next_step, StepState.STARTED))
+    if event is Event.MOVED:  # for a request known to be resumable (as if told so first)
+        if machine.epoch is None:
+            machine.epoch = "e1.1"
+        return machine.on_moved()
+    if event is Event.GONE:  # the answer to a resume: as if this machine had sent one
+        machine.awaiting_resume = True
+        try:
+            return machine.on_resume_result(not_found())
+        finally:
+            machine.awaiting_resume = False
     return machine.on_usage(usage_report())
+
+
+def not_found() -> ResumeResult:
+    return ResumeResult(request_id=RID, status=ResumeStatus.NOT_FOUND)
 
 
 def step(index: int, state: StepState) -> Step:
@@ -307,6 +324,8 @@ def test_cancel_outcomes_table():
         S.CANCELLED: CancelStatus.ALREADY_CANCELLED,
         S.COMPLETED: CancelStatus.ALREADY_COMPLETED,
         S.FAILED: CancelStatus.ALREADY_COMPLETED,
+        S.MOVED: CancelStatus.ALREADY_CANCELLED,
+        S.GONE: CancelStatus.ALREADY_CANCELLED,
     }
 
 
@@ -959,3 +978,116 @@ def test_no_step_after_the_cancel_was_read_or_after_the_response():
     client.on_response(cancelled(final=False))
     with pytest.raises(RemoteProtocolError):
         client.on_step(step(1, StepState.STARTED))
+
+
+# --- resumable requests (SPEC.md §5.8) ----------------------------------------------------------
+
+
+def resumable_ack(epoch: str = "e1.1") -> Resumable:
+    return Resumable(request_id=RID, epoch=epoch, grace_ms=30_000)
+
+
+@ROLES
+def test_resumable_is_first_once_and_only_when_asked(role):
+    machine = RequestStateMachine(RID, role, resumable=True)
+    machine.on_resumable(resumable_ack())
+    assert machine.epoch == "e1.1"
+    with pytest.raises(REFUSAL[role]):
+        machine.on_resumable(resumable_ack("e1.2"))  # once
+    late = RequestStateMachine(RID, role, resumable=True)
+    late.on_chunk(0, "x")
+    with pytest.raises(REFUSAL[role]):
+        late.on_resumable(resumable_ack())  # before anything else
+    plain = RequestStateMachine(RID, role)
+    with pytest.raises(REFUSAL[role]):
+        plain.on_resumable(resumable_ack())  # only for a chat that asked
+
+
+def test_a_resuming_client_accepts_nothing_before_its_resume_result():
+    machine = RequestStateMachine.resuming(RID, "e1.1", 4)
+    for event in (Event.CHUNK, Event.STEP, Event.COMPLETED, Event.MOVED):
+        with pytest.raises(RemoteProtocolError):
+            apply(machine, event)
+    machine.on_resume_result(ResumeResult(request_id=RID, status=ResumeStatus.RESUMED))
+    with pytest.raises(RemoteProtocolError):  # one result per resume
+        machine.on_resume_result(ResumeResult(request_id=RID, status=ResumeStatus.RESUMED))
+    machine.on_chunk(5, " world")  # from after_seq + 1
+    with pytest.raises(RemoteProtocolError):
+        machine.on_chunk(7, "!")  # no gap
+    machine.on_response(completed("hello world"))  # the content ends with what came since
+    assert machine.state is S.COMPLETED
+
+
+def test_a_resumed_completed_content_must_end_with_the_text_since_the_resume():
+    machine = RequestStateMachine.resuming(RID, "e1.1", None)
+    machine.on_resume_result(ResumeResult(request_id=RID, status=ResumeStatus.RESUMED))
+    machine.on_chunk(0, "abc")
+    with pytest.raises(RemoteProtocolError):
+        machine.on_response(completed("abx"))
+    machine.on_response(completed("abc"))
+
+
+def test_a_resume_not_found_is_gone_and_only_cancel_results_may_follow():
+    machine = RequestStateMachine.resuming(RID, "e1.1", 2)
+    machine.on_cancel()  # the user pressed Stop while reconnecting
+    machine.on_resume_result(not_found())
+    assert machine.state is S.GONE
+    with pytest.raises(RemoteProtocolError):
+        machine.on_chunk(3, "x")
+    machine.on_cancel_result(CancelResult(request_id=RID, status=CancelStatus.ALREADY_COMPLETED))
+
+
+def test_after_moved_nothing_but_cancel_results_of_any_status():
+    for status in CancelStatus:
+        machine = RequestStateMachine(RID, Sender.CLIENT, resumable=True)
+        machine.on_resumable(resumable_ack())
+        machine.on_chunk(0, "x")
+        machine.on_cancel()
+        machine.on_moved()
+        assert machine.state is S.MOVED
+        for event in (Event.CHUNK, Event.STEP, Event.COMPLETED, Event.CANCELLED, Event.MOVED):
+            with pytest.raises(RemoteProtocolError):
+                apply(machine, event)
+        machine.on_cancel_result(CancelResult(request_id=RID, status=status))
+
+
+def test_gateway_keeps_each_chunk_of_a_resumable_request_apart():
+    machine = RequestStateMachine(RID, Sender.GATEWAY, resumable=True)
+    machine.on_chunks(0, ["a", "b"])
+    machine.on_chunk(2, "c")
+    assert machine.text == "abc"
+    assert machine.chunks_after(None) == ["a", "b", "c"]
+    assert machine.chunks_after(0) == ["b", "c"]
+    assert machine.chunks_after(2) == []
+    with pytest.raises(ValueError, match="no chunk 3"):
+        machine.chunks_after(3)  # not sent yet
+    with pytest.raises(ValueError, match="only a resumable"):
+        RequestStateMachine(RID, Sender.GATEWAY).chunks_after(None)  # not resumable
+
+
+def test_after_a_resume_steps_are_counted_from_the_first_live_one():
+    machine = RequestStateMachine.resuming(RID, "e1.1", None)
+    machine.on_resume_result(ResumeResult(request_id=RID, status=ResumeStatus.RESUMED))
+    machine.on_step(step(1, StepState.ENDED))  # started before the resume: not replayed
+    machine.on_step(step(4, StepState.STARTED))
+    machine.on_step(step(2, StepState.ENDED))  # also before the resume
+    with pytest.raises(RemoteProtocolError):
+        machine.on_step(step(6, StepState.STARTED))  # the live ones stay contiguous
+    machine.on_step(step(5, StepState.STARTED))
+    machine.on_step(step(4, StepState.ENDED))
+    with pytest.raises(RemoteProtocolError):
+        machine.on_step(step(4, StepState.ENDED))  # twice
+    with pytest.raises(RemoteProtocolError):
+        machine.on_step(step(7, StepState.ENDED))  # never started
+
+
+def test_moved_only_for_a_request_known_to_be_resumable():
+    plain = RequestStateMachine(RID, Sender.CLIENT)
+    with pytest.raises(RemoteProtocolError):
+        plain.on_moved()
+    asked = RequestStateMachine(RID, Sender.CLIENT, resumable=True)
+    with pytest.raises(RemoteProtocolError):
+        asked.on_moved()  # its resumable message has not arrived
+    asked.on_resumable(resumable_ack())
+    asked.on_moved()
+    assert asked.state is S.MOVED

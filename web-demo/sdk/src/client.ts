@@ -12,6 +12,13 @@
  * The connection opens on the first call and reopens on the next call after it dropped, with
  * exponential backoff between failed attempts (and before reconnecting after close codes that
  * ask for it: 1013, 4008, 4029).
+ *
+ * Resumable requests (SPEC.md §5.8): a chat with `resumable: true` outlives a dropped
+ * connection for its grace period. Its stream says what a resume needs (`stream.epoch`,
+ * `stream.graceMs`, `stream.lastSeq`), and `resumeStream` continues it on the client's (new)
+ * connection. The SDK does not resume by itself: a dropped connection still fails the stream
+ * with `ConnectionLost`, and the application decides to resume. A stream whose request was
+ * resumed elsewhere (`moved`) ends with `RequestMoved`.
  */
 
 import type { CodecName } from "./codec.js";
@@ -35,9 +42,13 @@ import {
   Unauthorized,
   errorFromCode,
 } from "./errors.js";
-import { MAX_TIMEOUT_MS, REQUEST_ID_PATTERN, USER_ID_PATTERN } from "./limits.js";
-import type { CancelOptions, ChatParams, Chunk, Halt, RequestInfo, Response, Step, Usage } from "./types.js";
-import { type CancelStatus, type ChatMessage, type Message, USAGE_FIGURES, checkOutgoing } from "./wire.js";
+import { MAX_GRACE_MS, MAX_TIMEOUT_MS, REQUEST_ID_PATTERN, USER_ID_PATTERN } from "./limits.js";
+import type {
+  CancelOptions, ChatParams, Chunk, Halt, RequestInfo, Response, ResumeParams, Step, Usage,
+} from "./types.js";
+import {
+  type CancelStatus, type ChatMessage, type Message, type ResumeMessage, USAGE_FIGURES, checkOutgoing,
+} from "./wire.js";
 
 export interface ReconnectOptions {
   /** Connection attempts per call before giving up with `ConnectError` (default 6). */
@@ -131,6 +142,16 @@ function checkUserId(userId: unknown): void {
   }
 }
 
+/** `message` in canonical form; our own bad input is {@link InvalidRequest}. */
+function checked<M extends Message>(message: M): M {
+  try {
+    return checkOutgoing(message);
+  } catch (exc) {
+    if (exc instanceof ProtocolError) throw new InvalidRequest(exc.message, exc.code);
+    throw exc;
+  }
+}
+
 function newRequestId(): string {
   const c = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
   if (c?.randomUUID) return `req_${c.randomUUID().replaceAll("-", "")}`;
@@ -157,7 +178,15 @@ async function loadWebSocket(): Promise<WebSocketConstructor> {
   }
 }
 
-/** The streamed chunks of one chat, as an async iterator (see {@link Muxi.chatStream}). */
+/**
+ * The streamed chunks of one chat, as an async iterator (see {@link Muxi.chatStream}), or of
+ * a resumed request (see {@link Muxi.resumeStream}).
+ *
+ * A stream whose request was resumed on another connection (SPEC.md §5.8, `moved`) yields the
+ * chunks received before that, then its iteration throws {@link RequestMoved}: the request
+ * goes on elsewhere, and `response` stays undefined here. A resume that finds nothing
+ * (`resume_result` `not_found`) throws {@link ResumeNotFound}.
+ */
 export class ChatStream implements AsyncIterableIterator<Chunk> {
   /** The final response once iteration has ended (completed or cancelled). */
   response: Response | undefined;
@@ -171,11 +200,13 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   private aborted: { reason: unknown } | undefined;
   private readonly onAbort = () => this.abort();
 
+  /** @internal `start`: the `chat` to send, or the `resume` (of a chat with `stream`). */
   constructor(
     private readonly client: Muxi,
-    private readonly chat: ChatMessage,
+    private readonly start: ChatMessage | ResumeMessage,
     private readonly signal: AbortSignal | undefined,
     observer: ExchangeObserver = {},
+    private readonly streamed = true,
   ) {
     this.observer = { ...observer, onCreated: (exchange) => (this.view = exchange) };
     if (signal?.aborted) this.aborted = { reason: abortReason(signal) };
@@ -183,12 +214,34 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   }
 
   get requestId(): string {
-    return this.chat.request_id;
+    return this.start.request_id;
   }
 
-  /** Everything streamed so far (including text received after a cancel was sent). */
+  /** Everything streamed so far (including text received after a cancel was sent); for a
+   * resumed request, the text since the resume (the chunks after `afterSeq`). */
   get text(): string {
     return this.view?.text ?? "";
+  }
+
+  /** The request's epoch, which {@link Muxi.resumeStream} names (SPEC.md §5.8): from its
+   * `resumable` message (a chat with `resumable: true`, once the gateway answered; undefined
+   * from a gateway older than §5.8), or the epoch this stream resumed. */
+  get epoch(): string | undefined {
+    return this.view?.epoch ?? (this.start.type === "resume" ? this.start.epoch : undefined);
+  }
+
+  /** How long the gateway keeps the request after a dropped connection, waiting for a resume
+   * (the `resumable` message's `grace_ms`: the chat's `graceMs` capped, or the gateway's
+   * default). Undefined until it arrived, and for a resumed stream (not said again). */
+  get graceMs(): number | undefined {
+    return this.view?.graceMs;
+  }
+
+  /** The seq of the last chunk received (read by the loop or not), the `afterSeq` of a resume;
+   * undefined before the first chunk. For a resumed stream, at least its `afterSeq`. */
+  get lastSeq(): number | undefined {
+    const next = this.view?.nextSeq ?? (this.start.type === "resume" && this.start.after_seq !== undefined ? this.start.after_seq + 1 : 0);
+    return next > 0 ? next - 1 : undefined;
   }
 
   /** The `step` messages received so far, in order (a chat with `steps: true`, SPEC.md §3.12). */
@@ -216,7 +269,7 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     if (this.aborted) throw this.aborted.reason;
     if (this.closed && this.exchange === undefined) return { done: true, value: undefined };
     if (this.exchange === undefined) {
-      this.starting ??= this.client._start(this.chat, () => this.aborted !== undefined, this.observer).then(([conn, exchange]) => {
+      this.starting ??= this.client._start(this.start, () => this.aborted !== undefined, this.observer, this.streamed).then(([conn, exchange]) => {
         this.conn = conn;
         this.exchange = exchange;
         if (this.aborted || this.closed) conn.stop(exchange);
@@ -257,7 +310,8 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   }
 
   /** Cancels the request and waits for its final response (`cancelled`, or `completed` if it
-   * won the race); `undefined` if the chat was never sent. */
+   * won the race); `undefined` if the chat was never sent. Throws {@link RequestMoved} if the
+   * request moved to another connection first (no cancel is sent then: it runs there). */
   async cancel(): Promise<Response | undefined> {
     this.closed = true;
     this.finish();
@@ -297,13 +351,14 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
 
 type Started = [Connection, Exchange];
 
-function observerOf(params: ChatParams): ExchangeObserver {
-  for (const name of ["onStep", "onHalt"] as const) {
-    if (params[name] !== undefined && typeof params[name] !== "function") {
+function observerOf(params: ChatParams | ResumeParams): ExchangeObserver {
+  const callbacks = params as ChatParams;
+  for (const name of ["onStep", "onHalt", "onResumable"] as const) {
+    if (callbacks[name] !== undefined && typeof callbacks[name] !== "function") {
       throw new InvalidRequest(`${name} must be a function`, "invalid_field");
     }
   }
-  return { onStep: params.onStep, onHalt: params.onHalt };
+  return { onStep: callbacks.onStep, onHalt: callbacks.onHalt, onResumable: callbacks.onResumable };
 }
 
 /** A client of a muxgate gateway (the seed page's `Muxi`). See the module comment. */
@@ -357,7 +412,8 @@ export class Muxi {
    * `cancelRequest`, a timeout, another client...). A `failed` request rejects with
    * `RequestFailed`; aborting `params.signal` cancels the request on the gateway and rejects
    * with the signal's reason. The request counts as started at once: `cancelRequest` with its
-   * id, even right away, cancels it in-band.
+   * id, even right away, cancels it in-band. A resumable request (`resumable: true`) that was
+   * resumed on another connection rejects with `RequestMoved`.
    */
   chat(params: ChatParams): Promise<Response> {
     let chat: ChatMessage;
@@ -400,10 +456,36 @@ export class Muxi {
    * `stream.response` is the final response. Leaving the loop early (`break`, an exception),
    * `stream.cancel()` or aborting `params.signal` cancels the request. A request cancelled
    * otherwise (`cancelRequest`, a timeout) ends the loop normally with a `cancelled` response.
+   * With `resumable: true`, `stream.epoch`, `stream.graceMs` and `stream.lastSeq` say what
+   * {@link resumeStream} needs after a dropped connection.
    */
   chatStream(params: ChatParams): ChatStream {
     const chat = this.buildChat(params, true);
     return new ChatStream(this, chat, params.signal, observerOf(params));
+  }
+
+  /**
+   * Continues a resumable request (SPEC.md §5.8) on this client's connection (opened, or
+   * reopened after a drop, as for a chat): sends `resume {request_id, epoch, after_seq}` when
+   * iteration starts, then yields the chunks after `afterSeq` that the request sent (or kept
+   * while detached) and the live ones; afterwards `stream.response` is its response, whose
+   * `content` is the whole answer (also the part received before the resume). A request
+   * running on another connection moves here (that one gets `moved`). Iteration throws
+   * {@link ResumeNotFound} when there is nothing to resume (unknown id or epoch, another
+   * user's, or past its grace period), and `RequestRefused` when the gateway refuses the
+   * resume (e.g. `invalid_field` for an `afterSeq` beyond the last chunk, `too_many_streams`).
+   * Leaving the loop early or aborting `params.signal` cancels the request, as for a chat.
+   * This is the low-level step: the SDK never resumes by itself.
+   */
+  resumeStream(params: ResumeParams): ChatStream {
+    this.checkOpen();
+    checkRequestId(params.requestId);
+    checkUserId(params.userId);
+    if (params.stream !== undefined && typeof params.stream !== "boolean") throw new InvalidRequest("stream must be a boolean", "invalid_field");
+    const resume: Message = { type: "resume", request_id: params.requestId, epoch: params.epoch };
+    if (params.afterSeq !== undefined) resume.after_seq = params.afterSeq;
+    if (params.userId !== undefined) resume.user_id = params.userId;
+    return new ChatStream(this, checked(resume), params.signal, observerOf(params), params.stream ?? true);
   }
 
   // -- cancel and inspect -------------------------------------------------------------------
@@ -492,7 +574,8 @@ export class Muxi {
   }
 
   /** Closes the connection. Requests in flight fail with `ConnectionLost` (the gateway cancels
-   * them, reason `disconnect`). Idempotent. */
+   * them, reason `disconnect`; a resumable one it keeps for its grace period instead, SPEC.md
+   * §5.8: cancel it first to stop it). Idempotent. */
   close(): void {
     this.closed = true;
     for (const announced of this.starting.values()) announced.resolve(undefined);
@@ -525,12 +608,19 @@ export class Muxi {
     if (params.steps === false && listens) throw new InvalidRequest("onStep and onHalt need steps (not steps: false)", "invalid_field");
     const steps = params.steps ?? listens;
     if (steps !== false) chat.steps = steps; // checkOutgoing refuses a non-boolean
-    try {
-      return checkOutgoing(chat);
-    } catch (exc) {
-      if (exc instanceof ProtocolError) throw new InvalidRequest(exc.message, exc.code);
-      throw exc;
+    const wantsResume = params.graceMs !== undefined || params.onResumable !== undefined;
+    if (params.resumable === false && wantsResume) {
+      throw new InvalidRequest("graceMs and onResumable need resumable (not resumable: false)", "invalid_field");
     }
+    const resumable = params.resumable ?? wantsResume;
+    if (resumable !== false) chat.resumable = resumable; // checkOutgoing refuses a non-boolean
+    if (params.graceMs !== undefined) {
+      if (typeof params.graceMs !== "number" || !(params.graceMs > 0 && params.graceMs <= MAX_GRACE_MS)) {
+        throw new InvalidRequest(`graceMs must be in (0, ${MAX_GRACE_MS}]`, "invalid_field");
+      }
+      chat.grace_ms = Math.max(1, Math.ceil(params.graceMs));
+    }
+    return checked(chat);
   }
 
   /** The exchange's response (or its error), remembered for {@link finalUsage}. @internal */
@@ -540,16 +630,16 @@ export class Muxi {
     return response;
   }
 
-  /** Connects if needed and puts `chat` on the wire. @internal */
-  async _start(chat: ChatMessage, isAborted: () => boolean, observer?: ExchangeObserver): Promise<Started> {
-    const rid = chat.request_id;
+  /** Connects if needed and puts `chat` (or a `resume`) on the wire. @internal */
+  async _start(message: ChatMessage | ResumeMessage, isAborted: () => boolean, observer?: ExchangeObserver, stream = true): Promise<Started> {
+    const rid = message.request_id;
     if (this.starting.has(rid)) throw errorFromCode("duplicate_request_id", "request_id is being started", rid);
     const announced = deferred<Started | undefined>();
     this.starting.set(rid, announced);
     try {
       const conn = await this.connection(isAborted);
       if (isAborted()) throw new DOMException("This operation was aborted", "AbortError");
-      const exchange = await conn.start(chat, isAborted, observer);
+      const exchange = await conn.start(message, isAborted, observer, stream);
       const started: Started = [conn, exchange];
       announced.resolve(started);
       return started;

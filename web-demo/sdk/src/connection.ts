@@ -10,6 +10,16 @@
  * twice (§3.12), a `usage` report nobody announced, a `cancel_result` for no cancel. A violation closes the connection and fails every request on
  * it with {@link ProtocolViolation}: nothing the gateway says afterwards can be trusted.
  *
+ * Resumable requests (§5.8) add the client rules at the end of §5.8: a `resumable` message is
+ * accepted once, only for a chat that asked for it, before anything else about the request; a
+ * `moved` ends the request on this connection (client state MOVED: nothing more may arrive
+ * about it but `cancel_result`s, of any status, since its response goes elsewhere) and fails
+ * its caller with {@link RequestMoved}. A request this client resumes ({@link Connection.start}
+ * with a `resume`) is tracked from `after_seq + 1`: nothing about it may arrive before its
+ * `resume_result`; `not_found` ends it (GONE) with {@link ResumeNotFound}; a completed content
+ * need only end with the text received since the resume, and step indices are not checked
+ * against the steps before the resume (they are not replayed).
+ *
  * Sending is synchronous: messages are encoded into an outbox and flushed once per microtask
  * turn, so whatever is pending goes out as one batched frame (SPEC.md §2.4) within the
  * `welcome` limits, and a `cancel` can be queued from an abort handler without awaiting.
@@ -32,19 +42,23 @@ import {
   ProtocolError,
   ProtocolViolation,
   RequestFailed,
+  RequestMoved,
   RequestRefused,
+  ResumeNotFound,
   SlowConsumer,
   errorFromClose,
   errorFromCode,
 } from "./errors.js";
 import { DEFAULT_MAX_STREAMS, MAX_BATCH_MESSAGES, MAX_FRAME_BYTES } from "./limits.js";
-import type { Chunk, Halt, Response, Step, Usage } from "./types.js";
+import type { Chunk, Halt, ResumableInfo, Response, Step, Usage } from "./types.js";
 import {
   type CancelStatus,
   type ChatMessage,
   type GatewayMessage,
   type Message,
   type ResponseMessage,
+  type ResumableMessage,
+  type ResumeMessage,
   type WireHalt,
   type WelcomeMessage,
   type WireLimits,
@@ -124,6 +138,7 @@ function toResponse(m: ResponseMessage): Response {
 export interface ExchangeObserver {
   onStep?: (step: Step) => void;
   onHalt?: (halt: Halt, usage: Usage) => void;
+  onResumable?: (info: ResumableInfo) => void;
   /** The exchange exists: its chat is queued for the wire. @internal */
   onCreated?: (exchange: Exchange) => void;
 }
@@ -146,8 +161,26 @@ export class Exchange {
   /** The effective user (SPEC.md §4.5) as far as the client can tell ("" = anonymous). */
   readonly user: string;
   readonly stream: boolean;
+  /** The chat asked for `resumable: true`, or this exchange resumes a request (§5.8). */
+  readonly resumable: boolean;
+  /** The request's incarnation: from its `resumable` message, or the `resume` sent for it. */
+  epoch: string | undefined;
+  /** The grace the gateway granted (`resumable.grace_ms`); unknown for a resumed request. */
+  graceMs: number | undefined;
+  /** A `resume` was sent and its `resume_result` has not arrived: nothing else may. */
+  awaitingResume = false;
+  /** The first seq tracked here: 0, or `after_seq + 1` for a resume (earlier chunks arrived
+   * on an earlier connection). */
+  readonly firstSeq: number;
+  /** Client states MOVED (`moved`) and GONE (`resume_result` `not_found`), §5.8: nothing more
+   * about the request arrives on this connection but `cancel_result`s. */
+  endedHere: "moved" | "gone" | undefined;
+  /** Something about the request arrived (resumable, resume_result, chunk, step, response,
+   * moved): an `error` naming it can no longer be the refusal of its chat or resume. */
+  heard = false;
   nextSeq = 0;
-  /** Everything streamed so far, kept to check G3 while it can fit in a frame. */
+  /** Everything streamed so far (after a resume: since the resume), kept to check G3 while it
+   * can fit in a frame. */
   text = "";
   private textKept = true;
   /** Chunks not yet read by the consumer; only kept while someone streams (bounded). */
@@ -173,6 +206,13 @@ export class Exchange {
   nextStep = 0;
   /** Started steps not yet ended, on the wire (checked on arrival). */
   private readonly wireOpen = new Set<number>();
+  /** After a resume the steps started before it are unknown here (they are not replayed,
+   * §5.8): the first step started since sets the index (`stepsAnchored` false until then; it
+   * must only be above the steps seen ending), and a step below it that ends is one started
+   * before the resume, accepted once (`endedBefore`). For a chat: anchored at 0 from the start. */
+  private stepsAnchored: boolean;
+  private firstLiveStep: number;
+  private readonly endedBefore = new Set<number>();
   /** Started steps not yet ended among those taken in, by index. */
   private readonly openSteps = new Map<number, Step>();
   /** Steps that arrived behind unread chunks: each waits for the chunk of seq `before`. */
@@ -181,12 +221,27 @@ export class Exchange {
   halt: Halt | undefined;
   private listeners = new Set<() => void>();
 
-  constructor(chat: ChatMessage, user: string, private readonly observer: ExchangeObserver = {}) {
-    this.requestId = chat.request_id;
-    this.chatUserId = chat.user_id;
+  /** For a `chat`, or a `resume` of a request whose chat had `stream` (§5.8). */
+  constructor(start: ChatMessage | ResumeMessage, user: string, private readonly observer: ExchangeObserver = {}, stream = true) {
+    this.requestId = start.request_id;
+    this.chatUserId = start.user_id;
     this.user = user;
-    this.stream = chat.stream;
-    this.keepChunks = chat.stream;
+    if (start.type === "chat") {
+      this.stream = start.stream;
+      this.resumable = start.resumable === true;
+      this.firstSeq = 0;
+      this.stepsAnchored = true;
+      this.firstLiveStep = 0;
+    } else {
+      this.stream = stream;
+      this.resumable = true;
+      this.epoch = start.epoch;
+      this.awaitingResume = true;
+      this.firstSeq = this.nextSeq = start.after_seq === undefined ? 0 : start.after_seq + 1;
+      this.stepsAnchored = false;
+      this.firstLiveStep = Infinity;
+    }
+    this.keepChunks = this.stream;
     observer.onCreated?.(this);
   }
 
@@ -207,13 +262,24 @@ export class Exchange {
    * ended once, after it started. Taken in at once, or after the unread chunks before it. */
   addStep(step: Step): void {
     const id = this.requestId;
+    this.checkLive("step");
     if (this.response !== undefined) throw new ProtocolViolation(`step after the response of ${id}`, id);
+    this.heard = true;
     if (step.state === "started") {
+      if (!this.stepsAnchored && step.index >= this.nextStep) {
+        // The first step started since the resume: its index is not checked against history.
+        this.stepsAnchored = true;
+        this.nextStep = this.firstLiveStep = step.index;
+      }
       if (step.index !== this.nextStep) throw new ProtocolViolation(`step ${step.index} of ${id} started, expected ${this.nextStep}`, id);
       this.nextStep++;
       this.wireOpen.add(step.index);
     } else if (this.wireOpen.has(step.index)) {
       this.wireOpen.delete(step.index);
+    } else if (step.index < this.firstLiveStep && !this.endedBefore.has(step.index)) {
+      // Started before the resume, on an earlier connection: ends at most once here too.
+      this.endedBefore.add(step.index);
+      if (!this.stepsAnchored) this.nextStep = Math.max(this.nextStep, step.index + 1);
     } else {
       throw new ProtocolViolation(`step ${step.index} of ${id} ended but is not running`, id);
     }
@@ -246,6 +312,39 @@ export class Exchange {
     this.notify();
   }
 
+  /** Refuses a message about the request (`what`) that may not arrive now: before the
+   * `resume_result` of a resume, or after `moved` / a `not_found` resume (§5.8). */
+  checkLive(what: string): void {
+    const id = this.requestId;
+    if (this.awaitingResume) throw new ProtocolViolation(`${what} for ${id} before its resume_result`, id);
+    if (this.endedHere === "moved") throw new ProtocolViolation(`${what} for ${id} after it moved`, id);
+    if (this.endedHere === "gone") throw new ProtocolViolation(`${what} for ${id} after resume_result not_found`, id);
+  }
+
+  /** The `resumable` message (§3.13, §5.8): once, only for a chat that asked for it, before
+   * anything else about the request. */
+  setResumable(m: ResumableMessage): void {
+    const id = this.requestId;
+    this.checkLive("resumable");
+    if (!this.resumable) throw new ProtocolViolation(`resumable for ${id}, whose chat did not ask for it`, id);
+    if (this.epoch !== undefined) throw new ProtocolViolation(`a second resumable for ${id}`, id);
+    if (this.heard) throw new ProtocolViolation(`resumable for ${id} after other messages about it`, id);
+    this.heard = true;
+    this.epoch = m.epoch;
+    this.graceMs = m.grace_ms;
+    callBack(this.observer.onResumable, { requestId: id, epoch: m.epoch, graceMs: m.grace_ms });
+    this.notify();
+  }
+
+  /** Ends the request on this connection (MOVED or GONE, §5.8): its caller gets `error`. */
+  endHere(how: "moved" | "gone", error: MuxgateError): void {
+    this.heard = true;
+    this.endedHere = how;
+    if (!this.done) this.error = error;
+    this.keepChunks = false; // the chunks already received stay readable; no more come
+    this.notify();
+  }
+
   /** A `halt` arrived with `usage` (in the cancelled response or the usage message). */
   setHalt(halt: Halt | undefined, usage: Usage): void {
     if (halt === undefined) return;
@@ -260,7 +359,8 @@ export class Exchange {
 
   /** SPEC.md §5.6: nothing more will arrive about this request on this connection. */
   get finished(): boolean {
-    return (this.response !== undefined || this.refused) && !this.usagePending && this.pendingCancels.length === 0;
+    const ended = this.response !== undefined || this.refused || this.endedHere !== undefined;
+    return ended && !this.usagePending && this.pendingCancels.length === 0;
   }
 
   /** Resolves at the next change (a chunk, the answer, an error). */
@@ -447,25 +547,31 @@ export class Connection {
     }
   }
 
-  /** Sends `chat` once a stream slot is free; its exchange is registered when this resolves. */
-  async start(chat: ChatMessage, isAborted: () => boolean, observer?: ExchangeObserver): Promise<Exchange> {
-    this.checkUnique(chat.request_id);
+  /**
+   * Sends `chat` (or `resume`: the low-level way to continue a resumable request here, §5.8)
+   * once a stream slot is free; its exchange is registered when this resolves. For a resume,
+   * `stream` says whether the chat being resumed had `stream: true`.
+   */
+  async start(message: ChatMessage | ResumeMessage, isAborted: () => boolean, observer?: ExchangeObserver, stream = true): Promise<Exchange> {
+    const rid = message.request_id;
+    this.checkUnique(rid);
     while (this.exchanges.size >= this.limits.max_streams) {
       if (this.error !== undefined) throw this.error;
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
       if (isAborted()) throw new Error("aborted");
     }
     if (this.error !== undefined) throw this.error;
-    this.checkUnique(chat.request_id);
-    const exchange = new Exchange(chat, this.userOf(chat.user_id), observer);
-    this.send(chat);
-    this.exchanges.set(chat.request_id, exchange);
+    this.checkUnique(rid);
+    const exchange = new Exchange(message, this.userOf(message.user_id), observer, stream);
+    this.send(message);
+    this.exchanges.set(rid, exchange);
     return exchange;
   }
 
   private checkUnique(requestId: string): void {
-    // SPEC.md §5.6: unique per connection among unfinished requests. Refused here, because the
-    // gateway's error would be indistinguishable from one about the running request.
+    // SPEC.md §5.6: unique per connection among unfinished requests (a resume of a request
+    // running here is refused likewise, §5.8). Refused here, because the gateway's error would
+    // be indistinguishable from one about the running request.
     if (this.exchanges.has(requestId)) {
       throw new RequestRefused("duplicate_request_id", "request_id is active on this connection", requestId);
     }
@@ -578,7 +684,9 @@ export class Connection {
     switch (m.type) {
       case "chunk": {
         const ex = this.exchange(m.request_id, "chunk");
+        ex.checkLive("chunk");
         if (ex.response !== undefined) throw new ProtocolViolation(`chunk after the response of ${m.request_id}`, m.request_id);
+        ex.heard = true;
         if (!ex.stream) throw new ProtocolViolation(`chunk for non-streamed request ${m.request_id}`, m.request_id);
         if (m.seq !== ex.nextSeq) throw new ProtocolViolation(`chunk seq ${m.seq} of ${m.request_id}, expected ${ex.nextSeq}`, m.request_id);
         ex.nextSeq++;
@@ -602,10 +710,14 @@ export class Connection {
       }
       case "response": {
         const ex = this.exchange(m.request_id, "response");
+        ex.checkLive("response");
         if (ex.response !== undefined) throw new ProtocolViolation(`a second response for ${m.request_id}`, m.request_id);
-        if (m.status === "completed" && ex.stream && ex.textComplete && m.content !== ex.text) {
+        // After a resume only the chunks since it arrived here: the content ends with them (§5.8).
+        const matches = ex.firstSeq === 0 ? m.content === ex.text : m.content.endsWith(ex.text);
+        if (m.status === "completed" && ex.stream && ex.textComplete && !matches) {
           throw new ProtocolViolation(`content of ${m.request_id} differs from its chunks (G3)`, m.request_id);
         }
+        ex.heard = true;
         ex.response = toResponse(m);
         if (!m.usage.final) {
           ex.usagePending = true;
@@ -618,6 +730,7 @@ export class Connection {
       }
       case "usage": {
         const ex = this.exchange(m.request_id, "usage");
+        ex.checkLive("usage");
         if (!ex.usagePending) throw new ProtocolViolation(`usage for ${m.request_id} that announced none`, m.request_id);
         ex.usagePending = false;
         const final = toUsage(m.usage);
@@ -632,7 +745,11 @@ export class Connection {
         if (ex === undefined || ex.pendingCancels.length === 0) {
           throw new ProtocolViolation(`cancel_result for no cancel of ${m.request_id}`, m.request_id);
         }
-        if (!ex.refused) {
+        if (ex.awaitingResume && !ex.refused) {
+          throw new ProtocolViolation(`cancel_result for ${m.request_id} before its resume_result`, m.request_id);
+        }
+        // MOVED, GONE: the response went elsewhere (or nowhere), so any outcome may be true.
+        if (!ex.refused && ex.endedHere === undefined) {
           const status = ex.response?.status;
           const ok =
             m.status === "not_found" ||
@@ -641,6 +758,29 @@ export class Connection {
           if (!ok) throw new ProtocolViolation(`cancel_result ${m.status} for ${m.request_id} in state ${status ?? "active"}`, m.request_id);
         }
         ex.pendingCancels.shift()?.resolve(m.status);
+        this.maybeFinished(ex);
+        return;
+      }
+      case "resumable":
+        this.exchange(m.request_id, "resumable").setResumable(m);
+        return;
+      case "resume_result": {
+        const ex = this.exchange(m.request_id, "resume_result");
+        if (!ex.awaitingResume) throw new ProtocolViolation(`resume_result for ${m.request_id}, which awaits no resume`, m.request_id);
+        ex.awaitingResume = false;
+        ex.heard = true;
+        if (m.status === "not_found") ex.endHere("gone", new ResumeNotFound(m.request_id));
+        else ex.notify();
+        this.maybeFinished(ex);
+        return;
+      }
+      case "moved": {
+        const ex = this.exchange(m.request_id, "moved");
+        ex.checkLive("moved");
+        if (ex.response !== undefined) throw new ProtocolViolation(`moved after the response of ${m.request_id}`, m.request_id);
+        // Only a request some resume could name: its epoch came first (resumable, or our resume).
+        if (ex.epoch === undefined) throw new ProtocolViolation(`moved for ${m.request_id}, which is not resumable`, m.request_id);
+        ex.endHere("moved", new RequestMoved(m.request_id));
         this.maybeFinished(ex);
         return;
       }
@@ -670,9 +810,11 @@ export class Connection {
       else if (this.welcome === undefined) this.welcomed.reject(error);
       return;
     }
-    if (ex.response === undefined && !ex.refused && ex.nextSeq === 0 && ex.nextStep === 0) {
-      // The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
+    if (!ex.heard && !ex.refused) {
+      // The chat itself was refused (SPEC.md §3.3), or the resume (§3.4): no request exists
+      // here, no response follows.
       ex.refused = true;
+      ex.awaitingResume = false;
       ex.error = error;
       ex.keepChunks = false;
       ex.notify();

@@ -15,7 +15,11 @@
  *  │    │                       too_many_streams, duplicate_request_id, rate_limited
  *  │    └── Forbidden           valid credentials that may not act for that user (HTTP 403)
  *  ├── SlowConsumer             a stream's reader fell too far behind its bounded buffer
- *  └── RequestFailed            the request ended with status `failed` (.response)
+ *  ├── RequestFailed            the request ended with status `failed` (.response)
+ *  ├── RequestMoved             a resumable request was resumed on another connection
+ *  │                            (`moved`, SPEC.md §5.8): it goes on there, not here (.requestId)
+ *  └── ResumeNotFound           a `resume` found nothing to continue (`resume_result`
+ *                               `not_found`, SPEC.md §5.8) (.requestId)
  * ```
  *
  * A *cancelled* request is not an error: `chat()` resolves with its `Response` whose `status`
@@ -111,6 +115,33 @@ export class RequestFailed extends MuxgateError {
     super(`request ${response.requestId} failed: ${code}: ${message}`, code);
     this.response = response;
     this.requestId = response.requestId;
+  }
+}
+
+/**
+ * The request was resumed on another connection (a `moved` message, SPEC.md §5.8): nothing more
+ * about it comes on this one. Its stream ends here with this error, after the chunks received
+ * before the `moved`; the request itself goes on (its chunks and response go to the connection
+ * that resumed it), so this is not a cancel. `.code` is undefined: no wire error code.
+ */
+export class RequestMoved extends MuxgateError {
+  readonly requestId: string;
+  constructor(requestId: string) {
+    super(`request ${requestId} was resumed on another connection (moved)`);
+    this.requestId = requestId;
+  }
+}
+
+/**
+ * A `resume` found nothing to continue (`resume_result` `not_found`, SPEC.md §5.8): no such
+ * request of this user, another incarnation of the id (another epoch, or the gateway
+ * restarted), or it is no longer resumable (its grace period ended). Nothing about it follows.
+ */
+export class ResumeNotFound extends MuxgateError {
+  readonly requestId: string;
+  constructor(requestId: string) {
+    super(`nothing to resume for request ${requestId} (not_found)`);
+    this.requestId = requestId;
   }
 }
 

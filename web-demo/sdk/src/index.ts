@@ -18,5 +18,5 @@ export * as limits from "./limits.js";
 export { checkOutgoing, parseMessage, Float64, ExtValue, USAGE_FIGURES } from "./wire.js";
 export type {
   Message, ClientMessage, GatewayMessage, Sender, CancelStatus, CancelReason, ResponseStatus, Role, JsonValue,
-  StepMessage, WireHalt,
+  StepMessage, WireHalt, ResumeStatus, ResumeMessage, ResumableMessage, ResumeResultMessage, MovedMessage,
 } from "./wire.js";

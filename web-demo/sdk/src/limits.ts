@@ -15,6 +15,11 @@ export const MAX_MESSAGES = 512;
 export const MAX_METADATA_BYTES = 16_384;
 export const MAX_METADATA_DEPTH = 8;
 export const MAX_TIMEOUT_MS = 3_600_000;
+/** Largest `chat.grace_ms` and `resumable.grace_ms` (one hour): how long a resumable request
+ * may outlive its connection (SPEC.md §5.8). */
+export const MAX_GRACE_MS = 3_600_000;
+/** An `epoch` (`resumable`, `resume`, SPEC.md §3.13) matches this in full. */
+export const EPOCH_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 export const MAX_TOKEN_CHARS = 8192;
 export const MAX_CLIENT_KEY_CHARS = 256;
 export const MAX_REASON_CHARS = 256;

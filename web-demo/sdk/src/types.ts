@@ -1,10 +1,10 @@
 /** What the SDK hands back: camelCase views of the wire messages (SPEC.md §3). */
 
 import type {
-  CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, Role, StepState, UsageFigure,
+  CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, ResumeStatus, Role, StepState, UsageFigure,
 } from "./wire.js";
 
-export type { CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, Role, StepState, UsageFigure };
+export type { CancelReason, CancelStatus, HaltState, JsonValue, ResponseStatus, ResumeStatus, Role, StepState, UsageFigure };
 
 /** Token accounting of one request (SPEC.md §5.4). `final` false: the figures may still grow. */
 export interface Usage {
@@ -64,6 +64,15 @@ export interface Halt {
   aborted: boolean;
 }
 
+/** What the `resumable` message of a request says (SPEC.md §3.13): what a `resume` names. */
+export interface ResumableInfo {
+  requestId: string;
+  /** This incarnation of the request: give it to {@link ResumeParams.epoch}. */
+  epoch: string;
+  /** How long the gateway keeps the request after its connection closed, waiting for a resume. */
+  graceMs: number;
+}
+
 /** One piece of streamed text. Boundaries carry no meaning. */
 export interface Chunk {
   requestId: string;
@@ -111,6 +120,45 @@ export interface ChatParams {
   onStep?: (step: Step) => void;
   /** Called with the cancelled response's `halt` and usage, then (if that one was `pending`)
    * with the final `halted` one and the final usage. */
+  onHalt?: (halt: Halt, usage: Usage) => void;
+  /**
+   * Ask the gateway to keep the request through a closed connection (SPEC.md §5.8): the
+   * connection dropping detaches the request instead of cancelling it, and
+   * {@link Muxi.resumeStream} continues it on a new connection within the grace period.
+   * Default: true when `graceMs` or `onResumable` is given (then `false` is refused), else
+   * false. The gateway answers with the request's epoch and grace (`stream.epoch`,
+   * `stream.graceMs`, `onResumable`); a gateway older than §5.8 ignores it (they stay
+   * undefined, and a closed connection cancels the request as usual).
+   */
+  resumable?: boolean;
+  /** How long the gateway should keep the detached request waiting for a resume, in ms
+   * (1..3600000, `limits.MAX_GRACE_MS`); the gateway caps it (see `stream.graceMs`). */
+  graceMs?: number;
+  /** Called once with the request's epoch and granted grace, when its `resumable` message
+   * arrives (before any chunk): how a `chat()` caller learns what to resume. */
+  onResumable?: (info: ResumableInfo) => void;
+}
+
+/**
+ * {@link Muxi.resumeStream}: continue a resumable request of this user on this client's
+ * connection, from the chunk after `afterSeq` (SPEC.md §3.4, §5.8).
+ */
+export interface ResumeParams {
+  /** The request to continue. */
+  requestId: string;
+  /** Its epoch, from its `resumable` message (`stream.epoch`, `onResumable`). */
+  epoch: string;
+  /** The seq of the last chunk the caller has (`stream.lastSeq`); absent: none, replay all. */
+  afterSeq?: number;
+  /** The user the request is for (default: the client's `userId`). */
+  userId?: string;
+  /** Whether the chat being resumed had `stream: true` (default true; `chat()` sends false):
+   * a non-streamed request sends no chunks, only its whole content. */
+  stream?: boolean;
+  /** Aborting cancels the request on the gateway (a `cancel`) and rejects with `signal.reason`. */
+  signal?: AbortSignal;
+  /** As in {@link ChatParams.onStep}: the live steps (steps are not replayed, §5.8). */
+  onStep?: (step: Step) => void;
   onHalt?: (halt: Halt, usage: Usage) => void;
 }
 

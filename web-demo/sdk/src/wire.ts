@@ -19,6 +19,8 @@ export type Role = "system" | "user" | "assistant" | "tool";
 export type ResponseStatus = "completed" | "cancelled" | "failed";
 export type CancelReason = "client" | "api" | "timeout" | "disconnect" | "shutdown";
 export type CancelStatus = "cancelled" | "already_cancelled" | "already_completed" | "not_found";
+/** `resume_result.status` (SPEC.md §3.13, §5.8). */
+export type ResumeStatus = "resumed" | "not_found";
 export type StepState = "started" | "ended";
 export type HaltState = "pending" | "halted";
 
@@ -56,8 +58,14 @@ export interface ChatMessage {
   metadata?: { [key: string]: JsonValue };
   /** Ask for `step` messages and `halt` objects (§3.12); canonical: present only when true (§9). */
   steps?: boolean;
+  /** Survive a closed connection, resumable with `resume` (§5.8); canonical: present only when true (§9). */
+  resumable?: boolean;
+  /** How long a detached request waits for a `resume`, 1..MAX_GRACE_MS; only with `resumable: true`. */
+  grace_ms?: number;
 }
 export interface CancelMessage { type: "cancel"; request_id: string; user_id?: string; reason?: string }
+/** Continue a resumable request on this connection after the chunk `after_seq` (§3.4, §5.8). */
+export interface ResumeMessage { type: "resume"; request_id: string; epoch: string; after_seq?: number; user_id?: string }
 export interface PingMessage { type: "ping"; id?: string | number }
 export interface WelcomeMessage { type: "welcome"; connection_id: string; user_id?: string; limits: WireLimits }
 export interface ChunkMessage { type: "chunk"; request_id: string; seq: number; text: string }
@@ -82,17 +90,25 @@ export interface ResponseMessage {
 }
 export interface UsageMessage { type: "usage"; request_id: string; usage: WireUsage; halt?: WireHalt }
 export interface CancelResultMessage { type: "cancel_result"; request_id: string; status: CancelStatus }
+/** The first message about a chat with `resumable: true`: its incarnation and grace (§3.13). */
+export interface ResumableMessage { type: "resumable"; request_id: string; epoch: string; grace_ms: number }
+/** The answer to one `resume` (§3.13). */
+export interface ResumeResultMessage { type: "resume_result"; request_id: string; status: ResumeStatus }
+/** The request was resumed on another connection: nothing more about it comes on this one (§3.13). */
+export interface MovedMessage { type: "moved"; request_id: string }
 export interface ErrorMessage { type: "error"; code: string; message: string; request_id?: string }
 export interface PongMessage { type: "pong"; id?: string | number }
 
-export type ClientMessage = HelloMessage | ChatMessage | CancelMessage | PingMessage;
+export type ClientMessage = HelloMessage | ChatMessage | CancelMessage | ResumeMessage | PingMessage;
 export type GatewayMessage =
-  | WelcomeMessage | ChunkMessage | StepMessage | ResponseMessage | UsageMessage | CancelResultMessage | ErrorMessage
-  | PongMessage;
+  | WelcomeMessage | ChunkMessage | StepMessage | ResponseMessage | UsageMessage | CancelResultMessage
+  | ResumableMessage | ResumeResultMessage | MovedMessage | ErrorMessage | PongMessage;
 export type Message = ClientMessage | GatewayMessage;
 
-const CLIENT_TYPES = new Set(["hello", "chat", "cancel", "ping"]);
-const GATEWAY_TYPES = new Set(["welcome", "chunk", "step", "response", "usage", "cancel_result", "error", "pong"]);
+const CLIENT_TYPES = new Set(["hello", "chat", "cancel", "resume", "ping"]);
+const GATEWAY_TYPES = new Set([
+  "welcome", "chunk", "step", "response", "usage", "cancel_result", "resumable", "resume_result", "moved", "error", "pong",
+]);
 
 /** Marks msgpack maps that had `bin` keys (kept apart, SPEC.md §2.3): a non-enumerable count. */
 export const BIN_KEYS: unique symbol = Symbol("muxgate.binKeys");
@@ -144,6 +160,10 @@ function checkRequestId(v: unknown): asserts v is string {
   if (typeof v !== "string" || !limits.REQUEST_ID_PATTERN.test(v)) {
     throw invalid("request_id must be 1-128 characters of [A-Za-z0-9._:-]");
   }
+}
+
+function checkEpoch(v: unknown): asserts v is string {
+  if (typeof v !== "string" || !limits.EPOCH_PATTERN.test(v)) throw invalid("epoch must be 1-64 characters of [A-Za-z0-9._:-]");
 }
 
 function checkUserId(v: unknown): void {
@@ -326,6 +346,7 @@ const ROLES = ["system", "user", "assistant", "tool"] as const;
 const STATUSES = ["completed", "cancelled", "failed"] as const;
 const REASONS = ["client", "api", "timeout", "disconnect", "shutdown"] as const;
 const CANCEL_STATUSES = ["cancelled", "already_cancelled", "already_completed", "not_found"] as const;
+const RESUME_STATUSES = ["resumed", "not_found"] as const;
 
 function chatMessages(v: unknown): { role: Role; content: string }[] | undefined {
   if (v === undefined) return undefined;
@@ -369,9 +390,17 @@ function fromWire(type: string, o: Obj): Message {
       const meta = metadata(field(o, "metadata"));
       const steps = field(o, "steps") ?? false;
       checkBool("steps", steps);
+      const resumable = field(o, "resumable") ?? false;
+      checkBool("resumable", resumable);
+      const graceMs = field(o, "grace_ms");
+      if (graceMs !== undefined) {
+        if (!resumable) throw invalid("grace_ms is only for a resumable chat");
+        checkInt("grace_ms", graceMs, 1, limits.MAX_GRACE_MS);
+      }
       return ordered([
         ["type", type], ["request_id", requestId], ["message", message], ["messages", turns], ["stream", stream],
         ["user_id", userId], ["timeout_ms", timeoutMs], ["metadata", meta], ["steps", steps || undefined],
+        ["resumable", resumable || undefined], ["grace_ms", graceMs],
       ]);
     }
     case "cancel": {
@@ -382,6 +411,17 @@ function fromWire(type: string, o: Obj): Message {
       const reason = field(o, "reason");
       if (reason !== undefined) checkStr("reason", reason, limits.MAX_REASON_CHARS);
       return ordered([["type", type], ["request_id", requestId], ["user_id", userId], ["reason", reason]]);
+    }
+    case "resume": {
+      const requestId = field(o, "request_id", true);
+      checkRequestId(requestId);
+      const epoch = field(o, "epoch", true);
+      checkEpoch(epoch);
+      const afterSeq = field(o, "after_seq");
+      if (afterSeq !== undefined) checkInt("after_seq", afterSeq, 0, limits.MAX_SAFE_INTEGER);
+      const userId = field(o, "user_id");
+      checkUserId(userId);
+      return ordered([["type", type], ["request_id", requestId], ["epoch", epoch], ["after_seq", afterSeq], ["user_id", userId]]);
     }
     case "ping":
     case "pong": {
@@ -466,6 +506,27 @@ function fromWire(type: string, o: Obj): Message {
       const status = field(o, "status", true);
       checkEnum("status", status, CANCEL_STATUSES);
       return { type, request_id: requestId, status };
+    }
+    case "resumable": {
+      const requestId = field(o, "request_id", true);
+      checkRequestId(requestId);
+      const epoch = field(o, "epoch", true);
+      checkEpoch(epoch);
+      const graceMs = field(o, "grace_ms", true);
+      checkInt("grace_ms", graceMs, 1, limits.MAX_GRACE_MS);
+      return { type, request_id: requestId, epoch, grace_ms: graceMs };
+    }
+    case "resume_result": {
+      const requestId = field(o, "request_id", true);
+      checkRequestId(requestId);
+      const status = field(o, "status", true);
+      checkEnum("status", status, RESUME_STATUSES);
+      return { type, request_id: requestId, status };
+    }
+    case "moved": {
+      const requestId = field(o, "request_id", true);
+      checkRequestId(requestId);
+      return { type, request_id: requestId };
     }
     case "error": {
       const code = field(o, "code", true);
