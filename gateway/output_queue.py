@@ -65,6 +65,8 @@ __all__ = [
 
 
 MAX_FRAME = protocol.limits.MAX_FRAME_BYTES
+#: Most messages in one frame (SPEC.md §2.5: a receiver refuses more).
+MAX_MESSAGES = protocol.limits.MAX_BATCH_MESSAGES
 
 #: Pending texts of one request beyond which a turn coalesces them into one chunk.
 COALESCE_AFTER = 16
@@ -528,18 +530,23 @@ class FrameScheduler:
         return size
 
     def frames(self, parts: list[bytes], owners: list[OutputQueue | None]) -> Iterable[bytes]:
-        """The frames that carry a batch: one, or (batching off, or over MAX_FRAME_BYTES)
-        several, built lazily."""
+        """The frames that carry a batch: one, or (batching off, over MAX_FRAME_BYTES or over
+        MAX_BATCH_MESSAGES) several, built lazily."""
         if len(parts) == 1:
             return parts
-        if self.max_batch_bytes > 0 and sum(map(len, parts)) + len(parts) <= MAX_FRAME:
+        if (
+            self.max_batch_bytes > 0
+            and len(parts) <= MAX_MESSAGES
+            and sum(map(len, parts)) + len(parts) <= MAX_FRAME
+        ):
             return (protocol.join_batch(parts, self.codec),)
         return self._split(parts, owners, self.max_batch_bytes > 0)
 
     def _split(
         self, parts: list[bytes], owners: list[OutputQueue | None], batching: bool
     ) -> Iterator[bytes]:
-        """Frames of at most MAX_FRAME_BYTES (one message each without batching), built lazily.
+        """Frames of at most MAX_FRAME_BYTES and MAX_BATCH_MESSAGES (one message each without
+        batching), built lazily.
 
         The shell writes every frame after the first after an await (the previous send's
         drain), when a cancel may have been read: chunks of requests cancelled meanwhile are
@@ -550,7 +557,8 @@ class FrameScheduler:
         for part, owner in zip(parts, owners, strict=True):
             if not first and owner is not None and owner.cancelled:
                 continue
-            if group and (not batching or size + len(part) + 1 > MAX_FRAME):
+            full = size + len(part) + 1 > MAX_FRAME or len(group) == MAX_MESSAGES
+            if group and (not batching or full):
                 yield protocol.join_batch(group, self.codec) if len(group) > 1 else group[0]
                 first = False
                 group, size = [], 0

@@ -158,6 +158,24 @@ def test_a_batch_over_max_frame_is_split_into_frames_under_it() -> None:
     assert all(len(frame) <= MAX_FRAME for frame in frames)
 
 
+def test_a_batch_of_more_messages_than_a_frame_may_carry_is_split_by_count() -> None:
+    """SPEC.md §2.5: a receiver refuses a frame of more than MAX_BATCH_MESSAGES messages, however
+    small (a resume's replay is one turn of many chunks)."""
+    limit = protocol.limits.MAX_BATCH_MESSAGES
+    sched = scheduler(max_batch_bytes=1 << 22)
+    queues = [opened(sched, f"r{n}") for n in range(limit // COALESCE_AFTER + 2)]
+    for queue in queues:
+        for _ in range(COALESCE_AFTER):
+            queue.push("x")
+    parts, owners, _ = sched.next_batch()
+    assert len(parts) > limit
+    frames = list(sched.frames(parts, owners))
+    assert len(frames) == 2
+    for frame in frames:
+        assert len(decoded([frame])) <= limit
+    assert len(decoded(frames)) == len(parts)
+
+
 def test_round_robin_one_turn_per_queue_per_frame() -> None:
     """A queue that produces again after its turn goes behind the others: a busy request never
     starves a quiet one."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +41,11 @@ SLOW = {"tokens": 60, "token_delay_ms": 4, "plan_ms": 0, "tool_ms": 0}
 QUICK = {"tokens": 40, "token_delay_ms": 0, "plan_ms": 0, "tool_ms": 0}
 
 
-def _connection(gw: Gateway, client: WireClient) -> Connection:
+async def _connection(gw: Gateway, client: WireClient) -> Connection:
+    """The gateway's side of ``client``'s connection (named by its welcome)."""
+    if client.welcome is None:  # nothing sent yet: the welcome comes with the first answer
+        await client.send(protocol.Ping())
+        await client.wait_for(lambda: client.welcome is not None)
     assert client.welcome is not None
     (conn,) = [c for c in gw.connections if c.id == client.welcome.connection_id]
     return conn
@@ -47,10 +53,7 @@ def _connection(gw: Gateway, client: WireClient) -> Connection:
 
 async def drop(gw: Gateway, client: WireClient) -> None:
     """Cut the client's TCP connection and wait until the gateway has seen it go."""
-    if client.welcome is None:  # nothing sent yet: the welcome names the connection
-        await client.send(protocol.Ping())
-        await client.wait_for(lambda: client.welcome is not None)
-    conn = _connection(gw, client)
+    conn = await _connection(gw, client)
     client.abort()
     async with asyncio.timeout(5):
         await conn.wait_ended()
@@ -70,6 +73,20 @@ def joined(*tracks: Track) -> str:
     seqs = [c.seq for c in chunks]
     assert seqs == list(range(len(seqs))), f"gap or duplicate: {seqs}"
     return "".join(c.text for c in chunks)
+
+
+def ending(tracks: list[Track]) -> protocol.Response:
+    """The one response of a request tracked over several connections. What an earlier
+    connection still received about it after the client resumed it elsewhere is what a client
+    ignores (SPEC.md §5.8): a response already on its way there is replayed on the new one."""
+    responses = []
+    for track, following in zip(tracks, (*tracks[1:], None), strict=True):
+        if track.response is None or track.response_at is None:
+            continue
+        if following is None or track.response_at < following.opened_at:
+            responses.append(track.response)
+    (response,) = responses
+    return response
 
 
 def last_seq(track: Track) -> int | None:
@@ -459,7 +476,7 @@ async def test_random_drops_moves_resumes_and_cancels_keep_every_stream_whole(se
             if not done(rid):
                 await client.response(rid, timeout=20)
         for rid in rids:
-            (response,) = [t.response for t in tracks[rid] if t.response is not None]
+            response = ending(tracks[rid])
             if response.status is ResponseStatus.COMPLETED:
                 # (a Stop may have lost the race to the end)
                 assert joined(*tracks[rid]) == response.content
@@ -468,3 +485,104 @@ async def test_random_drops_moves_resumes_and_cancels_keep_every_stream_whole(se
                 assert rid in cancelled
                 assert response.reason in (CancelReason.CLIENT, CancelReason.API)
         assert gw.resumables.detached == 0 or all(done(r) for r in rids)
+
+
+# -- through a proxy process that loses traffic, then resets --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def chaos_proxy(gw: Gateway) -> AsyncIterator[tuple[str, Any]]:
+    """``tests/gateway/chaos_proxy.py`` in front of ``gw``: yields its WebSocket URL and a
+    function sending it a command (``drop``, ``cut``) and awaiting its ``ok``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).with_name("chaos_proxy.py")),
+        str(gw.port),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    try:
+        async with asyncio.timeout(10):
+            port = int((await stdout.readline()).split()[1])
+
+        async def command(what: str) -> None:
+            stdin.write(what.encode() + b"\n")
+            await stdin.drain()
+            async with asyncio.timeout(10):
+                assert (await stdout.readline()).strip() == b"ok"
+
+        yield f"ws://127.0.0.1:{port}/v1/ws", command
+    finally:
+        stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+async def test_a_proxy_that_loses_traffic_then_resets_costs_no_word(seed: int) -> None:
+    """60 resumable requests through a proxy process. At random moments the proxy first loses
+    the traffic both ways (chunks the gateway wrote never arrive), then resets both sides; the
+    client reconnects through it and resumes every request from the last ``seq`` it really
+    received; some requests are cancelled over HTTP meanwhile. Every request ends once, and
+    the completed ones join to their content."""
+    rng = random.Random(seed)
+    rids = [f"p{i}" for i in range(60)]
+    tracks: dict[str, list[Track]] = {rid: [] for rid in rids}
+    epochs: dict[str, str] = {}
+    cancelled: set[str] = set()
+    meta = {"tokens": 120, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
+
+    def done(rid: str) -> bool:
+        return any(t.response is not None for t in tracks[rid])
+
+    def last(rid: str) -> int | None:
+        seqs = [c.seq for t in tracks[rid] for c in t.chunks]
+        return max(seqs) if seqs else None
+
+    async with (
+        gateway(max_streams=64) as gw,
+        chaos_proxy(gw) as (url, command),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        client = await stack.enter_async_context(WireClient.open(url))
+        for rid in rids:
+            tracks[rid].append(await client.chat(rid, resumable=True, metadata=meta))
+        for rid in rids:
+            epochs[rid] = (await client.resumable(rid)).epoch
+        for round_ in range(5):
+            goal = rng.randint(1, 60 * (round_ + 1))
+
+            def reached(goal: int = goal) -> bool:
+                received = sum(len(t.chunks) for ts in tracks.values() for t in ts)
+                return received >= goal or all(done(r) for r in rids)
+
+            await client.wait_for(reached)
+            for rid in rng.sample(rids, 4):
+                if rid not in cancelled:
+                    cancelled.add(rid)
+                    await http("DELETE", f"{gw.http_url}/v1/requests/{rid}")
+            conn = await _connection(gw, client)
+            client.aborted = True  # what follows is the network's doing, not a violation
+            await command("drop")
+            await command("cut")
+            async with asyncio.timeout(5):
+                await conn.wait_ended()
+            client = await stack.enter_async_context(WireClient.open(url))
+            for rid in rids:
+                if not done(rid):
+                    tracks[rid].append(await client.resume(rid, epochs[rid], last(rid)))
+        for rid in rids:
+            if not done(rid):
+                await client.response(rid, timeout=30)
+        for rid in rids:
+            response = ending(tracks[rid])
+            if response.status is ResponseStatus.COMPLETED:
+                assert joined(*tracks[rid]) == response.content
+            else:
+                assert response.status is ResponseStatus.CANCELLED
+                assert response.reason is CancelReason.API
+                assert rid in cancelled

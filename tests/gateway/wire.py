@@ -63,6 +63,8 @@ class Track:
     resumable: Resumable | None = None
     resume_results: list[ResumeResult] = field(default_factory=list)
     moved: bool = False
+    #: monotonic time the chat or resume that opened this track was sent
+    opened_at: float = field(default_factory=time.monotonic)
 
 
 class WireClient:
