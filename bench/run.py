@@ -70,7 +70,17 @@ from procstat import cpu_seconds, raise_nofile, rss_bytes
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PY = sys.executable
-SCENARIOS = ("throughput", "cancel", "connections", "halt", "codec", "attack", "model", "tools")
+SCENARIOS = (
+    "throughput",
+    "cancel",
+    "connections",
+    "halt",
+    "resume",
+    "codec",
+    "attack",
+    "model",
+    "tools",
+)
 #: The attack scenario: (attack in bench/attacks.py or "baseline", label, extra gateway flags).
 ATTACKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("baseline", "none (baseline)", ()),
@@ -660,6 +670,38 @@ class Bench:
         if not line:
             raise RuntimeError(f"loadgen connections exited ({proc.poll()})")
         return dict(json.loads(line))
+
+    # -- scenario: resume ------------------------------------------------------------------------
+
+    def resume(self) -> dict[str, Any]:
+        """Resumable streams (issue 16): a dropped connection's streams resumed on a new one,
+        cut to first replayed chunk; RSS per detached request (bench/resume_load.py)."""
+        q = self.quick
+        args = ("--drops", "4", "--detach", "100") if q else ("--drops", "40", "--detach", "2000")
+        with self.pinned() as cpus, self.server("gateway", name="resume") as srv:
+            argv = [PY, str(BENCH / "resume_load.py"), "--url", srv.url]
+            argv += ["--server-pid", str(srv.pid), *args]
+            r = subprocess.run(
+                argv,
+                cwd=ROOT,
+                env=_env(),
+                capture_output=True,
+                timeout=300,
+                check=False,
+                preexec_fn=_pinned(self._cpus[1] if self._cpus else None),
+            )
+        if r.returncode != 0 or not r.stdout.strip():
+            raise RuntimeError(f"resume_load failed ({r.returncode}): {r.stderr.decode()[-3000:]}")
+        result = dict(json.loads(r.stdout.splitlines()[-1]))
+        result["cpus"] = cpus
+        first, mem = result["cut_to_first_chunk"], result["memory"]
+        self.log(
+            f"  {result['resumed_streams']} streams resumed over {result['drops']} cuts: cut -> "
+            f"first replayed chunk p50 {first.get('p50_ms')} p99 {first.get('p99_ms')} ms; gaps "
+            f"{result['gaps']} repeats {result['repeats']}; "
+            f"{mem['kib_per_detached_request']} KiB per detached request ({mem['detached']})"
+        )
+        return result
 
     # -- scenario 4 ------------------------------------------------------------------------------
 
@@ -1438,6 +1480,29 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_f(t['mean'], 3)} | {_f(t['over_target_1'])} |",
             "",
         ]
+    rs = s.get("resume")
+    if rs and "cut_to_first_chunk" in rs:
+        first, result, mem = rs["cut_to_first_chunk"], rs["cut_to_resume_result"], rs["memory"]
+        lines += [
+            "## Resumable streams (issue 16)",
+            "",
+            f"{rs['conns']} connections x {rs['streams_per_conn']} resumable streams at "
+            f"{rs['token_delay_ms']} ms per token; {rs['drops']} times a connection is cut (TCP "
+            "abort) and its streams resumed on a new one (TCP and WebSocket handshakes "
+            f"included), each having lost its last {rs['lost_per_cut_stream']} chunks in flight. "
+            "Memory: resumable streams detached at once by cutting their connections, against "
+            "as many plain streams opened and closed before.",
+            "",
+            "| streams resumed | cut -> resume_result p50 / p99 ms | cut -> first replayed "
+            "chunk p50 / p99 / max ms | gaps | repeats | not found | KiB per detached request |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {_f(rs['resumed_streams'])} | {_f(result.get('p50_ms'))} / "
+            f"{_f(result.get('p99_ms'))} | {_f(first.get('p50_ms'))} / {_f(first.get('p99_ms'))} "
+            f"/ {_f(first.get('max_ms'))} | {_f(rs['gaps'])} | {_f(rs['repeats'])} | "
+            f"{_f(rs['not_found'])} | {_f(mem['kib_per_detached_request'])} "
+            f"({_f(mem['detached'])} detached) |",
+            "",
+        ]
     cd = s.get("codec")
     if cd and "results" in cd:
         lines += [
@@ -1694,6 +1759,7 @@ def main() -> int:
         "cancel": bench.cancel,
         "connections": bench.connections,
         "halt": bench.halt,
+        "resume": bench.resume,
         "codec": bench.codec,
         "attack": bench.attack,
         "model": bench.model,

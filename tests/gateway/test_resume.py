@@ -421,6 +421,72 @@ async def test_tombstones_are_per_user_and_can_be_turned_off() -> None:
 # -- randomized ---------------------------------------------------------------------------
 
 
+class Requests:
+    """Resumable requests followed over the connections a randomized test opens and loses:
+    each request's tracks (one per connection it was on), its epoch, and the Stops sent."""
+
+    def __init__(self, rids: list[str], rng: random.Random) -> None:
+        self.rids = rids
+        self.rng = rng
+        self.tracks: dict[str, list[Track]] = {rid: [] for rid in rids}
+        self.epochs: dict[str, str] = {}
+        self.cancelled: set[str] = set()
+
+    def done(self, rid: str) -> bool:
+        return any(t.response is not None for t in self.tracks[rid])
+
+    def last(self, rid: str) -> int | None:
+        seqs = [c.seq for t in self.tracks[rid] for c in t.chunks]
+        return max(seqs) if seqs else None
+
+    async def start(self, client: WireClient, metadata: dict[str, int]) -> None:
+        for rid in self.rids:
+            self.tracks[rid].append(await client.chat(rid, resumable=True, metadata=metadata))
+        for rid in self.rids:
+            self.epochs[rid] = (await client.resumable(rid)).epoch
+
+    async def some_progress(self, client: WireClient, most: int) -> None:
+        """Until a random number of chunks (up to ``most``) arrived in all, or all ended."""
+        goal = self.rng.randint(1, most)
+
+        def reached() -> bool:
+            received = sum(len(t.chunks) for ts in self.tracks.values() for t in ts)
+            return received >= goal or all(self.done(r) for r in self.rids)
+
+        await client.wait_for(reached)
+
+    async def stop_some(self, gw: Gateway, client: WireClient | None, n: int) -> None:
+        """Stop ``n`` random requests (again, for some): by frame on ``client``, else HTTP."""
+        for rid in self.rng.sample(self.rids, n):
+            if rid in self.cancelled:
+                continue
+            self.cancelled.add(rid)
+            if client is not None and self.rng.random() < 0.5:
+                await client.cancel(rid)
+            else:
+                await http("DELETE", f"{gw.http_url}/v1/requests/{rid}")
+
+    async def resume_all(self, client: WireClient) -> None:
+        for rid in self.rids:
+            if not self.done(rid):
+                self.tracks[rid].append(await client.resume(rid, self.epochs[rid], self.last(rid)))
+
+    async def check(self, client: WireClient) -> None:
+        """Each request ends once; completed ones join to their content; cancelled ones were
+        Stopped (the others never are)."""
+        for rid in self.rids:
+            if not self.done(rid):
+                await client.response(rid, timeout=30)
+        for rid in self.rids:
+            response = ending(self.tracks[rid])
+            if response.status is ResponseStatus.COMPLETED:  # (a Stop may lose to the end)
+                assert joined(*self.tracks[rid]) == response.content
+            else:
+                assert response.status is ResponseStatus.CANCELLED
+                assert response.reason in (CancelReason.CLIENT, CancelReason.API)
+                assert rid in self.cancelled
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_drops_moves_resumes_and_cancels_keep_every_stream_whole(seed: int) -> None:
     """Requests spread over connections that are cut (TCP abort) or abandoned to a resume
@@ -429,62 +495,20 @@ async def test_random_drops_moves_resumes_and_cancels_keep_every_stream_whole(se
     exactly one response (the strict client refuses a second, a chunk after it, a gap, a
     repeat or a wrong content); completed ones join to their content over all connections."""
     rng = random.Random(seed)
-    rids = [f"r{i}" for i in range(24)]
-    tracks: dict[str, list[Track]] = {rid: [] for rid in rids}
-    epochs: dict[str, str] = {}
-    cancelled: set[str] = set()
-    meta = {"tokens": 80, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
-
-    def done(rid: str) -> bool:
-        return any(t.response is not None for t in tracks[rid])
-
-    def last(rid: str) -> int | None:
-        seqs = [c.seq for t in tracks[rid] for c in t.chunks]
-        return max(seqs) if seqs else None
-
+    requests = Requests([f"r{i}" for i in range(24)], rng)
     async with gateway(max_streams=64) as gw, contextlib.AsyncExitStack() as stack:
         client = await stack.enter_async_context(WireClient.open(gw.url))
-        for rid in rids:
-            tracks[rid].append(await client.chat(rid, resumable=True, metadata=meta))
-        for rid in rids:
-            epochs[rid] = (await client.resumable(rid)).epoch
+        await requests.start(client, {"tokens": 80, "token_delay_ms": 1, "plan_ms": 0})
         for round_ in range(6):
-            goal = rng.randint(1, 40 * (round_ + 1))  # chunks received before the next cut
-
-            def reached(goal: int = goal) -> bool:
-                received = sum(len(t.chunks) for ts in tracks.values() for t in ts)
-                return received >= goal or all(done(r) for r in rids)
-
-            await client.wait_for(reached)
-            for rid in rng.sample(rids, 3):  # a few Stops, over this connection or HTTP
-                if rid in cancelled:
-                    continue
-                cancelled.add(rid)
-                if rng.random() < 0.5:
-                    await client.cancel(rid)
-                else:
-                    await http("DELETE", f"{gw.http_url}/v1/requests/{rid}")
+            await requests.some_progress(client, 40 * (round_ + 1))
+            await requests.stop_some(gw, client, 3)
             old = client
             client = await stack.enter_async_context(WireClient.open(gw.url))
             if rng.random() < 0.5:
                 await drop(gw, old)  # cut: everything detaches
             # else: the old connection stays open; each resume below moves a request away
-            for rid in rids:
-                if not done(rid):
-                    tracks[rid].append(await client.resume(rid, epochs[rid], last(rid)))
-        for rid in rids:
-            if not done(rid):
-                await client.response(rid, timeout=20)
-        for rid in rids:
-            response = ending(tracks[rid])
-            if response.status is ResponseStatus.COMPLETED:
-                # (a Stop may have lost the race to the end)
-                assert joined(*tracks[rid]) == response.content
-            else:
-                assert response.status is ResponseStatus.CANCELLED
-                assert rid in cancelled
-                assert response.reason in (CancelReason.CLIENT, CancelReason.API)
-        assert gw.resumables.detached == 0 or all(done(r) for r in rids)
+            await requests.resume_all(client)
+        await requests.check(client)
 
 
 # -- through a proxy process that loses traffic, then resets --------------------------------
@@ -522,49 +546,24 @@ async def chaos_proxy(gw: Gateway) -> AsyncIterator[tuple[str, Any]]:
         await proc.wait()
 
 
-@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize("seed", [7, 8, 9])
 async def test_a_proxy_that_loses_traffic_then_resets_costs_no_word(seed: int) -> None:
     """60 resumable requests through a proxy process. At random moments the proxy first loses
     the traffic both ways (chunks the gateway wrote never arrive), then resets both sides; the
     client reconnects through it and resumes every request from the last ``seq`` it really
     received; some requests are cancelled over HTTP meanwhile. Every request ends once, and
     the completed ones join to their content."""
-    rng = random.Random(seed)
-    rids = [f"p{i}" for i in range(60)]
-    tracks: dict[str, list[Track]] = {rid: [] for rid in rids}
-    epochs: dict[str, str] = {}
-    cancelled: set[str] = set()
-    meta = {"tokens": 120, "token_delay_ms": 1, "plan_ms": 0, "tool_ms": 0}
-
-    def done(rid: str) -> bool:
-        return any(t.response is not None for t in tracks[rid])
-
-    def last(rid: str) -> int | None:
-        seqs = [c.seq for t in tracks[rid] for c in t.chunks]
-        return max(seqs) if seqs else None
-
+    requests = Requests([f"p{i}" for i in range(60)], random.Random(seed))
     async with (
         gateway(max_streams=64) as gw,
         chaos_proxy(gw) as (url, command),
         contextlib.AsyncExitStack() as stack,
     ):
         client = await stack.enter_async_context(WireClient.open(url))
-        for rid in rids:
-            tracks[rid].append(await client.chat(rid, resumable=True, metadata=meta))
-        for rid in rids:
-            epochs[rid] = (await client.resumable(rid)).epoch
+        await requests.start(client, {"tokens": 120, "token_delay_ms": 1, "plan_ms": 0})
         for round_ in range(5):
-            goal = rng.randint(1, 60 * (round_ + 1))
-
-            def reached(goal: int = goal) -> bool:
-                received = sum(len(t.chunks) for ts in tracks.values() for t in ts)
-                return received >= goal or all(done(r) for r in rids)
-
-            await client.wait_for(reached)
-            for rid in rng.sample(rids, 4):
-                if rid not in cancelled:
-                    cancelled.add(rid)
-                    await http("DELETE", f"{gw.http_url}/v1/requests/{rid}")
+            await requests.some_progress(client, 60 * (round_ + 1))
+            await requests.stop_some(gw, None, 4)
             conn = await _connection(gw, client)
             client.aborted = True  # what follows is the network's doing, not a violation
             await command("drop")
@@ -572,17 +571,5 @@ async def test_a_proxy_that_loses_traffic_then_resets_costs_no_word(seed: int) -
             async with asyncio.timeout(5):
                 await conn.wait_ended()
             client = await stack.enter_async_context(WireClient.open(url))
-            for rid in rids:
-                if not done(rid):
-                    tracks[rid].append(await client.resume(rid, epochs[rid], last(rid)))
-        for rid in rids:
-            if not done(rid):
-                await client.response(rid, timeout=30)
-        for rid in rids:
-            response = ending(tracks[rid])
-            if response.status is ResponseStatus.COMPLETED:
-                assert joined(*tracks[rid]) == response.content
-            else:
-                assert response.status is ResponseStatus.CANCELLED
-                assert response.reason is CancelReason.API
-                assert rid in cancelled
+            await requests.resume_all(client)
+        await requests.check(client)
