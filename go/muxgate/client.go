@@ -8,7 +8,6 @@ import (
 	"errors"
 	"iter"
 	"math/big"
-	mrand "math/rand/v2"
 	"net/http"
 	"sync"
 	"time"
@@ -19,7 +18,9 @@ import (
 // Client is a client of a muxgate gateway: one WebSocket, any number of concurrent requests,
 // multiplexed by request id. It is safe for concurrent use by many goroutines. The connection
 // opens on the first call, and reopens (with backoff while the gateway is unreachable) on the
-// next call after it dropped. Close it when done.
+// next call after it dropped, or at once by itself when resumable requests (ChatRequest.
+// Resumable) were running on it: it resumes them, and their calls and streams go on
+// (WithAutoResume). Close it when done.
 type Client struct {
 	s    settings
 	sErr error // a bad option or environment value, reported by every call
@@ -35,6 +36,12 @@ type Client struct {
 	dialing  *dialCall
 	closed   bool
 	starting map[string]*announcement
+
+	// Automatic resume (resume.go).
+	detached []*detachedReq // resumable requests whose connection dropped, not resumed yet
+	resuming bool           // the resumer goroutine runs
+	flaps    int            // connections in a row that dropped soon after they opened
+	since    time.Time      // the first drop since the last stable connection
 }
 
 // announcement is a request whose chat is not on the wire yet, so that a CancelRequest for
@@ -44,9 +51,11 @@ type announcement struct {
 }
 
 type dialCall struct {
-	done chan struct{}
-	conn *conn
-	err  error
+	done     chan struct{}
+	deadline time.Time // the last attempt starts before it
+	conn     *conn
+	err      error
+	last     error // the latest attempt's error, under Client.mu (read while dialing)
 }
 
 // NewClient returns a client; nothing is opened until the first call. An invalid option or
@@ -98,20 +107,30 @@ func (c *Client) Close() error {
 
 // connection returns the open connection, dialing if needed; concurrent callers share one dial.
 func (c *Client) connection(ctx context.Context) (*conn, error) {
+	conn, _, err := c.connectionUntil(ctx, time.Time{})
+	return conn, err
+}
+
+// connectionUntil is connection for a caller that wants a new dial to keep trying until
+// deadline (if later than the connect timeout); d is the dial it waited for, if any.
+func (c *Client) connectionUntil(ctx context.Context, deadline time.Time) (*conn, *dialCall, error) {
 	for {
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
-			return nil, ErrClosed
+			return nil, nil, ErrClosed
 		}
 		if c.conn != nil && c.conn.alive() {
 			conn := c.conn
 			c.mu.Unlock()
-			return conn, nil
+			return conn, nil, nil
 		}
 		d := c.dialing
 		if d == nil {
-			d = &dialCall{done: make(chan struct{})}
+			d = &dialCall{done: make(chan struct{}), deadline: time.Now().Add(c.s.connectTimeout)}
+			if deadline.After(d.deadline) {
+				d.deadline = deadline
+			}
 			c.dialing = d
 			c.wg.Add(1)
 			go c.dial(d)
@@ -120,34 +139,42 @@ func (c *Client) connection(ctx context.Context) (*conn, error) {
 		select {
 		case <-d.done:
 			if d.err != nil {
-				return nil, d.err
+				return nil, d, d.err
 			}
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, d, ctx.Err()
 		}
 	}
 }
 
 // dial opens a connection for everyone waiting, retrying transient failures (refused, 503 while
 // a gateway drains, a gateway restarting) with exponential backoff and jitter, within the
-// connect timeout. Unauthorized and protocol mismatches are not retried.
+// connect timeout (or the resumer's deadline). Unauthorized and protocol mismatches are not
+// retried.
 func (c *Client) dial(d *dialCall) {
 	defer c.wg.Done()
-	ctx, cancel := context.WithTimeout(c.ctx, c.s.connectTimeout)
+	ctx, cancel := context.WithDeadline(c.ctx, d.deadline)
 	defer cancel()
-	backoff := 50 * time.Millisecond
+	var onDrop func(*conn, []*exchange, error)
+	if c.s.autoResume {
+		onDrop = c.onDrop
+	}
+	backoff := minBackoff
 	for {
-		conn, err := dial(ctx, &c.s)
+		conn, err := dial(ctx, &c.s, onDrop)
 		if err == nil {
 			d.conn = conn
 			break
 		}
 		d.err = err
+		c.mu.Lock()
+		d.last = err
+		c.mu.Unlock()
 		if !retryable(err) {
 			break
 		}
-		wait := backoff/2 + mrand.N(backoff/2+1)
-		backoff = min(backoff*2, 2*time.Second)
+		wait := jitter(backoff)
+		backoff = min(backoff*2, maxBackoff)
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -317,32 +344,26 @@ func (c *Client) open(ctx context.Context, id string, a *announcement, send func
 	return nil, nil, err
 }
 
-// await waits for e's terminal response. When ctx ends first, the cancel frame is already on
-// its way (AfterFunc); await then waits at most the cancel wait for the cancelled response and
-// returns a *CancelledError wrapping ctx.Err().
-func (c *Client) await(ctx context.Context, conn *conn, e *exchange) (*Response, error) {
-	select {
-	case <-e.done:
-		return outcome(e)
-	case <-ctx.Done():
+// await waits for the request's terminal response (on whichever connection it runs). When ctx
+// ends first, the cancel frame is already on its way (AfterFunc; or queued for after the
+// resume of a request whose connection dropped); await then waits at most the cancel wait
+// for the cancelled response and returns a *CancelledError wrapping ctx.Err().
+func (c *Client) await(ctx context.Context, h *handle) (*Response, error) {
+	if h.waitDone(ctx.Done()) {
+		return outcome(h.exchange())
 	}
-	conn.stop(e)
-	conn.mu.Lock()
-	answered := e.isDone() && !e.cancelSent
-	conn.mu.Unlock()
+	answered := false
+	_, e := h.do(func(cn *conn, e *exchange) {
+		answered = e.isDone() && !e.cancelSent
+		cn.stopLocked(e)
+	})
 	if answered { // the response came before the context ended: it is the answer
 		return outcome(e)
 	}
-	t := time.NewTimer(c.s.cancelWait)
-	defer t.Stop()
-	select {
-	case <-e.done:
-	case <-t.C:
-	}
-	conn.mu.Lock()
-	resp := e.response
-	conn.mu.Unlock()
-	return nil, &CancelledError{RequestID: e.id, Response: resp, Cause: ctx.Err()}
+	wctx, cancel := context.WithTimeout(context.Background(), c.s.cancelWait)
+	h.waitDone(wctx.Done())
+	cancel()
+	return nil, &CancelledError{RequestID: h.id, Response: h.response(), Cause: ctx.Err()}
 }
 
 func outcome(e *exchange) (*Response, error) {
@@ -356,50 +377,48 @@ func outcome(e *exchange) (*Response, error) {
 }
 
 func (c *Client) run(ctx context.Context, chat *protocol.Chat, a *announcement, onStep func(Step)) (*Response, error) {
-	conn, e, err := c.start(ctx, chat, a, onStep != nil)
+	cn, e, err := c.start(ctx, chat, a, onStep != nil)
 	if err != nil {
 		return nil, err
 	}
-	stop := context.AfterFunc(ctx, func() { conn.stop(e) })
+	h := newHandle(cn, e)
+	stop := context.AfterFunc(ctx, h.stop)
 	defer stop()
 	if onStep != nil { // hand the steps to onStep on this goroutine while waiting
 		for {
-			conn.mu.Lock()
-			events := e.events
-			e.events, e.bufBytes = nil, 0
-			done, overflowed := e.isDone(), e.overflowed
-			conn.mu.Unlock()
+			var events []Event
+			var done, overflowed bool
+			var notify chan struct{}
+			h.do(func(_ *conn, e *exchange) {
+				events = e.events
+				e.events, e.bufBytes = nil, 0
+				done, overflowed, notify = e.isDone(), e.overflowed, e.notify
+			})
 			for _, ev := range events {
 				onStep(*ev.Step)
 			}
 			if overflowed {
-				return nil, c.slowConsumer(conn, e)
+				return nil, c.slowConsumer(h)
 			}
 			if done || ctx.Err() != nil {
 				break
 			}
 			select {
-			case <-e.notify:
+			case <-notify:
 			case <-ctx.Done():
 			}
 		}
 	}
-	return c.await(ctx, conn, e)
+	return c.await(ctx, h)
 }
 
 // slowConsumer ends a request whose consumer fell behind (its buffer overflowed, the cancel is
 // sent): it waits at most the cancel wait for the cancelled response.
-func (c *Client) slowConsumer(conn *conn, e *exchange) error {
-	t := time.NewTimer(c.s.cancelWait)
-	select {
-	case <-e.done:
-	case <-t.C:
-	}
-	t.Stop()
-	conn.mu.Lock()
-	resp := e.response
-	conn.mu.Unlock()
-	return &CancelledError{RequestID: e.id, Response: resp, Cause: ErrSlowConsumer}
+func (c *Client) slowConsumer(h *handle) error {
+	wctx, cancel := context.WithTimeout(context.Background(), c.s.cancelWait)
+	h.waitDone(wctx.Done())
+	cancel()
+	return &CancelledError{RequestID: h.id, Response: h.response(), Cause: ErrSlowConsumer}
 }
 
 // Chat sends one chat (stream false) and returns its Response: completed, or cancelled when
@@ -494,21 +513,22 @@ func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chu
 			return
 		}
 		onStep := req.OnStep
-		conn, e, err := c.start(ctx, chat, a, onStep != nil)
+		cn, e, err := c.start(ctx, chat, a, onStep != nil)
 		if err != nil {
 			yield(Chunk{}, err)
 			return
 		}
-		stop := context.AfterFunc(ctx, func() { conn.stop(e) })
+		h := newHandle(cn, e)
+		stop := context.AfterFunc(ctx, h.stop)
 		defer stop()
 		finished := false
 		defer func() {
 			if !finished {
-				conn.stop(e) // the loop was left early (break, return, panic)
+				h.stop() // the loop was left early (break, return, panic)
 			}
 		}()
 		for {
-			ev, more, err := c.next(ctx, conn, e)
+			ev, more, err := c.next(ctx, h)
 			if more {
 				if ev.Step != nil {
 					onStep(*ev.Step)
@@ -529,36 +549,39 @@ func (c *Client) ChatStream(ctx context.Context, req *ChatRequest) iter.Seq2[Chu
 }
 
 // next returns the next event (more), or the stream's end: nil after a completed request,
-// else its error.
-func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Event, bool, error) {
+// else its error. It follows the request across the connections it is resumed on.
+func (c *Client) next(ctx context.Context, h *handle) (Event, bool, error) {
 	for {
 		if ctx.Err() != nil {
-			_, err := c.await(ctx, conn, e)
+			_, err := c.await(ctx, h)
 			if err == nil { // answered before the context ended, but the consumer stops here
-				err = &CancelledError{RequestID: e.id, Response: e.response, Cause: ctx.Err()}
+				err = &CancelledError{RequestID: h.id, Response: h.response(), Cause: ctx.Err()}
 			}
 			return Event{}, false, err
 		}
-		conn.mu.Lock()
-		if len(e.events) > 0 {
-			ev := e.events[0]
-			e.events[0] = Event{}
-			e.events = e.events[1:]
-			if ev.Step != nil {
-				e.bufBytes -= stepCost + len(ev.Step.Kind) + len(ev.Step.Name)
-			} else {
-				e.bufBytes -= len(ev.Chunk.Text)
+		var ev Event
+		var got, overflowed, done bool
+		var notify chan struct{}
+		_, e := h.do(func(_ *conn, e *exchange) {
+			if len(e.events) > 0 {
+				ev, got = e.events[0], true
+				e.events[0] = Event{}
+				e.events = e.events[1:]
+				if ev.Step != nil {
+					e.bufBytes -= stepCost + len(ev.Step.Kind) + len(ev.Step.Name)
+				} else {
+					e.bufBytes -= len(ev.Chunk.Text)
+				}
+				return
 			}
-			conn.mu.Unlock()
+			overflowed, done, notify = e.overflowed, e.isDone(), e.notify
+		})
+		switch {
+		case got:
 			return ev, true, nil
-		}
-		overflowed := e.overflowed
-		done := e.isDone()
-		conn.mu.Unlock()
-		if overflowed {
-			return Event{}, false, c.slowConsumer(conn, e)
-		}
-		if done {
+		case overflowed:
+			return Event{}, false, c.slowConsumer(h)
+		case done:
 			resp, err := outcome(e)
 			if err == nil && resp.Status == StatusCancelled {
 				err = &CancelledError{RequestID: e.id, Response: resp}
@@ -566,7 +589,7 @@ func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Event, bool
 			return Event{}, false, err
 		}
 		select {
-		case <-e.notify:
+		case <-notify: // an event, the end, or the request continued on a new connection
 		case <-ctx.Done():
 		}
 	}
@@ -580,7 +603,9 @@ func (c *Client) next(ctx context.Context, conn *conn, e *exchange) (Event, bool
 //
 // When the request runs on this client's connection the cancel goes in-band (a cancel frame,
 // reason client); otherwise over HTTP DELETE /v1/requests/{id} (reason api), so any process
-// holding the credentials can cancel by id.
+// holding the credentials can cancel by id. For a resumable request of this client whose
+// connection dropped, it waits (within ctx) for the resume and cancels right after it, in-band;
+// over HTTP if the client gives up resuming it.
 func (c *Client) CancelRequest(ctx context.Context, requestID, userID string) (CancelResult, error) {
 	if c.sErr != nil {
 		return "", c.sErr
@@ -597,7 +622,6 @@ func (c *Client) CancelRequest(ctx context.Context, requestID, userID string) (C
 		return "", ErrClosed
 	}
 	a := c.starting[requestID]
-	conn := c.conn
 	c.mu.Unlock()
 	if a != nil { // its chat goes out first, then the cancel
 		select {
@@ -605,34 +629,59 @@ func (c *Client) CancelRequest(ctx context.Context, requestID, userID string) (C
 		case <-ctx.Done():
 			return "", ctx.Err()
 		}
-		c.mu.Lock()
-		conn = c.conn
-		c.mu.Unlock()
 	}
-	if conn != nil && conn.alive() {
-		user := userID
-		if user == "" {
-			user = c.s.user
-		}
-		if user == "" {
-			user = conn.defaultUser()
-		}
-		if waiter, ok := conn.cancelInBand(requestID, user); ok {
-			select {
-			case out := <-waiter:
-				if out.err == nil {
-					return out.status, nil
-				}
-				if !errors.Is(out.err, ErrConnectionLost) {
-					return "", out.err
-				}
-				// the connection dropped meanwhile (G7): ask over HTTP below
-			case <-ctx.Done():
-				return "", ctx.Err()
+	if waiter, ok := c.cancelInBand(requestID, userID); ok {
+		select {
+		case out := <-waiter:
+			if out.err == nil {
+				return out.status, nil
 			}
+			if !errors.Is(out.err, ErrConnectionLost) {
+				return "", out.err
+			}
+			// the connection dropped meanwhile (G7), or resuming failed: ask over HTTP below
+		case <-ctx.Done():
+			return "", ctx.Err()
 		}
 	}
 	return c.cancelHTTP(ctx, requestID, userID)
+}
+
+// cancelInBand sends a cancel for the request if it runs on this client's connection, or
+// queues it for right after its resume if its connection dropped and the client is resuming
+// it; the channel gets the cancel_result.
+func (c *Client) cancelInBand(requestID, userID string) (<-chan cancelOutcome, bool) {
+	user := func(conn *conn) string {
+		switch {
+		case userID != "":
+			return userID
+		case c.s.user != "":
+			return c.s.user
+		}
+		return conn.defaultUser()
+	}
+	c.mu.Lock()
+	var detached []detachedReq
+	for _, d := range c.detached {
+		if d.e.id == requestID {
+			detached = append(detached, *d)
+		}
+	}
+	cur := c.conn
+	c.mu.Unlock()
+	for _, d := range detached {
+		u := user(d.conn)
+		var waiter <-chan cancelOutcome
+		ok := false
+		current(d.conn, d.e, func(cn *conn, e *exchange) { waiter, ok = cn.cancelLocked(e, u) })
+		if ok {
+			return waiter, true
+		}
+	}
+	if cur != nil && cur.alive() {
+		return cur.cancelInBand(requestID, user(cur))
+	}
+	return nil, false
 }
 
 // FinalHalt returns where the pipeline of a cancelled request of a chat with Steps halted:

@@ -36,6 +36,20 @@ package muxgate
 //
 // A request holds its slot from its chat until it is finished (SPEC.md §5.6): response
 // received, the late usage too if one was announced, every cancel sent for it answered.
+//
+// Automatic resume (SPEC.md §5.8, the Client's WithAutoResume). When a connection drops (not
+// closed by the client, nor with 1001, 1002 or 4001, nor for a protocol violation), an
+// unfinished resumable exchange whose epoch is known is not failed: fail marks it detached and
+// hands it to the Client (onDrop, resume.go), which reconnects and calls continueLocked and
+// reattach: a successor exchange on the new connection takes over everything the consumer has
+// not read yet (its events, in order), the checks' state (the next seq, the streamed text's
+// hash, the steps) and the cancels asked for while detached (or sent and not answered), and
+// the resume goes out from the last seq received, followed by those cancels. The old exchange
+// points at its successor (next, under the old connection's lock: its reader has stopped, so
+// only consumers still touch it) and closes hop; every consumer holds a handle (resume.go)
+// that follows the chain, so a Stream, a ChatStream loop or a Chat call just goes on. No chunk
+// of the old connection can follow the resume point: nothing is dispatched from a failed
+// connection.
 
 import (
 	"context"
@@ -109,6 +123,14 @@ type exchange struct {
 	gone           bool          // resume_result not_found: nothing about it will come
 	firstStep      int64         // resumed: index of the first step started since, -1 = none
 	endedBefore    map[int64]bool
+
+	// Automatic resume (see the top comment).
+	detached   bool          // its connection dropped, or a successor not registered yet: cancels wait in cancels
+	next       *exchange     // the successor that continues the request on nextConn
+	nextConn   *conn         // (both set once, under this exchange's connection's lock)
+	hop        chan struct{} // closed when next is set; nil for a request that is not resumable
+	whole      bool          // streamed covers the text from seq 0 (a successor of a chat)
+	knownSteps int64         // a successor: steps below this index were seen before its resume
 }
 
 // endedHere refuses a message about e that nothing may precede or follow: before the
@@ -133,10 +155,11 @@ func (e *exchange) heardOf() bool {
 
 // contentMatches checks a completed content against the streamed text (G3), by length and
 // FNV-64a hash. After a resume from after_seq, the text before it came on another connection:
-// the content then only has to end with the text received here (SPEC.md §5.8).
+// the content then only has to end with the text received here (SPEC.md §5.8), unless the
+// exchange continues a chat of this client (whole: the hash covers every chunk since seq 0).
 func (e *exchange) contentMatches(content string) bool {
 	tail := content
-	if e.firstSeq > 0 {
+	if e.firstSeq > 0 && !e.whole {
 		if len(content) < e.streamedLen {
 			return false
 		}
@@ -185,6 +208,9 @@ type conn struct {
 	done     chan struct{} // closed when the connection ended (err is set)
 	wakeW    chan struct{} // cap 1: the writer has work
 	stopped  sync.WaitGroup
+	// onDrop, when set (automatic resume), takes the resumable exchanges of a connection that
+	// dropped: they are detached instead of failed (see the top comment).
+	onDrop func(c *conn, detached []*exchange, err error)
 
 	mu        sync.Mutex
 	welcome   *protocol.Welcome
@@ -193,12 +219,13 @@ type conn struct {
 	outbox    [][]byte
 	drained   chan struct{} // closed by the writer once the outbox is empty (for close)
 	err       error
-	announced error // an error the gateway sent before closing (unauthorized)
+	announced error     // an error the gateway sent before closing (unauthorized)
+	opened    time.Time // when the welcome arrived
 }
 
 // dial opens the WebSocket, sends hello and waits for welcome (SPEC.md §3.5, §4.4). Credentials
 // travel in the handshake headers; the hello carries the default user.
-func dial(ctx context.Context, s *settings) (*conn, error) {
+func dial(ctx context.Context, s *settings, onDrop func(*conn, []*exchange, error)) (*conn, error) {
 	ws, resp, err := websocket.Dial(ctx, s.wsURL, &websocket.DialOptions{
 		Subprotocols:    []string{s.codec.Subprotocol()},
 		HTTPHeader:      s.credentials(),
@@ -231,6 +258,7 @@ func dial(ctx context.Context, s *settings) (*conn, error) {
 		wakeW:     make(chan struct{}, 1),
 		limits:    protocol.DefaultLimits(),
 		exchanges: make(map[string]*exchange),
+		onDrop:    onDrop,
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.stopped.Add(2)
@@ -301,6 +329,9 @@ func (c *conn) start(ctx context.Context, chat *protocol.Chat, wantSteps bool) (
 	if chat.Stream {
 		e.streamed = fnv.New64a()
 	}
+	if chat.Resumable {
+		e.hop = make(chan struct{})
+	}
 	return e, c.register(ctx, e, protocol.EncodeUnchecked(chat, c.codec), "chat")
 }
 
@@ -327,6 +358,7 @@ func (c *conn) resume(ctx context.Context, m *protocol.Resume) (*exchange, error
 		endedBefore:    map[int64]bool{},
 		notify:         make(chan struct{}, 1),
 		done:           make(chan struct{}),
+		hop:            make(chan struct{}),
 	}
 	if m.AfterSeq != nil {
 		e.firstSeq = *m.AfterSeq + 1
@@ -387,14 +419,18 @@ func (c *conn) sendCancelLocked(e *exchange, waiter chan cancelOutcome) {
 	e.cancels = append(e.cancels, waiter)
 }
 
-// stop: the caller gave up on e (context done, stream left): cancel it on the gateway unless it
-// already has its answer or a cancel is on its way. Its buffered events are dropped.
-func (c *conn) stop(e *exchange) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// stopLocked: the caller gave up on e (context done, stream left): cancel it on the gateway
+// unless it already has its answer or a cancel is on its way; while e is detached the cancel
+// waits for its resume (reattach sends it right after). Its buffered events are dropped.
+func (c *conn) stopLocked(e *exchange) {
 	e.keep = false
 	e.events, e.bufBytes = nil, 0
-	if c.err == nil && !e.isDone() && !e.cancelSent {
+	switch {
+	case e.isDone() || e.cancelSent:
+	case e.detached:
+		e.cancelSent = true
+		e.cancels = append(e.cancels, nil)
+	case c.err == nil:
 		c.sendCancelLocked(e, nil)
 	}
 }
@@ -406,12 +442,189 @@ func (c *conn) cancelInBand(id, user string) (<-chan cancelOutcome, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e := c.exchanges[id]
-	if c.err != nil || e == nil || e.refused || e.user != user || len(e.cancels) >= maxCancels {
+	if e == nil {
+		return nil, false
+	}
+	return c.cancelLocked(e, user)
+}
+
+// cancelLocked sends a cancel for e (of user) if it runs on this connection, or queues it for
+// after its resume if e is detached; the channel gets its cancel_result (or the error that
+// ended e first).
+func (c *conn) cancelLocked(e *exchange, user string) (<-chan cancelOutcome, bool) {
+	if e.refused || e.user != user || len(e.cancels) >= maxCancels {
 		return nil, false
 	}
 	waiter := make(chan cancelOutcome, 1)
-	c.sendCancelLocked(e, waiter)
+	switch {
+	case e.detached && !e.isDone():
+		e.cancelSent = true
+		e.cancels = append(e.cancels, waiter)
+	case c.err == nil && c.exchanges[e.id] == e:
+		c.sendCancelLocked(e, waiter)
+	default:
+		return nil, false
+	}
 	return waiter, true
+}
+
+// --- automatic resume -----------------------------------------------------------------------
+
+// detachable reports whether a connection that ended with err may have left resumable
+// requests detached on the gateway for a resume (SPEC.md §5.8): a drop, not the client's own
+// close, nor a protocol violation, nor 4001 (the credentials would fail again), nor 1001 (a
+// gateway shutdown cancels detached requests: an epoch does not outlive its process).
+func detachable(err error) bool {
+	var lost *ConnectionLostError
+	if !errors.As(err, &lost) || errors.Is(lost.Err, ErrClosed) {
+		return false
+	}
+	var pe *ProtocolError
+	if errors.As(lost.Err, &pe) {
+		return false // an error the gateway announced before closing
+	}
+	switch lost.Code {
+	case protocol.CloseGoingAway, protocol.CloseProtocolError, protocol.CloseUnauthorized:
+		return false
+	}
+	return true
+}
+
+// canResume: e is detached rather than failed when its connection drops.
+func (e *exchange) canResume() bool {
+	return e.resumable && e.epoch != "" && !e.isDone() && !e.refused && !e.moved && !e.gone
+}
+
+// continueLocked makes the successor of the detached exchange e (c's lock held) on nc: it takes
+// what the consumer has not read, the checks' state and the cancels asked for meanwhile, and
+// stays detached until nc.reattach registers it. e then points at it, and its consumer,
+// woken, follows.
+func (c *conn) continueLocked(e *exchange, nc *conn) *exchange {
+	n := &exchange{
+		id:             e.id,
+		chatUserID:     e.chatUserID,
+		user:           e.user,
+		stream:         e.stream,
+		nextSeq:        e.nextSeq,
+		streamed:       e.streamed,
+		streamedLen:    e.streamedLen,
+		events:         e.events,
+		bufBytes:       e.bufBytes,
+		keep:           e.keep,
+		wantSteps:      e.wantSteps,
+		overflowed:     e.overflowed,
+		notify:         make(chan struct{}, 1),
+		done:           make(chan struct{}),
+		cancelSent:     e.cancelSent,
+		cancels:        e.cancels,
+		steps:          e.steps,
+		stepLog:        e.stepLog,
+		running:        e.running,
+		nextStep:       e.nextStep,
+		resumable:      true,
+		epoch:          e.epoch,
+		grace:          e.grace,
+		resumed:        true,
+		firstSeq:       e.nextSeq,
+		awaitingResume: true,
+		resumeAnswered: make(chan struct{}),
+		firstStep:      -1,
+		endedBefore:    e.endedBefore,
+		detached:       true,
+		hop:            make(chan struct{}),
+		whole:          e.whole || e.firstSeq == 0,
+		knownSteps:     e.nextStep,
+	}
+	if n.endedBefore == nil {
+		n.endedBefore = map[int64]bool{}
+	}
+	if n.running == nil {
+		n.running = map[int64]bool{}
+	}
+	e.events, e.bufBytes, e.cancels = nil, 0, nil
+	e.next, e.nextConn = n, nc
+	close(e.hop)
+	e.wake()
+	return n
+}
+
+// errDropped: the connection ended before a detached exchange could be registered on it.
+var errDropped = errors.New("muxgate: the connection ended before the resume was sent")
+
+// reattach registers n, a detached successor on this connection, once a stream slot is free
+// (a resumed request counts against the resuming connection's max_streams, SPEC.md §5.8),
+// and queues its resume from the last seq received, then one cancel per cancel asked for
+// while it was detached. errDropped: the connection ended first, and n is still detached. A
+// duplicate id on this connection ends n with that error.
+func (c *conn) reattach(ctx context.Context, n *exchange) error {
+	select {
+	case c.slots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.done:
+		return errDropped
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.err != nil:
+		<-c.slots
+		return errDropped
+	case n.isDone() || !n.detached:
+		<-c.slots
+		return nil
+	case c.exchanges[n.id] != nil:
+		<-c.slots
+		err := duplicate(n.id)
+		n.finishWith(nil, err)
+		n.failCancels(err)
+		return err
+	}
+	n.detached = false
+	c.exchanges[n.id] = n
+	m := &protocol.Resume{RequestID: n.id, Epoch: n.epoch, UserID: n.chatUserID}
+	if n.nextSeq > 0 {
+		after := n.nextSeq - 1
+		m.AfterSeq = &after
+	}
+	c.enqueueLocked(protocol.EncodeUnchecked(m, c.codec))
+	for range n.cancels {
+		c.enqueueLocked(protocol.EncodeUnchecked(&protocol.Cancel{RequestID: n.id, UserID: n.chatUserID}, c.codec))
+	}
+	return nil
+}
+
+// failCancels answers e's unanswered cancels with err; it reports whether one of them had
+// nobody waiting (a Stop or an ended context: a cancel that must not be lost).
+func (e *exchange) failCancels(err error) (unattended bool) {
+	for _, w := range e.cancels {
+		if w == nil {
+			unattended = true
+		} else {
+			w <- cancelOutcome{err: err}
+		}
+	}
+	e.cancels = nil
+	return unattended
+}
+
+// current runs f (if not nil) on the request's current exchange, under its connection's lock:
+// from (c, e) it follows the successors of a request continued on other connections.
+func current(c *conn, e *exchange, f func(*conn, *exchange)) (*conn, *exchange) {
+	for {
+		c.mu.Lock()
+		if e.next == nil {
+			break
+		}
+		nc, ne := e.nextConn, e.next
+		c.mu.Unlock()
+		c, e = nc, ne
+	}
+	defer c.mu.Unlock()
+	if f != nil {
+		f(c, e)
+	}
+	return c, e
 }
 
 // --- the writer ---------------------------------------------------------------------------
@@ -568,21 +781,28 @@ func (c *conn) fail(err error) {
 		close(c.drained)
 		c.drained = nil
 	}
+	resume := c.onDrop != nil && detachable(err)
+	var detached []*exchange
 	for _, e := range exchanges {
+		if resume && e.canResume() {
+			// The gateway keeps it for a resume (SPEC.md §5.8): the client reconnects. Its
+			// unanswered cancels go out again after the resume (they may not have arrived).
+			e.detached = true
+			detached = append(detached, e)
+			continue
+		}
 		e.finishWith(nil, err)
 		if r := e.response; r != nil && r.late != nil && e.usagePending {
 			r.late.err = err
 			close(r.late.done)
 		}
-		for _, w := range e.cancels {
-			if w != nil {
-				w <- cancelOutcome{err: err}
-			}
-		}
-		e.cancels = nil
+		e.failCancels(err)
 	}
 	close(c.done)
 	c.mu.Unlock()
+	if len(detached) > 0 {
+		c.onDrop(c, detached, err)
+	}
 }
 
 // close flushes what is queued (cancels), then closes with 1000 and waits for the goroutines.
@@ -645,7 +865,7 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 		if c.welcome != nil {
 			return violation("a second welcome", "")
 		}
-		c.welcome, c.limits = m, m.Limits
+		c.welcome, c.limits, c.opened = m, m.Limits, time.Now()
 		c.slots = make(chan struct{}, m.Limits.MaxStreams)
 		close(c.welcomed)
 	case *protocol.Chunk:
@@ -819,7 +1039,8 @@ func (c *conn) dispatchLocked(m protocol.Message) *ProtocolError {
 
 // onStepLocked checks a step against the request's state (SPEC.md §5.1, §3.12) and records it.
 // After a resume the steps before it are unknown (they are not replayed): the first step
-// started since may have any index, and a step started before it may end (once).
+// started since may have any index (past those a successor saw), and a step started before it
+// may end (once).
 func (e *exchange) onStepLocked(m *protocol.Step) *ProtocolError {
 	firstSinceResume := e.resumed && e.firstStep < 0 && m.State == protocol.StepStarted
 	switch {
@@ -829,6 +1050,8 @@ func (e *exchange) onStepLocked(m *protocol.Step) *ProtocolError {
 		return violation("step after the response (§3.12)", e.id)
 	case firstSinceResume && e.endedBeforeFrom(m.Index):
 		return violation("step started after its end was received (§3.12)", e.id)
+	case firstSinceResume && m.Index < e.knownSteps: // a successor saw these start already
+		return violation("step started out of order (§3.12)", e.id)
 	case m.State == protocol.StepStarted && !firstSinceResume && m.Index != e.nextStep:
 		return violation("step started out of order (§3.12)", e.id)
 	case m.State == protocol.StepEnded && !e.running[m.Index] && !e.startedBeforeResume(m.Index):

@@ -15,8 +15,11 @@ import (
 //	                             (Is ErrConnect; .Status is the HTTP status of a refused handshake)
 //	*ConnectionLostError         the WebSocket closed while the request was in flight (Is
 //	                             ErrConnectionLost; .Code is the close code; the gateway has
-//	                             cancelled the request, SPEC.md G7, unless it was resumable:
-//	                             then it waits for Client.Resume, §5.8); the next call reconnects
+//	                             cancelled the request, SPEC.md G7); the next call reconnects.
+//	                             A resumable request is resumed instead (§5.8, WithAutoResume)
+//	*ResumeFailedError           a resumable request's connection dropped and the client could
+//	                             not reconnect to resume it in time (Is ErrResumeFailed and
+//	                             ErrConnectionLost; As gives the *ConnectionLostError of the drop)
 //	*ProtocolError               a wire error code: the gateway refused a message with an
 //	                             `error` (Code duplicate_request_id, too_many_streams,
 //	                             rate_limited, unavailable, forbidden, unauthorized, ...) or the
@@ -32,9 +35,9 @@ import (
 //	ErrMoved                     a resumable request was resumed on another connection (the
 //	                             gateway sent moved, SPEC.md §5.8): it goes on there, not
 //	                             cancelled; nothing more about it comes here
-//	ErrResumeNotFound            Client.Resume found nothing to resume (resume_result
-//	                             not_found: unknown id, another user's, another epoch, or its
-//	                             grace period is over)
+//	ErrResumeNotFound            a resume found nothing to resume (resume_result not_found:
+//	                             unknown id, another user's, another epoch, or its grace period
+//	                             is over), by Client.Resume or by the automatic resume
 //	ErrClosed                    the Client was closed
 //
 // Chat returns a Response with Status cancelled and no error when the gateway cancelled the
@@ -54,6 +57,8 @@ var (
 	ErrMoved = errors.New("muxgate: request moved to another connection")
 	// ErrResumeNotFound: a resume found nothing to continue (resume_result not_found).
 	ErrResumeNotFound = errors.New("muxgate: no resumable request with this id and epoch")
+	// ErrResumeFailed: see ResumeFailedError.
+	ErrResumeFailed = errors.New("muxgate: could not reconnect to resume the request")
 )
 
 // Sentinels matched by code (errors.Is(err, ErrUnauthorized) is true for any *ProtocolError
@@ -143,6 +148,27 @@ func (e *ConnectionLostError) Is(target error) bool { return target == ErrConnec
 
 // GoingAway reports a gateway shutdown (close 1001, SPEC.md §5.7).
 func (e *ConnectionLostError) GoingAway() bool { return e.Code == protocol.CloseGoingAway }
+
+// ResumeFailedError ends a resumable request whose connection dropped when the client gave up
+// reconnecting to resume it (WithResumeTimeout after the drop, or a reconnection refused for
+// good, such as unauthorized). The gateway keeps the request until its grace period ends,
+// then cancels it (reason disconnect). errors.Is matches ErrResumeFailed and
+// ErrConnectionLost; errors.As gives the drop's *ConnectionLostError.
+type ResumeFailedError struct {
+	RequestID string
+	Lost      error // the *ConnectionLostError of the drop
+	Err       error // why reconnecting failed: the last dial's error, ...
+}
+
+func (e *ResumeFailedError) Error() string {
+	return fmt.Sprintf("muxgate: request %s could not be resumed: %v; reconnecting failed: %v", e.RequestID, e.Lost, e.Err)
+}
+
+// Unwrap returns the drop and the reconnection's error.
+func (e *ResumeFailedError) Unwrap() []error { return []error{e.Lost, e.Err} }
+
+// Is reports ErrResumeFailed.
+func (e *ResumeFailedError) Is(target error) bool { return target == ErrResumeFailed }
 
 // CancelledError: the request was cancelled before the caller had its answer.
 type CancelledError struct {

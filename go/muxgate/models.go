@@ -34,11 +34,14 @@ type ChatRequest struct {
 	// Resumable asks the gateway to keep the request through a dropped connection
 	// (chat.resumable, SPEC.md §5.8): when the connection closes the request is detached, not
 	// cancelled, and runs on for its grace period, waiting for a resume. The gateway's grant
-	// (the epoch a resume names, the grace period) is on the handle: Stream.Resumption. This
-	// SDK does not reconnect by itself: a request whose connection drops still ends with a
+	// (the epoch a resume names, the grace period) is on the handle: Stream.Resumption. The
+	// client reconnects by itself and resumes it from the last chunk received, and the call or
+	// stream goes on with no gap and no repeat (WithAutoResume, WithResumeTimeout); it ends
+	// with ErrResumeNotFound if the gateway no longer has it, a *ResumeFailedError if the
+	// client cannot reconnect in time. With WithAutoResume(false) it ends with a
 	// *ConnectionLostError, and Client.Resume (with Stream.ResumeRequest) continues it. If the
 	// request is resumed elsewhere, its call or stream here ends with ErrMoved. An older
-	// gateway ignores it (then Stream.Resumption reports nothing).
+	// gateway ignores it (then Stream.Resumption reports nothing, and a drop ends it).
 	Resumable bool
 	// Grace is how long a detached resumable request waits for a resume (chat.grace_ms,
 	// rounded up to a millisecond, at most one hour); zero: the gateway's default. Only with

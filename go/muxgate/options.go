@@ -65,6 +65,24 @@ func WithCancelWait(d time.Duration) Option { return func(s *settings) { s.cance
 // ErrSlowConsumer, so that one slow consumer never blocks the connection's other streams.
 func WithStreamBuffer(n int) Option { return func(s *settings) { s.streamBuffer = n } }
 
+// WithAutoResume turns the automatic resume of resumable requests on (the default) or off.
+// On: when the connection drops (not closed by Close, nor by a gateway shutdown, 1001, nor
+// refusing the credentials, 4001), the client reconnects by itself and resumes every
+// unfinished request that asked for it (ChatRequest.Resumable) from the last chunk it
+// received (SPEC.md §5.8); the Chat call, the ChatStream loop or the Stream go on with no gap,
+// no repeat and one end. Off: such a request ends with a *ConnectionLostError like any other,
+// and the gateway keeps it for its grace period, for Client.Resume (by hand, or from another
+// process). It is on by default because asking for Resumable is already the opt-in, per
+// request: a caller who asked for it wants the request to survive a drop.
+func WithAutoResume(on bool) Option { return func(s *settings) { s.autoResume = on } }
+
+// WithResumeTimeout bounds the automatic resume: the client stops reconnecting this long after
+// the first drop since its connection was last stable (it lived at least a second), and the
+// requests still waiting end with a *ResumeFailedError (default 30s). A request whose grace
+// period ends first is answered not_found once the client is back (ErrResumeNotFound). Calls
+// made while the client reconnects wait for the same dial (within their contexts).
+func WithResumeTimeout(d time.Duration) Option { return func(s *settings) { s.resumeTimeout = d } }
+
 // WithHTTPClient sets the client of the HTTP API calls (CancelRequest over DELETE, GetRequest).
 func WithHTTPClient(c *http.Client) Option { return func(s *settings) { s.httpClient = c } }
 
@@ -78,6 +96,8 @@ type settings struct {
 	cancelWait     time.Duration
 	streamBuffer   int
 	httpClient     *http.Client
+	autoResume     bool
+	resumeTimeout  time.Duration
 
 	wsURL, httpURL string
 	user           string // resolved default user ("" = none)
@@ -85,7 +105,8 @@ type settings struct {
 }
 
 func resolve(opts []Option) (settings, error) {
-	s := settings{codec: JSON, connectTimeout: 10 * time.Second, cancelWait: 2 * time.Second, streamBuffer: 4 << 20}
+	s := settings{codec: JSON, connectTimeout: 10 * time.Second, cancelWait: 2 * time.Second, streamBuffer: 4 << 20,
+		autoResume: true, resumeTimeout: 30 * time.Second}
 	for _, o := range opts {
 		o(&s)
 	}
@@ -115,7 +136,7 @@ func resolve(opts []Option) (settings, error) {
 	if s.user != "" && !protocol.ValidUserID(s.user) {
 		return s, invalidf("user id must be 1-128 characters of [A-Za-z0-9._:@-]: %q", s.user)
 	}
-	if s.connectTimeout <= 0 || s.cancelWait < 0 || s.streamBuffer <= 0 {
+	if s.connectTimeout <= 0 || s.cancelWait < 0 || s.streamBuffer <= 0 || s.resumeTimeout <= 0 {
 		return s, invalidf("timeouts and buffer sizes must be positive")
 	}
 	if s.codec != JSON && s.codec != Msgpack {
