@@ -236,7 +236,7 @@ class Multiplexer:
         if running:
             self.requests.add(request)
         self.resumable.add(request)
-        services.resumables.attached_to(request, self)
+        services.resumables.attached_to(request, self, moved=moving)
 
     def release(self, request: Request, *, moved: bool) -> None:
         """``request`` was resumed on another connection: it no longer counts here, and (when

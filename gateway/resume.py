@@ -31,6 +31,7 @@ from typing import Protocol
 
 from protocol import CancelReason, CancelStatus
 
+from .observability import log
 from .registry import RequestKey
 
 __all__ = ["ResumableRequest", "Resumables", "ResumeEntry"]
@@ -143,12 +144,28 @@ class Resumables:
         if not request.finished:
             self._running_detached.add(entry)
         self._arm(entry, self._grace_over)
+        key = request.key
+        log.info(
+            "request.detached",
+            request_id=key.request_id,
+            user_id=key.user_id,
+            running=not request.finished,
+            grace_ms=round(entry.grace * 1000),
+        )
 
-    def attached_to(self, request: ResumableRequest, owner: object) -> None:
-        """Resumed on ``owner``'s connection."""
+    def attached_to(self, request: ResumableRequest, owner: object, *, moved: bool) -> None:
+        """Resumed on ``owner``'s connection (``moved``: from another one still open)."""
         entry = self.entry_of(request)
         if entry is None:
             return
+        key = request.key
+        log.info(
+            "request.resumed",
+            request_id=key.request_id,
+            user_id=key.user_id,
+            moved=moved,
+            running=not request.finished,
+        )
         entry.owner = owner
         self._running_detached.discard(entry)
         if request.finished:  # resumable for another grace after this replay
@@ -193,9 +210,13 @@ class Resumables:
         entry.timer = None
         if self._entries.get(entry.request.key) is not entry:
             return
-        if not entry.request.finished:
+        key = entry.request.key
+        running = not entry.request.finished
+        log.info("request.grace_expired", request_id=key.request_id, user_id=key.user_id,
+                 running=running)  # fmt: skip
+        if running:
             entry.request.cancel(CancelReason.DISCONNECT)  # G7, one grace late
-        self._drop(entry.request.key)
+        self._drop(key)
 
     def _forget(self, entry: ResumeEntry) -> None:
         entry.timer = None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 import protocol
 from gateway.connection import Connection
@@ -573,3 +574,28 @@ async def test_a_proxy_that_loses_traffic_then_resets_costs_no_word(seed: int) -
             client = await stack.enter_async_context(WireClient.open(url))
             await requests.resume_all(client)
         await requests.check(client)
+
+
+async def test_detach_resume_move_and_grace_expiry_are_logged_once_each() -> None:
+    """One info line per event, so that a drop and its resume can be traced (never per chunk)."""
+    with structlog.testing.capture_logs() as events:
+        async with gateway() as gw:
+            async with WireClient.open(gw.url) as first, WireClient.open(gw.url) as second:
+                before = await first.chat("r1", resumable=True, metadata=SLOW)
+                await first.chunks("r1", 2)
+                assert before.resumable is not None
+                await second.resume("r1", before.resumable.epoch, last_seq(before))
+                await second.resume_result("r1")
+                await drop(gw, second)
+            await wait_finished(gw, "r1")
+            async with WireClient.open(gw.url) as third:
+                lost = await third.chat("r2", resumable=True, grace_ms=20, metadata=SLOW)
+                await third.resumable("r2")
+                await drop(gw, third)
+            await wait_finished(gw, "r2")
+            assert lost.response is None
+    named = {e["event"]: e for e in events if e["event"].startswith("request.")}
+    assert named["request.resumed"]["moved"] is True
+    assert named["request.detached"]["request_id"] in ("r1", "r2")
+    assert [e["request_id"] for e in events if e["event"] == "request.detached"] == ["r1", "r2"]
+    assert [e["request_id"] for e in events if e["event"] == "request.grace_expired"] == ["r2"]
