@@ -12,6 +12,8 @@ cancelling is native (a cancelled task, a timeout, leaving a stream loop, Ctrl-C
 protocol's ``cancel`` frame. See ``protocol/SPEC.md`` for the wire contract and README.md for a
 tour. The errors are drawn in ``gateway/client/_errors.py``. ``chat_stream(..., steps=True)``
 follows the pipeline's steps (``Step``) and where a cancel halts it (``Halt``), SPEC.md §3.12.
+``resumable=True`` (per call or per client) lets requests survive a dropped connection: the
+client reconnects and resumes them by itself (SPEC.md §5.8; see ``gateway/client/_async.py``).
 """
 
 from ._async import AsyncChatStream, AsyncClient
@@ -24,7 +26,10 @@ from ._errors import (
     MuxgateError,
     ProtocolViolation,
     RequestFailed,
+    RequestMoved,
     RequestRefused,
+    ResumeFailed,
+    ResumeNotFound,
     TransportError,
     Unauthorized,
 )
@@ -68,9 +73,12 @@ __all__ = [
     "ProtocolViolation",
     "RequestFailed",
     "RequestInfo",
+    "RequestMoved",
     "RequestRefused",
     "Response",
     "ResponseStatus",
+    "ResumeFailed",
+    "ResumeNotFound",
     "Step",
     "StepInfo",
     "StepState",

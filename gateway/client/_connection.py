@@ -29,15 +29,26 @@ announced, and every cancel sent for it was answered). Callers beyond the limit 
 instead of being refused with ``too_many_streams``.
 
 When the WebSocket closes, every unfinished exchange fails with the error the close code means
-(:func:`error_from_close`): the gateway has cancelled them (G7).
+(:func:`error_from_close`): the gateway has cancelled them (G7) -- except a *resumable* one
+(SPEC.md §5.8) whose ``resumable`` message (its epoch) arrived, when the close is not the
+client's own (nor a protocol violation, 4001 or 1001): the gateway keeps that request running,
+detached, for its grace period, so the exchange is handed to the connection's ``on_drop``
+callback (the client reconnects and calls :meth:`Connection.resume` on the new connection)
+instead of failing. An :class:`Exchange` therefore outlives its connection: ``exchange.conn``
+is the one it runs on (``None`` while it waits for a resume), its state machine is replaced by
+a resuming one (``RequestStateMachine.resuming``) from the last ``seq`` received, and its
+queue of unread chunks carries over. Nothing is routed from a connection once it has ended,
+so a chunk of the old connection can never follow the resume point.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -60,12 +71,19 @@ from protocol import (
     Hello,
     Limits,
     Message,
+    Moved,
     Pong,
     RemoteProtocolError,
     RequestState,
     RequestStateMachine,
+    ResponseStatus,
+    Resumable,
+    Resume,
+    ResumeResult,
+    ResumeStatus,
     Sender,
     Step,
+    StepState,
     Usage,
     UsageReport,
     Welcome,
@@ -75,23 +93,34 @@ from protocol import Response as WireResponse
 from ._config import Settings
 from ._errors import (
     ConnectionLost,
+    GatewayShuttingDown,
     InvalidRequest,
     MuxgateError,
     ProtocolViolation,
     RequestFailed,
+    RequestMoved,
     RequestRefused,
+    ResumeNotFound,
+    Unauthorized,
     error_from_close,
     error_from_code,
     mapped_errors,
 )
 from ._models import Response
 
-__all__ = ["Connection", "Exchange"]
+__all__ = ["Connection", "DropCallback", "Exchange"]
 
 log = logging.getLogger("muxgate.client")
 
 # Close code a client uses when the peer broke the protocol (RFC 6455 §7.4.1).
 _CLOSE_PROTOCOL_ERROR = 1002
+
+#: Client states in which nothing more about a request arrives on this connection (SPEC.md §5.8).
+_ENDED_HERE = (RequestState.MOVED, RequestState.GONE)
+
+#: ``on_drop(connection, exchanges, error)``: the connection ended with ``error`` while these
+#: resumable exchanges were unfinished; they are detached (``exchange.conn`` is None).
+DropCallback = Callable[["Connection", list["Exchange"], MuxgateError], None]
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -106,28 +135,53 @@ class Exchange:
     __slots__ = (
         "changed",
         "chat_user_id",
+        "conn",
+        "earlier_text",
+        "epoch",
         "error",
         "final_usage",
+        "grace",
         "halt",
         "items",
         "keep_chunks",
         "keep_steps",
         "machine",
+        "open_steps",
         "pending_cancels",
         "refused",
         "request_id",
         "response",
+        "resumable",
+        "resumes",
+        "stream",
         "user",
         "wants_steps",
     )
 
-    def __init__(self, chat: Chat, user: str) -> None:
+    def __init__(self, chat: Chat, user: str, conn: Connection | None = None) -> None:
         self.request_id = chat.request_id
         #: The ``user_id`` field the chat carried (``None``: the connection's default user).
         self.chat_user_id = chat.user_id
         #: The effective user (SPEC.md §4.5) as far as the client can tell ("" = anonymous).
         self.user = user
-        self.machine = RequestStateMachine(chat.request_id, Sender.CLIENT, stream=chat.stream)
+        self.stream = chat.stream
+        self.machine = RequestStateMachine(
+            chat.request_id, Sender.CLIENT, stream=chat.stream, resumable=chat.resumable
+        )
+        #: The connection the request runs on; None while it waits to be resumed (§5.8).
+        self.conn = conn
+        #: The chat asked to survive a dropped connection (SPEC.md §5.8); ``epoch`` and
+        #: ``grace`` (seconds) come with the gateway's ``resumable`` message.
+        self.resumable = chat.resumable
+        self.epoch: str | None = None
+        self.grace: float | None = None
+        #: How many times the request was resumed on a new connection (``resumed`` answers).
+        self.resumes = 0
+        #: The text received on earlier connections (the machine holds what came since).
+        self.earlier_text = ""
+        #: Started steps not ended, as the current machine saw them (steps are not replayed
+        #: by a resume: see :meth:`Connection._on_step`).
+        self.open_steps: set[int] = set()
         #: Chunks and steps not yet read by the consumer, in wire order; only kept while
         #: someone streams (steps also after a cancel was sent, chunks not).
         self.items: deque[Chunk | Step] = deque()
@@ -158,10 +212,25 @@ class Exchange:
         return self.machine.state is RequestState.CANCEL_SENT or bool(self.pending_cancels)
 
     @property
+    def detached(self) -> bool:
+        """Unfinished, off any connection: the client is reconnecting to resume it."""
+        return self.conn is None and not self.done
+
+    @property
+    def text(self) -> str:
+        """Everything streamed so far, over every connection the request ran on."""
+        return self.earlier_text + self.machine.text
+
+    @property
+    def last_seq(self) -> int | None:
+        """The ``seq`` of the last chunk received (a resume's ``after_seq``); None: none."""
+        return self.machine.next_seq - 1 if self.machine.next_seq else None
+
+    @property
     def finished(self) -> bool:
         """SPEC.md §5.6: nothing more will arrive about this request on this connection."""
         return (
-            (self.response is not None or self.refused)
+            (self.response is not None or self.refused or self.machine.state in _ENDED_HERE)
             and not self.machine.usage_pending
             and not self.pending_cancels
         )
@@ -206,6 +275,37 @@ class Exchange:
         self.keep_chunks = self.keep_steps = False
         self.items.clear()
 
+    def stop(self, *, keep_steps: bool = False) -> None:
+        """The caller gave up (see :meth:`Connection.stop`); while the exchange is detached,
+        the cancel waits for the resume on the new connection (it goes out right after it)."""
+        conn = self.conn
+        if conn is not None:
+            conn.stop(self, keep_steps=keep_steps)
+            return
+        if keep_steps:
+            self.drop_chunks()
+        else:
+            self.drop_all()
+        if self.detached and not self.cancel_sent:
+            self.pending_cancels.append(None)
+
+    def request_cancel(self) -> asyncio.Future[CancelStatus]:
+        """A ``cancel`` whose ``cancel_result`` the caller waits for: sent now, or right after
+        the resume if the exchange is detached (the future fails if it never goes out)."""
+        conn = self.conn
+        if conn is not None:
+            waiter = conn.cancel_nowait(self, want_result=True)
+            assert waiter is not None
+            return waiter
+        waiter = asyncio.get_running_loop().create_future()
+        if self.detached:
+            self.pending_cancels.append(waiter)
+            self.drop_chunks()
+        else:
+            waiter.set_exception(self.error or ConnectionLost("the request is gone"))
+            _retrieved(waiter)
+        return waiter
+
     def outcome(self) -> Response:
         """The response; raises the request's error, or :class:`RequestFailed`."""
         if self.response is None:
@@ -233,10 +333,15 @@ class Exchange:
 class Connection:
     """One open WebSocket to the gateway. Create with :meth:`open`."""
 
-    def __init__(self, ws: ClientConnection, settings: Settings) -> None:
+    def __init__(
+        self, ws: ClientConnection, settings: Settings, on_drop: DropCallback | None = None
+    ) -> None:
         self.ws = ws
         self.settings = settings
         self.codec = settings.codec
+        self._on_drop = on_drop
+        #: When the connection was opened (loop time).
+        self.opened_at = asyncio.get_running_loop().time()
         self.exchanges: dict[str, Exchange] = {}
         self.welcome: Welcome | None = None
         self.limits = Limits()
@@ -254,8 +359,9 @@ class Connection:
         self._writer = asyncio.create_task(self._write(), name="muxgate-client-writer")
 
     @classmethod
-    async def open(cls, settings: Settings) -> Connection:
-        """Connect, send ``hello``, wait for ``welcome`` (``settings.connect_timeout``)."""
+    async def open(cls, settings: Settings, on_drop: DropCallback | None = None) -> Connection:
+        """Connect, send ``hello``, wait for ``welcome`` (``settings.connect_timeout``).
+        ``on_drop`` takes the resumable exchanges of a dropped connection (else they fail)."""
         url = settings.ws_url
         with mapped_errors(f"connect to {url}"):
             async with asyncio.timeout(settings.connect_timeout):
@@ -271,7 +377,7 @@ class Connection:
         if Codec.from_subprotocol(ws.subprotocol) is not settings.codec:
             await ws.close(_CLOSE_PROTOCOL_ERROR, "wrong subprotocol")
             raise ProtocolViolation(f"the gateway chose subprotocol {ws.subprotocol!r}")
-        conn = cls(ws, settings)
+        conn = cls(ws, settings, on_drop)
         try:
             conn.send_nowait(Hello(user_id=settings.user_id))
             with mapped_errors(f"connect to {url}"):
@@ -326,11 +432,49 @@ class Connection:
         if self.error is not None:
             raise self.error
         self._check_unique(chat.request_id)
-        exchange = Exchange(chat, self.user_of(chat.user_id))
+        exchange = Exchange(chat, self.user_of(chat.user_id), self)
         with mapped_errors("chat"):
             self.send_nowait(chat)
         self.exchanges[chat.request_id] = exchange
         return exchange
+
+    async def resume(self, exchange: Exchange) -> None:
+        """Continue the detached ``exchange`` here (SPEC.md §5.8): once a stream slot is free,
+        send ``resume`` from the last ``seq`` received, then the cancels asked for meanwhile
+        (and again those sent on the old connection and not answered: a cancel is idempotent).
+        The exchange is registered here when this returns (and stays detached if it raises)."""
+        rid, epoch = exchange.request_id, exchange.epoch
+        assert epoch is not None, exchange
+        assert exchange.detached, exchange
+        while len(self.exchanges) >= self.limits.max_streams:
+            if self.error is not None:
+                raise self.error
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        if self.error is not None:
+            raise self.error
+        if not exchange.detached:
+            return  # it ended meanwhile (the client gave up, or closed)
+        self._check_unique(rid)
+        old = exchange.machine
+        resume = Resume(
+            request_id=rid, epoch=epoch, after_seq=exchange.last_seq, user_id=exchange.chat_user_id
+        )
+        with mapped_errors("resume"):
+            self.send_nowait(resume)
+        if old.state is RequestState.CANCEL_SENT and not exchange.pending_cancels:
+            exchange.pending_cancels.append(None)
+        machine = RequestStateMachine.resuming(rid, epoch, resume.after_seq, stream=exchange.stream)
+        machine.next_step = old.next_step  # a step started before is not started again
+        for _ in exchange.pending_cancels:
+            self.send_nowait(Cancel(request_id=rid, user_id=exchange.chat_user_id))
+            machine.on_cancel()
+        exchange.earlier_text += old.text
+        exchange.machine = machine
+        exchange.open_steps.clear()
+        exchange.conn = self
+        exchange.user = self.user_of(exchange.chat_user_id)
+        self.exchanges[rid] = exchange
 
     def _check_unique(self, request_id: str) -> None:
         # SPEC.md §5.6: unique per connection among unfinished requests. Refused here, because
@@ -372,9 +516,14 @@ class Connection:
     # -- closing -----------------------------------------------------------------------------
 
     async def aclose(self, grace: float = 5.0) -> None:
-        """Send what is queued (cancels), then close with 1000."""
+        """Send what is queued (cancels), then close with 1000. Resumable requests still
+        running are cancelled first: the gateway would keep them for a resume nobody sends."""
         if self.error is None:
             self._close_error = ConnectionLost("the client closed the connection", close_code=1000)
+            for exchange in list(self.exchanges.values()):
+                if exchange.resumable and not exchange.done and not exchange.cancel_sent:
+                    with contextlib.suppress(MuxgateError):
+                        self.cancel_nowait(exchange)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._flushed.wait()
@@ -445,24 +594,43 @@ class Connection:
         except Exception as exc:  # a bug here must not leave callers waiting forever
             log.exception("muxgate client: reader failed")
             error = ProtocolViolation(f"internal client error: {exc!r}")
+        dropped = False
         if error is not None:
             with contextlib.suppress(Exception):
                 await self.ws.close(_CLOSE_PROTOCOL_ERROR, "protocol violation")
+        elif self._close_error is not None:
+            error = self._close_error  # the client's own close, or the gateway's error
         else:
-            error = self._close_error or error_from_close(
-                self.ws.close_code, self.ws.close_reason or ""
-            )
-        self._end(error)
+            error = error_from_close(self.ws.close_code, self.ws.close_reason or "")
+            # Resumable requests detach (§5.8), except at 4001 (the credentials will fail
+            # again) and 1001 (a shutdown cancelled them all before the close, §5.7).
+            dropped = not isinstance(error, Unauthorized | GatewayShuttingDown)
+        self._end(error, dropped=dropped)
 
-    def _end(self, error: MuxgateError) -> None:
+    def _end(self, error: MuxgateError, *, dropped: bool = False) -> None:
         self.error = error
         if not self._welcomed.done():
             self._welcomed.set_exception(error)
             _retrieved(self._welcomed)
         exchanges = list(self.exchanges.values())
         self.exchanges.clear()
+        detached: list[Exchange] = []
         for exchange in exchanges:
-            exchange.fail(error)
+            if exchange.conn is self:
+                exchange.conn = None
+            if (
+                dropped
+                and self._on_drop is not None
+                and exchange.resumable
+                and exchange.epoch is not None
+                and not exchange.done
+            ):
+                detached.append(exchange)  # the gateway keeps it for a resume
+            else:
+                exchange.fail(error)
+        if detached:
+            assert self._on_drop is not None
+            self._on_drop(self, detached, error)
         self._slot_freed.set()
         self._outbox.clear()
         self._flushed.set()
@@ -493,7 +661,7 @@ class Connection:
                     f"step for request {message.request_id}, whose chat did not ask for steps",
                     request_id=message.request_id,
                 )
-            exchange.machine.on_step(message)
+            self._on_step(exchange, message)
             if exchange.keep_steps:
                 exchange.items.append(message)
                 exchange.changed.set()
@@ -518,12 +686,83 @@ class Connection:
             self.welcome = message
             self.limits = message.limits
             self._welcomed.set_result(message)
+        elif isinstance(message, Resumable):
+            exchange = self._exchange(message.request_id, "resumable")
+            exchange.machine.on_resumable(message)  # once, asked for, before anything else
+            exchange.epoch = message.epoch
+            exchange.grace = message.grace_ms / 1000
+        elif isinstance(message, ResumeResult):
+            self._on_resume_result(message)
+        elif isinstance(message, Moved):
+            exchange = self._exchange(message.request_id, "moved")
+            if not exchange.resumable:
+                raise ProtocolViolation(
+                    f"moved for request {message.request_id}, which is not resumable",
+                    request_id=message.request_id,
+                )
+            exchange.machine.on_moved()
+            self._ended_here(exchange, RequestMoved(exchange.request_id))
         elif isinstance(message, Pong):
             pass  # we send no pings; websockets keeps the connection alive at the frame level
+
+    @staticmethod
+    def _on_step(exchange: Exchange, step: Step) -> None:
+        machine = exchange.machine
+        if exchange.resumes and not machine.awaiting_resume:
+            # A resume does not replay steps (SPEC.md §5.8): steps that started while the
+            # request was detached are skipped, and a step that started before the resume may
+            # end after it. Tell the fresh machine so; its other checks stay.
+            if step.state is StepState.STARTED:
+                machine.next_step = max(machine.next_step, step.index)
+            elif step.index not in exchange.open_steps:
+                after = max(machine.next_step, step.index + 1)
+                machine.next_step = step.index
+                machine.on_step(dataclasses.replace(step, state=StepState.STARTED))
+                machine.next_step = after
+                exchange.open_steps.add(step.index)
+        machine.on_step(step)
+        if step.state is StepState.STARTED:
+            exchange.open_steps.add(step.index)
+        else:
+            exchange.open_steps.discard(step.index)
+
+    def _on_resume_result(self, message: ResumeResult) -> None:
+        exchange = self._exchange(message.request_id, "resume_result")
+        exchange.machine.on_resume_result(message)  # answers this connection's resume
+        if message.status is ResumeStatus.NOT_FOUND:
+            error = ResumeNotFound(
+                f"request {exchange.request_id} could not be resumed: the gateway no longer "
+                "has it (its grace period ended, or the gateway restarted)",
+                request_id=exchange.request_id,
+            )
+            self._ended_here(exchange, error)
+        else:
+            exchange.resumes += 1
+            self._maybe_finished(exchange)
+
+    def _ended_here(self, exchange: Exchange, error: MuxgateError) -> None:
+        """Nothing more about the request comes here (``moved``, ``not_found``): the caller
+        reads what was received, then gets ``error``."""
+        exchange.keep_chunks = exchange.keep_steps = False
+        if not exchange.done:
+            exchange.error = error
+        exchange.changed.set()
+        self._maybe_finished(exchange)
 
     def _on_response(self, message: WireResponse) -> None:
         exchange = self._exchange(message.request_id, "response")
         exchange.machine.on_response(message)
+        if (
+            exchange.earlier_text
+            and exchange.stream
+            and message.status is ResponseStatus.COMPLETED
+            and message.content != exchange.text
+        ):
+            # The machine checked the text since the resume; the whole must match too (G3).
+            raise ProtocolViolation(
+                "completed content differs from the chunks streamed over the connections",
+                request_id=message.request_id,
+            )
         if message.halt is not None:
             self._check_halt(exchange)
             exchange.halt = message.halt
@@ -571,7 +810,14 @@ class Connection:
             if message.code != ErrorCode.UNAUTHORIZED:
                 self._closer = asyncio.get_running_loop().create_task(self._close_unexpected())
             return
-        if exchange.response is None and not exchange.refused and exchange.machine.next_seq == 0:
+        if exchange.machine.awaiting_resume and not exchange.refused:
+            # The resume was refused (SPEC.md §3.4): nothing about the request comes here.
+            exchange.refused = True
+            exchange.keep_chunks = exchange.keep_steps = False
+            if not exchange.done:
+                exchange.error = error
+            exchange.changed.set()
+        elif exchange.response is None and not exchange.refused and exchange.machine.next_seq == 0:
             # The chat itself was refused (SPEC.md §3.3): no request exists, no response follows.
             # (A cancel's refusal is impossible here: cancels carry the chat's own user_id.)
             exchange.refused = True

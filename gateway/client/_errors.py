@@ -8,15 +8,22 @@
      ├── TransportError           the network, not the request
      │    ├── ConnectError        could not open the WebSocket / HTTP connection
      │    └── ConnectionLost      the WebSocket closed while requests were in flight
-     │                            (.close_code, .close_reason); the next call reconnects
-     │         └── GatewayShuttingDown   closed with 1001: the gateway is draining
+     │         │                  (.close_code, .close_reason); the next call reconnects
+     │         ├── GatewayShuttingDown   closed with 1001: the gateway is draining
+     │         └── ResumeFailed   a resumable request could not go on after its connection
+     │              │             dropped: reconnecting gave up (.request_id; ``__cause__``
+     │              │             is the last attempt's error)
+     │              └── ResumeNotFound   the gateway no longer had it (``resume_result``
+     │                            ``not_found``: its grace period ended, or a restart)
      ├── ProtocolViolation        the gateway broke the protocol (SPEC.md §5.1, G1-G3)
      ├── Unauthorized             credentials missing or invalid (error/close 4001, HTTP 401)
      ├── RequestRefused           an ``error`` refused a chat or cancel (.request_id), e.g.
      │    │                       too_many_streams, duplicate_request_id, rate_limited,
      │    │                       unavailable; HTTP 429/5xx
      │    └── Forbidden           valid credentials that may not act for that user (HTTP 403)
-     └── RequestFailed            the request ended with status ``failed`` (.response)
+     ├── RequestFailed            the request ended with status ``failed`` (.response)
+     └── RequestMoved             another client resumed the request (``moved``, SPEC.md
+                                  §5.8): it goes on there, not here (.request_id)
 
 A *cancelled* request is not an error: ``chat`` returns its :class:`Response` with status
 ``cancelled`` (the seed page's behaviour). Python's own cancellation (``task.cancel()``, a
@@ -51,7 +58,10 @@ __all__ = [
     "MuxgateError",
     "ProtocolViolation",
     "RequestFailed",
+    "RequestMoved",
     "RequestRefused",
+    "ResumeFailed",
+    "ResumeNotFound",
     "TransportError",
     "Unauthorized",
 ]
@@ -99,6 +109,40 @@ class ConnectionLost(TransportError):
 
 class GatewayShuttingDown(ConnectionLost):
     """The gateway closed the connection with 1001: it is shutting down (SPEC.md §5.7)."""
+
+
+class ResumeFailed(ConnectionLost):
+    """A resumable request could not go on after its connection dropped (SPEC.md §5.8): the
+    client gave up reconnecting (after ``reconnect_timeout``, or at once when the gateway
+    refused the credentials); ``__cause__`` is the last attempt's error. ``close_code`` and
+    ``close_reason`` are those of the drop. The request may still run on the gateway until its
+    grace period ends; the SDK has sent, or tried over HTTP, any cancel asked for meanwhile."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str,
+        close_code: int | None = None,
+        close_reason: str = "",
+    ) -> None:
+        super().__init__(message, close_code=close_code, close_reason=close_reason)
+        self.request_id = request_id
+
+
+class ResumeNotFound(ResumeFailed):
+    """The gateway answered the client's ``resume`` with ``not_found``: the request's grace
+    period ended before the client was back (it was then cancelled, reason ``disconnect``),
+    or the gateway restarted or forgot it. Nothing more about it will come."""
+
+
+class RequestMoved(MuxgateError):
+    """Another client resumed this request (``moved``, SPEC.md §5.8): it goes on there and its
+    response goes there; this client gets nothing more about it. Not a cancel."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} was resumed on another connection (moved)")
+        self.request_id = request_id
 
 
 class ProtocolViolation(MuxgateError):

@@ -114,6 +114,11 @@ class ChatStream:
         :attr:`AsyncChatStream.halt`)."""
         return self._stream.halt
 
+    @property
+    def resumes(self) -> int:
+        """How many times this resumable stream was resumed on a new connection."""
+        return self._stream.resumes
+
     def __iter__(self) -> Self:
         return self
 
@@ -149,8 +154,9 @@ class Client:
 
     Same arguments and defaults as :class:`AsyncClient`: ``Client()`` reads ``MUXGATE_URL``
     (default ``ws://localhost:8001``) and ``MUXGATE_CLIENT_KEY``. One WebSocket, opened on the
-    first call, reopened on the next call after it dropped. Use ``with Client() as client:``
-    or call :meth:`close`.
+    first call, reopened on the next call after it dropped (at once, by itself, while
+    resumable requests wait to be resumed: ``resumable=True``, SPEC.md §5.8). Use
+    ``with Client() as client:`` or call :meth:`close`.
     """
 
     def __init__(
@@ -162,6 +168,8 @@ class Client:
         user_id: str | None = None,
         codec: CodecName | Codec = "json",
         connect_timeout: float = 10.0,
+        resumable: bool = False,
+        reconnect_timeout: float = 30.0,
     ) -> None:
         self._async = AsyncClient(
             url,
@@ -170,6 +178,8 @@ class Client:
             user_id=user_id,
             codec=codec,
             connect_timeout=connect_timeout,
+            resumable=resumable,
+            reconnect_timeout=reconnect_timeout,
         )
         self._portal = Portal()
         # A client dropped without close() must not leave its thread behind.
@@ -198,6 +208,15 @@ class Client:
     def connected(self) -> bool:
         return self._async.connected
 
+    @property
+    def resumable(self) -> bool:
+        """The default of every chat's ``resumable`` (see :class:`AsyncClient`)."""
+        return self._async.resumable
+
+    @property
+    def reconnect_timeout(self) -> float:
+        return self._async.reconnect_timeout
+
     def chat(
         self,
         message: str | None = None,
@@ -208,6 +227,8 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
         steps: bool = False,
+        resumable: bool | None = None,
+        grace: float | None = None,
     ) -> Response:
         """Send one chat and wait for its :class:`Response` (see :meth:`AsyncClient.chat`).
         Ctrl-C while waiting cancels the request on the gateway, then raises
@@ -221,6 +242,8 @@ class Client:
                 metadata=metadata,
                 messages=messages,
                 steps=steps,
+                resumable=resumable,
+                grace=grace,
             )
         )
 
@@ -234,6 +257,8 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         messages: MessagesLike | None = None,
         steps: bool = False,
+        resumable: bool | None = None,
+        grace: float | None = None,
     ) -> ChatFuture:
         """Start a chat and return at once with a :class:`ChatFuture`: ``.result(timeout)``
         waits for the :class:`Response`, ``.cancel()`` cancels the request on the gateway.
@@ -249,6 +274,8 @@ class Client:
                 metadata=metadata,
                 messages=messages,
                 steps=steps,
+                resumable=resumable,
+                grace=grace,
             )
             return ChatFuture(task, rid)
 
@@ -265,6 +292,8 @@ class Client:
         messages: MessagesLike | None = None,
         steps: bool = False,
         on_step: StepCallback | None = None,
+        resumable: bool | None = None,
+        grace: float | None = None,
     ) -> ChatStream:
         """A streamed chat: ``for chunk in client.chat_stream(...)`` (see
         :meth:`AsyncClient.chat_stream`). ``on_step`` runs in the client's background thread,
@@ -278,6 +307,8 @@ class Client:
             messages=messages,
             steps=steps,
             on_step=on_step,
+            resumable=resumable,
+            grace=grace,
         )
         return ChatStream(self._portal, stream)
 

@@ -17,7 +17,10 @@ from gateway import (
     MuxgateError,
     ProtocolViolation,
     RequestFailed,
+    RequestMoved,
     RequestRefused,
+    ResumeFailed,
+    ResumeNotFound,
     TransportError,
     Unauthorized,
 )
@@ -59,6 +62,10 @@ EXPORTED = {
     "RequestRefused",
     "Forbidden",
     "RequestFailed",
+    # resumable requests (SPEC.md §5.8)
+    "ResumeFailed",
+    "ResumeNotFound",
+    "RequestMoved",
 }
 
 
@@ -76,7 +83,18 @@ def test_exception_tree() -> None:
     assert issubclass(ConnectionLost, TransportError)
     assert issubclass(GatewayShuttingDown, ConnectionLost)
     assert issubclass(Forbidden, RequestRefused)
-    for error in (TransportError, ProtocolViolation, Unauthorized, RequestRefused, RequestFailed):
+    # A request lost with its connection is a ConnectionLost, resumable or not.
+    assert issubclass(ResumeFailed, ConnectionLost)
+    assert issubclass(ResumeNotFound, ResumeFailed)
+    assert not issubclass(RequestMoved, TransportError)  # it goes on, elsewhere
+    for error in (
+        TransportError,
+        ProtocolViolation,
+        Unauthorized,
+        RequestRefused,
+        RequestFailed,
+        RequestMoved,
+    ):
         assert issubclass(error, MuxgateError)
 
 
