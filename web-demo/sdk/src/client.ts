@@ -13,12 +13,24 @@
  * exponential backoff between failed attempts (and before reconnecting after close codes that
  * ask for it: 1013, 4008, 4029).
  *
- * Resumable requests (SPEC.md §5.8): a chat with `resumable: true` outlives a dropped
- * connection for its grace period. Its stream says what a resume needs (`stream.epoch`,
- * `stream.graceMs`, `stream.lastSeq`), and `resumeStream` continues it on the client's (new)
- * connection. The SDK does not resume by itself: a dropped connection still fails the stream
- * with `ConnectionLost`, and the application decides to resume. A stream whose request was
- * resumed elsewhere (`moved`) ends with `RequestMoved`.
+ * Resumable requests (SPEC.md §5.8): a chat with `resumable: true` (or every chat, with the
+ * client option `resumable: true`) outlives a dropped connection for its grace period, and the
+ * client resumes it by itself. When the WebSocket drops — any close the client did not ask
+ * for, an abnormal 1006 included, except 4001 (bad credentials) and 1001 (gateway shutdown) —
+ * the client reconnects at once, then with exponential backoff and jitter (see
+ * {@link ReconnectOptions}), and sends `resume` for every unfinished resumable request (those
+ * whose epoch arrived) with the seq of the last chunk it received. The caller's `for await`
+ * loop or `chat()` promise just goes on: the chunks join without a gap or a repeat, and one
+ * response ends it. A cancel asked for meanwhile (`stream.cancel()`, an aborted signal,
+ * leaving the loop, `cancelRequest`) is sent right after the resume. The client gives up
+ * after `reconnect.resumeTimeoutMs` (30 s) without a connection (at once after a 4001 or a
+ * protocol violation): the requests fail with {@link ResumeFailed}, and their pending cancels
+ * go over HTTP. A request the gateway no longer has (its grace ended, a restart) ends with
+ * `ResumeNotFound`; one resumed by another client (`moved`) with `RequestMoved`. Requests that
+ * are not resumable fail with `ConnectionLost` as before. `autoResume: false` turns the
+ * automatic resume off: then a dropped connection fails resumable streams too, and the
+ * application resumes with `resumeStream` (what the stream's `epoch`, `graceMs` and `lastSeq`
+ * are for, e.g. after a page reload).
  */
 
 import type { CodecName } from "./codec.js";
@@ -35,10 +47,12 @@ import {
 } from "./connection.js";
 import {
   ConnectError,
+  ConnectionLost,
   InvalidRequest,
   MuxgateError,
   ProtocolError,
-  ProtocolViolation,
+  ResumeFailed,
+  TransportError,
   Unauthorized,
   errorFromCode,
 } from "./errors.js";
@@ -50,6 +64,21 @@ import {
   type CancelStatus, type ChatMessage, type Message, type ResumeMessage, USAGE_FIGURES, checkOutgoing,
 } from "./wire.js";
 
+/**
+ * Reconnecting. The pause after the n-th failed attempt (n = 0, 1, ...) is
+ * `min(maxDelayMs, initialDelayMs * 2 ** n)` times a random factor in [0.5, 1) ("equal
+ * jitter", so that clients that lost the same gateway spread out): 50-100 ms, 100-200 ms,
+ * 200-400 ms, ... up to 2.5-5 s with the defaults ({@link reconnectDelay}).
+ *
+ * A call that needs the connection makes up to `attempts` attempts. Resuming after a drop
+ * (SPEC.md §5.8) is bounded by time instead: the first attempt goes at once, the next ones
+ * after the pauses above, and none starts later than `resumeTimeoutMs` after the drop; then the
+ * requests waiting to be resumed fail with `ResumeFailed`. A connection that drops less than a
+ * second after it opened (or closes with 1013, 4008 or 4029: the gateway asks for a pause) does
+ * not earn an immediate retry: the next reconnection starts one backoff step further; and when
+ * that connection had been opened to resume, the time limit still counts from the earlier
+ * drop, so a flapping link can neither spin nor retry forever.
+ */
 export interface ReconnectOptions {
   /** Connection attempts per call before giving up with `ConnectError` (default 6). */
   attempts?: number;
@@ -57,6 +86,31 @@ export interface ReconnectOptions {
   initialDelayMs?: number;
   /** Largest backoff delay (default 5000 ms). */
   maxDelayMs?: number;
+  /** How long to keep reconnecting after a drop to resume the resumable requests, in ms
+   * (default 30000; 0: a single attempt). */
+  resumeTimeoutMs?: number;
+}
+
+/** The defaults of {@link ReconnectOptions}. */
+export const RECONNECT_DEFAULTS = {
+  attempts: 6,
+  initialDelayMs: 100,
+  maxDelayMs: 5000,
+  resumeTimeoutMs: 30_000,
+  /** A connection that lived less than this was not stable (see {@link ReconnectOptions}). */
+  stableAfterMs: 1000,
+} as const;
+
+/**
+ * The pause after the `failed`-th failed connection attempt (0-based): `min(maxDelayMs,
+ * initialDelayMs * 2 ** failed)` times a factor in [0.5, 1) from `random` (default
+ * `Math.random`).
+ */
+export function reconnectDelay(failed: number, options: ReconnectOptions = {}, random: () => number = Math.random): number {
+  const initial = options.initialDelayMs ?? RECONNECT_DEFAULTS.initialDelayMs;
+  const max = options.maxDelayMs ?? RECONNECT_DEFAULTS.maxDelayMs;
+  const base = Math.min(max, initial * 2 ** Math.max(0, failed));
+  return base / 2 + random() * (base / 2);
 }
 
 export interface MuxiOptions {
@@ -77,6 +131,14 @@ export interface MuxiOptions {
   fetch?: typeof fetch;
   connectTimeoutMs?: number;
   reconnect?: ReconnectOptions;
+  /** The default of every chat's {@link ChatParams.resumable} (default false). */
+  resumable?: boolean;
+  /**
+   * Resume the resumable requests by itself when the connection drops (default true; see the
+   * module comment and {@link ReconnectOptions}). `false`: a drop fails them with
+   * `ConnectionLost` like any request, and the application may call `resumeStream`.
+   */
+  autoResume?: boolean;
   /** Unread characters a stream may buffer before it is cancelled with `SlowConsumer`
    * (default 8 Mi): memory per request stays bounded whatever the consumer does. */
   maxBufferedChars?: number;
@@ -89,6 +151,9 @@ export interface ConnectionState {
   connectionId?: string;
   /** Why it closed (when `connected` is false after a connection). */
   error?: MuxgateError;
+  /** How many resumable requests wait for the client to reconnect and resume them (only when
+   * `connected` is false: the client is reconnecting by itself). */
+  resuming?: number;
 }
 
 const DEFAULT_PORT = 8001;
@@ -182,10 +247,13 @@ async function loadWebSocket(): Promise<WebSocketConstructor> {
  * The streamed chunks of one chat, as an async iterator (see {@link Muxi.chatStream}), or of
  * a resumed request (see {@link Muxi.resumeStream}).
  *
- * A stream whose request was resumed on another connection (SPEC.md §5.8, `moved`) yields the
+ * A resumable stream (SPEC.md §5.8) goes on across dropped connections: the client resumes it
+ * by itself (see {@link Muxi}), and the loop just sees the next chunk; `resumes` counts the
+ * resumes. A stream whose request was resumed on another connection (`moved`) yields the
  * chunks received before that, then its iteration throws {@link RequestMoved}: the request
  * goes on elsewhere, and `response` stays undefined here. A resume that finds nothing
- * (`resume_result` `not_found`) throws {@link ResumeNotFound}.
+ * (`resume_result` `not_found`) throws {@link ResumeNotFound}; one the client gave up
+ * reconnecting for, {@link ResumeFailed}.
  */
 export class ChatStream implements AsyncIterableIterator<Chunk> {
   /** The final response once iteration has ended (completed or cancelled). */
@@ -194,7 +262,6 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   /** The request as the connection sees it, from the moment its chat is on the wire. */
   private view: Exchange | undefined;
   private exchange: Exchange | undefined;
-  private conn: Connection | undefined;
   private starting: Promise<void> | undefined;
   private closed = false;
   private aborted: { reason: unknown } | undefined;
@@ -217,8 +284,9 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     return this.start.request_id;
   }
 
-  /** Everything streamed so far (including text received after a cancel was sent); for a
-   * resumed request, the text since the resume (the chunks after `afterSeq`). */
+  /** Everything streamed so far (including text received after a cancel was sent), over every
+   * connection the request ran on; for a stream of {@link Muxi.resumeStream}, the text since
+   * its resume (the chunks after `afterSeq`). */
   get text(): string {
     return this.view?.text ?? "";
   }
@@ -244,7 +312,15 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     return next > 0 ? next - 1 : undefined;
   }
 
-  /** The `step` messages received so far, in order (a chat with `steps: true`, SPEC.md §3.12). */
+  /** How many times the request was resumed (SPEC.md §5.8): by the client after a dropped
+   * connection, and, for a stream of {@link Muxi.resumeStream}, its own resume. */
+  get resumes(): number {
+    return this.view?.resumes ?? 0;
+  }
+
+  /** The `step` messages received so far, in order (a chat with `steps: true`, SPEC.md §3.12).
+   * Steps that started and ended while the request was detached are not among them (a resume
+   * does not replay steps). */
   get steps(): readonly Step[] {
     return this.view?.steps ?? [];
   }
@@ -269,10 +345,9 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
     if (this.aborted) throw this.aborted.reason;
     if (this.closed && this.exchange === undefined) return { done: true, value: undefined };
     if (this.exchange === undefined) {
-      this.starting ??= this.client._start(this.start, () => this.aborted !== undefined, this.observer, this.streamed).then(([conn, exchange]) => {
-        this.conn = conn;
+      this.starting ??= this.client._start(this.start, () => this.aborted !== undefined, this.observer, this.streamed).then(([, exchange]) => {
         this.exchange = exchange;
-        if (this.aborted || this.closed) conn.stop(exchange);
+        if (this.aborted || this.closed) this.client._stop(exchange);
       });
       await this.raceAbort(this.starting);
     }
@@ -300,7 +375,7 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   async return(): Promise<IteratorResult<Chunk, undefined>> {
     this.closed = true;
     this.finish();
-    if (this.exchange && this.conn) this.conn.stop(this.exchange);
+    if (this.exchange) this.client._stop(this.exchange);
     return { done: true, value: undefined };
   }
 
@@ -311,14 +386,16 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
 
   /** Cancels the request and waits for its final response (`cancelled`, or `completed` if it
    * won the race); `undefined` if the chat was never sent. Throws {@link RequestMoved} if the
-   * request moved to another connection first (no cancel is sent then: it runs there). */
+   * request moved to another connection first (no cancel is sent then: it runs there). While
+   * the client reconnects to resume the request, the cancel goes out right after the resume;
+   * if the client gives up, over HTTP, and this throws {@link ResumeFailed}. */
   async cancel(): Promise<Response | undefined> {
     this.closed = true;
     this.finish();
     if (this.starting && !this.exchange) await this.starting.catch(() => {});
-    const { exchange, conn } = this;
-    if (!exchange || !conn) return undefined;
-    conn.stop(exchange);
+    const { exchange } = this;
+    if (!exchange) return undefined;
+    this.client._stop(exchange); // detached: sent right after the resume
     while (!exchange.done) await exchange.changed();
     this.response = this.client._outcome(exchange);
     return this.response;
@@ -327,8 +404,8 @@ export class ChatStream implements AsyncIterableIterator<Chunk> {
   private abort(): void {
     if (this.aborted || !this.signal) return;
     this.aborted = { reason: abortReason(this.signal) };
-    if (this.exchange && this.conn) {
-      this.conn.stop(this.exchange);
+    if (this.exchange) {
+      this.client._stop(this.exchange);
       this.exchange.notify();
     }
   }
@@ -375,6 +452,21 @@ export class Muxi {
   private closed = false;
   private lastClose: { code: number | undefined; at: number } | undefined;
   private failedAttempts = 0;
+  /** Resumable requests whose connection dropped, waiting to be resumed (SPEC.md §5.8). */
+  private readonly detached = new Map<string, Exchange>();
+  /** The task that reconnects and resumes {@link detached}, while it runs. */
+  private resumer: Promise<void> | undefined;
+  /** The latest drop that detached requests (for the error if resuming gives up). */
+  private dropError: MuxgateError | undefined;
+  /** When the current resume episode began: its time limit counts from here. */
+  private resumeSince = 0;
+  /** The latest drop continued an episode (a connection opened to resume did not last). */
+  private episodeContinued = false;
+  /** Unstable connections in a row (dropped within `stableAfterMs`, or asked to slow down):
+   * the backoff step the next reconnection to resume starts at. */
+  private flaps = 0;
+  /** The resume episode each connection opened to resume belongs to (see {@link onClose}). */
+  private readonly episodes = new WeakMap<Connection, number>();
   /** Requests whose chat is not on the wire yet: a cancel for their id waits for them. */
   private readonly starting = new Map<string, Deferred<Started | undefined>>();
   private readonly finalUsages = new WeakMap<Response, { exchange: Exchange; userId: string | undefined }>();
@@ -393,6 +485,18 @@ export class Muxi {
     }
     this.userId = options.userId ?? env("MUXGATE_USER_ID");
     checkUserId(this.userId);
+    for (const name of ["resumable", "autoResume"] as const) {
+      if (options[name] !== undefined && typeof options[name] !== "boolean") throw new InvalidRequest(`${name} must be a boolean`);
+    }
+    const timeout = options.reconnect?.resumeTimeoutMs;
+    if (timeout !== undefined && !(typeof timeout === "number" && timeout >= 0)) {
+      throw new InvalidRequest("reconnect.resumeTimeoutMs must be a number >= 0");
+    }
+  }
+
+  /** How many resumable requests wait for the client to reconnect and resume them. */
+  get resuming(): number {
+    return this.detached.size;
   }
 
   /** Whether the WebSocket is open now. */
@@ -412,8 +516,10 @@ export class Muxi {
    * `cancelRequest`, a timeout, another client...). A `failed` request rejects with
    * `RequestFailed`; aborting `params.signal` cancels the request on the gateway and rejects
    * with the signal's reason. The request counts as started at once: `cancelRequest` with its
-   * id, even right away, cancels it in-band. A resumable request (`resumable: true`) that was
-   * resumed on another connection rejects with `RequestMoved`.
+   * id, even right away, cancels it in-band. A resumable request (`resumable: true`) goes on
+   * across a dropped connection (the client resumes it, and this promise just resolves with
+   * its response); it rejects with `RequestMoved` if another client resumed it, with
+   * `ResumeNotFound` or `ResumeFailed` if it could not be resumed.
    */
   chat(params: ChatParams): Promise<Response> {
     let chat: ChatMessage;
@@ -431,7 +537,7 @@ export class Muxi {
     const result = new Promise<Response>((resolve, reject) => {
       const onAbort = () => {
         aborted = true;
-        if (started) started[0].stop(started[1]);
+        if (started) this._stop(started[1]);
         reject(abortReason(signal!));
       };
       signal?.addEventListener("abort", onAbort, { once: true });
@@ -439,8 +545,8 @@ export class Muxi {
       this._start(chat, () => aborted, observer)
         .then(async (s) => {
           started = s;
-          const [conn, exchange] = s;
-          if (aborted) return conn.stop(exchange);
+          const exchange = s[1];
+          if (aborted) return this._stop(exchange);
           while (!exchange.done) await exchange.changed();
           resolve(this._outcome(exchange));
         })
@@ -456,8 +562,10 @@ export class Muxi {
    * `stream.response` is the final response. Leaving the loop early (`break`, an exception),
    * `stream.cancel()` or aborting `params.signal` cancels the request. A request cancelled
    * otherwise (`cancelRequest`, a timeout) ends the loop normally with a `cancelled` response.
-   * With `resumable: true`, `stream.epoch`, `stream.graceMs` and `stream.lastSeq` say what
-   * {@link resumeStream} needs after a dropped connection.
+   * With `resumable: true` the stream goes on across a dropped connection (the client resumes
+   * it by itself, unless `autoResume: false`); `stream.epoch`, `stream.graceMs` and
+   * `stream.lastSeq` say what {@link resumeStream} needs to continue it elsewhere (another
+   * client, a reloaded page).
    */
   chatStream(params: ChatParams): ChatStream {
     const chat = this.buildChat(params, true);
@@ -475,7 +583,8 @@ export class Muxi {
    * user's, or past its grace period), and `RequestRefused` when the gateway refuses the
    * resume (e.g. `invalid_field` for an `afterSeq` beyond the last chunk, `too_many_streams`).
    * Leaving the loop early or aborting `params.signal` cancels the request, as for a chat.
-   * This is the low-level step: the SDK never resumes by itself.
+   * Once resumed, the request is resumable like any: a dropped connection resumes it again by
+   * itself (unless `autoResume: false`).
    */
   resumeStream(params: ResumeParams): ChatStream {
     this.checkOpen();
@@ -493,8 +602,10 @@ export class Muxi {
   /**
    * Cancels a request by id and resolves with the outcome: `cancelled`, `already_cancelled`,
    * `already_completed` or `not_found` (never thrown). In-band (a `cancel` frame, reason
-   * `client`) when the request runs on this client's connection; otherwise
-   * `DELETE /v1/requests/{id}` (reason `api`). `userId` defaults to the client's.
+   * `client`) when the request runs on this client's connection (or waits to be resumed on the
+   * next one: the cancel goes out right after the resume); otherwise
+   * `DELETE /v1/requests/{id}` (reason `api`), also when the connection is lost before the
+   * in-band answer. `userId` defaults to the client's.
    */
   async cancelRequest(requestId: string, options: CancelOptions = {}): Promise<CancelStatus> {
     checkRequestId(requestId);
@@ -502,18 +613,16 @@ export class Muxi {
     this.checkOpen();
     const announced = this.starting.get(requestId);
     if (announced) await announced.promise.catch(() => undefined); // its chat goes out first
-    const conn = this.conn;
-    if (conn?.isOpen) {
-      const exchange = conn.exchanges.get(requestId);
-      const wanted = options.userId ?? this.userId;
-      if (exchange && !exchange.refused && (wanted === undefined || conn.userOf(wanted) === exchange.user)) {
-        const waiter = conn.cancel(exchange, true)!;
-        try {
-          return await waiter.promise;
-        } catch (exc) {
-          if (!(exc instanceof MuxgateError) || exc instanceof ProtocolViolation || exc instanceof Unauthorized) throw exc;
-          if (!conn.isOpen) { /* dropped meanwhile (G7): ask over HTTP below */ } else throw exc;
-        }
+    const conn = this.conn?.isOpen ? this.conn : undefined;
+    const exchange = conn?.exchanges.get(requestId) ?? this.detached.get(requestId);
+    const wanted = options.userId ?? this.userId;
+    if (exchange && !exchange.refused && (wanted === undefined || wanted === exchange.user)) {
+      const waiter = exchange.conn !== undefined ? exchange.conn.cancel(exchange, true)! : exchange.cancelDetached(true)!;
+      try {
+        return await waiter.promise;
+      } catch (exc) {
+        // Lost with the connection (G7), or never sent (resuming gave up): ask over HTTP below.
+        if (!(exc instanceof TransportError)) throw exc;
       }
     }
     const res = await this.http("DELETE", requestId, options.userId, options.signal);
@@ -575,10 +684,13 @@ export class Muxi {
 
   /** Closes the connection. Requests in flight fail with `ConnectionLost` (the gateway cancels
    * them, reason `disconnect`; a resumable one it keeps for its grace period instead, SPEC.md
-   * §5.8: cancel it first to stop it). Idempotent. */
+   * §5.8: cancel it first to stop it), and so do those waiting to be resumed (a cancel asked
+   * for one of them goes over HTTP). Idempotent. */
   close(): void {
+    if (this.closed) return;
     this.closed = true;
     for (const announced of this.starting.values()) announced.resolve(undefined);
+    this.failDetached(() => new ConnectionLost("the client closed the connection", 1000));
     const conn = this.conn;
     this.conn = undefined;
     conn?.close();
@@ -612,7 +724,7 @@ export class Muxi {
     if (params.resumable === false && wantsResume) {
       throw new InvalidRequest("graceMs and onResumable need resumable (not resumable: false)", "invalid_field");
     }
-    const resumable = params.resumable ?? wantsResume;
+    const resumable = params.resumable ?? (wantsResume || this.options.resumable === true);
     if (resumable !== false) chat.resumable = resumable; // checkOutgoing refuses a non-boolean
     if (params.graceMs !== undefined) {
       if (typeof params.graceMs !== "number" || !(params.graceMs > 0 && params.graceMs <= MAX_GRACE_MS)) {
@@ -630,10 +742,22 @@ export class Muxi {
     return response;
   }
 
+  /** The caller gave up on `exchange`: cancel it on the gateway (now, or right after its
+   * resume while it is detached) unless it already has its answer. @internal */
+  _stop(exchange: Exchange): void {
+    if (exchange.conn !== undefined) exchange.conn.stop(exchange);
+    else if (this.detached.get(exchange.requestId) === exchange) exchange.cancelDetached(false);
+    else {
+      exchange.keepChunks = false;
+      exchange.dropChunks();
+    }
+  }
+
   /** Connects if needed and puts `chat` (or a `resume`) on the wire. @internal */
   async _start(message: ChatMessage | ResumeMessage, isAborted: () => boolean, observer?: ExchangeObserver, stream = true): Promise<Started> {
     const rid = message.request_id;
     if (this.starting.has(rid)) throw errorFromCode("duplicate_request_id", "request_id is being started", rid);
+    if (this.detached.has(rid)) throw errorFromCode("duplicate_request_id", "request_id is being resumed", rid);
     const announced = deferred<Started | undefined>();
     this.starting.set(rid, announced);
     try {
@@ -658,16 +782,22 @@ export class Muxi {
     return this.connecting;
   }
 
-  private backoff(attempt: number): number {
-    const r = this.options.reconnect ?? {};
-    const initial = r.initialDelayMs ?? 100;
-    const max = r.maxDelayMs ?? 5000;
-    const base = Math.min(max, initial * 2 ** attempt);
-    return base / 2 + Math.random() * (base / 2); // "equal jitter": spread reconnecting clients
+  private backoff(failed: number): number {
+    return reconnectDelay(failed, this.options.reconnect);
   }
 
+  private get resumeTimeoutMs(): number {
+    return this.options.reconnect?.resumeTimeoutMs ?? RECONNECT_DEFAULTS.resumeTimeoutMs;
+  }
+
+  /**
+   * Opens the connection, with backoff between failed attempts: up to `reconnect.attempts`
+   * of them, or, while requests wait to be resumed, until `resumeTimeoutMs` after the drop
+   * (see {@link ReconnectOptions}; the first attempt to resume goes at once unless the link
+   * flaps).
+   */
   private async reconnect(isAborted: () => boolean): Promise<Connection> {
-    const attempts = Math.max(1, this.options.reconnect?.attempts ?? 6);
+    const attempts = Math.max(1, this.options.reconnect?.attempts ?? RECONNECT_DEFAULTS.attempts);
     const WebSocket = this.options.WebSocket ?? (await loadWebSocket());
     const settings: ConnectionSettings = {
       wsUrl: this.wsUrl,
@@ -679,23 +809,26 @@ export class Muxi {
       maxBufferedChars: this.options.maxBufferedChars ?? 8 * 1024 * 1024,
       WebSocket,
     };
+    // A flapping link (connections that drop at once): start further along the backoff, and
+    // within the time limit of the episode (connections that open do not extend it).
+    const resuming = this.detached.size > 0;
+    let failed = resuming ? this.flaps : 0;
+    let wait = failed > 0 ? this.backoff(failed - 1) : 0;
+    if (resuming && this.episodeContinued && Date.now() + wait > this.resumeSince + this.resumeTimeoutMs) {
+      throw new ConnectError(`connect to ${this.wsUrl}: the connection dropped ${failed} times in a row soon after it opened`);
+    }
     // The gateway asked us to slow down (1013 at capacity, 4008 slow, 4029 rate): back off first.
     const last = this.lastClose;
     if (last?.code !== undefined && RETRY_AFTER_CLOSE.has(last.code)) {
-      const wait = last.at + this.backoff(this.failedAttempts + 3) - Date.now();
-      if (wait > 0) await sleep(wait);
+      wait = Math.max(wait, last.at + this.backoff(this.failedAttempts + 3) - Date.now());
     }
+    if (wait > 0) await sleep(wait);
     for (let attempt = 0; ; attempt++) {
       this.checkOpen();
       try {
         const conn = await Conn.open(settings, {
-          onClose: (c, error) => {
-            this.lastClose = { code: c.closeCode, at: Date.now() };
-            if (this.conn === c) {
-              this.conn = undefined;
-              this.options.onConnectionChange?.({ connected: false, error });
-            }
-          },
+          onClose: (c, error, detached) => this.onClose(c, error, detached),
+          resumeAfterDrop: () => this.options.autoResume !== false && !this.closed,
         });
         if (this.closed) {
           conn.close();
@@ -703,14 +836,114 @@ export class Muxi {
         }
         this.failedAttempts = 0;
         this.conn = conn;
+        if (this.detached.size > 0) this.episodes.set(conn, this.resumeSince);
         this.options.onConnectionChange?.({ connected: true, connectionId: conn.connectionId! });
         return conn;
       } catch (exc) {
-        // Credentials fail again (4001), a gateway that breaks the protocol will again.
-        if (!(exc instanceof ConnectError) || attempt + 1 >= attempts || isAborted()) throw exc;
+        // Credentials fail again (4001), a gateway that breaks the protocol will again. A call
+        // that gave up does not stop a reconnection that requests wait for to be resumed.
+        if (!(exc instanceof ConnectError) || (isAborted() && this.detached.size === 0)) throw exc;
         this.failedAttempts++;
-        await sleep(this.backoff(attempt));
+        const delay = this.backoff(failed++);
+        const giveUp = this.detached.size > 0
+          ? Date.now() + delay > this.resumeSince + this.resumeTimeoutMs
+          : attempt + 1 >= attempts;
+        if (giveUp) throw exc;
+        await sleep(delay);
       }
+    }
+  }
+
+  /** A connection ended; `detached`: its resumable requests, which the gateway keeps for a
+   * resume (it dropped, and `autoResume` is on). */
+  private onClose(conn: Connection, error: MuxgateError, detached: Exchange[]): void {
+    const now = Date.now();
+    this.lastClose = { code: conn.closeCode, at: now };
+    if (detached.length > 0) {
+      const unstable = now - conn.openedAt < RECONNECT_DEFAULTS.stableAfterMs;
+      this.flaps = unstable || RETRY_AFTER_CLOSE.has(conn.closeCode ?? 0) ? this.flaps + 1 : 0;
+      // A connection opened to resume that did not last: the same episode (its time limit
+      // runs on). Otherwise the time limit starts now.
+      const episode = this.episodes.get(conn);
+      this.episodeContinued = unstable && episode !== undefined;
+      this.resumeSince = this.episodeContinued ? episode! : now;
+      this.dropError = error;
+      for (const exchange of detached) this.detached.set(exchange.requestId, exchange);
+    }
+    if (this.conn === conn) {
+      this.conn = undefined;
+      const state: ConnectionState = { connected: false, error };
+      if (this.detached.size > 0) state.resuming = this.detached.size;
+      this.options.onConnectionChange?.(state);
+    }
+    if (this.detached.size > 0) this.startResumer();
+  }
+
+  private startResumer(): void {
+    if (this.resumer !== undefined || this.closed) return;
+    this.resumer = this.resumeDetached()
+      .catch((exc: unknown) => this.giveUp(exc)) // a bug must not leave the callers waiting
+      .finally(() => {
+        this.resumer = undefined;
+        if (this.detached.size > 0) this.startResumer(); // detached while it was finishing
+      });
+  }
+
+  /** Reconnects and resumes every detached request, until none is left (a drop meanwhile puts
+   * its requests back); giving up fails them with {@link ResumeFailed}. */
+  private async resumeDetached(): Promise<void> {
+    while (this.detached.size > 0 && !this.closed) {
+      let conn: Connection;
+      try {
+        conn = await this.connection();
+      } catch (exc) {
+        this.giveUp(exc);
+        return;
+      }
+      for (const [rid, exchange] of [...this.detached]) {
+        if (exchange.done) {
+          this.detached.delete(rid);
+          continue;
+        }
+        try {
+          await conn.resume(exchange); // after it, the cancels asked for meanwhile
+        } catch (exc) {
+          if (exc instanceof TransportError && !conn.isOpen) continue; // dropped again: next round
+          this.detached.delete(rid);
+          exchange.fail(exc instanceof MuxgateError ? exc : new MuxgateError(String(exc)));
+          continue;
+        }
+        // Still detached if the connection dropped right after (it is back in the map).
+        if (exchange.conn === conn || exchange.done) this.detached.delete(rid);
+      }
+    }
+  }
+
+  /** Resuming gave up (`last`: the last attempt's error): the detached requests fail with
+   * {@link ResumeFailed}; a Stop asked for one of them goes over HTTP. */
+  private giveUp(last: unknown): void {
+    const dropped = this.dropError;
+    const code = dropped instanceof ConnectionLost ? dropped.closeCode : undefined;
+    const reason = dropped instanceof ConnectionLost ? dropped.closeReason : "";
+    const why = last instanceof Error ? last.message : String(last);
+    this.failDetached((rid) => new ResumeFailed(
+      `request ${rid} could not be resumed: ${dropped?.message ?? "the connection dropped"}, then reconnecting failed (${why})`,
+      rid, code, reason, last,
+    ));
+    if (!this.connected && !this.closed) {
+      this.options.onConnectionChange?.({ connected: false, error: last instanceof MuxgateError ? last : dropped ?? new ConnectionLost(why) });
+    }
+  }
+
+  /** Fails every detached request with `error(requestId)`; the cancels that were asked for
+   * them (without a caller waiting for the answer) go over HTTP, so that a Stop is not lost. */
+  private failDetached(error: (requestId: string) => MuxgateError): void {
+    const exchanges = [...this.detached.values()];
+    this.detached.clear();
+    for (const exchange of exchanges) {
+      const stopped = exchange.deferredCancels.includes(null);
+      exchange.fail(error(exchange.requestId)); // cancelRequest callers fall back to HTTP
+      if (stopped) void this.http("DELETE", exchange.requestId, exchange.chatUserId, undefined).catch(() => {});
     }
   }
 

@@ -20,6 +20,17 @@
  * need only end with the text received since the resume, and step indices are not checked
  * against the steps before the resume (they are not replayed).
  *
+ * An exchange outlives its connection when the request is resumable (§5.8): when the WebSocket
+ * drops (any close the client did not ask for, except 4001 and 1001), an unfinished exchange that
+ * knows its epoch is *detached* instead of failed: handed to {@link ConnectionEvents.onClose},
+ * whose client reconnects and calls {@link Connection.resume} on the new connection. The
+ * exchange keeps what its caller holds (the unread chunks, the text so far, the next seq, the
+ * steps) and is re-armed there as a request this client resumes: tracked from the chunk after
+ * the last one received, the content checked against the whole text. Cancels asked for while
+ * it is detached, and those sent on the dropped connection and not answered, go out right after
+ * the `resume`. Nothing is routed from a connection once it has ended, so no chunk of the old
+ * connection can follow the resume point: the seqs join without a gap or a repeat.
+ *
  * Sending is synchronous: messages are encoded into an outbox and flushed once per microtask
  * turn, so whatever is pending goes out as one batched frame (SPEC.md §2.4) within the
  * `welcome` limits, and a `cancel` can be queued from an abort handler without awaiting.
@@ -163,6 +174,15 @@ export class Exchange {
   readonly stream: boolean;
   /** The chat asked for `resumable: true`, or this exchange resumes a request (§5.8). */
   readonly resumable: boolean;
+  /** The connection the request runs on; undefined before its chat or resume is on the wire,
+   * once it ended, and while it is detached (waiting for the client to resume it). */
+  conn: Connection | undefined;
+  /** How many `resume_result` `resumed` answers the request had (its resumes that worked). */
+  resumes = 0;
+  /** Cancels to send right after the next `resume` (each with the caller's deferred of the
+   * `cancel_result`, or null): asked for while detached, or sent on a connection that dropped
+   * before answering them (a cancel is idempotent: the second answer is `already_cancelled`). */
+  readonly deferredCancels: (Deferred<CancelStatus> | null)[] = [];
   /** The request's incarnation: from its `resumable` message, or the `resume` sent for it. */
   epoch: string | undefined;
   /** The grace the gateway granted (`resumable.grace_ms`); unknown for a resumed request. */
@@ -213,6 +233,9 @@ export class Exchange {
   private stepsAnchored: boolean;
   private firstLiveStep: number;
   private readonly endedBefore = new Set<number>();
+  /** Steps below this index were seen on an earlier connection of this exchange: one of them
+   * may end after a resume only if it was still open (0 for a fresh resume: none seen). */
+  private stepFloor = 0;
   /** Started steps not yet ended among those taken in, by index. */
   private readonly openSteps = new Map<number, Step>();
   /** Steps that arrived behind unread chunks: each waits for the chunk of seq `before`. */
@@ -276,7 +299,7 @@ export class Exchange {
       this.wireOpen.add(step.index);
     } else if (this.wireOpen.has(step.index)) {
       this.wireOpen.delete(step.index);
-    } else if (step.index < this.firstLiveStep && !this.endedBefore.has(step.index)) {
+    } else if (step.index < this.firstLiveStep && step.index >= this.stepFloor && !this.endedBefore.has(step.index)) {
       // Started before the resume, on an earlier connection: ends at most once here too.
       this.endedBefore.add(step.index);
       if (!this.stepsAnchored) this.nextStep = Math.max(this.nextStep, step.index + 1);
@@ -334,6 +357,49 @@ export class Exchange {
     this.graceMs = m.grace_ms;
     callBack(this.observer.onResumable, { requestId: id, epoch: m.epoch, graceMs: m.grace_ms });
     this.notify();
+  }
+
+  /** Whether the request can be resumed after its connection dropped (§5.8): resumable, its
+   * epoch known, not answered yet, and not refused, moved or gone. */
+  get detachable(): boolean {
+    return this.resumable && this.epoch !== undefined && !this.done && !this.refused && this.endedHere === undefined;
+  }
+
+  /** The connection dropped; the gateway keeps the request for a resume (§5.8). The cancels
+   * sent there and not answered are sent again after the resume (their answers were lost). */
+  detach(): void {
+    this.conn = undefined;
+    this.deferredCancels.push(...this.pendingCancels.splice(0));
+  }
+
+  /** The caller gave up while the request is detached: a cancel goes out right after the
+   * resume (a Stop is never lost). Returns the deferred of its `cancel_result` if asked for. */
+  cancelDetached(wantResult: boolean): Deferred<CancelStatus> | null {
+    const waiter = wantResult ? deferred<CancelStatus>() : null;
+    this.keepChunks = false;
+    this.dropChunks();
+    if (this.done) {
+      waiter?.reject(this.error ?? new ConnectionLost("the request has ended"));
+    } else if (wantResult || !this.cancelSent) {
+      this.deferredCancels.push(waiter);
+      this.cancelSent = true;
+    }
+    return waiter;
+  }
+
+  /** The `resume` for this detached exchange is on `conn`'s wire: track the request there as a
+   * resumed one (§5.8), from the chunk after the last one received; the text, the unread chunks
+   * and the steps carry over. */
+  rearm(conn: Connection): void {
+    this.conn = conn;
+    this.awaitingResume = true;
+    this.heard = false;
+    // Steps are not replayed: those that started while detached are skipped, and one that was
+    // open before may end after the resume.
+    this.stepsAnchored = false;
+    this.firstLiveStep = Infinity;
+    this.stepFloor = this.nextStep;
+    this.endedBefore.clear();
   }
 
   /** Ends the request on this connection (MOVED or GONE, §5.8): its caller gets `error`. */
@@ -398,13 +464,27 @@ export class Exchange {
     this.takeSteps(); // what arrived stays known
     this.finalUsage?.reject(error);
     for (const waiter of this.pendingCancels.splice(0)) waiter?.reject(error);
+    for (const waiter of this.deferredCancels.splice(0)) waiter?.reject(error);
     this.notify();
   }
 }
 
 export interface ConnectionEvents {
-  onClose(conn: Connection, error: MuxgateError): void;
+  /**
+   * The connection ended with `error`. `detached`: the resumable exchanges it ran that the
+   * gateway keeps for a resume (§5.8), when the connection dropped (a close the client did not
+   * ask for, other than 4001 and 1001) and {@link resumeAfterDrop} is on; the listener resumes
+   * them (or fails them). Every other unfinished exchange has failed with `error`.
+   */
+  onClose(conn: Connection, error: MuxgateError, detached: Exchange[]): void;
+  /** Whether the resumable exchanges of a dropped connection are to be detached (resumed by
+   * the listener) rather than failed. Default: failed. */
+  resumeAfterDrop?: () => boolean;
 }
+
+/** Close codes after which resumable requests are not resumed: 4001 (the credentials will fail
+ * again) and 1001 (a gateway shutdown cancels every request, detached ones too, §5.7). */
+const NO_RESUME_AFTER = new Set([4001, 1001]);
 
 /** One open WebSocket to the gateway. Create with {@link Connection.open}. */
 export class Connection {
@@ -419,6 +499,8 @@ export class Connection {
   /** Why the connection ended; set once, when it does. */
   error: MuxgateError | undefined;
   closeCode: number | undefined;
+  /** When the connection opened (`Date.now()`). */
+  readonly openedAt = Date.now();
   private readonly welcomed = deferred<WelcomeMessage>();
   private closeError: MuxgateError | undefined;
   private outbox: (string | Uint8Array)[] = [];
@@ -476,7 +558,10 @@ export class Connection {
       ws.onmessage = (ev) => conn.onFrame(ev.data);
       ws.onclose = (ev) => {
         conn.closeCode = ev.code;
-        conn.end(conn.closeError ?? errorFromClose(ev.code, ev.reason ?? ""));
+        // A drop: the client did not close it (nor saw a protocol violation or an error that
+        // ends the connection): the gateway detached the resumable requests (§5.8).
+        const dropped = conn.closeError === undefined && !NO_RESUME_AFTER.has(ev.code);
+        conn.end(conn.closeError ?? errorFromClose(ev.code, ev.reason ?? ""), dropped);
         if (!opened) fail(new ConnectError(`connect to ${url}: the WebSocket closed (${ev.code})`));
       };
       conn.welcomed.promise.then(
@@ -564,8 +649,34 @@ export class Connection {
     this.checkUnique(rid);
     const exchange = new Exchange(message, this.userOf(message.user_id), observer, stream);
     this.send(message);
+    exchange.conn = this;
     this.exchanges.set(rid, exchange);
     return exchange;
+  }
+
+  /**
+   * Continues the detached `exchange` here (§5.8), once a stream slot is free: sends `resume`
+   * with its epoch and the seq of the last chunk it received (none: from seq 0), then the
+   * cancels asked for meanwhile. The exchange is registered here when this resolves; if it
+   * throws, the exchange stays detached (the connection ended: resume it on the next one) or
+   * the error is the resume's own (refused locally).
+   */
+  async resume(exchange: Exchange): Promise<void> {
+    const rid = exchange.requestId;
+    while (this.exchanges.size >= this.limits.max_streams) {
+      if (this.error !== undefined) throw this.error;
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    }
+    if (this.error !== undefined) throw this.error;
+    if (exchange.done || exchange.epoch === undefined) return; // ended meanwhile (the client closed)
+    this.checkUnique(rid);
+    const resume: Message = { type: "resume", request_id: rid, epoch: exchange.epoch };
+    if (exchange.nextSeq > 0) resume.after_seq = exchange.nextSeq - 1;
+    if (exchange.chatUserId !== undefined) resume.user_id = exchange.chatUserId;
+    this.send(resume);
+    exchange.rearm(this);
+    this.exchanges.set(rid, exchange);
+    for (const waiter of exchange.deferredCancels.splice(0)) this.sendCancel(exchange, waiter);
   }
 
   private checkUnique(requestId: string): void {
@@ -585,6 +696,11 @@ export class Connection {
       waiter?.reject(this.error);
       return waiter;
     }
+    this.sendCancel(exchange, waiter);
+    return waiter;
+  }
+
+  private sendCancel(exchange: Exchange, waiter: Deferred<CancelStatus> | null): void {
     const cancel: Message = { type: "cancel", request_id: exchange.requestId };
     if (exchange.chatUserId !== undefined) cancel.user_id = exchange.chatUserId;
     this.send(cancel);
@@ -592,7 +708,6 @@ export class Connection {
     exchange.pendingCancels.push(waiter);
     exchange.keepChunks = false;
     exchange.dropChunks();
-    return waiter;
   }
 
   /** The caller gave up on `exchange` (aborted, stream left): cancel it on the gateway unless
@@ -628,16 +743,26 @@ export class Connection {
     this.end(this.closeError);
   }
 
-  private end(error: MuxgateError): void {
+  private end(error: MuxgateError, dropped = false): void {
     if (this.error !== undefined) return;
     this.error = error;
     this.welcomed.reject(error);
     const exchanges = [...this.exchanges.values()];
     this.exchanges.clear();
-    for (const exchange of exchanges) exchange.fail(error);
+    const resume = dropped && (this.events.resumeAfterDrop?.() ?? false);
+    const detached: Exchange[] = [];
+    for (const exchange of exchanges) {
+      if (exchange.conn === this) exchange.conn = undefined;
+      if (resume && exchange.detachable) {
+        exchange.detach(); // the gateway keeps it (§5.8): the client resumes it elsewhere
+        detached.push(exchange);
+      } else {
+        exchange.fail(error);
+      }
+    }
     this.outbox = [];
     for (const wake of this.slotWaiters.splice(0)) wake();
-    this.events.onClose(this, error);
+    this.events.onClose(this, error, detached);
   }
 
   private violation(error: ProtocolViolation): void {
@@ -770,7 +895,10 @@ export class Connection {
         ex.awaitingResume = false;
         ex.heard = true;
         if (m.status === "not_found") ex.endHere("gone", new ResumeNotFound(m.request_id));
-        else ex.notify();
+        else {
+          ex.resumes++;
+          ex.notify();
+        }
         this.maybeFinished(ex);
         return;
       }

@@ -8,7 +8,9 @@
  *  │    ├── ConnectError        could not open the WebSocket / reach the HTTP API
  *  │    └── ConnectionLost      the WebSocket closed while the request was in flight
  *  │         │                  (.closeCode, .closeReason); the next call reconnects
- *  │         └── GatewayShuttingDown   closed with 1001: the gateway is draining
+ *  │         ├── GatewayShuttingDown   closed with 1001: the gateway is draining
+ *  │         └── ResumeFailed   a resumable request could not go on after its connection
+ *  │                            dropped: reconnecting gave up (.requestId, .cause)
  *  ├── ProtocolViolation        the gateway broke the protocol (SPEC.md §5.1, G1-G3)
  *  ├── Unauthorized             credentials missing or invalid (error/close 4001, HTTP 401)
  *  ├── RequestRefused           an `error` refused a chat or cancel (.requestId), e.g.
@@ -67,6 +69,23 @@ export class ConnectionLost extends TransportError {
 }
 
 export class GatewayShuttingDown extends ConnectionLost {}
+
+/**
+ * A resumable request (SPEC.md §5.8) could not go on after its connection dropped: the client
+ * kept reconnecting for `reconnect.resumeTimeoutMs` (or stopped at once: the gateway refused the
+ * credentials, or broke the protocol) and gave up. `closeCode` and `closeReason` are those of
+ * the drop; `cause` is the last reconnection attempt's error. The request may still run on the
+ * gateway until its grace period ends; a cancel asked for meanwhile (Stop) was sent over HTTP
+ * (`DELETE /v1/requests/{id}`) instead.
+ */
+export class ResumeFailed extends ConnectionLost {
+  readonly requestId: string;
+  constructor(message: string, requestId: string, closeCode?: number, closeReason = "", cause?: unknown) {
+    super(message, closeCode, closeReason);
+    this.requestId = requestId;
+    if (cause !== undefined) (this as { cause?: unknown }).cause = cause;
+  }
+}
 
 export class ProtocolViolation extends MuxgateError {
   readonly requestId: string | undefined;
@@ -136,6 +155,8 @@ export class RequestMoved extends MuxgateError {
  * A `resume` found nothing to continue (`resume_result` `not_found`, SPEC.md §5.8): no such
  * request of this user, another incarnation of the id (another epoch, or the gateway
  * restarted), or it is no longer resumable (its grace period ended). Nothing about it follows.
+ * Also how a resumable stream ends when the client's own resume after a dropped connection
+ * finds nothing (the client was away longer than the grace period).
  */
 export class ResumeNotFound extends MuxgateError {
   readonly requestId: string;

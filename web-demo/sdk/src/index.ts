@@ -7,7 +7,7 @@
  * for await (const chunk of client.chatStream({ message: "Hello" })) console.log(chunk.text);
  * ```
  */
-export { Muxi, ChatStream, gatewayUrls } from "./client.js";
+export { Muxi, ChatStream, gatewayUrls, reconnectDelay, RECONNECT_DEFAULTS } from "./client.js";
 export type { MuxiOptions, ReconnectOptions, ConnectionState } from "./client.js";
 export type { WebSocketConstructor, WebSocketLike } from "./connection.js";
 export * from "./errors.js";

@@ -123,12 +123,15 @@ export interface ChatParams {
   onHalt?: (halt: Halt, usage: Usage) => void;
   /**
    * Ask the gateway to keep the request through a closed connection (SPEC.md §5.8): the
-   * connection dropping detaches the request instead of cancelling it, and
-   * {@link Muxi.resumeStream} continues it on a new connection within the grace period.
-   * Default: true when `graceMs` or `onResumable` is given (then `false` is refused), else
-   * false. The gateway answers with the request's epoch and grace (`stream.epoch`,
-   * `stream.graceMs`, `onResumable`); a gateway older than §5.8 ignores it (they stay
-   * undefined, and a closed connection cancels the request as usual).
+   * connection dropping detaches the request instead of cancelling it, and the client
+   * reconnects and resumes it by itself (the stream or `chat()` just goes on; see `Muxi` and
+   * `MuxiOptions.autoResume`), or {@link Muxi.resumeStream} continues it on another client
+   * within the grace period. Default: true when `graceMs` or `onResumable` is given (then
+   * `false` is refused), else the client's `resumable` option (default false). The gateway
+   * answers with the request's epoch and grace (`stream.epoch`, `stream.graceMs`,
+   * `onResumable`); a gateway older than §5.8 ignores it (they stay undefined, and a closed
+   * connection fails the request with `ConnectionLost` as usual). A connection that drops
+   * before the epoch arrived also fails it: there is nothing to name in a resume.
    */
   resumable?: boolean;
   /** How long the gateway should keep the detached request waiting for a resume, in ms

@@ -8,12 +8,17 @@
  * echo backends the speed settings go to the backend as the chat's `metadata`; for a model
  * (openai, llama) the model's settings the backend announces do (e.g. `max_tokens`,
  * `temperature`), within their bounds.
+ *
+ * The answers survive a dropped connection and a page reload (SPEC.md §5.8): every chat is
+ * resumable, the SDK resumes it by itself after a drop, and the page keeps its conversations
+ * in `sessionStorage` and resumes the answers that were streaming when it was reloaded.
  */
 import { type ConnectionState, type JsonValue, Muxi } from "@muxgate/sdk";
 import { useEffect, useMemo, useState } from "react";
 import { ChatInterface } from "../seed/ChatInterface";
 import { type BackendInfo, SIMULATED, clampSetting, fetchBackendInfo, isSimulated, settingsMetadata } from "./backend";
 import { Conversation } from "./Conversation";
+import { loadCount, pageStorage, saveCount } from "./saved";
 
 export interface Speed {
   tokens: number;
@@ -34,7 +39,8 @@ export function App() {
   );
   useEffect(() => () => client.close(), [client]);
   const [speed, setSpeed] = useState<Speed>({ tokens: 400, token_delay_ms: 30, plan_ms: 100, tool_ms: 300 });
-  const [count, setCount] = useState(2);
+  const [count, setCount] = useState(() => loadCount(pageStorage(), 2));
+  useEffect(() => saveCount(pageStorage(), count), [count]);
   const [backend, setBackend] = useState<BackendInfo & { known: boolean }>({ ...SIMULATED, known: false });
   // The model settings as typed (strings, so that "0." can become "0.5"); clamped when sent.
   const [values, setValues] = useState<Record<string, string>>({});
@@ -81,9 +87,11 @@ export function App() {
         <span className={`conn ${connection.connected ? "up" : "down"}`} data-testid="connection">
           {connection.connected
             ? `one WebSocket (${client.codec}), connection ${connection.connectionId}`
-            : connection.error
-              ? `disconnected: ${connection.error.message} (reconnects on the next message)`
-              : "not connected yet (connects on the first message)"}
+            : connection.resuming
+              ? `disconnected: ${connection.error?.message}; reconnecting to resume ${connection.resuming} answer${connection.resuming > 1 ? "s" : ""}…`
+              : connection.error
+                ? `disconnected: ${connection.error.message} (reconnects on the next message)`
+                : "not connected yet (connects on the first message)"}
         </span>
       </header>
       <main>

@@ -1,61 +1,36 @@
-import { type ChatStream, type Halt, type JsonValue, type Muxi, type Response, type Step } from "@muxgate/sdk";
-import { useRef, useState } from "react";
+import { type ChatStream, type Halt, type JsonValue, type Muxi, type Step, type Usage } from "@muxgate/sdk";
+import { useEffect, useRef, useState } from "react";
 import { haltLabel, stepLabel } from "./labels";
-
-interface Turn {
-  requestId: string;
-  prompt: string;
-  answer: string;
-  chunks: number;
-  state: "streaming" | "completed" | "cancelled" | "failed";
-  /** The latest started step not yet ended (SPEC.md §3.12), while the answer runs. */
-  step?: Step;
-  /** The step the answer was in when it was stopped. */
-  stoppedIn?: Step;
-  /** Steps started so far. */
-  started: number;
-  /** Stop was pressed; the cancelled response has not arrived yet. */
-  stopping?: boolean;
-  response?: Response;
-  /** The latest halt: the cancelled response's (often pending), then the final one. */
-  halt?: Halt;
-  savedTokens?: number;
-  /** The usage figures are final (the pipeline halted). */
-  usageFinal?: boolean;
-  cancelStatus?: string;
-  error?: string;
-}
+import { type Turn, loadTurns, pageStorage, saveTurns } from "./saved";
 
 let counter = 0;
 
 /** One conversation: a column of turns; its requests share the page's one WebSocket. While an
  * answer streams, Stop replaces Send; the answer shows the step it is in, and after Stop where
- * the pipeline halts. */
+ * the pipeline halts.
+ *
+ * Every chat is resumable (SPEC.md §5.8): the SDK resumes it by itself when the WebSocket drops,
+ * and the page keeps each turn in `sessionStorage` (see `saved.ts`), so that after a reload
+ * mid-answer it resumes the answer from the last chunk shown: the text goes on where it was,
+ * and Stop cancels the resumed request. */
 export function Conversation({ index, client, metadata }: { index: number; client: Muxi; metadata: { [key: string]: JsonValue } }) {
-  const [turns, setTurns] = useState<Turn[]>([]);
+  const [turns, setTurns] = useState<Turn[]>(() => loadTurns(pageStorage(), index));
   const [input, setInput] = useState("Write a very long story...");
   const running = useRef<string | null>(null);
   const [busy, setBusy] = useState(false);
+  useEffect(() => saveTurns(pageStorage(), index, turns), [index, turns]);
 
   const update = (requestId: string, change: (t: Turn) => Partial<Turn>) =>
     setTurns((all) => all.map((t) => (t.requestId === requestId ? { ...t, ...change(t) } : t)));
 
-  const send = async (message: string) => {
-    const requestId = `conv${index}-${Date.now().toString(36)}-${counter++}`;
+  /** Shows `stream`'s answer in turn `requestId` until it ends (a new chat, or a resume). */
+  const follow = async (requestId: string, stream: ChatStream) => {
     running.current = requestId;
     setBusy(true);
-    setTurns((all) => [...all, { requestId, prompt: message, answer: "", chunks: 0, started: 0, state: "streaming" }]);
-    const stream: ChatStream = client.chatStream({
-      message,
-      requestId,
-      metadata,
-      steps: true,
-      onStep: () => update(requestId, () => ({ step: stream.currentStep, started: stream.steps.filter((s) => s.state === "started").length })),
-      onHalt: (halt, usage) => update(requestId, () => ({ halt, savedTokens: usage.savedTokens, usageFinal: usage.final })),
-    });
     try {
       for await (const chunk of stream) {
-        update(requestId, (t) => ({ answer: t.answer + chunk.text, chunks: t.chunks + 1 }));
+        // The text and the seq of its last chunk change together: what a reload resumes from.
+        update(requestId, (t) => ({ answer: t.answer + chunk.text, chunks: t.chunks + 1, lastSeq: chunk.seq }));
       }
       const response = stream.response!;
       update(requestId, (t) => ({
@@ -75,6 +50,58 @@ export function Conversation({ index, client, metadata }: { index: number; clien
     }
   };
 
+  /** The callbacks of turn `requestId`'s stream: its current step, where it halts. */
+  const observers = (requestId: string, stream: () => ChatStream) => ({
+    onStep: (step: Step) =>
+      update(requestId, (t) => ({ step: stream().currentStep, started: t.started + (step.state === "started" ? 1 : 0) })),
+    onHalt: (halt: Halt, usage: Usage) => update(requestId, () => ({ halt, savedTokens: usage.savedTokens, usageFinal: usage.final })),
+  });
+
+  const send = (message: string) => {
+    const requestId = `conv${index}-${Date.now().toString(36)}-${counter++}`;
+    setTurns((all) => [...all, { requestId, prompt: message, answer: "", chunks: 0, started: 0, state: "streaming" }]);
+    const stream: ChatStream = client.chatStream({
+      message,
+      requestId,
+      metadata,
+      steps: true,
+      resumable: true,
+      onResumable: (info) => update(requestId, () => ({ epoch: info.epoch })),
+      ...observers(requestId, () => stream),
+    });
+    void follow(requestId, stream);
+  };
+
+  /** After a reload: the answer of `turn` was streaming; resume it where the page left it. */
+  const resume = (turn: Turn) => {
+    const { requestId } = turn;
+    if (turn.epoch === undefined) {
+      // Reloaded before the gateway made it resumable: it cannot be continued; stop it.
+      void client.cancelRequest(requestId).catch(() => undefined);
+      update(requestId, () => ({ state: "failed", step: undefined, error: "the page was reloaded before the answer could be resumed" }));
+      return;
+    }
+    let stream: ChatStream;
+    try {
+      stream = client.resumeStream({ requestId, epoch: turn.epoch, afterSeq: turn.lastSeq, ...observers(requestId, () => stream) });
+    } catch (exc) {
+      update(requestId, () => ({ state: "failed", step: undefined, error: exc instanceof Error ? exc.message : String(exc) }));
+      return;
+    }
+    update(requestId, (t) => ({ reloads: (t.reloads ?? 0) + 1 }));
+    void follow(requestId, stream);
+    // A Stop pressed just before the reload may not have reached the gateway: send it again.
+    if (turn.stopping) void stop(requestId).catch(() => undefined);
+  };
+
+  // On mount (a reload): resume the answers that were streaming. Once, even under StrictMode.
+  const resumed = useRef(false);
+  useEffect(() => {
+    if (resumed.current) return;
+    resumed.current = true;
+    for (const turn of turns) if (turn.state === "streaming") resume(turn);
+  }, []); // the turns as loaded, once
+
   const release = (requestId: string) => {
     if (running.current === requestId) {
       running.current = null;
@@ -82,8 +109,7 @@ export function Conversation({ index, client, metadata }: { index: number; clien
     }
   };
 
-  const stop = async () => {
-    const requestId = running.current;
+  const stop = async (requestId = running.current) => {
     if (!requestId) return;
     update(requestId, () => ({ stopping: true }));
     const status = await client.cancelRequest(requestId);
@@ -98,7 +124,7 @@ export function Conversation({ index, client, metadata }: { index: number; clien
       </h2>
       <div data-testid="turns">
       {turns.map((t) => (
-        <div key={t.requestId} data-testid="turn" data-request-id={t.requestId} data-state={t.state}>
+        <div key={t.requestId} data-testid="turn" data-request-id={t.requestId} data-state={t.state} data-reloads={t.reloads ?? 0}>
           <div className="turn user">› {t.prompt}</div>
           <div className="answer" data-testid="answer" data-chunks={t.chunks} style={t.state === "cancelled" ? { color: "#6e7781" } : undefined}>
             {t.answer}
@@ -114,6 +140,7 @@ export function Conversation({ index, client, metadata }: { index: number; clien
                   t.started === 0 && <span className="step" data-testid="step">starting…</span>
                 )}{" "}
                 {t.stopping ? <span data-testid="stopping">stopping…</span> : `${t.chunks} chunks`}
+                {t.reloads ? <span data-testid="resumed"> (resumed after a reload)</span> : null}
               </>
             )}
             {t.state === "completed" && `completed: ${t.response?.usage.outputTokens} tokens`}

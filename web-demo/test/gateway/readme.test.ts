@@ -223,3 +223,15 @@ test("web-demo README, steps: Stop during the tool call; the halt is pending on 
     expect.stringMatching(/^halted after search: [1-9]\d* tokens saved$/),
   ]);
 });
+
+// web-demo/README.md's section on resumable requests (SPEC.md §5.8): its example, run.
+const resumeSection = demoReadme.slice(
+  demoReadme.indexOf("<!-- section:resume:start -->"),
+  demoReadme.indexOf("<!-- section:resume:end -->"),
+);
+
+test("web-demo README, resume: a new client continues the answer from the kept id, epoch, seq and text", async () => {
+  const code = blocks(resumeSection, ["ts"]);
+  expect(code).toHaveLength(1);
+  expect(await run(0, code[0]!, "resume-block-0")).toEqual(["completed true 1"]);
+});

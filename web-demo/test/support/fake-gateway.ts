@@ -3,6 +3,8 @@
  * WebSocket-like class (JSON codec) that answers `hello` with `welcome` and hands every other
  * client message to the test, which scripts the gateway's messages with `send`. Lets a test
  * produce what a real gateway never would (protocol violations) and order messages exactly.
+ * `refuse` makes connection attempts fail (as an unreachable gateway: error, then close 1006);
+ * `attempts` records when each attempt was made (for backoff tests under fake timers).
  */
 import type { WebSocketConstructor, WebSocketLike } from "@muxgate/sdk";
 
@@ -11,7 +13,12 @@ type Wire = Record<string, unknown>;
 export class FakeGateway {
   /** Every client message received, decoded, in order. */
   readonly received: Wire[] = [];
+  private readonly receivedBy: FakeSocket[] = [];
   readonly sockets: FakeSocket[] = [];
+  /** `Date.now()` at each connection attempt, refused ones included. */
+  readonly attempts: number[] = [];
+  /** While true, connection attempts fail without opening. */
+  refuse = false;
   /** Called for each client message other than `hello`. */
   onMessage: (message: Wire, gateway: FakeGateway) => void = () => {};
   private waiters: { check: (m: Wire) => boolean; resolve: (m: Wire) => void }[] = [];
@@ -37,6 +44,16 @@ export class FakeGateway {
     this.socket.deliver(messages.map((m) => JSON.stringify(m)).join("\n"));
   }
 
+  /** The gateway side drops the current connection (1006: no close frame, as a cut cable). */
+  drop(code = 1006): void {
+    this.socket.close(code);
+  }
+
+  /** The client messages received on socket `index` (0: the first connection). */
+  receivedOn(index: number): Wire[] {
+    return this.received.filter((_, i) => this.receivedBy[i] === this.sockets[index]);
+  }
+
   /** Resolves with the first client message (already received or to come) matching `check`. */
   next(check: (m: Wire) => boolean): Promise<Wire> {
     const seen = this.received.find(check);
@@ -56,6 +73,7 @@ export class FakeGateway {
         continue;
       }
       this.received.push(m);
+      this.receivedBy.push(socket);
       this.onMessage(m, this);
       for (const w of [...this.waiters]) {
         if (w.check(m)) { this.waiters.splice(this.waiters.indexOf(w), 1); w.resolve(m); }
@@ -78,6 +96,15 @@ export class FakeSocket implements WebSocketLike {
   constructor(private readonly gateway: FakeGateway, readonly url: string, protocols?: string | string[]) {
     this.protocol = [protocols ?? []].flat()[0] ?? "";
     if (this.protocol !== "muxgate.v1.json") throw new Error("the fake gateway speaks JSON only");
+    gateway.attempts.push(Date.now());
+    if (gateway.refuse) {
+      queueMicrotask(() => {
+        this.readyState = 3;
+        this.onerror?.({});
+        this.onclose?.({ code: 1006, reason: "" });
+      });
+      return;
+    }
     gateway.sockets.push(this);
     queueMicrotask(() => { this.readyState = 1; this.onopen?.({}); });
   }

@@ -14,9 +14,9 @@ import { FakeGateway } from "../support/fake-gateway.js";
 const clients: Muxi[] = [];
 afterEach(() => { for (const c of clients.splice(0)) c.close(); });
 
-function setup(): { gw: FakeGateway; client: Muxi } {
+function setup(options: ConstructorParameters<typeof Muxi>[0] = {}): { gw: FakeGateway; client: Muxi } {
   const gw = new FakeGateway();
-  const client = new Muxi({ url: "ws://fake.invalid", WebSocket: gw.WebSocket, reconnect: { attempts: 1 } });
+  const client = new Muxi({ url: "ws://fake.invalid", WebSocket: gw.WebSocket, reconnect: { attempts: 1 }, ...options });
   clients.push(client);
   return { gw, client };
 }
@@ -514,8 +514,9 @@ describe("resume", () => {
     expect((await bad.outcome).error).toBeInstanceOf(ProtocolViolation);
   });
 
-  test("a connection drop, then resumeStream on the next connection picks up after lastSeq", async () => {
-    const { gw, client } = setup();
+  test("autoResume: false: a connection drop fails the stream; resumeStream on the next connection picks up after lastSeq", async () => {
+    // (With the default autoResume the client resumes by itself: test/unit/reconnect.test.ts.)
+    const { gw, client } = setup({ autoResume: false });
     const first = await resumableStream(gw, client);
     gw.send(resumable("r", "ep.1"), chunk("r", 0, "Once"));
     gw.socket.close(1006);
