@@ -41,7 +41,7 @@ from .outbound import Outbound
 from .pipeline import Backend
 from .registry import RequestKey, RequestRegistry
 from .request import Request
-from .resume import Resumables
+from .resume import ResumableRequest, Resumables
 
 __all__ = ["Multiplexer", "MultiplexerServices"]
 
@@ -237,6 +237,11 @@ class Multiplexer:
             self.requests.add(request)
         self.resumable.add(request)
         services.resumables.attached_to(request, self, moved=moving)
+
+    def forget(self, request: ResumableRequest) -> None:
+        """No longer resumable (its grace after the end ran out): nothing kept for it here."""
+        if isinstance(request, Request):
+            self.resumable.discard(request)
 
     def release(self, request: Request, *, moved: bool) -> None:
         """``request`` was resumed on another connection: it no longer counts here, and (when

@@ -34,7 +34,7 @@ from protocol import CancelReason, CancelStatus
 from .observability import log
 from .registry import RequestKey
 
-__all__ = ["ResumableRequest", "Resumables", "ResumeEntry"]
+__all__ = ["ResumableRequest", "Resumables", "ResumeEntry", "ResumeOwner"]
 
 
 class ResumableRequest(Protocol):
@@ -51,6 +51,14 @@ class ResumableRequest(Protocol):
     def cancel(self, reason: CancelReason) -> CancelStatus: ...
 
 
+class ResumeOwner(Protocol):
+    """The connection (its multiplexer) a resumable request is attached to."""
+
+    def forget(self, request: ResumableRequest) -> None:
+        """The request is no longer resumable: drop what was kept for it."""
+        ...
+
+
 @dataclass(eq=False, slots=True)
 class ResumeEntry:
     """One resumable request: its epoch, its grace, and the connection it is attached to
@@ -59,7 +67,7 @@ class ResumeEntry:
     request: ResumableRequest
     epoch: str
     grace: float
-    owner: object | None
+    owner: ResumeOwner | None
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -112,7 +120,7 @@ class Resumables:
 
     # -- the book ----------------------------------------------------------------------------
 
-    def register(self, request: ResumableRequest, grace: float, owner: object) -> ResumeEntry:
+    def register(self, request: ResumableRequest, grace: float, owner: ResumeOwner) -> ResumeEntry:
         """A resumable request was accepted on ``owner``'s connection: its entry, with a new
         epoch (replacing an ended incarnation of the same id)."""
         self._drop(request.key)
@@ -153,7 +161,7 @@ class Resumables:
             grace_ms=round(entry.grace * 1000),
         )
 
-    def attached_to(self, request: ResumableRequest, owner: object, *, moved: bool) -> None:
+    def attached_to(self, request: ResumableRequest, owner: ResumeOwner, *, moved: bool) -> None:
         """Resumed on ``owner``'s connection (``moved``: from another one still open)."""
         entry = self.entry_of(request)
         if entry is None:
@@ -239,6 +247,8 @@ class Resumables:
         if entry is not None:
             self._running_detached.discard(entry)
             self._disarm(entry)
+            if entry.owner is not None:  # its connection keeps nothing for it any more
+                entry.owner.forget(entry.request)
 
     def _bound(self) -> None:
         while len(self._ended) > self.max_ended:

@@ -599,3 +599,23 @@ async def test_detach_resume_move_and_grace_expiry_are_logged_once_each() -> Non
     assert named["request.detached"]["request_id"] in ("r1", "r2")
     assert [e["request_id"] for e in events if e["event"] == "request.detached"] == ["r1", "r2"]
     assert [e["request_id"] for e in events if e["event"] == "request.grace_expired"] == ["r2"]
+
+
+async def test_a_long_connection_keeps_nothing_for_requests_no_longer_resumable() -> None:
+    """Bounded memory on a connection that makes many resumable chats: once a finished one's
+    grace runs out, neither the book nor its connection holds it."""
+    loop = asyncio.get_running_loop()
+    async with gateway() as gw, WireClient.open(gw.url) as client:
+        for n in range(5):
+            await client.chat(f"r{n}", resumable=True, grace_ms=20, metadata=QUICK)
+            await client.response(f"r{n}")
+        conn = await _connection(gw, client)
+        assert conn.mux is not None
+        entries = list(gw.resumables._entries.values())
+        assert len(entries) == 5
+        # the gateway's own timers: wait until the last of them has fired
+        timers = [e.timer for e in entries if e.timer is not None]
+        await asyncio.sleep(max(t.when() for t in timers) - loop.time())
+        await asyncio.sleep(0)
+        assert len(gw.resumables) == 0
+        assert conn.mux.resumable == set()
