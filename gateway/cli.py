@@ -44,8 +44,9 @@ def serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             )
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        flags = (flag, "--nats") if f.name == "nats_url" else (flag,)  # --nats: the short form
         serve.add_argument(
-            flag,
+            *flags,
             dest=f.name,
             default=None,
             help=f"(default: {default}; env MUXGATE_{f.name.upper()})",

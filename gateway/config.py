@@ -102,6 +102,12 @@ class Config:
     #: that id and user arriving meanwhile ends cancelled at once. 0 turns it off.
     tombstone_seconds: float = 10.0
     tombstone_count: int = 10_000
+    #: A cluster of nodes (gateway/cluster.py; extra "cluster"): the NATS server to join, this
+    #: node's id in logs and answers (default: host-pid-random), and the cluster's name (nodes
+    #: of one cluster share it; several clusters may share a NATS server).
+    nats_url: str | None = None
+    node_id: str | None = None
+    cluster_name: str = "default"
     #: On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled.
     shutdown_grace: float = 10.0
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,

@@ -160,9 +160,16 @@ def _request_by_id(
         return key
     if request.method == "DELETE":
         # Answered in the callback that read the request: the cancel takes effect before the
-        # transport reads another byte.
-        return _cancelled(request_id, services.registry.cancel_local(key, CancelReason.API))
+        # transport reads another byte (unless another node of a cluster must be asked).
+        status = services.registry.cancel_now(key, CancelReason.API)
+        if status is None:
+            return _cancel_elsewhere(services, key)
+        return _cancelled(request_id, status)
     return _status(services, key)
+
+
+async def _cancel_elsewhere(services: HttpServices, key: RequestKey) -> HttpResponse:
+    return _cancelled(key.request_id, await services.registry.cancel(key, CancelReason.API))
 
 
 async def _status(services: HttpServices, key: RequestKey) -> HttpResponse:

@@ -172,7 +172,17 @@ class Multiplexer:
         key = self._cancel_key(cancel)
         if key is None:
             return
-        status = self.services.registry.cancel_local(key, CancelReason.CLIENT)
+        registry = self.services.registry
+        status = registry.cancel_now(key, CancelReason.CLIENT)
+        if status is not None:
+            self._cancel_result(key.request_id, status)
+            return
+        # Another node may run it (a cluster): asked without holding up this connection.
+        task = asyncio.ensure_future(self._cancel_elsewhere(key))
+        self.services.track(task)
+
+    async def _cancel_elsewhere(self, key: RequestKey) -> None:
+        status = await self.services.registry.cancel(key, CancelReason.CLIENT)
         self._cancel_result(key.request_id, status)
 
     def _cancel_key(self, cancel: Cancel) -> RequestKey | None:

@@ -176,6 +176,12 @@ class RequestRegistry(Protocol):
         duplicate)."""
         ...
 
+    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus | None:
+        """The cancel decided synchronously when this process can (it runs or remembers the
+        request, or it is alone); None when other nodes must be asked: then ``await
+        cancel()``."""
+        ...
+
     def take_tombstone(self, key: RequestKey) -> CancelReason | None:
         """The reason of a cancel that found no request for ``key`` within the tombstone
         window, consumed; None if there is none (SPEC.md §5.3, cancel before start)."""
@@ -252,6 +258,20 @@ class InMemoryRegistry:
     def is_active(self, key: RequestKey) -> bool:
         return key in self._active
 
+    def knows(self, key: RequestKey) -> bool:
+        """Whether this process runs or remembers the request (a cancel is decided here)."""
+        return key in self._active or self._record(key) is not None
+
+    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus | None:
+        """One process: every cancel is decided here, now."""
+        return self.cancel_local(key, reason)
+
+    def record_now(self, key: RequestKey) -> RequestRecord | None:
+        request = self._active.get(key)
+        if request is not None:
+            return request.record()
+        return self._record(key)
+
     def take_tombstone(self, key: RequestKey) -> CancelReason | None:
         """The reason of a cancel that named ``key`` before its chat arrived, within the
         window (consumed: one chat ends cancelled, the next one runs)."""
@@ -263,6 +283,10 @@ class InMemoryRegistry:
             return None
         at, reason = entry
         return reason if time.monotonic() - at <= self.tombstone_seconds else None
+
+    def bury(self, key: RequestKey, reason: CancelReason) -> None:
+        """Leave a tombstone for ``key`` (a cancel found no request for it)."""
+        self._bury(key, reason)
 
     def _bury(self, key: RequestKey, reason: CancelReason) -> None:
         if self.tombstone_seconds <= 0:

@@ -24,13 +24,14 @@ from protocol import CancelReason, CloseCode, Codec
 
 from .auth import Authenticator
 from .backends import load_backend
+from .cluster import Cluster, ClusterRegistry, default_node_id
 from .config import Config, ConfigError
 from .connection import Channel, Connection, ConnectionServices
 from .http_api import HttpServices, respond, upgrade_refusal
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
-from .registry import InMemoryRegistry
+from .registry import InMemoryRegistry, RequestRegistry
 from .resume import Resumables
 from .stats import STATS_PATH, FeedSocket, LiveStats, StatsFeed
 from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocketHandler, serve
@@ -92,12 +93,23 @@ class Gateway:
             jwt_audience=config.jwt_audience,
         )
         self.auth_mode = self.auth.mode
-        self.registry = InMemoryRegistry(
+        local = InMemoryRegistry(
             retention_seconds=config.retention_seconds,
             retention_count=config.retention_count,
             tombstone_seconds=config.tombstone_seconds,
             tombstone_count=config.tombstone_count,
         )
+        #: With ``nats_url``, one node of a cluster (gateway/cluster.py): the others' requests
+        #: are asked over NATS; without, this process alone, as ever.
+        self.cluster: Cluster | None = None
+        self.registry: RequestRegistry = local
+        if config.nats_url is not None:
+            self.cluster = Cluster(
+                config.nats_url,
+                node_id=config.node_id or default_node_id(),
+                name=config.cluster_name,
+            )
+            self.registry = ClusterRegistry(local, self.cluster)
         self.resumables = Resumables(
             default_grace=config.resume_grace_seconds,
             max_grace=config.resume_max_grace_seconds,
@@ -211,6 +223,8 @@ class Gateway:
         if astart is not None:
             await astart()
         try:
+            if self.cluster is not None:  # joined before the port opens: no cancel is lost
+                await self.cluster.start()
             if listen:
                 self._server = await self._serve()
         except BaseException:
@@ -410,6 +424,8 @@ class Gateway:
         if self._server is not None:
             await self._server.wait_closed()
         self.resumables.close()  # detached requests were cancelled with the others: timers
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -336,3 +337,11 @@ def test_serve_sets_the_young_collection_threshold() -> None:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=20)
     assert process.returncode == 0
+
+
+def test_nats_is_the_short_flag_of_nats_url() -> None:
+    parser = argparse.ArgumentParser()
+    cli.serve_parser(parser.add_subparsers(dest="command"))
+    for flag in ("--nats", "--nats-url"):
+        args = parser.parse_args(["serve", flag, "nats://127.0.0.1:4222"])
+        assert args.nats_url == "nats://127.0.0.1:4222"

