@@ -60,6 +60,27 @@ async def drop(gw: Gateway, client: WireClient) -> None:
         await conn.wait_ended()
 
 
+async def detached(
+    gw: Gateway,
+    *,
+    chunks: int | None = 2,
+    metadata: dict[str, int] = SLOW,
+    codec: Codec = Codec.JSON,
+    **fields: Any,
+) -> Track:
+    """A resumable chat ``r1`` whose connection was cut after ``chunks`` chunks arrived (None:
+    after its response), once the gateway saw it go."""
+    async with WireClient.open(gw.url, codec) as first:
+        track = await first.chat("r1", resumable=True, metadata=metadata, **fields)
+        if chunks is None:
+            await first.response("r1")
+        else:
+            await first.chunks("r1", chunks)
+        await drop(gw, first)
+    assert track.resumable is not None
+    return track
+
+
 def joined(*tracks: Track) -> str:
     """The text of the chunks the tracks received, in seq order, each seq once (asserted).
 
@@ -140,10 +161,7 @@ async def test_a_dropped_connection_resumes_without_gap_or_duplicate(
     codecs: tuple[Codec, Codec],
 ) -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url, codecs[0]) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 5)
-            await drop(gw, first)
+        before = await detached(gw, chunks=5, codec=codecs[0])
         assert before.response is None
         assert gw.resumables.detached == 1
         assert before.resumable is not None
@@ -158,10 +176,7 @@ async def test_a_dropped_connection_resumes_without_gap_or_duplicate(
 
 async def test_a_request_that_ended_while_detached_is_replayed_from_where_the_client_was() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 3)
-            await drop(gw, first)
+        before = await detached(gw, chunks=3)
         await wait_finished(gw, "r1")
         assert before.resumable is not None
         async with WireClient.open(gw.url) as second:
@@ -174,11 +189,9 @@ async def test_a_request_that_ended_while_detached_is_replayed_from_where_the_cl
 
 async def test_a_client_that_had_every_chunk_of_an_ended_request_gets_its_end() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=QUICK)
-            response = await first.response("r1")
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=None, metadata=QUICK)
+        response = before.response
+        assert response is not None
         async with WireClient.open(gw.url) as second:
             after = await second.resume("r1", before.resumable.epoch, last_seq(before))
             assert await second.response("r1") == response
@@ -187,11 +200,7 @@ async def test_a_client_that_had_every_chunk_of_an_ended_request_gets_its_end() 
 
 async def test_resume_without_after_seq_replays_everything() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 2)
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=2)
         async with WireClient.open(gw.url) as second:
             after = await second.resume("r1", before.resumable.epoch)
             response = await second.response("r1")
@@ -201,11 +210,9 @@ async def test_resume_without_after_seq_replays_everything() -> None:
 async def test_a_request_that_ended_while_attached_stays_resumable_for_its_grace() -> None:
     """The response was written, but the client's connection dropped before it arrived."""
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=QUICK)
-            response = await first.response("r1")
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=None, metadata=QUICK)
+        response = before.response
+        assert response is not None
         async with WireClient.open(gw.url) as second:
             after = await second.resume("r1", before.resumable.epoch, 10)
             again = await second.response("r1")
@@ -235,11 +242,7 @@ async def test_resuming_a_request_attached_elsewhere_moves_it() -> None:
 
 async def test_a_cancel_wins_over_a_detached_request_and_the_resume_replays_it() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 3)
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=3)
         answer = await http("DELETE", f"{gw.http_url}/v1/requests/r1")
         assert answer.status == 200
         assert answer.json()["status"] == "cancelled"
@@ -256,10 +259,7 @@ async def test_a_cancel_wins_over_a_detached_request_and_the_resume_replays_it()
 
 async def test_grace_expiry_cancels_with_reason_disconnect_and_forgets_the_epoch() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, grace_ms=30, metadata=SLOW)
-            await first.chunks("r1", 2)
-            await drop(gw, first)
+        before = await detached(gw, chunks=2, grace_ms=30)
         await wait_finished(gw, "r1")
         record = await gw.registry.lookup(RequestKey("", "r1"))
         assert record is not None
@@ -313,11 +313,7 @@ async def test_unknown_id_wrong_epoch_and_another_users_id_answer_alike() -> Non
 
 async def test_after_seq_beyond_what_was_sent_is_refused() -> None:
     async with gateway() as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 2)
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=2)
         async with WireClient.open(gw.url) as second:
             track = second.track("r1")
             await second.send(
@@ -344,11 +340,7 @@ async def test_resume_of_a_request_running_on_this_connection_is_a_duplicate() -
 
 async def test_a_resumed_request_counts_against_the_new_connections_streams() -> None:
     async with gateway(max_streams=1) as gw:
-        async with WireClient.open(gw.url) as first:
-            before = await first.chat("r1", resumable=True, metadata=SLOW)
-            await first.chunks("r1", 2)
-            await drop(gw, first)
-        assert before.resumable is not None
+        before = await detached(gw, chunks=2)
         async with WireClient.open(gw.url) as second:
             busy = await second.chat("busy", metadata=SLOW)
             track = second.track("r1")
