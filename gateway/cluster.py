@@ -20,6 +20,7 @@ request runs on this node) never waits for it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -45,13 +46,32 @@ if TYPE_CHECKING:  # nats-py is the optional extra "cluster"
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
 
-__all__ = ["Cluster", "ClusterRegistry", "default_node_id"]
+__all__ = ["Cluster", "ClusterRegistry", "default_node_id", "node_lost_record"]
 
 
 def default_node_id() -> str:
     """A node id that differs per process, readable in logs: host, pid, a random suffix."""
     host = socket.gethostname().split(".")[0][:24] or "node"
     return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _kv_key(key: RequestKey) -> str:
+    """A KV key for (user, request id): base64url, as KV keys allow fewer characters."""
+    raw = f"{key.user_id}\x00{key.request_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def node_lost_record(key: RequestKey, node: str) -> RequestRecord:
+    """What ``GET`` says of a request whose node is gone: failed, ``node_lost``."""
+    from protocol import RequestState
+
+    return RequestRecord(
+        request_id=key.request_id,
+        status=RequestStatus.FAILED,
+        state=RequestState.FAILED,
+        usage=Usage(final=True, estimated=("input_tokens", "output_tokens")),
+        error=ErrorInfo(code="node_lost", message=f"the node that ran it ({node}) is gone"),
+    )
 
 
 def record_from_json(body: dict[str, Any]) -> RequestRecord:
@@ -90,8 +110,17 @@ class Cluster:
         name: str = "default",
         heartbeat_interval: float = 1.0,
         ask_timeout: float = 1.0,
+        ownership_ttl: float = 330.0,
     ) -> None:
         self.url = url
+        #: How long a node's claim on a request id is kept (past its retention): what tells
+        #: the others, when it is gone, that the request was lost with it.
+        self.ownership_ttl = ownership_ttl
+        self._owners: Any = None  # the JetStream KV bucket of claims, if JetStream is there
+        self._claims: asyncio.Queue[RequestKey] = asyncio.Queue(maxsize=10_000)
+        self._claimer: asyncio.Task[None] | None = None
+        #: Claims not written because NATS could not take them fast enough (a figure).
+        self.claims_dropped = 0
         self.node_id = node_id
         self.prefix = f"muxgate.{name}"
         self.heartbeat_interval = heartbeat_interval
@@ -136,14 +165,32 @@ class Cluster:
         await nc.subscribe(f"{self.prefix}.heartbeat", cb=self._heard)
         await nc.subscribe(f"{self.prefix}.bury", cb=self._bury)
         await nc.flush()
+        await self._open_owners()
         self._heartbeat = asyncio.create_task(self._beat(), name="muxgate-cluster-heartbeat")
+        self._claimer = asyncio.create_task(self._write_claims(), name="muxgate-cluster-claims")
         log.info("cluster.joined", node=self.node_id, url=self.url)
 
+    async def _open_owners(self) -> None:
+        """The KV bucket of claims (request -> node): JetStream when the server has it, else
+        node loss goes unnoticed (said once in the log)."""
+        from nats.js.api import KeyValueConfig
+
+        assert self._nc is not None
+        bucket = "muxgate_" + "".join(c if c.isalnum() else "_" for c in self.prefix[8:])
+        try:
+            self._owners = await self._nc.jetstream().create_key_value(
+                KeyValueConfig(bucket=f"{bucket}_owners", ttl=self.ownership_ttl)
+            )
+        except Exception as exc:
+            log.warning("cluster.no_jetstream", node=self.node_id, detail=str(exc)[:200])
+            self._owners = None
+
     async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._claimer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -187,6 +234,47 @@ class Cluster:
                 self._peers_changed = asyncio.Event()
             self._peers_changed.clear()
             await self._peers_changed.wait()
+
+    # -- claims: which node runs which request (for node loss) ---------------------------------
+
+    def claim(self, key: RequestKey) -> None:
+        """This node accepted ``key``'s chat: recorded in the background (never awaited on the
+        chat's path; bounded: past 10,000 waiting, claims are dropped and counted)."""
+        if self._owners is None:
+            return
+        try:
+            self._claims.put_nowait(key)
+        except asyncio.QueueFull:
+            self.claims_dropped += 1
+
+    async def _write_claims(self) -> None:
+        value = self.node_id.encode()
+        while True:
+            key = await self._claims.get()
+            with contextlib.suppress(Exception):  # NATS away: the claim is lost, not the chat
+                await self._owners.put(_kv_key(key), value)
+
+    async def lost_owner(self, key: RequestKey) -> str | None:
+        """The node that claimed ``key`` if it is gone (not live, not this node); else None."""
+        if self._owners is None:
+            return None
+        try:
+            entry = await self._owners.get(_kv_key(key))
+        except Exception:  # not claimed (or expired), or NATS away
+            return None
+        owner = bytes(entry.value or b"").decode()
+        if not owner or owner == self.node_id or owner in self.live_peers():
+            return None
+        return owner
+
+    async def silence_of(self, node: str) -> bool:
+        """Wait until ``node`` would count as gone if unheard since (three heartbeat intervals
+        after its last beat); whether it is gone then. For tests and operators' tools."""
+        seen = self.peers.get(node)
+        if seen is not None:
+            await asyncio.sleep(max(0.0, seen + 3 * self.heartbeat_interval - time.monotonic()))
+            await asyncio.sleep(0.01)  # past the horizon, not on it
+        return node not in self.live_peers()
 
     # -- asking the other nodes --------------------------------------------------------------
 
@@ -299,6 +387,7 @@ class ClusterRegistry:
 
     def add(self, request: LiveRequest) -> None:
         self.local.add(request)
+        self.cluster.claim(request.key)
 
     def finished(self, request: LiveRequest) -> None:
         self.local.finished(request)
@@ -328,6 +417,8 @@ class ClusterRegistry:
         remote = await self.cluster.cancel(key, reason)
         if remote is not None and remote is not CancelStatus.NOT_FOUND:
             return remote
+        if remote is not None and await self.cluster.lost_owner(key) is not None:
+            return CancelStatus.ALREADY_COMPLETED  # it failed with its node (node_lost)
         # Nobody has it: a tombstone on every node (SPEC.md §5.3), this one first.
         status = self.local.cancel_local(key, reason)
         if remote is not None:
@@ -338,7 +429,11 @@ class ClusterRegistry:
         record = await self.local.lookup(key)
         if record is not None:
             return record
-        return await self.cluster.lookup(key)
+        record = await self.cluster.lookup(key)
+        if record is not None:
+            return record
+        lost = await self.cluster.lost_owner(key)
+        return node_lost_record(key, lost) if lost is not None else None
 
     def _cancel_for_peer(self, key: RequestKey, reason: CancelReason) -> CancelStatus:
         # Unknown here: not_found, and no tombstone yet: another node may run it (the asker

@@ -108,6 +108,9 @@ class Config:
     nats_url: str | None = None
     node_id: str | None = None
     cluster_name: str = "default"
+    #: Heartbeats between nodes: a node unheard for three intervals is gone, and the requests
+    #: it ran answer ``failed`` (``node_lost``) from the others.
+    cluster_heartbeat_ms: int = 1000
     #: On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled.
     shutdown_grace: float = 10.0
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,
@@ -145,6 +148,7 @@ class Config:
             "resume_retention_count",
             "max_detached",
             "tombstone_count",
+            "cluster_heartbeat_ms",
             "stats_interval_ms",
             "max_stats_subscribers",
             "gc_young_threshold",

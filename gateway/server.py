@@ -108,6 +108,8 @@ class Gateway:
                 config.nats_url,
                 node_id=config.node_id or default_node_id(),
                 name=config.cluster_name,
+                heartbeat_interval=config.cluster_heartbeat_ms / 1000,
+                ownership_ttl=config.retention_seconds + 30,
             )
             self.registry = ClusterRegistry(local, self.cluster)
         self.resumables = Resumables(

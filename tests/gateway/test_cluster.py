@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
+import sys
 import sysconfig
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,12 +55,16 @@ async def nats_server() -> AsyncIterator[str]:
     """A NATS server process on an ephemeral port: yields its URL once it accepts."""
     assert NATS_SERVER is not None
     port = _free_port()
+    store = tempfile.TemporaryDirectory(prefix="muxgate-nats-")
     proc = await asyncio.create_subprocess_exec(
         NATS_SERVER,
         "-a",
         "127.0.0.1",
         "-p",
         str(port),
+        "-js",  # JetStream: the bucket of claims that tells a lost node's requests
+        "-sd",
+        store.name,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -78,6 +85,7 @@ async def nats_server() -> AsyncIterator[str]:
         proc.terminate()
         async with asyncio.timeout(10):
             await proc.wait()
+        store.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -86,7 +94,9 @@ async def cluster(size: int = 3, **settings: Any) -> AsyncIterator[list[Gateway]
     async with nats_server() as url, contextlib.AsyncExitStack() as stack:
         nodes = [
             await stack.enter_async_context(
-                running_gateway(nats_url=url, node_id=f"node-{i}", **settings)
+                running_gateway(
+                    nats_url=url, node_id=f"node-{i}", cluster_heartbeat_ms=100, **settings
+                )
             )
             for i in range(size)
         ]
@@ -198,3 +208,61 @@ async def test_a_cancel_that_found_its_request_leaves_no_tombstone_elsewhere() -
         await first.final_usage("r1")  # finished: the id is free (SPEC.md §5.6)
         await later.chat("r1", metadata=QUICK)
         assert (await later.response("r1")).status is ResponseStatus.COMPLETED
+
+
+@contextlib.asynccontextmanager
+async def serve_node(
+    url: str, node_id: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``muxgate serve`` in a process of its own, joined to ``url``: yields it and its
+    WebSocket URL once it logged ``gateway.started``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")}
+    env["MUXGATE_BACKEND_OPTIONS"] = '{"plan_ms": 0, "tool_ms": 0}'
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--log-format", "json",
+        "--nats", url, "--node-id", node_id, "--cluster-heartbeat-ms", "100",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            while line := await proc.stderr.readline():
+                if b'"gateway.started"' in line:
+                    ws_url = json.loads(line)["url"]
+                    break
+            else:
+                raise RuntimeError("the node did not start")
+        yield proc, ws_url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_a_killed_nodes_requests_answer_failed_node_lost_from_the_others() -> None:
+    """kill -9 of the node that runs a stream: within three heartbeats the other nodes know,
+    and GET says failed (node_lost), a cancel already_completed — never an eternal running."""
+    async with (
+        nats_server() as url,
+        running_gateway(nats_url=url, node_id="b", cluster_heartbeat_ms=100) as b,
+        serve_node(url, "a") as (node_a, a_url),
+    ):
+        assert b.cluster is not None
+        async with asyncio.timeout(10):
+            await b.cluster.wait_for_peers(1)
+        async with WireClient.open(a_url) as client:
+            await client.chat("r1", metadata={"tokens": 100_000, "token_delay_ms": 20})
+            await client.chunks("r1", 2)
+            running = await http("GET", f"{b.http_url}/v1/requests/r1")
+            assert running.json()["status"] == "active"
+            client.aborted = True  # its node is about to die under it
+            node_a.kill()
+            await node_a.wait()
+        assert await b.cluster.silence_of("a")
+        lost = await http("GET", f"{b.http_url}/v1/requests/r1")
+        assert (lost.status, lost.json()["status"]) == (200, "failed")
+        assert lost.json()["error"]["code"] == "node_lost"
+        late = await http("DELETE", f"{b.http_url}/v1/requests/r1")
+        assert (late.status, late.json()["status"]) == (409, "already_completed")
+        unknown = await http("GET", f"{b.http_url}/v1/requests/never")
+        assert unknown.status == 404  # only what the lost node claimed
