@@ -131,6 +131,7 @@ class Cluster:
         self._nc: NatsClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._peers_changed: asyncio.Event | None = None
+        self._link_changed: asyncio.Event | None = None
         #: The handlers of other nodes' questions, set by the registry.
         self.on_cancel: Callable[[RequestKey, CancelReason], CancelStatus] | None = None
         self.on_lookup: Callable[[RequestKey], RequestRecord | None] | None = None
@@ -142,11 +143,11 @@ class Cluster:
         import nats  # the optional extra "cluster"
 
         async def disconnected() -> None:
-            self.connected = False
+            self._set_connected(False)
             log.warning("cluster.disconnected", node=self.node_id)
 
         async def reconnected() -> None:
-            self.connected = True
+            self._set_connected(True)
             log.info("cluster.reconnected", node=self.node_id)
 
         self._nc = nc = await nats.connect(
@@ -159,7 +160,7 @@ class Cluster:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
         )
-        self.connected = True
+        self._set_connected(True)
         await nc.subscribe(f"{self.prefix}.cancel", cb=self._answer_cancel)
         await nc.subscribe(f"{self.prefix}.lookup", cb=self._answer_lookup)
         await nc.subscribe(f"{self.prefix}.heartbeat", cb=self._heard)
@@ -195,6 +196,29 @@ class Cluster:
             with contextlib.suppress(Exception):
                 await self._nc.close()
         self.connected = False
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        if self._link_changed is not None:
+            self._link_changed.set()
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Until the link to NATS is up (or down): for start-up checks and tests."""
+        while self.connected is not connected:
+            if self._link_changed is None:
+                self._link_changed = asyncio.Event()
+            self._link_changed.clear()
+            await self._link_changed.wait()
+
+    def health(self) -> dict[str, object]:
+        """This node's view of the cluster, for ``/healthz``: a node without NATS still serves
+        its own connections (200), and says so."""
+        return {
+            "node": self.node_id,
+            "nats": "connected" if self.connected else "disconnected",
+            "peers": sorted(self.live_peers()),
+            "node_loss_detection": self._owners is not None,
+        }
 
     def live_peers(self) -> set[str]:
         horizon = time.monotonic() - 3 * self.heartbeat_interval

@@ -47,6 +47,8 @@ class HttpServices:
     draining: Callable[[], bool]
     #: ``/metrics`` and ``/v1/stats`` are open to anyone (else only to a client key).
     stats_public: bool
+    #: A cluster node's view of the cluster for ``/healthz`` (None: a single node).
+    cluster_health: Callable[[], dict[str, object]] | None = None
 
 
 _REQUESTS_PREFIX = "/v1/requests/"
@@ -99,6 +101,8 @@ def respond(services: HttpServices, request: HttpRequest) -> HttpResponse | Awai
             return _not_allowed("GET")
         if services.draining():
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "draining"})
+        if services.cluster_health is not None:
+            return _json(HTTPStatus.OK, {"status": "ok", "cluster": services.cluster_health()})
         return _json(HTTPStatus.OK, {"status": "ok"})
     if path == "/metrics":
         if method != "GET":

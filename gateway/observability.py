@@ -22,6 +22,7 @@ from .registry import RequestStatus
 from .stats import LiveStats
 
 if TYPE_CHECKING:
+    from .cluster import Cluster
     from .request import Request
 
 __all__ = ["GatewayObserver", "configure_logging"]
@@ -125,6 +126,22 @@ class GatewayObserver:
             "muxgate_errors", "Error messages sent, by code.", ["code"], registry=r
         )
         r.register(_TotalsCollector(totals))
+
+    def watch_cluster(self, cluster: Cluster) -> None:
+        """A cluster node's link to the others, read at each scrape."""
+        r = self.registry
+        linked = Gauge(
+            "muxgate_cluster_nats_connected", "1 while this node reaches NATS.", registry=r
+        )
+        linked.set_function(lambda: 1.0 if cluster.connected else 0.0)
+        peers = Gauge("muxgate_cluster_peers", "Other nodes heard from recently.", registry=r)
+        peers.set_function(lambda: float(len(cluster.live_peers())))
+        dropped = Gauge(
+            "muxgate_cluster_claims_dropped",
+            "Request claims not recorded (NATS too slow): node loss would miss them.",
+            registry=r,
+        )
+        dropped.set_function(lambda: float(cluster.claims_dropped))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -120,6 +120,8 @@ class Gateway:
         )
         self.stats = LiveStats(lambda: len(self.connections), time.monotonic)
         self.observer = GatewayObserver(self._totals, self.stats)
+        if self.cluster is not None:
+            self.observer.watch_cluster(self.cluster)
         self.stats_feed = StatsFeed(
             self.stats,
             config.stats_interval_ms / 1000,
@@ -173,6 +175,7 @@ class Gateway:
             backend_info=self._backend_info,
             draining=lambda: self.draining,
             stats_public=config.stats_public,
+            cluster_health=self.cluster.health if self.cluster is not None else None,
         )
         # What the transport asks of the application (gateway.transport.Application).
         self.max_message_bytes = config.max_frame_bytes

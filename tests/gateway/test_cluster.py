@@ -50,48 +50,64 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.asynccontextmanager
-async def nats_server() -> AsyncIterator[str]:
-    """A NATS server process on an ephemeral port: yields its URL once it accepts."""
-    assert NATS_SERVER is not None
-    port = _free_port()
-    store = tempfile.TemporaryDirectory(prefix="muxgate-nats-")
-    proc = await asyncio.create_subprocess_exec(
-        NATS_SERVER,
-        "-a",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-js",  # JetStream: the bucket of claims that tells a lost node's requests
-        "-sd",
-        store.name,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+class NatsServer:
+    """A NATS server process (JetStream on) on an ephemeral port, that a test may stop and
+    start again on the same port and store (a broker restart)."""
+
+    def __init__(self) -> None:
+        assert NATS_SERVER is not None
+        self.port = _free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._store = tempfile.TemporaryDirectory(prefix="muxgate-nats-")
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        assert NATS_SERVER is not None
+        self._proc = proc = await asyncio.create_subprocess_exec(
+            NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port),
+            "-js", "-sd", self._store.name,  # JetStream: the claims telling a lost node's requests
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
         async with asyncio.timeout(10):
             while True:
                 try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 except OSError:
                     if proc.returncode is not None:
                         raise RuntimeError("nats-server exited") from None
                     await asyncio.sleep(0.02)  # a process starting: nothing to await instead
                     continue
                 writer.close()
-                break
-        yield f"nats://127.0.0.1:{port}"
+                return
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            async with asyncio.timeout(10):
+                await proc.wait()
+
+    def cleanup(self) -> None:
+        self._store.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def nats_server() -> AsyncIterator[NatsServer]:
+    """A NATS server process on an ephemeral port, running until the end of the block."""
+    server = NatsServer()
+    await server.start()
+    try:
+        yield server
     finally:
-        proc.terminate()
-        async with asyncio.timeout(10):
-            await proc.wait()
-        store.cleanup()
+        await server.stop()
+        server.cleanup()
 
 
 @contextlib.asynccontextmanager
 async def cluster(size: int = 3, **settings: Any) -> AsyncIterator[list[Gateway]]:
     """``size`` gateways joined over one NATS server; yields once each knows the others."""
-    async with nats_server() as url, contextlib.AsyncExitStack() as stack:
+    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
+        url = server.url
         nodes = [
             await stack.enter_async_context(
                 running_gateway(
@@ -183,7 +199,10 @@ async def test_one_users_cancel_never_reaches_another_users_request_on_another_n
 
 
 async def test_a_node_whose_nats_is_gone_still_serves_and_decides_alone() -> None:
-    async with nats_server() as url, running_gateway(nats_url=url, node_id="solo") as gw:
+    async with (
+        nats_server() as server,
+        running_gateway(nats_url=server.url, node_id="solo") as gw,
+    ):
         assert gw.cluster is not None
         await gw.cluster.close()  # as if NATS were unreachable
         async with WireClient.open(gw.url) as client:
@@ -243,9 +262,9 @@ async def test_a_killed_nodes_requests_answer_failed_node_lost_from_the_others()
     """kill -9 of the node that runs a stream: within three heartbeats the other nodes know,
     and GET says failed (node_lost), a cancel already_completed — never an eternal running."""
     async with (
-        nats_server() as url,
-        running_gateway(nats_url=url, node_id="b", cluster_heartbeat_ms=100) as b,
-        serve_node(url, "a") as (node_a, a_url),
+        nats_server() as server,
+        running_gateway(nats_url=server.url, node_id="b", cluster_heartbeat_ms=100) as b,
+        serve_node(server.url, "a") as (node_a, a_url),
     ):
         assert b.cluster is not None
         async with asyncio.timeout(10):
@@ -266,3 +285,55 @@ async def test_a_killed_nodes_requests_answer_failed_node_lost_from_the_others()
         assert (late.status, late.json()["status"]) == (409, "already_completed")
         unknown = await http("GET", f"{b.http_url}/v1/requests/never")
         assert unknown.status == 404  # only what the lost node claimed
+
+
+async def test_nats_gone_each_node_serves_its_own_says_so_and_rejoins_by_itself() -> None:
+    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                running_gateway(nats_url=server.url, node_id=name, cluster_heartbeat_ms=100)
+            )
+            for name in ("a", "b")
+        ]
+        assert a.cluster is not None
+        assert b.cluster is not None
+        async with asyncio.timeout(10):
+            await a.cluster.wait_for_peers(1)
+        health = (await http("GET", f"{a.http_url}/healthz")).json()
+        assert health["cluster"] == {
+            "node": "a",
+            "nats": "connected",
+            "peers": ["b"],
+            "node_loss_detection": True,
+        }
+        metrics = (await http("GET", f"{a.http_url}/metrics")).body.decode()
+        assert "muxgate_cluster_nats_connected 1.0" in metrics
+        assert "muxgate_cluster_peers 1.0" in metrics
+
+        await server.stop()
+        async with asyncio.timeout(10):
+            await a.cluster.wait_connected(False)
+        down = await http("GET", f"{a.http_url}/healthz")
+        assert (down.status, down.json()["cluster"]["nats"]) == (200, "disconnected")
+        assert (
+            "muxgate_cluster_nats_connected 0.0"
+            in (await http("GET", f"{a.http_url}/metrics")).body.decode()
+        )
+        async with WireClient.open(a.url) as client:  # its own connections: served as ever
+            await client.chat("r1", metadata=QUICK)
+            assert (await client.response("r1")).status is ResponseStatus.COMPLETED
+        alone = await http("DELETE", f"{b.http_url}/v1/requests/elsewhere")
+        assert alone.json()["status"] == "not_found"  # decided alone, at once
+
+        await server.start()  # the broker is back: both rejoin by themselves
+        async with asyncio.timeout(20):
+            await a.cluster.wait_connected(True)
+            await b.cluster.wait_connected(True)
+            await a.cluster.wait_for_peers(1)
+            await b.cluster.wait_for_peers(1)
+        async with WireClient.open(a.url) as client:
+            await client.chat("r2", metadata=SLOW)
+            await client.chunks("r2", 1)
+            answer = await http("DELETE", f"{b.http_url}/v1/requests/r2")
+            assert answer.json()["status"] == "cancelled"
+            assert (await client.response("r2")).reason is CancelReason.API
