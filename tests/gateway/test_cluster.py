@@ -337,3 +337,42 @@ async def test_nats_gone_each_node_serves_its_own_says_so_and_rejoins_by_itself(
             answer = await http("DELETE", f"{b.http_url}/v1/requests/r2")
             assert answer.json()["status"] == "cancelled"
             assert (await client.response("r2")).reason is CancelReason.API
+
+
+async def test_the_three_node_example_cancels_through_its_round_robin_front() -> None:
+    """README's ``python -m gateway.cluster_demo``: three nodes behind a front that hands each
+    connection to the next node. The chat's WebSocket and the DELETE land on different nodes;
+    the cancel still stops the stream."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")}
+    env["MUXGATE_BACKEND_OPTIONS"] = '{"plan_ms": 0, "tool_ms": 0}'
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cluster_demo", "--port", "0",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while line := await proc.stdout.readline():
+                if b"cluster_demo.ready" in line:
+                    ready = json.loads(line)
+                    break
+            else:
+                raise RuntimeError("the example did not start")
+        async with WireClient.open(ready["ws"]) as client:  # the 1st connection: one node
+            await client.chat("r1", metadata=SLOW)
+            await client.chunks("r1", 2)
+            answer = await http("DELETE", f"{ready['http']}/v1/requests/r1")
+            assert answer.json()["status"] == "cancelled"
+            response = await client.response("r1")
+            assert response.reason is CancelReason.API
+        nodes = set()
+        for _ in range(3):  # the front's round robin: three connections, three nodes
+            health = (await http("GET", f"{ready['http']}/healthz")).json()["cluster"]
+            nodes.add(health["node"])
+            assert len(health["peers"]) == 2  # ready means joined
+        assert nodes == {"node-1", "node-2", "node-3"}
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        async with asyncio.timeout(30):
+            await proc.wait()
