@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import sys
@@ -376,3 +377,68 @@ async def test_the_three_node_example_cancels_through_its_round_robin_front() ->
             proc.terminate()
         async with asyncio.timeout(30):
             await proc.wait()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+async def test_random_cancels_from_every_node_keep_g1_to_g4_cluster_wide(seed: int) -> None:
+    """60 requests on three nodes; each is stopped at a random moment from a random node — a
+    DELETE, an in-band cancel on another node's connection, or on its own — some twice, some
+    before their chat was sent (cancel before start), some never. Every request ends with
+    exactly one response (the strict client refuses anything else); a cancel's answer is the
+    true outcome: ``cancelled`` or ``already_cancelled`` for a request that ended cancelled,
+    ``already_completed`` for one that completed, and a Stop before its chat ends it at once."""
+    rng = random.Random(seed)
+    async with cluster() as nodes, contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(WireClient.open(n.url)) for n in nodes]
+        plan: dict[str, tuple[int, str]] = {}  # rid -> (node running it, how it is stopped)
+        answers: dict[str, list[str]] = {}
+        for i in range(60):
+            rid = f"q{i}"
+            plan[rid] = (rng.randrange(3), rng.choice(["http", "frame", "own", "early", "none"]))
+            answers[rid] = []
+
+        async def stop(rid: str, how: str, home: int) -> None:
+            other = rng.choice([n for n in range(3) if n != home])
+            if how in ("http", "early"):
+                answer = await http("DELETE", f"{nodes[other].http_url}/v1/requests/{rid}")
+                answers[rid].append(answer.json()["status"])
+                return
+            client = clients[home if how == "own" else other]
+            if how == "own":  # its result comes with the request's own track
+                results = client.tracks[rid].cancel_results
+                seen = len(results)
+                await client.cancel(rid)
+                await client.wait_for(lambda: len(results) > seen)
+                answers[rid].append(results[seen].status.value)
+                return
+            before = len(client.others)
+            await client.cancel(rid)
+            await client.wait_for(lambda: len(client.others) > before)
+            answers[rid].append(client.others[before].status.value)  # type: ignore[attr-defined]
+
+        for rid, (home, how) in plan.items():
+            if how == "early":
+                await stop(rid, how, home)
+            await clients[home].chat(
+                rid, metadata={"tokens": rng.randint(5, 60), "token_delay_ms": 2}
+            )
+        for rid in rng.sample(list(plan), len(plan)):
+            home, how = plan[rid]
+            if how in ("http", "frame", "own"):
+                for _ in range(rng.choice([1, 1, 2])):  # sometimes twice: idempotent
+                    await stop(rid, how, home)
+        for rid, (home, how) in plan.items():
+            response = await clients[home].response(rid, timeout=30)
+            said = answers[rid]
+            if how == "early":
+                assert said == ["not_found"]
+                assert response.status is ResponseStatus.CANCELLED
+                assert clients[home].tracks[rid].chunks == []
+            elif how == "none":
+                assert response.status is ResponseStatus.COMPLETED
+            elif response.status is ResponseStatus.COMPLETED:
+                assert set(said) == {"already_completed"}, said  # lost the race to the end
+            else:
+                assert response.status is ResponseStatus.CANCELLED
+                assert said[0] == "cancelled"
+                assert set(said[1:]) <= {"already_cancelled"}, (rid, how, said)
