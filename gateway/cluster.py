@@ -41,6 +41,7 @@ from .registry import (
     RequestRecord,
     RequestStatus,
 )
+from .tracing import NO_TRACING, Tracing
 
 if TYPE_CHECKING:  # nats-py is the optional extra "cluster"
     from nats.aio.client import Client as NatsClient
@@ -111,8 +112,12 @@ class Cluster:
         heartbeat_interval: float = 1.0,
         ask_timeout: float = 1.0,
         ownership_ttl: float = 330.0,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.url = url
+        #: Traces (gateway/tracing.py): questions carry the asker's trace context in their
+        #: NATS headers; a node answering one records it as a span of that trace.
+        self.tracing = tracing
         #: How long a node's claim on a request id is kept (past its retention): what tells
         #: the others, when it is gone, that the request was lost with it.
         self.ownership_ttl = ownership_ttl
@@ -351,7 +356,12 @@ class Cluster:
         sub = await nc.subscribe(inbox, cb=on_answer)
         try:
             body = {"user_id": key.user_id, "request_id": key.request_id, **extra}
-            await nc.publish(f"{self.prefix}.{what}", orjson.dumps(body), reply=inbox)
+            await nc.publish(
+                f"{self.prefix}.{what}",
+                orjson.dumps(body),
+                reply=inbox,
+                headers=self.tracing.inject(),  # None: no trace (or tracing off)
+            )
             if expected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ask_timeout):
@@ -369,7 +379,14 @@ class Cluster:
         body = orjson.loads(msg.data)
         key = RequestKey(body["user_id"], body["request_id"])
         handler = self.on_cancel
-        status = handler(key, CancelReason(body["reason"])) if handler else CancelStatus.NOT_FOUND
+        with self.tracing.remote_span(
+            "muxgate.cluster.answer_cancel",
+            msg.headers,
+            **{"muxgate.request_id": key.request_id, "muxgate.cancel_reason": body["reason"]},
+        ) as span:
+            reason = CancelReason(body["reason"])
+            status = handler(key, reason) if handler else CancelStatus.NOT_FOUND
+            span.set("muxgate.cancel_status", status.value)
         await self._reply(msg, {"node": self.node_id, "status": status.value})
 
     async def _bury(self, msg: Msg) -> None:
@@ -382,7 +399,11 @@ class Cluster:
     async def _answer_lookup(self, msg: Msg) -> None:
         body = orjson.loads(msg.data)
         key = RequestKey(body["user_id"], body["request_id"])
-        record = self.on_lookup(key) if self.on_lookup else None
+        with self.tracing.remote_span(
+            "muxgate.cluster.answer_lookup", msg.headers, **{"muxgate.request_id": key.request_id}
+        ) as span:
+            record = self.on_lookup(key) if self.on_lookup else None
+            span.set("muxgate.found", record is not None)
         answer: dict[str, Any] = {"node": self.node_id, "record": None}
         if record is not None:
             answer["record"] = {**record.to_json(), "state": record.state.value}

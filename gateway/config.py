@@ -111,6 +111,11 @@ class Config:
     #: Heartbeats between nodes: a node unheard for three intervals is gone, and the requests
     #: it ran answer ``failed`` (``node_lost``) from the others.
     cluster_heartbeat_ms: int = 1000
+    #: Traces (gateway/tracing.py; extra "tracing"): the OTLP/HTTP collector to export to
+    #: (``http://collector:4318``; a URL with a path is the traces endpoint itself). None:
+    #: tracing off, and nothing of OpenTelemetry is imported. The service name of the spans.
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "muxgate"
     #: On SIGTERM/SIGINT: seconds in-flight requests get to finish before they are cancelled.
     shutdown_grace: float = 10.0
     #: "auto": uvloop when installed (a C event loop: less CPU per wake-up, shorter loop turns,
@@ -197,6 +202,12 @@ class Config:
             raise ConfigError("log_format must be auto, json or console")
         if any(not key for key in self.client_keys):
             raise ConfigError("client_keys must not contain empty keys")
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError("otlp_endpoint must be an http:// or https:// URL")
+        if not self.otlp_service_name:
+            raise ConfigError("otlp_service_name must not be empty")
         if self.jwt_secret == "":
             raise ConfigError("jwt_secret must not be empty")
         if self.max_content_chars * 4 + 4096 > limits.MAX_FRAME_BYTES:

@@ -48,6 +48,7 @@ from .config import Config
 from .multiplexer import Multiplexer, MultiplexerServices
 from .observability import GatewayObserver
 from .outbound import Outbound, SlowConsumer
+from .tracing import traceparent_header
 
 __all__ = ["Channel", "Connection", "ConnectionServices"]
 
@@ -169,6 +170,10 @@ class Connection:
         # SPEC.md §4.4: handshake credentials are checked now but decided on the first
         # message, since a hello may replace them.
         self._headers: Mapping[str, str] = headers
+        #: The handshake's W3C ``traceparent``, read only when tracing is on.
+        self._traceparent = (
+            traceparent_header(headers) if services.multiplexer.tracing.enabled else None
+        )
         self._principal: Principal | None = None
         self._auth_error: AuthError | None = None
         try:
@@ -417,7 +422,9 @@ class Connection:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        self.mux = Multiplexer(services.multiplexer, self.outbound, principal)
+        self.mux = Multiplexer(
+            services.multiplexer, self.outbound, principal, traceparent=self._traceparent
+        )
         self._headers = {}  # decided: the handshake's headers are not needed any more
         self.channel.limit_input(None)  # frames up to max_frame_bytes from now on
         if not self.authenticated:

@@ -25,6 +25,7 @@ from .observability import GatewayObserver
 from .pipeline import BackendInfo
 from .registry import RequestKey, RequestRegistry
 from .stats import STATS_PATH, LiveStats
+from .tracing import NO_TRACING, Tracing, traceparent_header
 from .transport import HttpRequest, HttpResponse
 from .webui import WebUI
 
@@ -49,6 +50,8 @@ class HttpServices:
     stats_public: bool
     #: A cluster node's view of the cluster for ``/healthz`` (None: a single node).
     cluster_health: Callable[[], dict[str, object]] | None = None
+    #: Traces (gateway/tracing.py; off: the no-op NO_TRACING).
+    tracing: Tracing = NO_TRACING
 
 
 _REQUESTS_PREFIX = "/v1/requests/"
@@ -167,17 +170,33 @@ def _request_by_id(
         # transport reads another byte (unless another node of a cluster must be asked).
         status = services.registry.cancel_now(key, CancelReason.API)
         if status is None:
-            return _cancel_elsewhere(services, key)
+            return _cancel_elsewhere(services, key, _traceparent(services, request))
         return _cancelled(request_id, status)
-    return _status(services, key)
+    return _status(services, key, _traceparent(services, request))
 
 
-async def _cancel_elsewhere(services: HttpServices, key: RequestKey) -> HttpResponse:
-    return _cancelled(key.request_id, await services.registry.cancel(key, CancelReason.API))
+def _traceparent(services: HttpServices, request: HttpRequest) -> str | None:
+    return traceparent_header(request.headers) if services.tracing.enabled else None
 
 
-async def _status(services: HttpServices, key: RequestKey) -> HttpResponse:
-    record = await services.registry.lookup(key)
+async def _cancel_elsewhere(
+    services: HttpServices, key: RequestKey, traceparent: str | None = None
+) -> HttpResponse:
+    with services.tracing.span(
+        "muxgate.cancel", traceparent=traceparent, **{"muxgate.request_id": key.request_id}
+    ) as span:
+        status = await services.registry.cancel(key, CancelReason.API)
+        span.set("muxgate.cancel_status", status.value)
+    return _cancelled(key.request_id, status)
+
+
+async def _status(
+    services: HttpServices, key: RequestKey, traceparent: str | None = None
+) -> HttpResponse:
+    with services.tracing.span(
+        "muxgate.lookup", traceparent=traceparent, **{"muxgate.request_id": key.request_id}
+    ):
+        record = await services.registry.lookup(key)
     if record is None:
         return _json(
             HTTPStatus.NOT_FOUND,

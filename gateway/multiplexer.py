@@ -42,6 +42,7 @@ from .pipeline import Backend
 from .registry import RequestKey, RequestRegistry
 from .request import Request
 from .resume import ResumableRequest, Resumables
+from .tracing import NO_TRACING, Tracing
 
 __all__ = ["Multiplexer", "MultiplexerServices"]
 
@@ -63,15 +64,25 @@ class MultiplexerServices:
     max_content_chars: int
     #: Resumable requests of the gateway (SPEC.md §5.8).
     resumables: Resumables
+    #: Traces (gateway/tracing.py; off: the no-op NO_TRACING).
+    tracing: Tracing = NO_TRACING
 
 
 class Multiplexer:
     """The requests of one connection."""
 
     def __init__(
-        self, services: MultiplexerServices, outbound: Outbound, principal: Principal
+        self,
+        services: MultiplexerServices,
+        outbound: Outbound,
+        principal: Principal,
+        *,
+        traceparent: str | None = None,
     ) -> None:
         self.services = services
+        #: The handshake's W3C ``traceparent`` (tracing on only): the parent of this
+        #: connection's request spans unless a chat names its own (``metadata.traceparent``).
+        self.traceparent = traceparent
         self.outbound = outbound
         self.principal = principal
         #: Requests whose pipeline still runs (counted against ``max_streams``).
@@ -122,11 +133,17 @@ class Multiplexer:
         timeout_ms = min(chat.timeout_ms or services.max_timeout_ms, services.max_timeout_ms)
         messages = chat.messages or (ChatMessage(role=Role.USER, content=chat.message or ""),)
         key = RequestKey(user, rid)
+        metadata = chat.metadata or {}
+        traceparent = self.traceparent
+        if services.tracing.enabled:
+            own = metadata.get("traceparent")
+            if isinstance(own, str) and own:
+                traceparent = own
         request = Request(
             key=key,
             stream=chat.stream,
             messages=messages,
-            metadata=chat.metadata or {},
+            metadata=metadata,
             outbound=self.outbound,
             backend=services.backend,
             registry=services.registry,
@@ -136,6 +153,8 @@ class Multiplexer:
             steps=chat.steps,
             resumable=chat.resumable,
             on_finished=self._request_finished,
+            tracing=services.tracing,
+            traceparent=traceparent,
         )
         if services.registry.is_active(key):
             self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
@@ -182,7 +201,11 @@ class Multiplexer:
         self.services.track(task)
 
     async def _cancel_elsewhere(self, key: RequestKey) -> None:
-        status = await self.services.registry.cancel(key, CancelReason.CLIENT)
+        with self.services.tracing.span(
+            "muxgate.cancel", traceparent=self.traceparent, **{"muxgate.request_id": key.request_id}
+        ) as span:
+            status = await self.services.registry.cancel(key, CancelReason.CLIENT)
+            span.set("muxgate.cancel_status", status.value)
         self._cancel_result(key.request_id, status)
 
     def _cancel_key(self, cancel: Cancel) -> RequestKey | None:

@@ -313,6 +313,14 @@ class StepSink(Protocol):
     def push_step(self, step: StepRecord, state: StepState) -> None: ...
 
 
+class StepTrace(Protocol):
+    """Where a request's step begins and ends go when it is traced (gateway/tracing.py)."""
+
+    def step_begin(self, step: StepRecord) -> None: ...
+
+    def step_end(self, step: StepRecord) -> None: ...
+
+
 class RequestContext:
     """Everything a backend sees of one request.
 
@@ -332,6 +340,7 @@ class RequestContext:
         "_steps",
         "_token",
         "_tokens_after_cancel",
+        "_trace",
         "deadline",
         "messages",
         "metadata",
@@ -367,6 +376,13 @@ class RequestContext:
         #: Steps started and not ended (by index): a non-abortable one delays the halt.
         self._running: dict[int, StepRecord] = {}
         self._tokens_after_cancel = 0
+        #: The request's trace (gateway/tracing.py), when tracing is on: told of each step's
+        #: begin and end (never of a chunk).
+        self._trace: StepTrace | None = None
+
+    def trace_steps(self, trace: StepTrace | None) -> None:
+        """The gateway's hook: report each step's begin and end to ``trace`` from now on."""
+        self._trace = trace
 
     @property
     def token(self) -> CancelSignal:
@@ -640,12 +656,16 @@ class RequestContext:
         self._running[step.index] = step
         if self._step_sink is not None:
             self._step_sink.push_step(step, StepState.STARTED)
+        if self._trace is not None:
+            self._trace.step_begin(step)
         return step
 
     def _end(self, step: StepRecord) -> None:
         del self._running[step.index]
         if self._step_sink is not None:
             self._step_sink.push_step(step, StepState.ENDED)
+        if self._trace is not None:
+            self._trace.step_end(step)
 
 
 #: Non-abortable operations whose step timed out: they run to their end unobserved.

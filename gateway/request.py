@@ -46,6 +46,7 @@ from .outbound import Outbound
 from .output_queue import ContentTooLarge, OutputQueue
 from .pipeline import Backend, BackendFailure, RequestContext, StepRecord
 from .registry import RequestKey, RequestRecord, RequestRegistry, RequestStatus
+from .tracing import NO_TRACING, RequestSpan, Tracing
 
 __all__ = ["Request", "RequestObserver"]
 
@@ -89,8 +90,14 @@ class Request:
         steps: bool = False,
         resumable: bool = False,
         on_finished: Callable[[Request], object] | None = None,
+        tracing: Tracing = NO_TRACING,
+        traceparent: str | None = None,
     ) -> None:
         self._key = key
+        #: Tracing (gateway/tracing.py): the span starts with the request, ends at its halt.
+        self._tracing = tracing
+        self._traceparent = traceparent
+        self.trace: RequestSpan | None = None
         #: Called once the request is finished (SPEC.md §5.6), before anything of its end is
         #: written: the connection stops counting it against max_streams at that moment, so a
         #: client that saw it finish and sends its next chat at once is never refused.
@@ -195,6 +202,8 @@ class Request:
             return outcome
         self.cancel_read_at = time.perf_counter()
         self.token.cancel(reason)  # flags the pipeline; aborts an abortable stream read
+        if self.trace is not None:
+            self.trace.cancel_read(reason.value)
         halt = None
         if self.reports_steps:  # where the pipeline will halt: after the step it is in, if any
             halt = Halt(state=HaltState.PENDING, step=_step_info(self.ctx.halt_pending()))
@@ -253,11 +262,14 @@ class Request:
         cancel for its id arrived before it (SPEC.md §5.3, cancel before start). Its only
         message is the cancelled response, with zero usage, final."""
         self.registry.add(self)
+        self._trace_start()
         self.outbound.attach_stream(self.stream)
         self.observer.request_started(self)
         self.stream.machine.on_cancel()
         self.cancel_read_at = time.perf_counter()
         self.token.cancel(reason)
+        if self.trace is not None:
+            self.trace.cancel_read(reason.value)
         halt = Halt(state=HaltState.HALTED) if self.reports_steps else None
         response = Response(
             request_id=self._key.request_id,
@@ -278,6 +290,7 @@ class Request:
         an active request with this id.
         """
         self.registry.add(self)
+        self._trace_start()
         self.outbound.attach_stream(self.stream)
         loop = asyncio.get_running_loop()
         if self._timeout is not None:
@@ -349,8 +362,20 @@ class Request:
             self._deadline_handle = None
         self.observer.request_answered(self)
 
+    def _trace_start(self) -> None:
+        trace = self._tracing.request(
+            request_id=self._key.request_id,
+            user_id=self._key.user_id,
+            traceparent=self._traceparent,
+        )
+        if trace is not None:
+            self.trace = trace
+            self.ctx.trace_steps(trace)
+
     def _cancel_sent(self) -> None:
         self.cancel_sent_at = time.perf_counter()
+        if self.trace is not None:
+            self.trace.cancel_sent()
         self.observer.cancel_sent(self)
 
     def _halted(self) -> None:
@@ -372,6 +397,17 @@ class Request:
         if self._on_finished is not None:
             self._on_finished(self)
         self.observer.request_halted(self)
+        if self.trace is not None:
+            meter = self.ctx.usage
+            reason = self.reason
+            self.trace.halted(
+                status=self.status.value,
+                reason=reason.value if reason is not None else None,
+                input_tokens=meter.input_tokens,
+                output_tokens=meter.output_tokens,
+                saved_tokens=meter.saved_tokens if reason is not None else 0,
+                error_code=self.error.code if self.error is not None else None,
+            )
 
 
 def _step_info(step: StepRecord | None) -> StepInfo | None:

@@ -34,6 +34,8 @@ from .pipeline import Backend, BackendInfo
 from .registry import InMemoryRegistry, RequestRegistry
 from .resume import Resumables
 from .stats import STATS_PATH, FeedSocket, LiveStats, StatsFeed
+from .tracing import Tracing
+from .tracing import from_config as tracing_from_config
 from .transport import HttpConnection, HttpRequest, HttpResponse, WebSocketHandler, serve
 from .webui import WebUI
 
@@ -78,8 +80,18 @@ class _Refused:
 class Gateway:
     """A running muxgate gateway. Use as ``async with Gateway(config) as gw:``."""
 
-    def __init__(self, config: Config | None = None, *, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        backend: Backend | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.config = config = config or Config()
+        #: Traces (gateway/tracing.py): ``tracing`` if given (tests pass one with their own
+        #: exporter), else from ``otlp_endpoint`` (None: the no-op NO_TRACING, nothing imported).
+        self.tracing = tracing if tracing is not None else tracing_from_config(config)
+        self._owns_tracing = tracing is None
         options = dict(config.backend_options)
         if config.backend == "flow":  # its steps call the tool servers and agents configured
             options.setdefault("tools", config.tools)
@@ -110,7 +122,9 @@ class Gateway:
                 name=config.cluster_name,
                 heartbeat_interval=config.cluster_heartbeat_ms / 1000,
                 ownership_ttl=config.retention_seconds + 30,
+                tracing=self.tracing,
             )
+            self.tracing.set_node(self.cluster.node_id)
             self.registry = ClusterRegistry(local, self.cluster)
         self.resumables = Resumables(
             default_grace=config.resume_grace_seconds,
@@ -157,6 +171,7 @@ class Gateway:
             max_timeout_ms=config.max_timeout_ms,
             max_content_chars=config.max_content_chars,
             resumables=self.resumables,
+            tracing=self.tracing,
         )
         self.connection_services = ConnectionServices(
             config=config,
@@ -176,6 +191,7 @@ class Gateway:
             draining=lambda: self.draining,
             stats_public=config.stats_public,
             cluster_health=self.cluster.health if self.cluster is not None else None,
+            tracing=self.tracing,
         )
         # What the transport asks of the application (gateway.transport.Application).
         self.max_message_bytes = config.max_frame_bytes
@@ -433,6 +449,8 @@ class Gateway:
             await self.cluster.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._owns_tracing and self.tracing.enabled:  # the last spans, exported (blocking)
+            await asyncio.to_thread(self.tracing.shutdown)
 
     @staticmethod
     async def _close_going_away(conn: Connection, flush_timeout: float) -> None:

@@ -21,6 +21,7 @@ import pytest
 from gateway.config import Config
 from gateway.pipeline import Backend
 from gateway.server import Gateway
+from gateway.tracing import Tracing
 
 #: Fast simulated backend for tests: short plan/tool steps, a few ms per token.
 FAST = {"tokens": 20, "token_delay_ms": 2, "plan_ms": 5, "tool_ms": 5}
@@ -66,15 +67,16 @@ async def asgi_server(app: Any, host: str, **options: Any) -> AsyncIterator[int]
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    *, backend_impl: Backend | None = None, **settings: Any
+    *, backend_impl: Backend | None = None, tracing: Tracing | None = None, **settings: Any
 ) -> AsyncIterator[Gateway]:
     """A started gateway; ``settings`` are :class:`Config` fields, ``backend_impl`` a backend
-    object to run instead of the configured one (e.g. a recording backend). The simulated
+    object to run instead of the configured one (e.g. a recording backend), ``tracing`` a
+    :class:`gateway.tracing.Tracing` (e.g. exporting to memory). The simulated
     backend (the default) runs with :data:`FAST` under its ``backend_options``."""
     fast = FAST if settings.get("backend", "simulated") == "simulated" else {}
     options = {**fast, **settings.pop("backend_options", {})}
     config = Config(port=0, backend_options=options, **settings)
-    gateway = Gateway(config, backend=backend_impl)
+    gateway = Gateway(config, backend=backend_impl, tracing=tracing)
     if TRANSPORT == "asgi":
         async with _over_asgi(gateway):
             yield gateway
