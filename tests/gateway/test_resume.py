@@ -81,17 +81,25 @@ async def detached(
     return track
 
 
+def kept(tracks: tuple[Track, ...] | list[Track]) -> list[protocol.Chunk]:
+    """The chunks a client keeps of one request tracked over several connections (in the order
+    they were opened): of each connection, those before the point the next one resumed from;
+    what an old connection still receives past it is dropped (it comes again on the new one,
+    SPEC.md §5.8)."""
+    out: list[protocol.Chunk] = []
+    for track, following in zip(tracks, (*tracks[1:], None), strict=True):
+        limit = following.machine.first_seq if following is not None else None
+        out += [c for c in track.chunks if limit is None or c.seq < limit]
+    return out
+
+
 def joined(*tracks: Track) -> str:
     """The text of the chunks the tracks received, in seq order, each seq once (asserted).
 
     The tracks of one request in the order they were opened: a client that resumed a
     request still attached elsewhere drops what the old connection got after the resume
     point (it arrives again on the new one, SPEC.md §5.8)."""
-    kept = []
-    for track, following in zip(tracks, (*tracks[1:], None), strict=True):
-        limit = following.machine.first_seq if following is not None else None
-        kept += [c for c in track.chunks if limit is None or c.seq < limit]
-    chunks = sorted(kept, key=lambda c: c.seq)
+    chunks = sorted(kept(tracks), key=lambda c: c.seq)
     seqs = [c.seq for c in chunks]
     assert seqs == list(range(len(seqs))), f"gap or duplicate: {seqs}"
     return "".join(c.text for c in chunks)
@@ -101,14 +109,20 @@ def ending(tracks: list[Track]) -> protocol.Response:
     """The one response of a request tracked over several connections. What an earlier
     connection still received about it after the client resumed it elsewhere is what a client
     ignores (SPEC.md §5.8): a response already on its way there is replayed on the new one."""
+    (response,) = counted(tracks)
+    return response
+
+
+def counted(tracks: list[Track]) -> list[protocol.Response]:
+    """The responses a client takes, over the connections of one request: each connection's,
+    if it came before the client resumed the request elsewhere."""
     responses = []
     for track, following in zip(tracks, (*tracks[1:], None), strict=True):
         if track.response is None or track.response_at is None:
             continue
         if following is None or track.response_at < following.opened_at:
             responses.append(track.response)
-    (response,) = responses
-    return response
+    return responses
 
 
 def last_seq(track: Track) -> int | None:
@@ -426,10 +440,13 @@ class Requests:
         self.cancelled: set[str] = set()
 
     def done(self, rid: str) -> bool:
-        return any(t.response is not None for t in self.tracks[rid])
+        """The client has the request's end (not counting one an old connection received
+        after the request was resumed elsewhere: the new one gets it again)."""
+        return bool(counted(self.tracks[rid]))
 
     def last(self, rid: str) -> int | None:
-        seqs = [c.seq for t in self.tracks[rid] for c in t.chunks]
+        """The last ``seq`` the client kept (what it resumes after)."""
+        seqs = [c.seq for c in kept(self.tracks[rid])]
         return max(seqs) if seqs else None
 
     async def start(self, client: WireClient, metadata: dict[str, int]) -> None:

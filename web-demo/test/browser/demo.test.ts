@@ -3,20 +3,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, expect, test } from "vitest";
 import type { Browser, BrowserContext, Page } from "playwright-core";
 import { type Gateway, startGateway } from "../support/gateway.js";
-import { launch, screenshot } from "../support/browser.js";
-
-/** Page errors, except the 404 of `GET /v1/backend` from a gateway without that endpoint (the
- * page then counts the backend as simulated; Chromium logs any 404 as a console error). */
-function watchPageErrors(p: Page): string[] {
-  const errors: string[] = [];
-  p.on("pageerror", (e) => errors.push(String(e)));
-  p.on("console", (m) => {
-    if (m.type() !== "error") return;
-    if (/status of 404/.test(m.text()) && new URL(m.location().url || "http://x/").pathname === "/v1/backend") return;
-    errors.push(m.text());
-  });
-  return errors;
-}
+import { launch, screenshot, watchErrors } from "../support/browser.js";
 
 let gw: Gateway;
 let browser: Browser;
@@ -35,7 +22,7 @@ afterAll(async () => {
 beforeEach(async () => {
   context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   page = await context.newPage();
-  errors = watchPageErrors(page);
+  errors = watchErrors(page, { allowBackend404: true });
 });
 afterEach(async (ctx) => {
   await screenshot(page, ctx.task.name.replace(/[^a-z0-9]+/gi, "-").toLowerCase());
@@ -202,7 +189,7 @@ test("the dashboard updates live as requests run and are cancelled", async () =>
   const updatesBefore = Number(await dash.getAttribute('[data-testid="feed"]', "data-updates"));
   // Drive traffic from a second page (the chat), while the dashboard stays open.
   const chat = await context.newPage();
-  watchPageErrors(chat).length;
+  watchErrors(chat, { allowBackend404: true }).length;
   await chat.goto(gw.http + "/");
   await chat.fill('[data-testid="speed-tokens"]', "3000");
   await chat.fill('[data-testid="speed-token_delay_ms"]', "20");

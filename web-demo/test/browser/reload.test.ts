@@ -9,19 +9,7 @@ import type { Browser, BrowserContext, Page } from "playwright-core";
 import WS from "ws";
 import { Muxi, type WebSocketConstructor } from "@muxgate/sdk";
 import { type Gateway, startGateway, waitFor } from "../support/gateway.js";
-import { launch, screenshot } from "../support/browser.js";
-
-/** Page errors, except Chromium's console line for the 404 of `GET /v1/backend`, if any. */
-function watchPageErrors(p: Page): string[] {
-  const errors: string[] = [];
-  p.on("pageerror", (e) => errors.push(String(e)));
-  p.on("console", (m) => {
-    if (m.type() !== "error") return;
-    if (/status of 404/.test(m.text()) && new URL(m.location().url || "http://x/").pathname === "/v1/backend") return;
-    errors.push(m.text());
-  });
-  return errors;
-}
+import { launch, screenshot, watchErrors } from "../support/browser.js";
 
 let gw: Gateway;
 let browser: Browser;
@@ -42,7 +30,7 @@ afterAll(async () => {
 beforeEach(async () => {
   context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   page = await context.newPage();
-  errors = watchPageErrors(page);
+  errors = watchErrors(page, { allowBackend404: true });
   sent = [];
   page.on("websocket", (ws) => ws.on("framesent", (f) => {
     if (typeof f.payload === "string") for (const line of f.payload.split("\n")) sent.push(JSON.parse(line) as Record<string, unknown>);
