@@ -420,10 +420,8 @@ class Connection:
         self._flushed.clear()
         self._outbox_ready.set()
 
-    async def start(self, chat: Chat) -> Exchange:
-        """Send ``chat`` once a stream slot is free; its exchange is registered when this
-        returns (and not at all if it raises, e.g. when cancelled while waiting)."""
-        self._check_unique(chat.request_id)
+    async def _free_slot(self) -> None:
+        """Until a stream slot is free (``max_streams``); raises the connection's error."""
         while len(self.exchanges) >= self.limits.max_streams:
             if self.error is not None:
                 raise self.error
@@ -431,6 +429,12 @@ class Connection:
             await self._slot_freed.wait()
         if self.error is not None:
             raise self.error
+
+    async def start(self, chat: Chat) -> Exchange:
+        """Send ``chat`` once a stream slot is free; its exchange is registered when this
+        returns (and not at all if it raises, e.g. when cancelled while waiting)."""
+        self._check_unique(chat.request_id)
+        await self._free_slot()
         self._check_unique(chat.request_id)
         exchange = Exchange(chat, self.user_of(chat.user_id), self)
         with mapped_errors("chat"):
@@ -446,13 +450,7 @@ class Connection:
         rid, epoch = exchange.request_id, exchange.epoch
         assert epoch is not None, exchange
         assert exchange.detached, exchange
-        while len(self.exchanges) >= self.limits.max_streams:
-            if self.error is not None:
-                raise self.error
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
-        if self.error is not None:
-            raise self.error
+        await self._free_slot()
         if not exchange.detached:
             return  # it ended meanwhile (the client gave up, or closed)
         self._check_unique(rid)
