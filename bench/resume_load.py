@@ -11,6 +11,8 @@ back, and what a detached request costs the gateway.
    what was on the wire), so the resume asks for them again. Measured per stream: from the cut
    to the ``resume_result``, and to the first replayed chunk. Every chunk's ``seq`` must be the
    previous one + 1 across the cuts (counted: ``gaps``, ``repeats``).
+   With ``--resume-url`` (another node of a cluster), the new connections go there: the
+   streams are resumed on a node that does not run them, which relays them (issue 17).
 2. **Memory per detached request.** ``--detach`` resumable streams are opened on fresh
    connections and the connections cut: the gateway's RSS with them detached, against the same
    number of plain streams opened, cancelled and their connections closed before (so that both
@@ -80,8 +82,8 @@ class ResumeLoad:
         self.changed = asyncio.Event()
         self.serial = 0
 
-    async def _connect(self) -> ClientConnection:
-        return await connect(self.a.url, subprotocols=[SUBPROTOCOL], compression=None,  # type: ignore[list-item]
+    async def _connect(self, url: str | None = None) -> ClientConnection:
+        return await connect(url or self.a.url, subprotocols=[SUBPROTOCOL], compression=None,  # type: ignore[list-item]
                              max_size=2**20, open_timeout=10)  # fmt: skip
 
     async def _read(self, conn: Conn) -> None:
@@ -161,7 +163,7 @@ class ResumeLoad:
             old = conns[i]
             cut_at = time.perf_counter()
             self._cut(old)
-            new = Conn(await self._connect())
+            new = Conn(await self._connect(a.resume_url))
             new.reader = asyncio.create_task(self._read(new))
             lines = []
             for st in old.streams.values():
@@ -209,7 +211,7 @@ class ResumeLoad:
 
     async def run(self) -> dict[str, Any]:
         await self.reconnects()
-        memory = await self.detached_memory()
+        memory = await self.detached_memory() if self.a.detach else {}
         return {
             "conns": self.a.conns,
             "streams_per_conn": self.a.streams,
@@ -239,6 +241,7 @@ def main() -> int:
     p.add_argument("--lost", type=int, default=3, help="chunks lost in flight per cut stream")
     p.add_argument("--detach", type=int, default=2000)
     p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--resume-url", help="resume on this node instead (a cluster's other node)")
     a = p.parse_args()
     try:
         import uvloop

@@ -696,20 +696,7 @@ class Bench:
         q = self.quick
         args = ("--drops", "4", "--detach", "100") if q else ("--drops", "40", "--detach", "2000")
         with self.pinned() as cpus, self.server("gateway", name="resume") as srv:
-            argv = [PY, str(BENCH / "resume_load.py"), "--url", srv.url]
-            argv += ["--server-pid", str(srv.pid), *args]
-            r = subprocess.run(
-                argv,
-                cwd=ROOT,
-                env=_env(),
-                capture_output=True,
-                timeout=300,
-                check=False,
-                preexec_fn=_pinned(self._cpus[1] if self._cpus else None),
-            )
-        if r.returncode != 0 or not r.stdout.strip():
-            raise RuntimeError(f"resume_load failed ({r.returncode}): {r.stderr.decode()[-3000:]}")
-        result = dict(json.loads(r.stdout.splitlines()[-1]))
+            result = self.resume_load(srv.url, srv.pid, *args)
         result["cpus"] = cpus
         first, mem = result["cut_to_first_chunk"], result["memory"]
         self.log(
@@ -719,6 +706,22 @@ class Bench:
             f"{mem['kib_per_detached_request']} KiB per detached request ({mem['detached']})"
         )
         return result
+
+    def resume_load(self, url: str, pid: int, *args: str) -> dict[str, Any]:
+        """bench/resume_load.py against the gateway at ``url`` (process ``pid``)."""
+        argv = [PY, str(BENCH / "resume_load.py"), "--url", url, "--server-pid", str(pid), *args]
+        r = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            timeout=300,
+            check=False,
+            preexec_fn=_pinned(self._cpus[1] if self._cpus else None),
+        )
+        if r.returncode != 0 or not r.stdout.strip():
+            raise RuntimeError(f"resume_load failed ({r.returncode}): {r.stderr.decode()[-3000:]}")
+        return dict(json.loads(r.stdout.splitlines()[-1]))
 
     # -- scenario: cluster -----------------------------------------------------------------------
 
@@ -769,6 +772,17 @@ class Bench:
                         timeout=duration + 90,
                     )  # fmt: skip
                     self._log_cancel(label, runs[label])
+                # Resume on the other node (relayed from a), as the resume scenario does on one.
+                drops = ("--drops", "4") if q else ("--drops", "40")
+                resumed = self.resume_load(
+                    a.url, a.pid, "--resume-url", b.url, "--detach", "0", *drops
+                )
+                first = resumed["cut_to_first_chunk"]
+                self.log(
+                    f"  cross-node resume: {resumed['resumed_streams']} streams, cut -> first "
+                    f"relayed chunk p50 {first.get('p50_ms')} p99 {first.get('p99_ms')} ms; gaps "
+                    f"{resumed['gaps']} repeats {resumed['repeats']}"
+                )
             window = ["--warmup", "0.3", "--duration", "0.7"] if q else ["--warmup", "1"]
             window += [] if q else ["--duration", "4"]
             for label, flags in (("throughput_nats_off", ()), ("throughput_nats_on", node)):
@@ -792,6 +806,7 @@ class Bench:
                 "seconds": duration,
             },
             "runs": runs,
+            "cross_node_resume": resumed,
             "cpu_per_chunk_nats_on_vs_off": round(on / off, 3) if on and off else None,
         }
 
@@ -1617,6 +1632,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_f(cl.get('cpu_per_chunk_nats_on_vs_off'))}x.",
             "",
         ]
+        xr = cl.get("cross_node_resume")
+        if xr:
+            first, result = xr["cut_to_first_chunk"], xr["cut_to_resume_result"]
+            lines += [
+                "Cross-node resume: the resume scenario's load on node a, each cut connection's "
+                "streams resumed on node b (which asks over NATS; a relays them).",
+                "",
+                "| streams resumed | cut -> resume_result p50 / p99 ms | cut -> first relayed "
+                "chunk p50 / p99 / max ms | gaps | repeats | not found |",
+                "|---:|---:|---:|---:|---:|---:|",
+                f"| {_f(xr['resumed_streams'])} | {_f(result.get('p50_ms'))} / "
+                f"{_f(result.get('p99_ms'))} | {_f(first.get('p50_ms'))} / "
+                f"{_f(first.get('p99_ms'))} / {_f(first.get('max_ms'))} | {_f(xr['gaps'])} | "
+                f"{_f(xr['repeats'])} | {_f(xr['not_found'])} |",
+                "",
+            ]
     cd = s.get("codec")
     if cd and "results" in cd:
         lines += [

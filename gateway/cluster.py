@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -100,6 +101,31 @@ def record_from_json(body: dict[str, Any]) -> RequestRecord:
     )
 
 
+_SUMMED = ("connections", "active_requests", "requests_total", "requests_per_second")
+_SUMMED_MAPS = ("responses", "cancellations", "tokens", "relays")
+
+
+def _sum_figures(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cluster's totals of the nodes' figures (a peer's malformed figure counts as 0)."""
+
+    def number(value: object) -> float:
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+    totals: dict[str, Any] = {name: 0 for name in _SUMMED}
+    maps: dict[str, dict[str, float]] = {name: {} for name in _SUMMED_MAPS}
+    for figures in nodes:
+        for name in _SUMMED:
+            totals[name] += number(figures.get(name))
+        for name in _SUMMED_MAPS:
+            values = figures.get(name)
+            if isinstance(values, dict):
+                into = maps[name]
+                for key, value in values.items():
+                    into[str(key)] = into.get(str(key), 0) + number(value)
+    totals["requests_per_second"] = round(totals["requests_per_second"], 3)
+    return {**totals, **maps}
+
+
 class Cluster:
     """This node's link to the others."""
 
@@ -129,6 +155,12 @@ class Cluster:
         self.claims_dropped = 0
         self.node_id = node_id
         self.prefix = f"muxgate.{name}"
+        #: This process's own subjects (``<address>.<route>``): answers to its questions and
+        #: relay traffic. One wildcard subscription, routed here by suffix, so that a question
+        #: or a relay costs no subscription of its own (no SUB/UNSUB round through the server).
+        self.address = f"{self.prefix}.node.{secrets.token_hex(8)}"
+        self._routes: dict[str, Callable[[Msg], None]] = {}
+        self._asked = itertools.count(1)
         self.heartbeat_interval = heartbeat_interval
         self.ask_timeout = ask_timeout
         #: Other nodes by id: monotonic time last heard.
@@ -137,11 +169,22 @@ class Cluster:
         self._nc: NatsClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._peers_changed: asyncio.Event | None = None
+        self._beat_heard: asyncio.Event | None = None
+        self._answering: set[asyncio.Task[None]] = set()
         self._link_changed: asyncio.Event | None = None
         #: The handlers of other nodes' questions, set by the registry.
         self.on_cancel: Callable[[RequestKey, CancelReason], CancelStatus] | None = None
         self.on_lookup: Callable[[RequestKey], RequestRecord | None] | None = None
         self.on_bury: Callable[[RequestKey, CancelReason], None] | None = None
+        #: Another node's client resumes a request: the relay hub's answer (gateway/relay.py).
+        self.on_resume: Callable[[RequestKey, dict[str, Any]], Awaitable[dict[str, Any]]] | None
+        self.on_resume = None
+        #: Callbacks for when a node falls silent (by node), or this node's link drops.
+        self._peer_watchers: dict[str, set[Callable[[], None]]] = {}
+        self._link_watchers: set[Callable[[], None]] = set()
+        #: This node's figures, sent with each heartbeat; the peers' last ones, by node.
+        self.summary: Callable[[], dict[str, Any]] | None = None
+        self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # -- life --------------------------------------------------------------------------------
 
@@ -151,8 +194,15 @@ class Cluster:
         async def disconnected() -> None:
             self._set_connected(False)
             log.warning("cluster.disconnected", node=self.node_id)
+            for watcher in list(self._link_watchers):
+                watcher()
 
         async def reconnected() -> None:
+            # Nobody could be heard while this node was away: its peers get three intervals
+            # from now before they count as gone.
+            now = time.monotonic()
+            for node in self.peers:
+                self.peers[node] = now
             self._set_connected(True)
             log.info("cluster.reconnected", node=self.node_id)
 
@@ -171,6 +221,8 @@ class Cluster:
         await nc.subscribe(f"{self.prefix}.lookup", cb=self._answer_lookup)
         await nc.subscribe(f"{self.prefix}.heartbeat", cb=self._heard)
         await nc.subscribe(f"{self.prefix}.bury", cb=self._bury)
+        await nc.subscribe(f"{self.prefix}.resume", cb=self._answer_resume)
+        await nc.subscribe(f"{self.address}.>", cb=self._routed)
         await nc.flush()
         await self._open_owners()
         self._heartbeat = asyncio.create_task(self._beat(), name="muxgate-cluster-heartbeat")
@@ -227,25 +279,99 @@ class Cluster:
             "node_loss_detection": self._owners is not None,
         }
 
+    @property
+    def client(self) -> NatsClient:
+        """The NATS connection (for the relays of gateway/relay.py)."""
+        if self._nc is None:
+            raise RuntimeError("the cluster link is not started")
+        return self._nc
+
+    def route(self, suffix: str, handler: Callable[[Msg], None]) -> str:
+        """Deliver messages on ``<address>.<suffix>`` to ``handler`` (synchronous: it must not
+        hold up the others' messages); returns that subject."""
+        self._routes[suffix] = handler
+        return f"{self.address}.{suffix}"
+
+    def unroute(self, suffix: str) -> None:
+        self._routes.pop(suffix, None)
+
+    async def _routed(self, msg: Msg) -> None:
+        handler = self._routes.get(msg.subject[len(self.address) + 1 :])
+        if handler is not None:
+            handler(msg)
+
+    def watch_peer(self, node: str, on_lost: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_lost`` once ``node`` falls silent (checked every heartbeat interval);
+        returns the function that stops watching."""
+        watchers = self._peer_watchers.setdefault(node, set())
+        watchers.add(on_lost)
+
+        def unwatch() -> None:
+            watchers.discard(on_lost)
+            if not watchers and self._peer_watchers.get(node) is watchers:
+                del self._peer_watchers[node]
+
+        return unwatch
+
+    def watch_link(self, on_lost: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_lost`` each time this node's link to NATS drops."""
+        self._link_watchers.add(on_lost)
+        return lambda: self._link_watchers.discard(on_lost)
+
+    def _check_watched(self) -> None:
+        if not self._peer_watchers or not self.connected:  # (away: every peer is silent)
+            return
+        live = self.live_peers()
+        for node in [n for n in self._peer_watchers if n not in live]:
+            for on_lost in list(self._peer_watchers.pop(node, ())):
+                on_lost()
+
+    def view(self, own: dict[str, Any]) -> dict[str, Any]:
+        """The cluster view of the stats snapshot: this node's figures (``own``) and each live
+        peer's last ones (with their age), and their totals."""
+        now = time.monotonic()
+        live = self.live_peers()
+        for gone in [n for n in self.peer_summaries if n not in live]:
+            del self.peer_summaries[gone]
+        nodes = [{"node": self.node_id, "self": True, "age_ms": 0, **own}]
+        for node in sorted(self.peer_summaries):
+            heard, figures = self.peer_summaries[node]
+            age = round((now - heard) * 1000)
+            nodes.append({"node": node, "self": False, "age_ms": age, **figures})
+        return {
+            "node": self.node_id,
+            "nats": "connected" if self.connected else "disconnected",
+            "nodes": nodes,
+            "totals": {"nodes": len(nodes), **_sum_figures(nodes)},
+        }
+
     def live_peers(self) -> set[str]:
         horizon = time.monotonic() - 3 * self.heartbeat_interval
         return {node for node, seen in self.peers.items() if seen >= horizon}
 
     async def _beat(self) -> None:
-        payload = orjson.dumps({"node": self.node_id})
         while True:
             nc = self._nc
             if nc is not None and self.connected:
+                beat: dict[str, Any] = {"node": self.node_id}
+                if self.summary is not None:
+                    beat["stats"] = self.summary()
                 with contextlib.suppress(Exception):
-                    await nc.publish(f"{self.prefix}.heartbeat", payload)
+                    await nc.publish(f"{self.prefix}.heartbeat", orjson.dumps(beat))
             await asyncio.sleep(self.heartbeat_interval)
+            self._check_watched()
 
     async def _heard(self, msg: Msg) -> None:
-        node = orjson.loads(msg.data).get("node")
+        beat = orjson.loads(msg.data)
+        node = beat.get("node")
         if not isinstance(node, str) or node == self.node_id:
             return
         new = node not in self.live_peers()
-        self.peers[node] = time.monotonic()
+        self.peers[node] = now = time.monotonic()
+        if isinstance(beat.get("stats"), dict):
+            self.peer_summaries[node] = (now, beat["stats"])
+        if self._beat_heard is not None:
+            self._beat_heard.set()
         if new:
             log.info("cluster.peer_seen", node=self.node_id, peer=node)
             if self._peers_changed is not None:
@@ -294,8 +420,10 @@ class Cluster:
                 while not claims.empty():  # what queued meanwhile, in the same turn
                     await nc.publish(prefix + _kv_key(claims.get_nowait()), value)
 
-    async def lost_owner(self, key: RequestKey) -> str | None:
-        """The node that claimed ``key`` if it is gone (not live, not this node); else None."""
+    async def lost_owner(self, key: RequestKey, heard: set[str] | None = None) -> str | None:
+        """The node that claimed ``key`` if it is gone (not live, not this node); else None.
+        With ``heard`` (the nodes that answered a question about ``key``): a claimant still
+        counted live that did not answer is waited for until it would count as gone."""
         if self._owners is None:
             return None
         try:
@@ -303,9 +431,24 @@ class Cluster:
         except Exception:  # not claimed (or expired), or NATS away
             return None
         owner = bytes(entry.value or b"").decode()
-        if not owner or owner == self.node_id or owner in self.live_peers():
+        if not owner or owner == self.node_id:
+            return None
+        if owner not in self.live_peers():
+            return owner
+        # Counted live, but silent on this question: gone if it stays silent (kill -9).
+        if heard is None or owner in heard or not await self.silence_of(owner):
             return None
         return owner
+
+    async def next_beats(self, nodes: set[str]) -> None:
+        """Until each of ``nodes`` has sent a heartbeat after this call (its figures with it):
+        for tests and operators' tools."""
+        since = time.monotonic()
+        while any(self.peers.get(node, 0.0) <= since for node in nodes):
+            if self._beat_heard is None:
+                self._beat_heard = asyncio.Event()
+            self._beat_heard.clear()
+            await self._beat_heard.wait()
 
     async def silence_of(self, node: str) -> bool:
         """Wait until ``node`` would count as gone if unheard since (three heartbeat intervals
@@ -342,6 +485,17 @@ class Cluster:
                 return record_from_json(answer["record"])
         return None
 
+    async def resume(self, key: RequestKey, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The owner's answer to a resume (``resumed`` or ``error``), ``{"status":
+        "not_found"}`` when every live node said so, None when no node could be asked."""
+        answers = await self._ask("resume", key, body)
+        if answers is None:
+            return None
+        for answer in answers:
+            if answer.get("status", "not_found") != "not_found":
+                return answer
+        return {"status": "not_found", "heard": {str(a.get("node")) for a in answers}}
+
     async def _ask(
         self, what: str, key: RequestKey, extra: dict[str, Any]
     ) -> list[dict[str, Any]] | None:
@@ -355,7 +509,7 @@ class Cluster:
         heard: set[str] = set()
         done = asyncio.get_running_loop().create_future()
 
-        async def on_answer(msg: Msg) -> None:
+        def on_answer(msg: Msg) -> None:
             answer = orjson.loads(msg.data)
             answers.append(answer)
             heard.add(answer.get("node", ""))
@@ -363,8 +517,8 @@ class Cluster:
             if (found or expected <= heard) and not done.done():
                 done.set_result(None)
 
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, cb=on_answer)
+        route = f"ask.{next(self._asked)}"
+        inbox = self.route(route, on_answer)
         try:
             body = {"user_id": key.user_id, "request_id": key.request_id, **extra}
             await nc.publish(
@@ -380,8 +534,7 @@ class Cluster:
         except Exception:  # NATS went away meanwhile: this node decides alone
             return None
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            self.unroute(route)
         return answers
 
     # -- answering them ----------------------------------------------------------------------
@@ -418,6 +571,25 @@ class Cluster:
         answer: dict[str, Any] = {"node": self.node_id, "record": None}
         if record is not None:
             answer["record"] = {**record.to_json(), "state": record.state.value}
+        await self._reply(msg, answer)
+
+    async def _answer_resume(self, msg: Msg) -> None:
+        # Answered concurrently: a reconnecting client resumes all its streams at once, and
+        # each answer awaits a subscription (NATS handles one subscription's messages in turn).
+        task = asyncio.get_running_loop().create_task(self._answer_resume_now(msg))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer_resume_now(self, msg: Msg) -> None:
+        body = orjson.loads(msg.data)
+        key = RequestKey(body["user_id"], body["request_id"])
+        answer: dict[str, Any] = {"node": self.node_id, "status": "not_found"}
+        handler = self.on_resume
+        if handler is not None:
+            try:
+                answer = await handler(key, body)
+            except Exception:  # a malformed question: a miss, and the log says why
+                log.exception("cluster.resume_failed", node=self.node_id)
         await self._reply(msg, answer)
 
     async def _reply(self, msg: Msg, answer: dict[str, Any]) -> None:

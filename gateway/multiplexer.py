@@ -17,7 +17,6 @@ from typing import Any
 from protocol import (
     Cancel,
     CancelReason,
-    CancelResult,
     CancelStatus,
     Chat,
     ChatMessage,
@@ -40,6 +39,7 @@ from .observability import GatewayObserver
 from .outbound import Outbound
 from .pipeline import Backend
 from .registry import RequestKey, RequestRegistry
+from .relay import RelayHub, RelayReceiver
 from .request import Request
 from .resume import ResumableRequest, Resumables
 from .tracing import NO_TRACING, Tracing
@@ -66,6 +66,8 @@ class MultiplexerServices:
     resumables: Resumables
     #: Traces (gateway/tracing.py; off: the no-op NO_TRACING).
     tracing: Tracing = NO_TRACING
+    #: In a cluster: resumes of requests that run on another node (gateway/relay.py).
+    relays: RelayHub | None = None
 
 
 class Multiplexer:
@@ -90,6 +92,8 @@ class Multiplexer:
         #: Resumable requests attached here whose output may still be unwritten: detached,
         #: not cancelled, when the connection closes (SPEC.md §5.8).
         self.resumable: set[Request] = set()
+        #: Requests resumed here that run on another node (a cluster), by id.
+        self.relays: dict[str, RelayReceiver] = {}
 
     def error(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
         self.services.observer.errors.labels(code.value).inc()
@@ -120,14 +124,14 @@ class Multiplexer:
         except AuthError as exc:
             self.error(exc.code, exc.message, rid)
             return
-        if len(self.requests) >= services.max_streams:
+        if self._full():
             self.error(
                 ErrorCode.TOO_MANY_STREAMS,
                 f"at most {services.max_streams} concurrent requests per connection",
                 rid,
             )
             return
-        if rid in self.outbound.streams:
+        if rid in self.outbound.streams or rid in self.relays:
             self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active", rid)
             return
         timeout_ms = min(chat.timeout_ms or services.max_timeout_ms, services.max_timeout_ms)
@@ -177,6 +181,13 @@ class Multiplexer:
         # Also when the task ends: one cancelled before its first step never finishes itself.
         task.add_done_callback(partial(self._finished, request))
 
+    def _full(self) -> bool:
+        """Whether the connection runs ``max_streams`` requests (relayed ones included)."""
+        running = len(self.requests)
+        if self.relays:
+            running += sum(1 for relay in self.relays.values() if relay.counts)
+        return running >= self.services.max_streams
+
     def _finished(self, request: Request, _task: object) -> None:
         self.requests.discard(request)
 
@@ -190,6 +201,10 @@ class Multiplexer:
         before this returns (Request.cancel); the result goes with the next write."""
         key = self._cancel_key(cancel)
         if key is None:
+            return
+        relay = self.relays.get(key.request_id)
+        if relay is not None and relay.key == key:  # runs on another node: its owner decides
+            relay.cancel()
             return
         registry = self.services.registry
         status = registry.cancel_now(key, CancelReason.CLIENT)
@@ -218,13 +233,7 @@ class Multiplexer:
         return RequestKey(user, cancel.request_id)
 
     def _cancel_result(self, rid: str, status: CancelStatus) -> None:
-        result = CancelResult(request_id=rid, status=status)
-        stream = self.outbound.streams.get(rid)
-        if stream is not None and stream.finishing:
-            # Lost the race to completion: the result follows the completed response (G1).
-            self.outbound.send_after(stream, result)
-        else:
-            self.outbound.send_control(result)
+        self.outbound.answer_cancel(rid, status)
 
     # -- resume (SPEC.md §5.8) ---------------------------------------------------------------
 
@@ -238,9 +247,23 @@ class Multiplexer:
         except AuthError as exc:
             self.error(exc.code, exc.message, rid)
             return
-        entry = services.resumables.find(RequestKey(user, rid), resume.epoch)
+        key = RequestKey(user, rid)
+        entry = services.resumables.find(key, resume.epoch)
         request = entry.request if entry is not None else None
+        if rid in self.relays:
+            self.error(ErrorCode.DUPLICATE_REQUEST_ID, "request_id is active here", rid)
+            return
         if not isinstance(request, Request):  # unknown, another user's, another epoch: alike
+            if services.relays is not None and rid not in self.outbound.streams:
+                if len(self.relays) >= services.max_streams:  # (each asks every node: bounded)
+                    self.error(
+                        ErrorCode.TOO_MANY_STREAMS,
+                        f"at most {services.max_streams} requests resumed from other nodes",
+                        rid,
+                    )
+                    return
+                self._resume_elsewhere(key, resume)  # perhaps another node's (a cluster)
+                return
             self.outbound.send_control(ResumeResult(request_id=rid, status=ResumeStatus.NOT_FOUND))
             return
         assert entry is not None
@@ -252,7 +275,7 @@ class Multiplexer:
             self.error(ErrorCode.INVALID_FIELD, "after_seq is beyond the last chunk sent", rid)
             return
         running = not request.finished
-        if running and len(self.requests) >= services.max_streams:
+        if running and self._full():
             self.error(
                 ErrorCode.TOO_MANY_STREAMS,
                 f"at most {services.max_streams} concurrent requests per connection",
@@ -260,16 +283,43 @@ class Multiplexer:
             )
             return
         owner = entry.owner
-        moving = isinstance(owner, Multiplexer) and not request.stream.closed
+        moving = owner is not None and not request.stream.closed
         self.outbound.send_control(ResumeResult(request_id=rid, status=ResumeStatus.RESUMED))
         request.reattach(self.outbound, after)
-        if isinstance(owner, Multiplexer):
+        if owner is not None:
             owner.release(request, moved=moving)
         request.set_on_finished(self._request_finished)
         if running:
             self.requests.add(request)
         self.resumable.add(request)
         services.resumables.attached_to(request, self, moved=moving)
+
+    def _resume_elsewhere(self, key: RequestKey, resume: Resume) -> None:
+        """Ask the other nodes for the request (SPEC.md §5.8 across nodes, gateway/relay.py):
+        its owner relays it here, or every node misses (``not_found``). The id is taken on
+        this connection meanwhile."""
+        hub = self.services.relays
+        assert hub is not None
+        receiver = hub.receiver(
+            key,
+            self.outbound,
+            epoch=resume.epoch,
+            after_seq=resume.after_seq,
+            room=not self._full(),
+            on_end=self._relay_ended,
+            cancel_elsewhere=self._cancels_elsewhere,
+        )
+        self.relays[key.request_id] = receiver
+        self.services.track(receiver.start())
+
+    def _relay_ended(self, receiver: RelayReceiver) -> None:
+        if self.relays.get(receiver.key.request_id) is receiver:
+            del self.relays[receiver.key.request_id]
+
+    def _cancels_elsewhere(self, key: RequestKey, count: int) -> None:
+        """Cancels a relay ended without answering: asked of the cluster, one answer each."""
+        for _ in range(count):
+            self.services.track(asyncio.ensure_future(self._cancel_elsewhere(key)))
 
     def forget(self, request: ResumableRequest) -> None:
         """No longer resumable (its grace after the end ran out): nothing kept for it here."""
@@ -307,6 +357,8 @@ class Multiplexer:
         """G7: the connection closed; cancel its requests (their pipelines halt on their own).
         Resumable ones were detached first (:meth:`detach`) and are not among them."""
         self.detach()
+        for relay in list(self.relays.values()):
+            relay.detach()  # its owner detaches it in turn: resumable for its grace
         for request in list(self.requests):
             request.cancel(CancelReason.DISCONNECT)
 

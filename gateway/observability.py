@@ -23,6 +23,7 @@ from .stats import LiveStats
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .relay import RelayHub
     from .request import Request
 
 __all__ = ["GatewayObserver", "configure_logging"]
@@ -142,6 +143,25 @@ class GatewayObserver:
             registry=r,
         )
         dropped.set_function(lambda: float(cluster.claims_dropped))
+
+    def watch_relays(self, relays: RelayHub) -> None:
+        """Resumes across nodes (gateway/relay.py), read at each scrape."""
+        r = self.registry
+        relayed = Gauge(
+            "muxgate_cluster_relays",
+            "Requests relayed between nodes now: sending (run here, client elsewhere) or "
+            "receiving (client here, run elsewhere).",
+            ["direction"],
+            registry=r,
+        )
+        relayed.labels("sending").set_function(lambda: float(len(relays.senders)))
+        relayed.labels("receiving").set_function(lambda: float(len(relays.receivers)))
+        total = Gauge(
+            "muxgate_cluster_relayed",
+            "Requests this node has relayed to another node's client since it started.",
+            registry=r,
+        )
+        total.set_function(lambda: float(relays.relayed))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import protocol
-from protocol import Codec, GatewayMessage, Response
+from protocol import CancelResult, CancelStatus, Codec, GatewayMessage, Response
 
 from .output_queue import (
     COALESCE_AFTER,
@@ -198,6 +198,16 @@ class Outbound:
             self.send_control(message)
         else:
             stream.trailer.append(protocol.encode(message, self.codec))
+
+    def answer_cancel(self, request_id: str, status: CancelStatus) -> None:
+        """Queue a cancel's ``cancel_result``: after the request's response when the request
+        lost the race to its completion (its response is still to be written, G1), else now."""
+        result = CancelResult(request_id=request_id, status=status)
+        stream = self.streams.get(request_id)
+        if stream is not None and stream.finishing:
+            self.send_after(stream, result)
+        else:
+            self.send_control(result)
 
     async def _wait_for_room(self, queue: OutputQueue) -> None:
         """A producer over its cap waits here until the scheduler took its text, or the queue

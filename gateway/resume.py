@@ -27,7 +27,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol import CancelReason, CancelStatus
 
@@ -52,10 +52,16 @@ class ResumableRequest(Protocol):
 
 
 class ResumeOwner(Protocol):
-    """The connection (its multiplexer) a resumable request is attached to."""
+    """Where a resumable request is attached: a connection's multiplexer, or a relay to a
+    connection on another node (gateway/relay.py)."""
 
     def forget(self, request: ResumableRequest) -> None:
         """The request is no longer resumable: drop what was kept for it."""
+        ...
+
+    def release(self, request: Any, *, moved: bool) -> None:
+        """The request was resumed elsewhere; ``moved``: this side still expected more of it
+        (its client is told ``moved``)."""
         ...
 
 

@@ -32,6 +32,7 @@ from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
 from .registry import InMemoryRegistry, RequestRegistry
+from .relay import RelayHub
 from .resume import Resumables
 from .stats import STATS_PATH, FeedSocket, LiveStats, StatsFeed
 from .tracing import Tracing
@@ -132,10 +133,20 @@ class Gateway:
             max_ended=config.resume_retention_count,
             max_detached=config.max_detached,
         )
+        #: In a cluster, resumes across nodes (gateway/relay.py).
+        self.relays = (
+            RelayHub(self.cluster, self.resumables, max_senders=config.max_detached)
+            if self.cluster is not None
+            else None
+        )
         self.stats = LiveStats(lambda: len(self.connections), time.monotonic)
         self.observer = GatewayObserver(self._totals, self.stats)
         if self.cluster is not None:
             self.observer.watch_cluster(self.cluster)
+            self.cluster.summary = self._node_summary
+            if self.relays is not None:
+                self.observer.watch_relays(self.relays)
+            self.stats.cluster_view = lambda: self._cluster_view()
         self.stats_feed = StatsFeed(
             self.stats,
             config.stats_interval_ms / 1000,
@@ -172,6 +183,7 @@ class Gateway:
             max_content_chars=config.max_content_chars,
             resumables=self.resumables,
             tracing=self.tracing,
+            relays=self.relays,
         )
         self.connection_services = ConnectionServices(
             config=config,
@@ -198,6 +210,21 @@ class Gateway:
         self.subprotocols = _SUBPROTOCOLS
 
     # -- bookkeeping -------------------------------------------------------------------------
+
+    def _node_summary(self) -> dict[str, Any]:
+        """This node's figures for the cluster view (gateway/cluster.py)."""
+        relays = self.relays
+        return {
+            **self.stats.summary(),
+            "relays": {
+                "sending": len(relays.senders) if relays is not None else 0,
+                "receiving": len(relays.receivers) if relays is not None else 0,
+            },
+        }
+
+    def _cluster_view(self) -> dict[str, object]:
+        assert self.cluster is not None
+        return self.cluster.view(self._node_summary())
 
     def track(self, task: asyncio.Future[Any]) -> None:
         """Keep a reference to a background task until it ends (and let shutdown await it)."""
@@ -444,6 +471,8 @@ class Gateway:
             tcp.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.relays is not None:  # relayed requests' last messages (cancelled: shutdown)
+            await self.relays.close(grace=max(grace, 1.0))
         self.resumables.close()  # detached requests were cancelled with the others: timers
         if self.cluster is not None:
             await self.cluster.close()

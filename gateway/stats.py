@@ -112,6 +112,11 @@ class LiveStats:
         self._late_tokens: deque[int] = deque(maxlen=LATENCY_WINDOW)
         self._tick_at = self.started
         self._tick_requests = 0
+        self._summary_at = self.started
+        self._summary_requests = 0
+        #: In a cluster: the per-node and cluster view (the snapshot's ``cluster`` key), made
+        #: from this node's :meth:`summary` and its peers' (gateway/cluster.py).
+        self.cluster_view: Callable[[], dict[str, object]] | None = None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -185,6 +190,30 @@ class LiveStats:
                 "p99": _percentile(late, 0.99) if late else None,
                 "max": late[-1] if late else None,
             },
+            **({"cluster": self.cluster_view()} if self.cluster_view is not None else {}),
+        }
+
+    def summary(self) -> dict[str, object]:
+        """This node's figures for the others' cluster view (sent with each heartbeat, about
+        half a kilobyte): counts, and the rate since the previous summary."""
+        now = self._clock()
+        elapsed = now - self._summary_at
+        rate = (self.requests_total - self._summary_requests) / elapsed if elapsed > 0 else 0.0
+        self._summary_at, self._summary_requests = now, self.requests_total
+        latencies = sorted(self._latencies)
+        return {
+            "connections": self._connections(),
+            "active_requests": self.requests_total - sum(self.responses.values()),
+            "requests_total": self.requests_total,
+            "requests_per_second": round(rate, 3),
+            "responses": dict(self.responses),
+            "cancellations": dict(self.cancellations),
+            "cancel_latency_ms": {
+                "count": len(latencies),
+                "p50": round(_percentile(latencies, 0.50), 3) if latencies else None,
+                "p99": round(_percentile(latencies, 0.99), 3) if latencies else None,
+            },
+            "tokens": dict(self.tokens),
         }
 
     def tick(self) -> bytes:

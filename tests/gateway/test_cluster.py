@@ -442,3 +442,35 @@ async def test_random_cancels_from_every_node_keep_g1_to_g4_cluster_wide(seed: i
                 assert response.status is ResponseStatus.CANCELLED
                 assert said[0] == "cancelled"
                 assert set(said[1:]) <= {"already_cancelled"}, (rid, how, said)
+
+
+async def test_every_nodes_stats_carry_the_cluster_view_and_its_totals() -> None:
+    """The dashboard's cluster view: each node's snapshot lists every live node's figures
+    (sent with the heartbeats) and the cluster's totals; a single node has no such key."""
+    async with cluster() as (a, b, c):
+        async with WireClient.open(a.url) as on_a, WireClient.open(b.url) as on_b:
+            await on_a.chat("r1", metadata=QUICK)
+            await on_b.chat("r2", metadata=QUICK)
+            await on_b.chat("r3", metadata=QUICK)
+            await on_a.response("r1")
+            await on_b.response("r2")
+            await on_b.response("r3")
+            assert c.cluster is not None
+            await c.cluster.next_beats({"node-0", "node-1"})
+            view = (await http("GET", f"{c.http_url}/v1/stats")).json()["cluster"]
+        assert (view["node"], view["nats"]) == ("node-2", "connected")
+        by_node = {n["node"]: n for n in view["nodes"]}
+        assert [n["node"] for n in view["nodes"]] == ["node-2", "node-0", "node-1"]
+        assert by_node["node-2"]["self"] is True
+        assert by_node["node-0"]["self"] is False
+        assert (by_node["node-0"]["requests_total"], by_node["node-1"]["requests_total"]) == (1, 2)
+        assert by_node["node-1"]["responses"]["completed"] == 2
+        assert by_node["node-0"]["connections"] == 1
+        assert by_node["node-2"]["relays"] == {"sending": 0, "receiving": 0}
+        assert 0 <= by_node["node-1"]["age_ms"] < 3000
+        totals = view["totals"]
+        assert (totals["nodes"], totals["requests_total"]) == (3, 3)
+        assert totals["responses"]["completed"] == 3
+        assert totals["connections"] == 2
+    async with running_gateway() as single:
+        assert "cluster" not in (await http("GET", f"{single.http_url}/v1/stats")).json()

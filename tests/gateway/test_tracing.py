@@ -31,6 +31,7 @@ from gateway.server import Gateway
 from protocol import CancelReason, CancelStatus, ResponseStatus
 
 from .conftest import running_gateway
+from .http_client import http
 from .wire import WireClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,3 +328,46 @@ async def test_no_trace_no_headers(exporter: InMemorySpanExporter) -> None:
         msg = SimpleNamespace(data=nc.published[0]["payload"], headers=None, reply="")
         await cluster._answer_cancel(msg)  # type: ignore[arg-type]
     assert not exporter.get_finished_spans()
+
+
+async def test_one_trace_across_two_real_nodes(exporter: InMemorySpanExporter) -> None:
+    """A chat on node a in the client's trace, cancelled by a DELETE on node b carrying the same
+    ``traceparent``: b's ask, a's answer over NATS and the request's span are one trace."""
+    from .test_cluster import NATS_SERVER, nats_server
+
+    if NATS_SERVER is None:
+        pytest.skip("nats-server not installed (extra 'cluster')")
+    async with (
+        nats_server() as server,
+        running_gateway(
+            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="a",
+            cluster_heartbeat_ms=100,
+        ) as a,
+        running_gateway(
+            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="b",
+            cluster_heartbeat_ms=100,
+        ) as b,
+        WireClient.open(a.url) as client,
+    ):  # fmt: skip
+        assert b.cluster is not None
+        async with asyncio.timeout(10):
+            await b.cluster.wait_for_peers(1)
+        metadata = {"tokens": 100_000, "token_delay_ms": 5, "traceparent": TRACEPARENT}
+        await client.chat("r1", metadata=metadata)
+        await client.chunks("r1", 2)
+        answer = await http("DELETE", f"{b.http_url}/v1/requests/r1", {"traceparent": TRACEPARENT})
+        assert answer.json()["status"] == "cancelled"
+        await client.response("r1")
+        request = await _request_span(exporter, "r1")
+    (ask,) = [s for s in exporter.get_finished_spans() if s.name == "muxgate.cancel"]
+    (reply,) = _spans(exporter, "muxgate.cluster.answer_cancel")
+    for span in (request, ask, reply):
+        assert span.context is not None
+        assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert (ask.attributes or {})["muxgate.node_id"] == "b"
+    assert (reply.attributes or {})["muxgate.node_id"] == "a"
+    assert (request.attributes or {})["muxgate.node_id"] == "a"
+    assert (request.attributes or {})["muxgate.cancel_reason"] == "api"
+    assert reply.parent is not None
+    assert ask.context is not None
+    assert reply.parent.span_id == ask.context.span_id
