@@ -2,11 +2,14 @@
  * The live dashboard: connections and active streams, requests per second, cancellations by
  * reason, cancel latency, where cancels landed (the kind of step the pipeline halted at), the
  * time until the pipeline (the model) stopped after a cancel, tokens generated after cancels,
- * tokens used and saved. It updates from the gateway's stats feed over a WebSocket (no page
- * reload); the time series are uPlot charts over the last five minutes.
+ * tokens used and saved; in a cluster, every node's figures and their totals. It updates from
+ * the gateway's stats feed over a WebSocket (no page reload); the time series are uPlot charts
+ * over the last five minutes.
  */
 import { useEffect, useState } from "react";
 import { BarChart, TimeChart } from "./charts";
+import { ClusterPanel } from "./ClusterPanel";
+import { fmt } from "./format";
 import { LATE_TOKEN_BUCKETS, STEP_KINDS, type Stats, StatsHistory, WINDOW_S, statsUrl, subscribeStats } from "./stats";
 
 function Card({ label, value, id }: { label: string; value: string | number; id: string }) {
@@ -19,9 +22,6 @@ function Card({ label, value, id }: { label: string; value: string | number; id:
     </div>
   );
 }
-
-const fmt = (v: number | null | undefined, digits = 0) =>
-  v === null || v === undefined ? "—" : v.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
 
 const BLUE = "#1f6feb";
 const RED = "#cf222e";
@@ -90,6 +90,7 @@ export function Dashboard() {
               <Card label="tokens saved" value={fmt(stats.tokens.saved)} id="tokens-saved" />
               <Card label="uptime s" value={fmt(stats.uptime_s)} id="uptime" />
             </div>
+            <ClusterPanel cluster={stats.cluster} />
             <div className="grid">
               <div className="panel">
                 <h2>Traffic ({WINDOW})</h2>

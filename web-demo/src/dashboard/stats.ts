@@ -46,6 +46,136 @@ export interface Stats {
   /** Cancel read -> pipeline halted (the model stopped). */
   halt_latency_ms?: LatencySummary & { p90: number | null };
   tokens_after_cancel?: TokensAfterCancel;
+  /** Only when the gateway runs as one node of a cluster (over NATS); see `readSnapshot`. */
+  cluster?: Cluster;
+}
+
+// The cluster view (gateway/cluster.py). Part of it is other nodes' figures, relayed as they
+// sent them (a peer may run another version): every field is read by `parseCluster`, and a
+// figure that is missing or not a number is null (shown "—"), not 0, which would be a claim.
+
+/** The figures every node sends, and the cluster sums. */
+export interface ClusterFigures {
+  connections: number | null;
+  active_requests: number | null;
+  requests_total: number | null;
+  requests_per_second: number | null;
+  /** By status: completed, cancelled, failed, and any other status the gateway counts. */
+  responses: Record<string, number>;
+  /** By reason: client, api, timeout, disconnect, shutdown. */
+  cancellations: Record<string, number>;
+  tokens: { input: number | null; output: number | null; saved: number | null };
+  /** Requests this node runs for clients on other nodes (sending), and the reverse. */
+  relays: { sending: number | null; receiving: number | null };
+}
+
+export interface ClusterNode extends ClusterFigures {
+  node: string;
+  /** The node serving this page (the one the stats feed comes from). */
+  self: boolean;
+  /** How old its figures are: 0 for this node, the time since its last heartbeat for a peer. */
+  age_ms: number | null;
+  cancel_latency_ms: { count: number | null; p50: number | null; p99: number | null };
+}
+
+export interface Cluster {
+  /** This node's id. */
+  node: string;
+  /** This node's link to NATS; anything but "connected" is read as "disconnected". */
+  nats: "connected" | "disconnected";
+  /** This node first, then the live peers in the gateway's order (by id). */
+  nodes: ClusterNode[];
+  totals: ClusterFigures & { nodes: number | null };
+}
+
+/**
+ * A peer's figures older than this are stale. Nodes send theirs with each heartbeat (every
+ * second by default) and a node unheard for three intervals counts as gone: a row this old is
+ * a node that has missed its last heartbeats, about to leave the view.
+ */
+export const STALE_AFTER_MS = 3000;
+
+export function isStale(node: ClusterNode): boolean {
+  return node.age_ms === null || node.age_ms > STALE_AFTER_MS; // an unknown age vouches for nothing
+}
+
+type Json = Record<string, unknown>;
+
+const object = (v: unknown): Json | undefined =>
+  typeof v === "object" && v !== null && !Array.isArray(v) ? (v as Json) : undefined;
+
+const number = (v: unknown): number | null => (typeof v === "number" && Number.isFinite(v) ? v : null);
+
+/** A string -> number map, keeping the entries that are numbers. */
+function counts(v: unknown): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [key, n] of Object.entries(object(v) ?? {})) if (number(n) !== null) out[key] = n as number;
+  return out;
+}
+
+function figures(f: Json): ClusterFigures {
+  const tokens = object(f.tokens) ?? {};
+  const relays = object(f.relays) ?? {};
+  return {
+    connections: number(f.connections),
+    active_requests: number(f.active_requests),
+    requests_total: number(f.requests_total),
+    requests_per_second: number(f.requests_per_second),
+    responses: counts(f.responses),
+    cancellations: counts(f.cancellations),
+    tokens: { input: number(tokens.input), output: number(tokens.output), saved: number(tokens.saved) },
+    relays: { sending: number(relays.sending), receiving: number(relays.receiving) },
+  };
+}
+
+function clusterNode(v: unknown, self: string): ClusterNode | undefined {
+  const n = object(v);
+  if (n === undefined || typeof n.node !== "string" || !n.node) return undefined; // a row needs its id
+  const latency = object(n.cancel_latency_ms) ?? {};
+  return {
+    node: n.node,
+    self: typeof n.self === "boolean" ? n.self : n.node === self,
+    age_ms: number(n.age_ms),
+    ...figures(n),
+    cancel_latency_ms: { count: number(latency.count), p50: number(latency.p50), p99: number(latency.p99) },
+  };
+}
+
+/**
+ * Reads the snapshot's `cluster` key: undefined when it is absent (a single node) or is not
+ * an object naming this node; otherwise every part is checked, malformed node entries (and
+ * repeats of a node) are dropped, and this node is put first whatever the order received.
+ */
+export function parseCluster(v: unknown): Cluster | undefined {
+  const c = object(v);
+  if (c === undefined || typeof c.node !== "string" || !c.node) return undefined;
+  const self = c.node;
+  const nodes: ClusterNode[] = [];
+  for (const entry of Array.isArray(c.nodes) ? c.nodes : []) {
+    const n = clusterNode(entry, self);
+    if (n !== undefined && !nodes.some((m) => m.node === n.node)) nodes.push(n);
+  }
+  nodes.sort((a, b) => Number(b.self) - Number(a.self)); // stable: the peers keep their order
+  const totals = object(c.totals) ?? {};
+  return {
+    node: self,
+    nats: c.nats === "connected" ? "connected" : "disconnected",
+    nodes,
+    totals: { nodes: number(totals.nodes), ...figures(totals) },
+  };
+}
+
+/**
+ * One frame of the feed, or undefined if it is not a snapshot. The single-node figures are
+ * used as they come, as before; the `cluster` key is replaced by what `parseCluster` reads
+ * (or dropped), so the page never meets a malformed one.
+ */
+export function readSnapshot(data: unknown): Stats | undefined {
+  const s = object(data);
+  if (s === undefined || s.type !== "stats") return undefined;
+  const { cluster, ...rest } = s;
+  const parsed = parseCluster(cluster);
+  return (parsed === undefined ? rest : { ...rest, cluster: parsed }) as unknown as Stats;
 }
 
 export function statsUrl(loc: { protocol: string; host: string } = location): string {
@@ -71,8 +201,8 @@ export function subscribeStats(
     ws.onmessage = (ev) => {
       if (typeof ev.data !== "string") return;
       try {
-        const data = JSON.parse(ev.data) as Stats;
-        if (data.type === "stats") onStats(data);
+        const data = readSnapshot(JSON.parse(ev.data));
+        if (data !== undefined) onStats(data);
       } catch {
         /* not a snapshot: ignore */
       }
