@@ -89,8 +89,13 @@ RELAY_WINDOW = 128
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
-def _envelope(done: bool, parts: list[bytes]) -> bytes:
-    return _pack([done, *parts])
+#: An envelope's first item: more will come; the relay is over; the owner lost the relay (its
+#: link to NATS dropped: what it sent meanwhile may be lost), resume again.
+MORE, DONE, LOST = 0, 1, 2
+
+
+def _envelope(state: int, parts: list[bytes]) -> bytes:
+    return _pack([state, *parts])
 
 
 def _lost_response(request_id: str, code: str, message: str) -> Response:
@@ -115,8 +120,13 @@ class RelayHub:
         max_senders: int = 10_000,
         window: int = RELAY_WINDOW,
         rejoin_timeout: float = 10.0,
+        stall_timeout: float = 40.0,
     ) -> None:
         self.cluster = cluster
+        #: How long an owner waits for a receiver's acknowledgement (its window full) before it
+        #: takes the receiver for gone: longer than a connection's slow-consumer timeout, so
+        #: that the receiver's own watchdog, which knows its client, decides first.
+        self.stall_timeout = stall_timeout
         self.resumables = resumables
         self.max_senders = max_senders
         self.window = window
@@ -165,7 +175,7 @@ class RelayHub:
     def _link_lost(self) -> None:
         """This node's link to NATS dropped: every relay is broken both ways."""
         for sender in list(self.senders):
-            sender.lost("nats link lost")
+            sender.lost("nats link lost", tell=True)
         for receiver in list(self.receivers):
             receiver.link_lost()
 
@@ -327,9 +337,14 @@ class RelaySender:
         self._wake.set()
 
     async def _send(self, message: bytes) -> None:
-        while not self._writable() and not self.closed:
-            self._room.clear()
-            await self._room.wait()
+        try:
+            async with asyncio.timeout(self.hub.stall_timeout):
+                while not self._writable() and not self.closed:
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:  # acknowledgements stopped (a lost message, a receiver gone)
+            self.lost("no acknowledgement", tell=True)
+            return
         self._write(message)
 
     async def _run(self) -> None:
@@ -341,13 +356,13 @@ class RelaySender:
                 self._wake.clear()
                 if self._buffer:
                     parts, self._buffer = self._buffer, []
-                    await nc.publish(self._out, _envelope(False, parts))
+                    await nc.publish(self._out, _envelope(MORE, parts))
                 if self._ending and not self._buffer:
                     await self.outbound.flushed()  # its last messages, written here
                     if self._buffer:
                         self._wake.set()
                         continue
-                    await nc.publish(self._out, _envelope(True, []))
+                    await nc.publish(self._out, _envelope(DONE, []))
                     return
         except Exception as exc:  # NATS gone: the receiver will know by itself
             log.warning("relay.publish_failed", request_id=self.key.request_id,
@@ -397,13 +412,24 @@ class RelaySender:
         self._ending = True
         self._wake.set()
 
-    def lost(self, why: str) -> None:
-        """The receiver cannot be reached: the request goes on detached (its grace)."""
+    def lost(self, why: str, *, tell: bool = False) -> None:
+        """The relay is broken: the request goes on detached (its grace). ``tell``: the
+        receiver may still be there (this node's link dropped, or acknowledgements stopped):
+        it is told, once the link is back, to resume the request again."""
         if self.closed:
             return
         log.info("relay.lost", request_id=self.key.request_id, peer=self.peer, detail=why)
         self._detach()
         self.hub.spawn(self.close())
+        if tell:
+            self.hub.spawn(self._tell_lost())
+
+    async def _tell_lost(self) -> None:
+        cluster = self.hub.cluster
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.hub.rejoin_timeout):
+                await cluster.wait_connected(True)
+                await cluster.client.publish(self._out, _envelope(LOST, []))
 
     def _detach(self) -> None:
         """As :meth:`Multiplexer.detach` for one request: its output into the void, its
@@ -474,7 +500,10 @@ class RelayReceiver:
         self.open = False
         self.ended = False
         #: What the client has: the last chunk's ``seq``, the ``resume_result``, the end.
+        #: The last chunk received in order (written, or held back after a cancel) and the
+        #: last one written: a relay that breaks is resumed again after the latter.
         self.last_seq = after_seq
+        self.written_seq = after_seq
         self._resumed = False
         self.terminal = False
         self._usage = False
@@ -542,7 +571,7 @@ class RelayReceiver:
         try:
             answer = await cluster.resume(
                 self.key,
-                {"epoch": self.epoch, "after_seq": self.last_seq, "codec": self.codec.value,
+                {"epoch": self.epoch, "after_seq": self.written_seq, "codec": self.codec.value,
                  "token": token, "node": cluster.node_id, "address": cluster.address,
                  "room": self.room or again},
             )  # fmt: skip
@@ -580,14 +609,21 @@ class RelayReceiver:
             for _ in range(self.unanswered):  # read before the owner took it (or lost)
                 await self._tell({"op": "cancel"})
             while (data := await inbox.get()) is not None:
-                done, *parts = msgpack.unpackb(data)
-                if parts:
-                    await self._forward(parts)
-                if done:
+                state, *parts = msgpack.unpackb(data)
+                if parts and not await self._forward(parts):
+                    # A gap: an envelope was lost on the way. Resumed again from the last
+                    # chunk written; the owner detaches the request meanwhile.
+                    log.warning("relay.gap", request_id=rid, after_seq=self.written_seq)
+                    await self._tell({"op": "detach"})
+                    break
+                if state == DONE:
                     self._end()
                     return False
+                if state == LOST:
+                    break
             if self._held:  # not written: they come again with the next relay
                 self._held = []
+            self.last_seq = self.written_seq
             return True
         finally:
             self._inbox = None
@@ -603,23 +639,30 @@ class RelayReceiver:
         self.outbound.send_control(ResumeResult(request_id=rid, status=ResumeStatus.NOT_FOUND))
         self._end()
 
-    async def _forward(self, parts: list[bytes]) -> None:
+    async def _forward(self, parts: list[bytes]) -> bool:
         """Write the owner's messages (a cancel read meanwhile holds chunks back, G2; what the
-        client has is dropped); ack them once written, so the owner sends on."""
+        client has is dropped); ack them once written, so the owner sends on. False: a chunk
+        is missing before one of them (what came before it is written)."""
         out: list[bytes] = []
         consumed = 0
+        whole = True
         for part in parts:
             message = protocol.decode_one(part, self.codec, Sender.GATEWAY)
             held = self._held
             if isinstance(message, Chunk | Step):
                 if isinstance(message, Chunk):
-                    if self.last_seq is not None and message.seq <= self.last_seq:
+                    last = -1 if self.last_seq is None else self.last_seq
+                    if message.seq <= last:
                         consumed += 1  # the client has it (a second relay's replay)
                         continue
+                    if message.seq != last + 1:
+                        whole = False
+                        break
                     self.last_seq = message.seq
                 if held is not None:
                     held.append(part)
                     continue
+                self.written_seq = self.last_seq
             elif isinstance(message, ResumeResult):
                 if self._resumed:  # the client has one
                     consumed += 1
@@ -633,6 +676,7 @@ class RelayReceiver:
                 if held is not None:
                     if message.status is not ResponseStatus.CANCELLED:
                         out.extend(held)  # it completed (or failed) first: all of it
+                        self.written_seq = self.last_seq
                     consumed += len(held)
                     self._held = None
             elif isinstance(message, UsageReport):
@@ -651,7 +695,9 @@ class RelayReceiver:
             self.outbound.send_control(*out, on_sent=self._wrote.set)
             await self._wrote.wait()  # on the client's socket (or the relay closed)
         self._written += consumed
-        await self._tell({"op": "ack", "n": self._written})
+        if whole:
+            await self._tell({"op": "ack", "n": self._written})
+        return whole
 
     async def _tell(self, body: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):

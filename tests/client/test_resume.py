@@ -56,10 +56,12 @@ ENDLESS = {"tokens": 100_000, "token_delay_ms": 5, "plan_ms": 0, "tool_ms": 0}
 
 
 class CutProxy:
-    """A TCP proxy to ``upstream`` that the test can cut, hold and refuse (see the module)."""
+    """A TCP proxy to ``upstream`` that the test can cut, hold and refuse (see the module).
+    With several upstreams, each new connection goes to the next (a round-robin front)."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
+    def __init__(self, upstream_host: str, *upstream_ports: int) -> None:
+        self.upstreams = [(upstream_host, port) for port in upstream_ports]
+        self._turn = 0
         self.port = 0
         self.accepted = 0  # connections accepted from the SDK
         self.cuts = 0
@@ -76,8 +78,14 @@ class CutProxy:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def to(cls, gw: Gateway) -> AsyncIterator[CutProxy]:
-        proxy = cls("127.0.0.1", gw.port)
+    async def to(cls, *gateways: Gateway) -> AsyncIterator[CutProxy]:
+        async with cls.to_ports(*(gw.port for gw in gateways)) as proxy:
+            yield proxy
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def to_ports(cls, *ports: int) -> AsyncIterator[CutProxy]:
+        proxy = cls("127.0.0.1", *ports)
         proxy._server = await asyncio.start_server(proxy._serve, "127.0.0.1", 0)
         proxy.port = proxy._server.sockets[0].getsockname()[1]
         try:
@@ -149,7 +157,9 @@ class CutProxy:
             self.held += 1
             await self._notify()
             await self._released.wait()
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        upstream = self.upstreams[self._turn % len(self.upstreams)]
+        self._turn += 1
+        up_reader, up_writer = await asyncio.open_connection(*upstream)
         self.accepted += 1
         pair = _Pair(writer, up_writer)
         self._pairs.append(pair)

@@ -347,3 +347,36 @@ async def test_random_drops_resumes_and_cancels_over_three_nodes_keep_every_stre
                 while node.relays.senders:
                     await next(iter(node.relays.senders)).wait_closed()
             assert not node.relays.receivers
+
+
+async def test_the_owner_losing_its_nats_link_alone_costs_the_relayed_stream_nothing() -> None:
+    """Only the owner's link to NATS drops (cut under it; it reconnects by itself): what it
+    relayed meanwhile may be lost, so once back it tells the resuming node, which resumes the
+    request again from the last chunk it wrote: one stream, no gap, one end."""
+    from tests.client.test_resume import CutProxy
+
+    async with nats_server() as server, CutProxy.to_ports(server.port) as link:
+        heartbeats = {"cluster_heartbeat_ms": 500}  # (a reconnects within three beats)
+        async with (
+            running_gateway(nats_url=f"nats://127.0.0.1:{link.port}", node_id="a", **heartbeats)
+            as a,
+            running_gateway(nats_url=server.url, node_id="b", **heartbeats) as b,
+        ):  # fmt: skip
+            assert a.cluster is not None
+            assert b.cluster is not None
+            async with asyncio.timeout(10):
+                await b.cluster.wait_for_peers(1)
+            first = await detached(a, chunks=2, metadata=LONG)
+            assert first.resumable is not None
+            async with WireClient.open(b.url) as on_b:
+                second = await on_b.resume("r1", first.resumable.epoch, last_seq(first))
+                await on_b.chunks("r1", 3)
+                link.cut()
+                async with asyncio.timeout(10):
+                    await a.cluster.wait_connected(False)
+                    await a.cluster.wait_connected(True)
+                response = await on_b.response("r1", timeout=30)
+            assert a.relays is not None
+            assert a.relays.relayed == 2  # resumed again after the owner's link came back
+        assert response.status is ResponseStatus.COMPLETED
+        assert joined(first, second) == response.content
