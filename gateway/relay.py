@@ -499,11 +499,11 @@ class RelayReceiver:
         #: The owner accepted (its ``resume_result`` may still be on its way).
         self.open = False
         self.ended = False
-        #: What the client has: the last chunk's ``seq``, the ``resume_result``, the end.
-        #: The last chunk received in order (written, or held back after a cancel) and the
+        #: What the client has. The last chunk received in order (written, or held back after a cancel) and the
         #: last one written: a relay that breaks is resumed again after the latter.
         self.last_seq = after_seq
         self.written_seq = after_seq
+        #: ... and whether it has the ``resume_result``, the response, the usage report.
         self._resumed = False
         self.terminal = False
         self._usage = False

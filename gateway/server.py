@@ -135,7 +135,12 @@ class Gateway:
         )
         #: In a cluster, resumes across nodes (gateway/relay.py).
         self.relays = (
-            RelayHub(self.cluster, self.resumables, max_senders=config.max_detached)
+            RelayHub(
+                self.cluster,
+                self.resumables,
+                max_senders=config.max_detached,
+                stall_timeout=config.slow_consumer_timeout + 10,
+            )
             if self.cluster is not None
             else None
         )

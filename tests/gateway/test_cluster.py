@@ -105,22 +105,32 @@ async def nats_server() -> AsyncIterator[NatsServer]:
 
 
 @contextlib.asynccontextmanager
-async def cluster(size: int = 3, **settings: Any) -> AsyncIterator[list[Gateway]]:
-    """``size`` gateways joined over one NATS server; yields once each knows the others."""
-    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
-        url = server.url
+async def nodes_on(url: str, *names: str, **settings: Any) -> AsyncIterator[list[Gateway]]:
+    """Gateways named ``names`` joined over the NATS at ``url`` (heartbeats every 100 ms);
+    yields once each knows the others."""
+    async with contextlib.AsyncExitStack() as stack:
         nodes = [
             await stack.enter_async_context(
                 running_gateway(
-                    nats_url=url, node_id=f"node-{i}", cluster_heartbeat_ms=100, **settings
+                    nats_url=url, node_id=name, **{"cluster_heartbeat_ms": 100, **settings}
                 )
             )
-            for i in range(size)
+            for name in names
         ]
         async with asyncio.timeout(10):
             for node in nodes:
                 assert node.cluster is not None
-                await node.cluster.wait_for_peers(size - 1)
+                await node.cluster.wait_for_peers(len(names) - 1)
+        yield nodes
+
+
+@contextlib.asynccontextmanager
+async def cluster(size: int = 3, **settings: Any) -> AsyncIterator[list[Gateway]]:
+    """``size`` gateways (``node-0``...) joined over one NATS server of their own."""
+    async with (
+        nats_server() as server,
+        nodes_on(server.url, *(f"node-{i}" for i in range(size)), **settings) as nodes,
+    ):
         yield nodes
 
 
@@ -259,17 +269,29 @@ async def serve_node(
         await proc.wait()
 
 
+@contextlib.asynccontextmanager
+async def beside_a_process(
+    name: str, process: str
+) -> AsyncIterator[tuple[Gateway, asyncio.subprocess.Process, str]]:
+    """A gateway ``name`` in this process and a node ``process`` in a process of its own (to be
+    killed), joined over a NATS server of their own: yields the gateway, the process and its
+    WebSocket URL once they know each other."""
+    async with (
+        nats_server() as server,
+        nodes_on(server.url, name) as (gw,),
+        serve_node(server.url, process) as (proc, url),
+    ):
+        assert gw.cluster is not None
+        async with asyncio.timeout(10):
+            await gw.cluster.wait_for_peers(1)
+        yield gw, proc, url
+
+
 async def test_a_killed_nodes_requests_answer_failed_node_lost_from_the_others() -> None:
     """kill -9 of the node that runs a stream: within three heartbeats the other nodes know,
     and GET says failed (node_lost), a cancel already_completed — never an eternal running."""
-    async with (
-        nats_server() as server,
-        running_gateway(nats_url=server.url, node_id="b", cluster_heartbeat_ms=100) as b,
-        serve_node(server.url, "a") as (node_a, a_url),
-    ):
+    async with beside_a_process("b", "a") as (b, node_a, a_url):
         assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await b.cluster.wait_for_peers(1)
         async with WireClient.open(a_url) as client:
             await client.chat("r1", metadata={"tokens": 100_000, "token_delay_ms": 20})
             await client.chunks("r1", 2)
@@ -289,17 +311,9 @@ async def test_a_killed_nodes_requests_answer_failed_node_lost_from_the_others()
 
 
 async def test_nats_gone_each_node_serves_its_own_says_so_and_rejoins_by_itself() -> None:
-    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
-        a, b = [
-            await stack.enter_async_context(
-                running_gateway(nats_url=server.url, node_id=name, cluster_heartbeat_ms=100)
-            )
-            for name in ("a", "b")
-        ]
+    async with nats_server() as server, nodes_on(server.url, "a", "b") as (a, b):
         assert a.cluster is not None
         assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await a.cluster.wait_for_peers(1)
         health = (await http("GET", f"{a.http_url}/healthz")).json()
         assert health["cluster"] == {
             "node": "a",

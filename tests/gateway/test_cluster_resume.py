@@ -21,7 +21,13 @@ from protocol import (
 )
 from tests.gateway.conftest import running_gateway
 from tests.gateway.http_client import http
-from tests.gateway.test_cluster import NATS_SERVER, cluster, nats_server, serve_node
+from tests.gateway.test_cluster import (
+    NATS_SERVER,
+    beside_a_process,
+    cluster,
+    nats_server,
+    nodes_on,
+)
 from tests.gateway.test_resume import Requests, detached, drop, joined, kept, last_seq
 from tests.gateway.wire import Track, WireClient
 
@@ -185,14 +191,8 @@ async def test_misses_and_refusals_across_nodes_answer_as_on_one_node() -> None:
 
 
 async def test_the_owner_killed_mid_relay_ends_the_stream_failed_node_lost() -> None:
-    async with (
-        nats_server() as server,
-        running_gateway(nats_url=server.url, node_id="b", cluster_heartbeat_ms=100) as b,
-        serve_node(server.url, "a") as (node_a, a_url),
-    ):
+    async with beside_a_process("b", "a") as (b, node_a, a_url):
         assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await b.cluster.wait_for_peers(1)
         async with WireClient.open(a_url) as first, WireClient.open(b.url) as second:
             track = await first.chat("r1", resumable=True, metadata=ENDLESS)
             await first.chunks("r1", 2)
@@ -215,14 +215,8 @@ async def test_the_owner_killed_mid_relay_ends_the_stream_failed_node_lost() -> 
 
 
 async def test_a_resume_after_the_owner_died_answers_failed_node_lost() -> None:
-    async with (
-        nats_server() as server,
-        running_gateway(nats_url=server.url, node_id="b", cluster_heartbeat_ms=100) as b,
-        serve_node(server.url, "a") as (node_a, a_url),
-    ):
+    async with beside_a_process("b", "a") as (b, node_a, a_url):
         assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await b.cluster.wait_for_peers(1)
         async with WireClient.open(a_url) as first:
             track = await first.chat("r1", resumable=True, metadata=ENDLESS)
             await first.chunks("r1", 2)
@@ -239,14 +233,8 @@ async def test_a_resume_after_the_owner_died_answers_failed_node_lost() -> None:
 
 
 async def test_the_resuming_node_killed_leaves_the_request_resumable_on_the_owner() -> None:
-    async with (
-        nats_server() as server,
-        running_gateway(nats_url=server.url, node_id="a", cluster_heartbeat_ms=100) as a,
-        serve_node(server.url, "b") as (node_b, b_url),
-    ):
+    async with beside_a_process("a", "b") as (a, node_b, b_url):
         assert a.cluster is not None
-        async with asyncio.timeout(10):
-            await a.cluster.wait_for_peers(1)
         first = await detached(a, chunks=2, metadata=LONG)
         assert first.resumable is not None
         epoch = first.resumable.epoch
@@ -267,17 +255,9 @@ async def test_the_resuming_node_killed_leaves_the_request_resumable_on_the_owne
 async def test_nats_restarted_mid_relay_the_stream_goes_on_whole() -> None:
     """The broker restarts under a relayed stream: the resuming node resumes it again from the
     last chunk it wrote once the link is back; its client sees one stream, no gap, one end."""
-    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
-        a, b = [
-            await stack.enter_async_context(
-                running_gateway(nats_url=server.url, node_id=name, cluster_heartbeat_ms=100)
-            )
-            for name in ("a", "b")
-        ]
+    async with nats_server() as server, nodes_on(server.url, "a", "b") as (a, b):
         assert a.cluster is not None
         assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await b.cluster.wait_for_peers(1)
         first = await detached(a, chunks=2, metadata=LONG)
         assert first.resumable is not None
         async with WireClient.open(b.url) as on_b:
