@@ -585,11 +585,15 @@ class Cluster:
         key = RequestKey(body["user_id"], body["request_id"])
         answer: dict[str, Any] = {"node": self.node_id, "status": "not_found"}
         handler = self.on_resume
-        if handler is not None:
-            try:
-                answer = await handler(key, body)
-            except Exception:  # a malformed question: a miss, and the log says why
-                log.exception("cluster.resume_failed", node=self.node_id)
+        with self.tracing.remote_span(
+            "muxgate.cluster.answer_resume", msg.headers, **{"muxgate.request_id": key.request_id}
+        ) as span:
+            if handler is not None:
+                try:
+                    answer = await handler(key, body)
+                except Exception:  # a malformed question: a miss, and the log says why
+                    log.exception("cluster.resume_failed", node=self.node_id)
+            span.set("muxgate.resume_status", str(answer.get("status")))
         await self._reply(msg, answer)
 
     async def _reply(self, msg: Msg, answer: dict[str, Any]) -> None:

@@ -308,6 +308,7 @@ class Multiplexer:
             room=not self._full(),
             on_end=self._relay_ended,
             cancel_elsewhere=self._cancels_elsewhere,
+            traceparent=self.traceparent,
         )
         self.relays[key.request_id] = receiver
         self.services.track(receiver.start())

@@ -197,10 +197,11 @@ class RelayHub:
         room: bool,
         on_end: Callable[[RelayReceiver], None],
         cancel_elsewhere: Callable[[RequestKey, int], None],
+        traceparent: str | None = None,
     ) -> RelayReceiver:
         receiver = RelayReceiver(
             self, key, outbound, epoch=epoch, after_seq=after_seq, room=room, on_end=on_end,
-            cancel_elsewhere=cancel_elsewhere,
+            cancel_elsewhere=cancel_elsewhere, traceparent=traceparent,
         )  # fmt: skip
         self.receivers.add(receiver)
         return receiver
@@ -486,9 +487,13 @@ class RelayReceiver:
         room: bool,
         on_end: Callable[[RelayReceiver], None],
         cancel_elsewhere: Callable[[RequestKey, int], None],
+        traceparent: str | None = None,
     ) -> None:
         self.hub = hub
         self.key = key
+        #: The resuming connection's trace (its handshake's ``traceparent``): the question to
+        #: the other nodes, and the owner's answer, are spans of it.
+        self.traceparent = traceparent
         self.outbound = outbound
         self.codec = outbound.codec
         self.epoch = epoch
@@ -499,8 +504,9 @@ class RelayReceiver:
         #: The owner accepted (its ``resume_result`` may still be on its way).
         self.open = False
         self.ended = False
-        #: What the client has. The last chunk received in order (written, or held back after a cancel) and the
-        #: last one written: a relay that breaks is resumed again after the latter.
+        #: What the client has. The last chunk received in order (written, or held back
+        #: after a cancel) and the last one written: a relay that breaks is resumed again
+        #: after the latter.
         self.last_seq = after_seq
         self.written_seq = after_seq
         #: ... and whether it has the ``resume_result``, the response, the usage report.
@@ -569,12 +575,16 @@ class RelayReceiver:
         route = f"out.{token}"
         cluster.route(route, received)
         try:
-            answer = await cluster.resume(
-                self.key,
-                {"epoch": self.epoch, "after_seq": self.written_seq, "codec": self.codec.value,
-                 "token": token, "node": cluster.node_id, "address": cluster.address,
-                 "room": self.room or again},
-            )  # fmt: skip
+            with cluster.tracing.span(
+                "muxgate.resume", traceparent=self.traceparent, **{"muxgate.request_id": rid}
+            ) as span:
+                answer = await cluster.resume(
+                    self.key,
+                    {"epoch": self.epoch, "after_seq": self.written_seq,
+                     "codec": self.codec.value, "token": token, "node": cluster.node_id,
+                     "address": cluster.address, "room": self.room or again},
+                )  # fmt: skip
+                span.set("muxgate.resume_status", answer["status"] if answer else "unasked")
             if answer is None and again:
                 return True
             if answer is None or answer["status"] == "not_found":

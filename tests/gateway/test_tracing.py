@@ -371,3 +371,44 @@ async def test_one_trace_across_two_real_nodes(exporter: InMemorySpanExporter) -
     assert reply.parent is not None
     assert ask.context is not None
     assert reply.parent.span_id == ask.context.span_id
+
+
+async def test_a_resume_on_another_node_joins_the_resuming_connections_trace(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The resuming node's question (``muxgate.resume``, parent: the new connection's
+    handshake ``traceparent``) and the owner's answer are one trace."""
+    from .test_cluster import NATS_SERVER, nats_server
+
+    if NATS_SERVER is None:
+        pytest.skip("nats-server not installed (extra 'cluster')")
+    async with (
+        nats_server() as server,
+        running_gateway(
+            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="a",
+            cluster_heartbeat_ms=100,
+        ) as a,
+        running_gateway(
+            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="b",
+            cluster_heartbeat_ms=100,
+        ) as b,
+    ):  # fmt: skip
+        assert b.cluster is not None
+        async with asyncio.timeout(10):
+            await b.cluster.wait_for_peers(1)
+        async with WireClient.open(a.url) as first:
+            track = await first.chat("r1", resumable=True, metadata={"tokens": 40})
+            epoch = (await first.resumable("r1")).epoch
+            await first.response("r1")
+        headers = {"traceparent": TRACEPARENT}
+        async with WireClient.open(b.url, headers=headers) as second:
+            await second.resume("r1", epoch, track.chunks[-1].seq)
+            await second.response("r1")
+    (ask,) = [s for s in exporter.get_finished_spans() if s.name == "muxgate.resume"]
+    (reply,) = _spans(exporter, "muxgate.cluster.answer_resume")
+    for span in (ask, reply):
+        assert span.context is not None
+        assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert (reply.attributes or {})["muxgate.resume_status"] == "resumed"
+    assert (reply.attributes or {})["muxgate.node_id"] == "a"
+    assert (ask.attributes or {})["muxgate.node_id"] == "b"
