@@ -380,6 +380,16 @@ async def test_the_three_node_example_cancels_through_its_round_robin_front() ->
             assert answer.json()["status"] == "cancelled"
             response = await client.response("r1")
             assert response.reason is CancelReason.API
+        async with WireClient.open(ready["ws"]) as first:  # a resumable stream, cut...
+            track = await first.chat("r2", resumable=True, metadata=SLOW)
+            await first.chunks("r2", 2)
+            epoch = (await first.resumable("r2")).epoch
+            first.abort()
+        async with WireClient.open(ready["ws"]) as again:  # ...resumed on the next node
+            after = await again.resume("r2", epoch, track.chunks[-1].seq)
+            done = await again.response("r2")
+        kept = [c for c in track.chunks if c.seq < after.machine.first_seq]
+        assert "".join(c.text for c in kept + after.chunks) == done.content
         nodes = set()
         for _ in range(3):  # the front's round robin: three connections, three nodes
             health = (await http("GET", f"{ready['http']}/healthz")).json()["cluster"]
