@@ -128,6 +128,10 @@ class Config:
     #: die (by reference count) before any collection sees them. Cycles wait longer: at most
     #: this many objects' worth.
     gc_young_threshold: int = 20_000
+    #: The event loop's lag is sampled every this many milliseconds (gateway/loop_lag.py); a
+    #: lag of at least ``loop_stall_ms`` is a stall: counted, and logged (a warning).
+    loop_lag_interval_ms: int = 100
+    loop_stall_ms: int = 100
     #: The browser demo at ``/`` and ``/dashboard`` (files built into gateway/webui/).
     webui: bool = True
     #: The dashboard feed (``/v1/stats``): one snapshot per interval, to at most this many.
@@ -158,6 +162,8 @@ class Config:
             "max_stats_subscribers",
             "gc_young_threshold",
             "max_operator_stats_subscribers",
+            "loop_lag_interval_ms",
+            "loop_stall_ms",
         )
         for name in _positive:
             if getattr(self, name) < 1:

@@ -23,6 +23,7 @@ from .stats import LiveStats
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .loop_lag import LoopLagMonitor
     from .relay import RelayHub
     from .request import Request
 
@@ -143,6 +144,23 @@ class GatewayObserver:
             registry=r,
         )
         dropped.set_function(lambda: float(cluster.claims_dropped))
+
+    def watch_loop(self, monitor: LoopLagMonitor) -> None:
+        """The event loop's lag (gateway/loop_lag.py): each sample, and each stall."""
+        r = self.registry
+        lag = Histogram(
+            "muxgate_event_loop_lag_seconds",
+            "How late a timer due every loop_lag_interval_ms ran: the event loop's lag.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        stalls = Counter(
+            "muxgate_event_loop_stalls",
+            "Lags of at least loop_stall_ms: something blocked the event loop.",
+            registry=r,
+        )
+        monitor.on_sample = lag.observe
+        monitor.on_stall = lambda _lag: stalls.inc()
 
     def watch_relays(self, relays: RelayHub) -> None:
         """Resumes across nodes (gateway/relay.py), read at each scrape."""

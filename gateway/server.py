@@ -28,6 +28,7 @@ from .cluster import Cluster, ClusterRegistry, default_node_id
 from .config import Config, ConfigError
 from .connection import Channel, Connection, ConnectionServices
 from .http_api import HttpServices, respond, upgrade_refusal
+from .loop_lag import LoopLagMonitor
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
@@ -152,6 +153,12 @@ class Gateway:
             if self.relays is not None:
                 self.observer.watch_relays(self.relays)
             self.stats.cluster_view = lambda: self._cluster_view()
+        self.loop_lag = LoopLagMonitor(
+            interval=config.loop_lag_interval_ms / 1000,
+            stall_threshold=config.loop_stall_ms / 1000,
+        )
+        self.observer.watch_loop(self.loop_lag)
+        self.stats.loop_lag = self.loop_lag.summary
         self.stats_feed = StatsFeed(
             self.stats,
             config.stats_interval_ms / 1000,
@@ -287,6 +294,7 @@ class Gateway:
             raise
         self.started = True
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
+        self.loop_lag.start()
 
     async def _serve(self) -> asyncio.Server:
         config = self.config
@@ -483,6 +491,7 @@ class Gateway:
             await self.cluster.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self.loop_lag.stop()
         if self._owns_tracing and self.tracing.enabled:  # the last spans, exported (blocking)
             await asyncio.to_thread(self.tracing.shutdown)
 

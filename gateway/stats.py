@@ -117,6 +117,8 @@ class LiveStats:
         #: In a cluster: the per-node and cluster view (the snapshot's ``cluster`` key), made
         #: from this node's :meth:`summary` and its peers' (gateway/cluster.py).
         self.cluster_view: Callable[[], dict[str, object]] | None = None
+        #: The event loop's lag (gateway/loop_lag.py): the snapshot's ``loop_lag_ms``.
+        self.loop_lag: Callable[[], dict[str, object]] | None = None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class LiveStats:
                 "p99": _percentile(late, 0.99) if late else None,
                 "max": late[-1] if late else None,
             },
+            **({"loop_lag_ms": self.loop_lag()} if self.loop_lag is not None else {}),
             **({"cluster": self.cluster_view()} if self.cluster_view is not None else {}),
         }
 
