@@ -12,6 +12,7 @@ requests on the connection carry on; ``step`` messages name the agent (kind ``ag
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import statistics
@@ -427,3 +428,42 @@ async def test_clients_are_pooled_per_agent(backend: AgentBackend) -> None:
         await client.response("p3")
         assert backend.agents._agents["slow"].http is first
     assert backend.agents._agents["slow"].http is None  # closed with the gateway
+
+
+@pytest.mark.parametrize("agent", ["slow", "blocking"])
+async def test_an_agent_killed_mid_task_fails_its_request_and_only_that_one(
+    agent: str, closed_port_url: str
+) -> None:
+    """The agent process dies (SIGKILL) with the task running — the task is lost with it: the
+    request fails ``agent_unavailable`` (never a hang), a request that does not use the agent
+    completes, and the connection goes on (issue 18, faults in every dependency)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.gateway.a2a_agent_server",
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        port = int((await process.stdout.readline()).split()[1])
+        url = f"http://127.0.0.1:{port}/"
+        backend = AgentBackend(A2AAgents.from_config(agents_config(url, closed_port_url)))
+        async with (
+            running_gateway(backend_impl=backend) as gw,
+            WireClient.open(ws_url(gw)) as client,
+        ):
+            await client.chat("lost", "slow lost-1 100 50", metadata={"agent": agent})
+            await record(url, "lost-1", until="working")
+            process.kill()
+            await process.wait()
+            failed = await client.response("lost", timeout=15)
+            await client.chat("after", "hello", metadata={"agent": "down"})
+            after = await client.response("after", timeout=15)
+        assert failed.status is ResponseStatus.FAILED
+        assert failed.error is not None
+        assert failed.error.code == "agent_unavailable", failed.error
+        assert f"'{agent}'" in failed.error.message
+        assert after.error is not None  # the connection still serves (an agent that is down)
+        assert after.error.code == "agent_unavailable"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
