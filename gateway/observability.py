@@ -145,6 +145,19 @@ class GatewayObserver:
         )
         dropped.set_function(lambda: float(cluster.claims_dropped))
 
+    def watch_held(self, kinds: tuple[str, ...], held: Callable[[], dict[str, int]]) -> None:
+        """What the gateway holds in memory besides its connections and running requests,
+        read at each scrape: a soak's flat lines (bench/soak.py) are these."""
+        gauge = Gauge(
+            "muxgate_held",
+            "Objects held in memory, by kind: retained records, tombstones, resumable and "
+            "detached requests, asyncio tasks.",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in kinds:
+            gauge.labels(kind).set_function(lambda kind=kind: float(held()[kind]))  # type: ignore[misc]
+
     def watch_loop(self, monitor: LoopLagMonitor) -> None:
         """The event loop's lag (gateway/loop_lag.py): each sample, and each stall."""
         r = self.registry

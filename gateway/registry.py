@@ -220,6 +220,15 @@ class InMemoryRegistry:
     def __len__(self) -> int:
         return len(self._active) + len(self._finished)
 
+    @property
+    def retained(self) -> int:
+        """Records of finished requests kept (retention, SPEC.md §5.6)."""
+        return len(self._finished)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombstones)
+
     def add(self, request: LiveRequest) -> None:
         key = request.key
         if key in self._active:

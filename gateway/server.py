@@ -43,6 +43,15 @@ from .webui import WebUI
 
 __all__ = ["Gateway", "run"]
 
+#: What ``muxgate_held{kind}`` reports (Gateway._held).
+HELD_KINDS = (
+    "retained_records",
+    "tombstones",
+    "resumable_requests",
+    "detached_requests",
+    "asyncio_tasks",
+)
+
 log = structlog.get_logger("muxgate")
 
 
@@ -158,6 +167,7 @@ class Gateway:
             stall_threshold=config.loop_stall_ms / 1000,
         )
         self.observer.watch_loop(self.loop_lag)
+        self.observer.watch_held(HELD_KINDS, lambda: self._held(local))
         self.stats.loop_lag = self.loop_lag.summary
         self.stats_feed = StatsFeed(
             self.stats,
@@ -222,6 +232,15 @@ class Gateway:
         self.subprotocols = _SUBPROTOCOLS
 
     # -- bookkeeping -------------------------------------------------------------------------
+
+    def _held(self, local: InMemoryRegistry) -> dict[str, int]:
+        return {
+            "retained_records": local.retained,
+            "tombstones": local.tombstones,
+            "resumable_requests": len(self.resumables),
+            "detached_requests": self.resumables.detached,
+            "asyncio_tasks": len(asyncio.all_tasks()) if self.started else 0,
+        }
 
     def _node_summary(self) -> dict[str, Any]:
         """This node's figures for the cluster view (gateway/cluster.py)."""

@@ -32,7 +32,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,17 @@ from .test_resume import counted, drop, joined
 from .wire import Track, WireClient
 
 KINDS = ("complete", "frame", "http", "other", "twice", "early")
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A gateway in another process (bench/soak.py): its URLs only."""
+
+    url: str
+    http_url: str
+
+
+Node = Gateway | RemoteNode
 
 
 @dataclass
@@ -75,8 +86,13 @@ class Figures:
 class Campaign:
     """Sessions of requests over ``nodes``, ``parallel`` sessions at a time."""
 
-    def __init__(self, nodes: list[Gateway], seed: int, *, batch: int = 20) -> None:
+    def __init__(
+        self, nodes: Sequence[Node], seed: int, *, batch: int = 20, prefix: str = "i"
+    ) -> None:
         self.nodes = nodes
+        #: Request ids are ``<prefix><n>``: campaigns at once on one gateway (the same user)
+        #: need prefixes of their own.
+        self.prefix = prefix
         self.rng = random.Random(seed)
         self.batch = batch
         self.figures = Figures()
@@ -98,11 +114,11 @@ class Campaign:
                 group.create_task(worker())
         return self.figures
 
-    def _node(self) -> Gateway:
+    def _node(self) -> Node:
         return self.rng.choice(self.nodes)
 
     @contextlib.asynccontextmanager
-    async def _client(self, node: Gateway) -> AsyncIterator[WireClient]:
+    async def _client(self, node: Node) -> AsyncIterator[WireClient]:
         async with WireClient.open(node.url) as client:
             yield client
 
@@ -114,7 +130,7 @@ class Campaign:
             kind = rng.choice(KINDS)
             plans.append(
                 Plan(
-                    rid=f"i{self._serial}",
+                    rid=f"{self.prefix}{self._serial}",
                     kind=kind,
                     resumable=rng.random() < 0.5,
                     tokens=rng.randint(5, 150),
@@ -145,7 +161,10 @@ class Campaign:
             await self._stop(client, other, [p for p in plans if p.phase == 1])
             if rng.random() < 0.3:  # the connection drops: resume what can be resumed
                 self.figures.drops += 1
-                await drop(home, client)
+                if isinstance(home, Gateway):
+                    await drop(home, client)  # and wait until the gateway saw it
+                else:
+                    client.abort()  # (its requests' records are awaited in _check_lost)
                 client = await stack.enter_async_context(self._client(self._node()))
                 for plan in plans:
                     if counted(plan.tracks):
@@ -216,7 +235,13 @@ class Campaign:
     async def _check_lost(self, plan: Plan) -> None:
         """A request cut with its connection, not resumable: cancelled for the disconnect,
         unless a cancel or its end came first (as GET on any node says, at once)."""
-        record = (await http("GET", f"{self._node().http_url}/v1/requests/{plan.rid}")).json()
+        url = f"{self._node().http_url}/v1/requests/{plan.rid}"
+        record = (await http("GET", url)).json()
+        if not all(isinstance(n, Gateway) for n in self.nodes):  # another process: it sees
+            async with asyncio.timeout(10):  # the cut when it sees it; no event to await here
+                while record["status"] == "active":
+                    await asyncio.sleep(0.01)
+                    record = (await http("GET", url)).json()
         status, reason = record["status"], record.get("reason")
         self.figures.ends[f"{status}/{reason}" if reason else status] += 1
         if plan.kind == "early":  # its tombstone ended it at once
