@@ -331,6 +331,8 @@ def main() -> int:
     failed = [name for name, ok in result["checks"].items() if not ok]
     if failed:
         print("soak: failed: " + "; ".join(failed), file=sys.stderr)
+        for failure in result["failures"]:
+            print(failure, file=sys.stderr)
     return 1 if a.check and failed else 0
 
 
