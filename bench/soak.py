@@ -71,6 +71,10 @@ def _spawn(log: Path, retention: float) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -257,6 +261,8 @@ class Soak:
             ),
             "settled: descriptors back to their level": settled["fds"] <= baseline["fds"] + 2,
         }
+        second_half = [s for s in self.samples if s["phase"] == "traffic"
+                       and s["t"] >= a.minutes * 30]  # fmt: skip
         result = {
             "minutes": a.minutes,
             "warmup_minutes": warmup,
@@ -268,6 +274,9 @@ class Soak:
             "slopes_per_hour_after_warmup": {
                 k: (round(v, 3) if v is not None else None) for k, v in slopes.items()
             },
+            "rss_slope_per_hour_second_half": _round(
+                _slope_per_hour([(s["t"], s["rss_mib"]) for s in second_half])
+            ),
             "log_errors": len(errors),
             "tracebacks": tracebacks,
             "failures": self.failures,
