@@ -6,7 +6,8 @@ What lives where: every request stays in memory on the node that accepted its ch
 pipeline, its output, its record after the end); NATS carries only questions between nodes. A
 node that cannot decide a cancel or a lookup from its own memory asks every node at once
 (``muxgate.<cluster>.cancel`` / ``.lookup``, one message each, answered on an inbox) and waits
-for the owner's answer, or for every live node's ``not_found``, or for ``ask_timeout``. Live nodes
+for the owner's answer, or for every live node's ``not_found`` (a node that falls silent meanwhile
+is no longer waited for), at most ``ask_timeout``. Live nodes
 are known from heartbeats (``.heartbeat``, every ``heartbeat_interval``; a node unheard for three
 intervals is gone). A cancel that no node knows leaves a tombstone on every node (``.bury``,
 once every live node said ``not_found``; SPEC.md §5.3): a chat arriving at any node just after
@@ -126,6 +127,11 @@ def _sum_figures(nodes: list[dict[str, Any]]) -> dict[str, Any]:
     return {**totals, **maps}
 
 
+def _no_responders(msg: Msg) -> bool:
+    """A reply made by the NATS server, not a node: nothing listened on the subject asked."""
+    return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
+
+
 class Cluster:
     """This node's link to the others."""
 
@@ -136,7 +142,7 @@ class Cluster:
         node_id: str,
         name: str = "default",
         heartbeat_interval: float = 1.0,
-        ask_timeout: float = 1.0,
+        ask_timeout: float = 10.0,
         ownership_ttl: float = 330.0,
         tracing: Tracing = NO_TRACING,
     ) -> None:
@@ -161,6 +167,9 @@ class Cluster:
         self.address = f"{self.prefix}.node.{secrets.token_hex(8)}"
         self._routes: dict[str, Callable[[Msg], None]] = {}
         self._asked = itertools.count(1)
+        #: Other nodes' addresses (from their heartbeats), to probe one that fell silent.
+        self.addresses: dict[str, str] = {}
+        self._confirming: set[str] = set()
         self.heartbeat_interval = heartbeat_interval
         self.ask_timeout = ask_timeout
         #: Other nodes by id: monotonic time last heard.
@@ -223,6 +232,7 @@ class Cluster:
         await nc.subscribe(f"{self.prefix}.bury", cb=self._bury)
         await nc.subscribe(f"{self.prefix}.resume", cb=self._answer_resume)
         await nc.subscribe(f"{self.address}.>", cb=self._routed)
+        self.route("probe", self._probed)
         await nc.flush()
         await self._open_owners()
         self._heartbeat = asyncio.create_task(self._beat(), name="muxgate-cluster-heartbeat")
@@ -323,8 +333,54 @@ class Cluster:
             return
         live = self.live_peers()
         for node in [n for n in self._peer_watchers if n not in live]:
+            if node not in self._confirming:
+                self._confirming.add(node)
+                self._spawn(self._confirm_lost(node))
+
+    async def _confirm_lost(self, node: str) -> None:
+        """A watched node fell silent: gone only if it does not answer a probe either."""
+        try:
+            if await self.reachable(node):
+                self.peers[node] = time.monotonic()  # alive (its beats were late): watched on
+                return
             for on_lost in list(self._peer_watchers.pop(node, ())):
                 on_lost()
+        finally:
+            self._confirming.discard(node)
+
+    async def reachable(self, node: str) -> bool:
+        """Whether ``node`` answers a probe sent to its address within three heartbeat
+        intervals. Heartbeats alone would take a node whose event loop is busy, or whose beats
+        were delayed, for dead: its requests would be declared lost while it runs them."""
+        address, nc = self.addresses.get(node), self._nc
+        if address is None or nc is None or not self.connected:
+            return False
+        answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def on_answer(msg: Msg) -> None:
+            # NATS itself answers "no responders" (status 503) when nothing listens there.
+            if not answered.done():
+                answered.set_result(not _no_responders(msg))
+
+        route = f"ask.{next(self._asked)}"
+        inbox = self.route(route, on_answer)
+        try:
+            await nc.publish(f"{address}.probe", b"", reply=inbox)
+            async with asyncio.timeout(3 * self.heartbeat_interval):
+                return await answered
+        except Exception:  # no answer in time (TimeoutError), or NATS away
+            return False
+        finally:
+            self.unroute(route)
+
+    def _probed(self, msg: Msg) -> None:
+        if msg.reply and self._nc is not None:
+            self._spawn(self._nc.publish(msg.reply, b""))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     def view(self, own: dict[str, Any]) -> dict[str, Any]:
         """The cluster view of the stats snapshot: this node's figures (``own``) and each live
@@ -353,7 +409,7 @@ class Cluster:
         while True:
             nc = self._nc
             if nc is not None and self.connected:
-                beat: dict[str, Any] = {"node": self.node_id}
+                beat: dict[str, Any] = {"node": self.node_id, "address": self.address}
                 if self.summary is not None:
                     beat["stats"] = self.summary()
                 with contextlib.suppress(Exception):
@@ -368,6 +424,9 @@ class Cluster:
             return
         new = node not in self.live_peers()
         self.peers[node] = now = time.monotonic()
+        address = beat.get("address")
+        if isinstance(address, str) and address.startswith(f"{self.prefix}.node."):
+            self.addresses[node] = address
         if isinstance(beat.get("stats"), dict):
             self.peer_summaries[node] = (now, beat["stats"])
         if self._beat_heard is not None:
@@ -433,12 +492,12 @@ class Cluster:
         owner = bytes(entry.value or b"").decode()
         if not owner or owner == self.node_id:
             return None
-        if owner not in self.live_peers():
-            return owner
         # Counted live, but silent on this question: gone if it stays silent (kill -9).
-        if heard is None or owner in heard or not await self.silence_of(owner):
+        if owner in self.live_peers() and (
+            heard is None or owner in heard or not await self.silence_of(owner)
+        ):
             return None
-        return owner
+        return None if await self.reachable(owner) else owner
 
     async def next_beats(self, nodes: set[str]) -> None:
         """Until each of ``nodes`` has sent a heartbeat after this call (its figures with it):
@@ -500,7 +559,12 @@ class Cluster:
         self, what: str, key: RequestKey, extra: dict[str, Any]
     ) -> list[dict[str, Any]] | None:
         """Ask every node; return the answers as soon as one is not ``not_found`` (the owner)
-        or every live node answered, at the latest after ``ask_timeout``."""
+        or every live node answered, at the latest after ``ask_timeout``.
+
+        A live node that has not answered yet is waited for until it answers or falls silent
+        (three heartbeats), not for a fixed short time: an owner slow to answer (a busy event
+        loop) must not be taken for "nobody has it" — the asker would then answer
+        ``not_found`` for a request the owner cancelled, or bury its id."""
         nc = self._nc
         if nc is None or not self.connected:
             return None
@@ -510,12 +574,17 @@ class Cluster:
         done = asyncio.get_running_loop().create_future()
 
         def on_answer(msg: Msg) -> None:
+            if _no_responders(msg):  # (no node listens: the peers will be waited for)
+                return
             answer = orjson.loads(msg.data)
             answers.append(answer)
             heard.add(answer.get("node", ""))
             found = answer.get("status", "not_found") != "not_found" or answer.get("record")
-            if (found or expected <= heard) and not done.done():
+            if (found or pending() <= heard) and not done.done():
                 done.set_result(None)
+
+        def pending() -> set[str]:
+            return expected & self.live_peers()
 
         route = f"ask.{next(self._asked)}"
         inbox = self.route(route, on_answer)
@@ -530,7 +599,9 @@ class Cluster:
             if expected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ask_timeout):
-                        await done
+                        # Checked each heartbeat interval: who is still live to wait for.
+                        while not done.done() and not pending() <= heard:
+                            await asyncio.wait((done,), timeout=self.heartbeat_interval)
         except Exception:  # NATS went away meanwhile: this node decides alone
             return None
         finally:
@@ -576,9 +647,7 @@ class Cluster:
     async def _answer_resume(self, msg: Msg) -> None:
         # Answered concurrently: a reconnecting client resumes all its streams at once, and
         # each answer awaits a subscription (NATS handles one subscription's messages in turn).
-        task = asyncio.get_running_loop().create_task(self._answer_resume_now(msg))
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+        self._spawn(self._answer_resume_now(msg))
 
     async def _answer_resume_now(self, msg: Msg) -> None:
         body = orjson.loads(msg.data)
@@ -675,8 +744,13 @@ class ClusterRegistry:
         return self.local.cancel_local(key, reason)
 
     def _bury_for_peer(self, key: RequestKey, reason: CancelReason) -> None:
-        if not self.local.knows(key):  # (a chat that arrived meanwhile runs on)
+        if not self.local.knows(key):
             self.local.bury(key, reason)
+        else:
+            # Its chat was read here after this node told the asker "not found": the cancel
+            # came first (SPEC.md §5.3), so it takes effect now (on a request still running;
+            # a finished one is left as it ended).
+            self.local.cancel_local(key, reason)
 
     def _lookup_for_peer(self, key: RequestKey) -> RequestRecord | None:
         return self.local.record_now(key)

@@ -305,7 +305,9 @@ class RelaySender:
         hub.resumables.attached_to(request, self, moved=moving)
         if request.finished:
             self._ending = True
-        self._unwatch = hub.cluster.watch_peer(self.peer, lambda: self.lost("receiver node lost"))
+        self._unwatch = hub.cluster.watch_peer(
+            self.peer, lambda: self.lost("receiver node lost", tell=True)
+        )
         self.pump = asyncio.get_running_loop().create_task(
             self._run(), name=f"muxgate-relay-{self.key.request_id}"
         )

@@ -81,6 +81,10 @@ class Figures:
     ends: collections.Counter[str] = field(default_factory=collections.Counter)
     kinds: collections.Counter[str] = field(default_factory=collections.Counter)
     cancel_answers: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Cancels from another connection (or HTTP) that the gateway read before the chat.
+    overtaken: int = 0
+    #: ... of which the request completed before the tombstone reached its node (a cluster).
+    overtaken_completed: int = 0
 
 
 class Campaign:
@@ -216,10 +220,23 @@ class Campaign:
             status = response.status
             self.figures.ends[status.value] += 1
             said = plan.answers
-            if plan.kind == "early":
-                assert said == ["not_found"], (plan, said)
-                assert status is ResponseStatus.CANCELLED, plan
-                assert all(not t.chunks for t in plan.tracks), plan
+            if plan.kind == "early":  # the DELETE answered before the chat was sent
+                assert said == ["not_found"], (plan.rid, said)
+                assert status is ResponseStatus.CANCELLED, (plan.rid, said)
+                assert all(not t.chunks for t in plan.tracks), plan.rid
+            elif said[:1] == ["not_found"]:
+                # From another connection (or HTTP) before the gateway read the chat: nothing
+                # orders two connections. Its tombstone cancels it — at once, or, behind
+                # several nodes, when it reaches the node that read the chat meanwhile, unless
+                # it completed in that instant (SPEC.md §5.3).
+                self.figures.overtaken += 1
+                if status is ResponseStatus.COMPLETED:
+                    assert len(self.nodes) > 1, (plan.rid, plan.kind, said)
+                    self.figures.overtaken_completed += 1
+                    assert set(said[1:]) <= {"already_completed"}, (plan.rid, said)
+                else:
+                    assert status is ResponseStatus.CANCELLED, (plan.rid, plan.kind, said)
+                    assert set(said[1:]) <= {"already_cancelled"}, (plan.rid, said)
             elif status is ResponseStatus.COMPLETED:
                 assert set(said) <= {"already_completed"}, (plan.rid, plan.kind, said)
                 assert joined(*plan.tracks) == response.content, plan.rid
@@ -244,9 +261,12 @@ class Campaign:
                     record = (await http("GET", url)).json()
         status, reason = record["status"], record.get("reason")
         self.figures.ends[f"{status}/{reason}" if reason else status] += 1
+        if status == "not_found":  # cut before the gateway read its chat: it never was
+            assert not any(t.log for t in plan.tracks), (plan.rid, record)
+            return
         if plan.kind == "early":  # its tombstone ended it at once
             assert (status, reason) == ("cancelled", "api"), (plan.rid, record)
-        elif plan.answers and plan.answers[0] == "cancelled":
+        elif plan.answers and plan.answers[0] in ("cancelled", "not_found"):
             assert status in ("cancelling", "cancelled"), (plan.rid, record)
             assert reason in ("client", "api"), (plan.rid, record)
         elif status != "completed":
@@ -301,6 +321,7 @@ def main() -> int:
         "sessions": figures.sessions, "drops": figures.drops, "resumed": figures.resumed,
         "kinds": dict(figures.kinds),
         "ends": dict(figures.ends), "cancel_answers": dict(figures.cancel_answers),
+        "overtaken": figures.overtaken, "overtaken_completed": figures.overtaken_completed,
         "violations": 0, "seconds": round(seconds, 1),
     }))  # fmt: skip
     return 0
