@@ -1,7 +1,7 @@
 # Entry points. README.md names `make test` (every test, on a fresh machine) and `make bench`.
 PYTHON ?= python3
 
-.PHONY: test deps deps-llama test-python test-asgi test-go test-web check-webui webui lint bench
+.PHONY: test deps deps-llama test-python test-asgi test-go test-web check-webui webui lint bench fuzz
 
 # Every test: Python (protocol, gateway, SDK, CLI), Go SDK, TypeScript SDK + browser tests.
 test: deps test-python test-go test-web
@@ -68,3 +68,20 @@ lint:
 bench:
 	$(PYTHON) -m pip install --quiet -e '.[bench]'
 	$(PYTHON) bench/run.py
+
+# Coverage-guided fuzzing (tests/fuzz/; the extra `fuzz`: atheris): each harness for
+# FUZZ_SECONDS, one after the other, from the seed corpus the shared vectors make. FUZZ_DIR keeps
+# what each run adds to the corpus (FUZZ_DIR/<harness>/, read again by the next run) and the
+# crash-* inputs of findings.
+FUZZ_SECONDS ?= 300
+FUZZ_DIR ?= $(or $(TMPDIR),/tmp)/muxgate-fuzz
+FUZZ_HARNESSES = decoder handshake http
+fuzz:
+	$(PYTHON) -c "import atheris" 2>/dev/null || $(PYTHON) -m pip install --quiet -e '.[fuzz]'
+	$(PYTHON) -m tests.fuzz.corpus $(FUZZ_DIR)/seeds
+	@for h in $(FUZZ_HARNESSES); do \
+	  mkdir -p $(FUZZ_DIR)/$$h && echo "== $$h: $(FUZZ_SECONDS) s" && \
+	  $(PYTHON) -m tests.fuzz.$$h -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -dict=$(FUZZ_DIR)/seeds/$$h.dict -artifact_prefix=$(FUZZ_DIR)/ \
+	    $(FUZZ_DIR)/$$h $(FUZZ_DIR)/seeds/$$h || exit 1; \
+	done

@@ -37,7 +37,12 @@ from urllib.parse import quote, unquote
 
 import structlog
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, NegotiationError
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    InvalidHeader,
+    NegotiationError,
+)
 from websockets.frames import Close
 from websockets.typing import Subprotocol
 
@@ -148,6 +153,9 @@ class AsgiGateway:
             if not message.get("more_body", False):
                 break
         request = _request(scope)
+        if request is None:
+            await _respond(send, scope["method"], _plain(400, "invalid header value"))
+            return
         await _respond(send, request.method, await self._answer(request))
 
     async def _answer(self, request: HttpRequest) -> HttpResponse:
@@ -169,6 +177,9 @@ class AsgiGateway:
             return  # the client left before the handshake
         gateway = self.gateway
         request = _request(scope)
+        if request is None:
+            await _deny(scope, send, _plain(400, "invalid header value"))
+            return
         if not gateway.started or not gateway.is_websocket(request):
             # A path the gateway does not serve as a WebSocket: what an HTTP request gets.
             await _deny(scope, send, await self._answer(request))
@@ -460,17 +471,23 @@ class AsgiWebSocket:
 # -- scope to request, response to messages ------------------------------------------------------
 
 
-def _request(scope: Scope) -> HttpRequest:
-    """The request as the gateway's own transport gives it, its path below the mount point."""
+def _request(scope: Scope) -> HttpRequest | None:
+    """The request as the gateway's own transport gives it, its path below the mount point;
+    None when a header value holds a control byte (servers may pass them; websockets' headers
+    do not take them: the request is refused with 400, as by the gateway's own transport)."""
     query = scope.get("query_string", b"")
     target = _route(scope) + ("?" + query.decode("latin-1") if query else "")
     client = scope.get("client")
+    try:
+        headers = Headers(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+        )
+    except InvalidHeader:
+        return None
     return HttpRequest(
         method=scope.get("method", "GET"),
         target=target,
-        headers=Headers(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
-        ),
+        headers=headers,
         peer=str(client[0]) if client else "",
     )
 

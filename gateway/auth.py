@@ -386,7 +386,11 @@ class Authenticator:
         # PyJWT only checks that exp converts to int ("123" would do); insist on a JSON number.
         if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
             raise _unauthorized(_BAD_TOKEN)
-        return subject, float(expires_at)
+        try:
+            expires = float(expires_at)
+        except OverflowError:  # an integer past any date (only the secret's holder can sign it)
+            raise _unauthorized(_BAD_TOKEN) from None
+        return subject, expires
 
     def _header_user_id(self, headers: Mapping[str, str]) -> str | None:
         value = _header(headers, HEADER_USER_ID, on_duplicate=ErrorCode.INVALID_FIELD)

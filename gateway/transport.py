@@ -29,7 +29,7 @@ from typing import Protocol, cast
 
 import h11
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHeader
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as HandshakeRequest
 from websockets.protocol import Event, State
@@ -458,8 +458,11 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body = 0
-                self.deadline = None
+                # Its body must keep coming: a client that stops half-way is closed like an
+                # idle one (the deadline is lifted once the request is whole, below).
+                self.deadline = self._loop.time() + self._keepalive
             elif isinstance(event, h11.Data):
+                self.deadline = self._loop.time() + self._keepalive
                 self._body += len(event.data)
                 if self._body > MAX_REQUEST_BODY:
                     self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
@@ -467,6 +470,7 @@ class HttpConnection(asyncio.Protocol):
             elif isinstance(event, h11.EndOfMessage):
                 request, self._request = self._request, None
                 assert request is not None
+                self.deadline = None
                 self._dispatch(conn, request)
             elif event is h11.PAUSED:
                 return  # an answer is on its way, or the client is switching protocols
@@ -475,13 +479,18 @@ class HttpConnection(asyncio.Protocol):
                 return
 
     def _dispatch(self, conn: h11.Connection, event: h11.Request) -> None:
+        try:
+            headers = Headers(
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in event.headers.raw_items()
+            )
+        except InvalidHeader:  # h11 lets control bytes through in values; websockets does not
+            self._refuse(HTTPStatus.BAD_REQUEST, "invalid header value")
+            return
         request = HttpRequest(
             method=event.method.decode("ascii", "replace"),
             target=event.target.decode("ascii", "replace"),
-            headers=Headers(
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in event.headers.raw_items()
-            ),
+            headers=headers,
             peer=self.peer,
         )
         app = self.app
@@ -619,7 +628,12 @@ class HttpConnection(asyncio.Protocol):
         protocol.receive_data(handshake.serialize())
         events = protocol.events_received()
         if not events or not isinstance(events[0], HandshakeRequest):
-            transport.close()  # websockets refused to parse what h11 accepted: not expected
+            # Beyond websockets' own limits though within h11's (more than 128 handshake
+            # headers, a line over 8 KiB): websockets prepared its refusal (431, 414...).
+            for data in protocol.data_to_send():
+                if data:
+                    transport.write(data)
+            transport.close()
             return
         response = protocol.accept(events[0])
         if response.status_code == 101:

@@ -146,8 +146,18 @@ async def test_head_gets_headers_without_a_body(gateway: Gateway) -> None:
             + b"x" * 100_000,
             413,
         ),
+        # A control byte in a header value (found by tests/fuzz/http.py): h11 takes it.
+        (b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-A: a\x01b\r\n\r\n", 400),
+        # A handshake within h11's limits but over websockets' parser's (fuzzer finding too).
+        (
+            b"GET /v1/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + b"Origin: http://a\r\n" * 129
+            + b"\r\n",
+            431,
+        ),
     ],
-    ids=["malformed", "head-too-large", "body-too-large"],
+    ids=["malformed", "head-too-large", "body-too-large", "control-byte", "handshake-too-large"],
 )
 async def test_bad_requests_get_a_status_and_a_close(
     gateway: Gateway, data: bytes, status: int
@@ -175,6 +185,12 @@ async def test_an_idle_keep_alive_connection_is_closed(monkeypatch: pytest.Monke
         # A request head that never completes is dropped too (slowloris).
         async with RawHttp.open(gw) as slow:
             slow.writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n")
+            assert await slow.closed_by_server()
+        # And a body that stops half-way (found by tests/fuzz/http.py).
+        async with RawHttp.open(gw) as slow:
+            slow.writer.write(
+                b"POST /healthz HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nabc"
+            )
             assert await slow.closed_by_server()
 
 
