@@ -170,6 +170,8 @@ class Cluster:
         #: Other nodes' addresses (from their heartbeats), to probe one that fell silent.
         self.addresses: dict[str, str] = {}
         self._confirming: set[str] = set()
+        #: Nodes that fell silent and did not answer a probe: no longer waited for.
+        self.gone: set[str] = set()
         self.heartbeat_interval = heartbeat_interval
         self.ask_timeout = ask_timeout
         #: Other nodes by id: monotonic time last heard.
@@ -329,10 +331,12 @@ class Cluster:
         return lambda: self._link_watchers.discard(on_lost)
 
     def _check_watched(self) -> None:
-        if not self._peer_watchers or not self.connected:  # (away: every peer is silent)
+        """Each heartbeat interval: a node that fell silent is probed, once; gone if it does
+        not answer (its watchers are told)."""
+        if not self.connected:  # (away: every peer is silent)
             return
         live = self.live_peers()
-        for node in [n for n in self._peer_watchers if n not in live]:
+        for node in [n for n in self.peers if n not in live and n not in self.gone]:
             if node not in self._confirming:
                 self._confirming.add(node)
                 self._spawn(self._confirm_lost(node))
@@ -343,6 +347,7 @@ class Cluster:
             if await self.reachable(node):
                 self.peers[node] = time.monotonic()  # alive (its beats were late): watched on
                 return
+            self.gone.add(node)
             for on_lost in list(self._peer_watchers.pop(node, ())):
                 on_lost()
         finally:
@@ -424,6 +429,7 @@ class Cluster:
             return
         new = node not in self.live_peers()
         self.peers[node] = now = time.monotonic()
+        self.gone.discard(node)
         address = beat.get("address")
         if isinstance(address, str) and address.startswith(f"{self.prefix}.node."):
             self.addresses[node] = address
@@ -561,14 +567,15 @@ class Cluster:
         """Ask every node; return the answers as soon as one is not ``not_found`` (the owner)
         or every live node answered, at the latest after ``ask_timeout``.
 
-        A live node that has not answered yet is waited for until it answers or falls silent
-        (three heartbeats), not for a fixed short time: an owner slow to answer (a busy event
-        loop) must not be taken for "nobody has it" — the asker would then answer
-        ``not_found`` for a request the owner cancelled, or bury its id."""
+        Every node known and not gone is waited for until it answers, or falls silent and does
+        not answer a probe either (then it is gone), not for a fixed short time: an owner slow
+        to answer, or whose heartbeats came late (a busy event loop), must not be taken for
+        "nobody has it" — the asker would then answer ``not_found`` for a request the owner
+        cancelled, or bury its id."""
         nc = self._nc
         if nc is None or not self.connected:
             return None
-        expected = self.live_peers()
+        expected = set(self.peers) - self.gone
         answers: list[dict[str, Any]] = []
         heard: set[str] = set()
         done = asyncio.get_running_loop().create_future()
@@ -584,7 +591,7 @@ class Cluster:
                 done.set_result(None)
 
         def pending() -> set[str]:
-            return expected & self.live_peers()
+            return expected - self.gone
 
         route = f"ask.{next(self._asked)}"
         inbox = self.route(route, on_answer)
@@ -599,7 +606,7 @@ class Cluster:
             if expected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ask_timeout):
-                        # Checked each heartbeat interval: who is still live to wait for.
+                        # Checked each heartbeat interval: who is still to be waited for.
                         while not done.done() and not pending() <= heard:
                             await asyncio.wait((done,), timeout=self.heartbeat_interval)
         except Exception:  # NATS went away meanwhile: this node decides alone
