@@ -8,10 +8,11 @@ recorded and no ``opentelemetry`` module is imported (checked in a fresh interpr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -330,28 +331,30 @@ async def test_no_trace_no_headers(exporter: InMemorySpanExporter) -> None:
     assert not exporter.get_finished_spans()
 
 
-async def test_one_trace_across_two_real_nodes(exporter: InMemorySpanExporter) -> None:
-    """A chat on node a in the client's trace, cancelled by a DELETE on node b carrying the same
-    ``traceparent``: b's ask, a's answer over NATS and the request's span are one trace."""
-    from .test_cluster import NATS_SERVER, nats_server
+@contextlib.asynccontextmanager
+async def traced_pair(exporter: InMemorySpanExporter) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Nodes ``a`` and ``b``, each tracing to ``exporter``, joined over a real NATS server."""
+    from .test_cluster import NATS_SERVER, nats_server, nodes_on
 
     if NATS_SERVER is None:
         pytest.skip("nats-server not installed (extra 'cluster')")
-    async with (
-        nats_server() as server,
-        running_gateway(
-            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="a",
-            cluster_heartbeat_ms=100,
-        ) as a,
-        running_gateway(
-            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="b",
-            cluster_heartbeat_ms=100,
-        ) as b,
-        WireClient.open(a.url) as client,
-    ):  # fmt: skip
+    async with nats_server() as server, contextlib.AsyncExitStack() as stack:
+        a, b = [
+            (await stack.enter_async_context(
+                nodes_on(server.url, name, tracing=tracing.create(exporter=exporter))
+            ))[0]
+            for name in ("a", "b")
+        ]  # fmt: skip
         assert b.cluster is not None
         async with asyncio.timeout(10):
             await b.cluster.wait_for_peers(1)
+        yield a, b
+
+
+async def test_one_trace_across_two_real_nodes(exporter: InMemorySpanExporter) -> None:
+    """A chat on node a in the client's trace, cancelled by a DELETE on node b carrying the same
+    ``traceparent``: b's ask, a's answer over NATS and the request's span are one trace."""
+    async with traced_pair(exporter) as (a, b), WireClient.open(a.url) as client:
         metadata = {"tokens": 100_000, "token_delay_ms": 5, "traceparent": TRACEPARENT}
         await client.chat("r1", metadata=metadata)
         await client.chunks("r1", 2)
@@ -378,24 +381,7 @@ async def test_a_resume_on_another_node_joins_the_resuming_connections_trace(
 ) -> None:
     """The resuming node's question (``muxgate.resume``, parent: the new connection's
     handshake ``traceparent``) and the owner's answer are one trace."""
-    from .test_cluster import NATS_SERVER, nats_server
-
-    if NATS_SERVER is None:
-        pytest.skip("nats-server not installed (extra 'cluster')")
-    async with (
-        nats_server() as server,
-        running_gateway(
-            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="a",
-            cluster_heartbeat_ms=100,
-        ) as a,
-        running_gateway(
-            tracing=tracing.create(exporter=exporter), nats_url=server.url, node_id="b",
-            cluster_heartbeat_ms=100,
-        ) as b,
-    ):  # fmt: skip
-        assert b.cluster is not None
-        async with asyncio.timeout(10):
-            await b.cluster.wait_for_peers(1)
+    async with traced_pair(exporter) as (a, b):
         async with WireClient.open(a.url) as first:
             track = await first.chat("r1", resumable=True, metadata={"tokens": 40})
             epoch = (await first.resumable("r1")).epoch
