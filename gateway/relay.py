@@ -550,6 +550,10 @@ class RelayReceiver:
                 try:
                     async with asyncio.timeout(self.hub.rejoin_timeout):
                         await cluster.wait_connected(True)
+                        # ... and the owner's too: a heartbeat it sent since proves its
+                        # subscriptions are back (a question sent before would be lost).
+                        if self.owner is not None:
+                            await cluster.next_beats({self.owner})
                 except TimeoutError:
                     self.fail("relay_lost", "the link between the gateway's nodes was lost")
                     return
