@@ -4,7 +4,7 @@
     python3 bench/run.py                 # full run, ~8 minutes on 2 cores (model: ~3-4)
     python3 bench/run.py --quick         # CI smoke: tiny loads, results in bench/results/quick
     python3 bench/run.py --only cancel   # one scenario (throughput cancel connections halt codec
-                                         # attack model tools)
+                                         # attack model tools fuzz)
     python3 bench/run.py --profile       # also: the gateway under cProfile -> profile.json
     python3 bench/run.py --gc-probe tuned --only cancel --out /tmp/x   # GC pauses, loop stalls
 
@@ -35,6 +35,14 @@ on after it. Its full run takes ~5 minutes; it writes ``tools.json``, ``tools.md
 The ``attack`` scenario (issue 12, item 8) runs a fresh gateway per attack of
 ``bench/attacks.py`` and measures one normal client (``loadgen.py normal``) and the gateway's
 RSS while the attack runs and after it.
+
+The ``fuzz`` scenario (issue 18, item 1; ``bench/frame_fuzz.py``) runs a fresh gateway (auth on)
+and the socket-level fuzzer against it: 1,000,000 random and mutated frames (20,000 with
+``--quick``) over 32 reconnecting hostile connections while 8 normal connections run streams
+checked message by message; it reports the frames sent by generator, the gateway's close codes,
+the normal streams' violations and first-chunk latency (calm and under attack), the gateway's
+log (errors, tracebacks; scanned again after its SIGTERM drain) and its RSS before, at the peak
+and after. Its full run takes ~10-15 minutes on 2 cores.
 
 Nothing asserts a speed: the run fails only if a scenario could not run or a result file is
 missing. Correctness observations (chunks after a terminal response, verification of the
@@ -83,6 +91,7 @@ SCENARIOS = (
     "attack",
     "model",
     "tools",
+    "fuzz",
 )
 #: The attack scenario: (attack in bench/attacks.py or "baseline", label, extra gateway flags).
 ATTACKS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -1128,6 +1137,66 @@ class Bench:
             self.log(f"  {r['codec']:8} {r['case']:34} {r['ns']:>8} ns  {r['bytes']} B")
         return {"results": results}
 
+    # -- scenario 9 ------------------------------------------------------------------------------
+
+    def fuzz(self) -> dict[str, Any]:
+        """The socket-level fuzzer (issue 18, bench/frame_fuzz.py) against a fresh gateway with
+        auth on (a client key and a JWT secret: every way to authenticate, and to fail to) and
+        the fuzzer's small cache bounds (``frame_fuzz.GATEWAY_FLAGS``); the gateway on one core,
+        the fuzzer (its attacker at nice 10, its normal side) on the other. The gateway's log is
+        scanned by the fuzzer at the end of the attack, and here again once the gateway has
+        drained (SIGTERM), so that its shutdown is checked too."""
+        import frame_fuzz
+
+        frames = 20_000 if self.quick else 1_000_000
+        flags = (
+            "--client-key", frame_fuzz.DEFAULT_CLIENT_KEY,
+            "--jwt-secret", frame_fuzz.DEFAULT_JWT_SECRET,
+            *frame_fuzz.GATEWAY_FLAGS,
+        )  # fmt: skip
+        with self.pinned() as cpus, self.server("gateway", *flags, name="fuzz") as srv:
+            result = self.frame_fuzz(srv, "--frames", str(frames))
+        result["log_after_shutdown"] = frame_fuzz.scan_log(srv.stderr_path)
+        result["gateway_exit_code"] = srv.proc.returncode
+        result["gateway_flags"] = list(frame_fuzz.GATEWAY_FLAGS)
+        result["cpus"] = cpus
+        h, n, rss = result["hostile"], result["normal"], result["rss_mib"]
+        calm, attack = n["phases"]["calm"]["first_chunk"], n["phases"]["attack"]["first_chunk"]
+        self.log(
+            f"  {result['frames_sent']:,} frames in {result['attack_s']} s "
+            f"({result['frames_per_s']}/s), {h['opened']:,} hostile connections, closed by the "
+            f"gateway {h['closed_by_gateway']}; normal {n['completed']:,} completed, "
+            f"{n['cancelled']:,} cancelled, {result['violations']} violations; first chunk p99 "
+            f"calm {calm.get('p99_ms')} / attack {attack.get('p99_ms')} ms; log errors "
+            f"{result['log_errors']}, tracebacks {result['tracebacks']}; RSS {rss['baseline']} / "
+            f"{rss['peak']} / {rss['after']} MiB; seed {result['seed']}; failures "
+            f"{result['failures'] or 'none'}"
+        )
+        return result
+
+    def frame_fuzz(self, srv: Server, *args: str) -> dict[str, Any]:
+        """bench/frame_fuzz.py against the gateway ``srv`` (its log: ``srv.stderr_path``)."""
+        argv = [
+            PY, str(BENCH / "frame_fuzz.py"), "--url", srv.url, "--server-pid", str(srv.pid),
+            "--log-file", str(srv.stderr_path), "--workdir", str(self.tmp / "fuzz"), *args,
+        ]  # fmt: skip
+        r = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            timeout=3 * 3600,
+            check=False,
+            preexec_fn=_pinned(self._cpus[1] if self._cpus else None),
+        )
+        result = json.loads(r.stdout.splitlines()[-1]) if r.stdout.strip() else {}
+        if r.returncode != 0 or not result or "error" in result:
+            raise RuntimeError(
+                f"frame_fuzz failed ({r.returncode}): {result.get('error')} "
+                f"{r.stderr.decode()[-3000:]}"
+            )
+        return dict(result)
+
 
 def _status_kib(pid: int, key: str) -> int | None:
     """A ``/proc/<pid>/status`` figure in KiB (``VmRSS``, ``VmHWM``); None once it is gone."""
@@ -1670,6 +1739,9 @@ def markdown(results: dict[str, Any]) -> str:
     to = s.get("tools")
     if to and ("flows" in to or "skipped" in to):
         lines += _tools_markdown(to)
+    fz = s.get("fuzz")
+    if fz and "hostile" in fz:
+        lines += _fuzz_markdown(fz)
     errors = {k: v["error"] for k, v in s.items() if "error" in v}
     if errors:
         lines += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1]}`" for k, v in errors.items()]
@@ -1823,6 +1895,87 @@ def _attack_markdown(at: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fuzz_markdown(fz: dict[str, Any]) -> list[str]:
+    h, n, rss, log = fz["hostile"], fz["normal"], fz["rss_mib"], fz["log"] or {}
+    after_log = fz.get("log_after_shutdown") or {}
+    cpus = fz.get("cpus")
+
+    def codes(counts: dict[str, int]) -> str:
+        return ", ".join(f"{c} x{k:,}" for c, k in sorted(counts.items())) or "none"
+
+    order = ["vector", "mutate_bytes", "mutate_fields", "batch", "random", "sequence",
+             "ws_protocol", "fragmented", "large", "oversized", "auth"]  # fmt: skip
+    kinds = sorted(h["frames_by_kind"], key=lambda k: order.index(k) if k in order else 99)
+
+    lines = [
+        "## 9. Socket-level fuzzer (issue 18): random and mutated frames, normal streams checked",
+        "",
+        f"`bench/frame_fuzz.py` (seed {fz['seed']}): {fz['frames_sent']:,} hostile frames "
+        f"({h['mib_sent']:,} MiB) in {fz['attack_s']:,} s ({_f(fz['frames_per_s'], 0)}/s) over "
+        f"{_f(h['opened'])} WebSocket connections (32 at once, reopened whenever one ended), "
+        f"plus {_f(sum(h['http_garbage'].values()))} garbage HTTP requests and "
+        f"{_f(h['idle'])} silent connections, after a warm-up of "
+        f"{_f(fz['warmup']['frames'])} frames; meanwhile {n['connections']} normal connections "
+        f"ran {n['streams_per_connection']} streams each, every message checked "
+        "(G1-G3 per request with `protocol.RequestStateMachine`, no error, no close, no "
+        "request cancelled by another user). A fresh gateway, auth on (client key and JWT), "
+        f"flags `{' '.join(fz['gateway_flags'] or [])}` besides them (log level warning)"
+        + (
+            f"; gateway on core {cpus['server']}, fuzzer on {cpus['load_generator']} "
+            "(its attacker at nice 10)."
+            if cpus
+            else "; not pinned."
+        ),
+        "",
+        "| frames sent | normal requests completed / cancelled | violations | gateway log "
+        "errors / tracebacks (after its drain) | gateway alive, exit code | RSS MiB baseline / "
+        "peak / after (after - baseline, tolerance) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {_f(fz['frames_sent'])} | {_f(n['completed'])} / {_f(n['cancelled'])} | "
+        f"{_f(fz['violations'])} | {_f(log.get('error_lines'))} / {_f(log.get('tracebacks'))} "
+        f"({_f(after_log.get('error_lines'))} / {_f(after_log.get('tracebacks'))}) | "
+        f"{'yes' if fz['gateway_alive'] else 'no'}, {fz.get('gateway_exit_code')} | "
+        f"{_f(rss['baseline'], 1)} / {_f(rss['peak'], 1)} / {_f(rss['after'], 1)} "
+        f"({_f(rss['after_minus_baseline'], 1)}, {_f(rss['tolerance'], 1)}) |",
+        "",
+        "| generator | " + " | ".join(kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+        "| frames | " + " | ".join(_f(h["frames_by_kind"][k]) for k in kinds) + " |",
+        "",
+        f"Hostile connections closed by the gateway: {codes(h['closed_by_gateway'])}; its "
+        f"answers to close frames of the fuzzer's: {codes(h['close_answers'])}; ended without "
+        f"a close frame read: {_f(h['dropped_by_gateway'])}; handshakes refused: "
+        f"{codes(h['handshake_refused'])}. Errors received: {codes(h['error_codes'])}. "
+        f"Garbage HTTP answered: {codes(h['http_status'])}.",
+        "",
+        "| normal streams, chat -> first chunk | requests | p50 ms | p90 ms | p99 ms | max ms "
+        "| cancel -> response p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for phase in ("calm", "attack", "after"):
+        p = n["phases"].get(phase)
+        if not p:
+            continue
+        fc = p["first_chunk"]
+        lines.append(
+            f"| {phase} | {_f(p['started'])} | {_f(fc.get('p50_ms'))} | {_f(fc.get('p90_ms'))} "
+            f"| {_f(fc.get('p99_ms'))} | {_f(fc.get('max_ms'))} | "
+            f"{_f(p['cancel_to_response'].get('p99_ms'))} |"
+        )
+    lines += [
+        "",
+        f"Event-loop stalls logged by the gateway: {_f(log.get('event_loop_stalls'))} (worst "
+        f"{_f(log.get('worst_loop_lag_ms'), 0)} ms); gateway CPU during the attack "
+        f"{_f(fz['gateway_cpu_util_during_attack'])}. RSS: baseline after the warm-up and a "
+        "calm phase; after: 2 s after the attack's connections closed, the normal streams "
+        "still running; tolerance: the larger of 10 MiB and 15% of the baseline (allocators "
+        "keep freed memory: RSS stays near the high-water mark of live memory). Verdict: "
+        + ("**ok**." if fz["ok"] else "; ".join(fz["failures"]) + "."),
+        "",
+    ]
+    return lines
+
+
 def plot(results: dict[str, Any], samples: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -1910,6 +2063,7 @@ def main() -> int:
         "attack": bench.attack,
         "model": bench.model,
         "tools": bench.tools,
+        "fuzz": bench.fuzz,
     }
     failed = []
     for name in a.only or SCENARIOS:

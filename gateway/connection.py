@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, cast
@@ -183,11 +184,16 @@ class Connection:
         #: Counted against the gateway's budget for connections that have not authenticated
         #: until this is True (credentials in the handshake, or a welcomed hello).
         self.authenticated = self._principal is not None
-        #: Decoded messages not handled yet: those of the frame at hand, and more only while
-        #: reading is paused (see _hold). A list, reused: a deque would cost ~600 bytes per
-        #: connection, and the messages of one read are few.
+        #: Decoded messages not handled yet: those of the frame at hand only. A list, reused:
+        #: a deque would cost ~600 bytes per connection, and a frame's messages are few.
         self._inbox: list[_Inbound] = []
         self._next = 0
+        #: Frames that arrived while messages before them still wait (reading held, or a
+        #: turn's worth handled): kept undecoded, and decoded one at a time as the pump reaches
+        #: them. Decoding ahead would hold every message of a read at once (64 KiB of one-byte
+        #: msgpack messages: 65,536 refusals, ~27 MB; bench/frame_fuzz.py found it); the bytes
+        #: are bounded by what one read delivers. Created on first use (most never wait).
+        self._frames: deque[tuple[bytes, bool]] | None = None
         self._held = False
         self._closing = False
         #: Cancels answered in the callback that delivered their frame.
@@ -218,14 +224,23 @@ class Connection:
         connection holds its reading, after what came before it)."""
         if self._closing:
             return  # closing: whatever else the client sends is read and dropped
+        if self._held or self._next < len(self._inbox) or self._frames:
+            if self._frames is None:
+                self._frames = deque()
+            self._frames.append((data, text))  # decoded when its turn comes
+            return
+        # The common case: nothing waits before this frame, handle it now.
+        if self._take(data, text):
+            self._pump(early=True)
+
+    def _take(self, data: bytes, text: bool) -> bool:
+        """Decode a frame into the (empty) inbox; False if the frame closed the connection."""
         results = self._decode(data, text)
         if results is None:
-            return
-        inbox = self._inbox
-        waiting = self._held or self._next < len(inbox)
-        inbox.extend(results)
-        if not waiting:  # the common case: nothing waits before this frame, handle it now
-            self._pump(early=True)
+            self._drop_inbox()
+            return False
+        self._inbox.extend(results)
+        return True
 
     def _close_outbound(self) -> None:
         """Nothing more will be written. Resumable requests go on detached (SPEC.md §5.8):
@@ -289,8 +304,17 @@ class Connection:
         outbound = self.outbound
         handled = 0
         cancelled = False
+        frames = self._frames
         try:
-            while self._next < len(inbox):
+            while True:
+                if self._next >= len(inbox):
+                    if not frames:
+                        break
+                    inbox.clear()
+                    self._next = 0
+                    if not self._take(*frames.popleft()):
+                        return
+                    continue
                 if outbound.closed:  # the writer ended it (4008, 1011): its close is under way
                     self._drop_inbox()
                     return
@@ -325,8 +349,10 @@ class Connection:
                 outbound.write_now()
 
     def _drop_inbox(self) -> None:
+        """Forget what waits: the inbox, and the frames not decoded yet."""
         self._inbox.clear()
         self._next = 0
+        self._frames = None
 
     def _hold(self, *, until_room: bool) -> None:
         """Stop reading until the waiting messages may be handled: in the next loop turn, or

@@ -56,7 +56,8 @@ MAX_LINGERING_BYTES = 1 << 20
 #: An HTTP connection whose answers wait unread (the write buffer over its high-water mark) is
 #: closed after this many keep-alive periods without the client reading.
 WRITE_STALL_FACTOR = 3
-#: Header block limit (h11's incomplete-event limit): a larger request head is a 431.
+#: Request head limit: a larger one is a 431. h11's incomplete-event limit bounds a head still
+#: arriving; one that arrives whole in a read is measured once parsed (_head_size).
 MAX_REQUEST_HEAD = 16_384
 
 
@@ -456,6 +457,11 @@ class HttpConnection(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if isinstance(event, h11.Request):
+                if _head_size(event) > MAX_REQUEST_HEAD:
+                    self._refuse(
+                        HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"
+                    )
+                    return
                 self._request = event
                 self._body = 0
                 # Its body must keep coming: a client that stops half-way is closed like an
@@ -495,6 +501,9 @@ class HttpConnection(asyncio.Protocol):
         )
         app = self.app
         if request.wants_websocket and app.is_websocket(request):
+            if event.http_version != b"1.1":  # RFC 6455 §4.1: "at least 1.1"
+                self._refuse(HTTPStatus.BAD_REQUEST, "a WebSocket handshake needs HTTP/1.1")
+                return
             refusal = app.upgrade(request)
             if refusal is None:
                 self._upgrade(conn, request)
@@ -649,6 +658,14 @@ class HttpConnection(asyncio.Protocol):
         websocket.handler = app.opened(request, websocket)
         if trailing:
             websocket.data_received(trailing, self._loop.time())
+
+
+def _head_size(request: h11.Request) -> int:
+    """The request head's size as sent, give or take its line endings and optional spaces."""
+    size = len(request.method) + len(request.target) + 12  # "GET / HTTP/1.1\r\n"
+    for name, value in request.headers.raw_items():
+        size += len(name) + len(value) + 4  # ": " and "\r\n"
+    return size
 
 
 _HANDSHAKE_HEADERS = frozenset(

@@ -233,6 +233,12 @@ def _too_large(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.FRAME_TOO_LARGE, what)
 
 
+def _detached(exc: RemoteProtocolError) -> RemoteProtocolError:
+    """``exc`` without the frames it was raised through (kept errors must not hold them)."""
+    exc.__context__ = exc.__cause__ = None
+    return exc.with_traceback(None)
+
+
 def _bad_frame(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.BAD_FRAME, what)
 
@@ -514,7 +520,10 @@ def decode(data: bytes | str, codec: Codec, sender: Sender) -> list[Message | Re
         try:
             results.append(parse_message(obj, sender))
         except RemoteProtocolError as exc:
-            results.append(exc)
+            # Without its traceback: that holds this frame, whose ``results`` holds the error —
+            # a cycle that only the cyclic collector would free (a frame of 1,024 refused
+            # messages would wait for it, ~1 MB each; bench/frame_fuzz.py found it).
+            results.append(_detached(exc))
         except Exception:  # a safety net for a bug in validation: this message fails alone
             results.append(_bad_frame("undecodable message"))
     return results
