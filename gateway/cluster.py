@@ -7,7 +7,11 @@ pipeline, its output, its record after the end); NATS carries only questions bet
 node that cannot decide a cancel or a lookup from its own memory asks every node at once
 (``muxgate.<cluster>.cancel`` / ``.lookup``, one message each, answered on an inbox) and waits
 for the owner's answer, or for every live node's ``not_found`` (a node that falls silent meanwhile
-is no longer waited for), at most ``ask_timeout``. Live nodes
+is no longer waited for), at most ``ask_timeout``. A question can be lost with a NATS link (the
+owner's, or the asker's, dropped while it was in flight): each heartbeat carries its node's link
+count, and a node that reconnected (or an asker that did) is asked again directly, once per
+reconnect; a node answers a question asked again with the answer it gave, never twice
+(``_question``). Live nodes
 are known from heartbeats (``.heartbeat``, every ``heartbeat_interval``; a node unheard for three
 intervals is gone). A cancel that no node knows leaves a tombstone on every node (``.bury``,
 once every live node said ``not_found``; SPEC.md §5.3): a chat arriving at any node just after
@@ -28,6 +32,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +55,9 @@ if TYPE_CHECKING:  # nats-py is the optional extra "cluster"
     from nats.aio.msg import Msg
 
 __all__ = ["Cluster", "ClusterRegistry", "default_node_id", "node_lost_record"]
+
+#: Answers kept for questions asked again (Cluster._question), at most: ~100 bytes each.
+MAX_GIVEN = 50_000
 
 
 def default_node_id() -> str:
@@ -176,6 +184,18 @@ class Cluster:
         self.ask_timeout = ask_timeout
         #: Other nodes by id: monotonic time last heard.
         self.peers: dict[str, float] = {}
+        #: This node's connections to NATS, counted (1 once started, +1 each reconnect), and
+        #: each peer's last count (from its heartbeats): a count that moved while a question
+        #: waited means that question may have been lost on the way (see _ask).
+        self.link = 0
+        self.peer_links: dict[str, int] = {}
+        #: Answers given lately, by the question's reply subject (unique per question), kept
+        #: 2 x ask_timeout (at most MAX_GIVEN): a question asked again gets the answer given,
+        #: it is not executed twice. And the questions being answered now.
+        self._given: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._giving: set[str] = set()
+        #: Questions asked again after a reconnect (a figure, and for tests).
+        self.asked_again = 0
         self.connected = False
         self._nc: NatsClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -214,6 +234,7 @@ class Cluster:
             now = time.monotonic()
             for node in self.peers:
                 self.peers[node] = now
+            self.link += 1
             self._set_connected(True)
             log.info("cluster.reconnected", node=self.node_id)
 
@@ -227,6 +248,7 @@ class Cluster:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
         )
+        self.link = 1
         self._set_connected(True)
         await nc.subscribe(f"{self.prefix}.cancel", cb=self._answer_cancel)
         await nc.subscribe(f"{self.prefix}.lookup", cb=self._answer_lookup)
@@ -235,6 +257,9 @@ class Cluster:
         await nc.subscribe(f"{self.prefix}.resume", cb=self._answer_resume)
         await nc.subscribe(f"{self.address}.>", cb=self._routed)
         self.route("probe", self._probed)
+        # The same questions asked of this node alone (again, after a reconnect: see _ask).
+        for what, answer in self._answers().items():
+            self.route(f"q.{what}", self._answering_with(answer))
         await nc.flush()
         await self._open_owners()
         self._heartbeat = asyncio.create_task(self._beat(), name="muxgate-cluster-heartbeat")
@@ -378,6 +403,10 @@ class Cluster:
         finally:
             self.unroute(route)
 
+    def _answering_with(self, answer: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], None]:
+        """A route's handler (synchronous) that answers in a task of its own."""
+        return lambda msg: self._spawn(answer(msg))
+
     def _probed(self, msg: Msg) -> None:
         if msg.reply and self._nc is not None:
             self._spawn(self._nc.publish(msg.reply, b""))
@@ -414,7 +443,9 @@ class Cluster:
         while True:
             nc = self._nc
             if nc is not None and self.connected:
-                beat: dict[str, Any] = {"node": self.node_id, "address": self.address}
+                beat: dict[str, Any] = {
+                    "node": self.node_id, "address": self.address, "link": self.link,
+                }  # fmt: skip
                 if self.summary is not None:
                     beat["stats"] = self.summary()
                 with contextlib.suppress(Exception):
@@ -430,6 +461,9 @@ class Cluster:
         new = node not in self.live_peers()
         self.peers[node] = now = time.monotonic()
         self.gone.discard(node)
+        link = beat.get("link")
+        if isinstance(link, int):
+            self.peer_links[node] = link
         address = beat.get("address")
         if isinstance(address, str) and address.startswith(f"{self.prefix}.node."):
             self.addresses[node] = address
@@ -446,7 +480,8 @@ class Cluster:
             if nc is not None and self.connected:
                 with contextlib.suppress(Exception):
                     await nc.publish(
-                        f"{self.prefix}.heartbeat", orjson.dumps({"node": self.node_id})
+                        f"{self.prefix}.heartbeat",
+                        orjson.dumps({"node": self.node_id, "link": self.link}),
                     )
 
     async def wait_for_peers(self, count: int) -> None:
@@ -595,20 +630,30 @@ class Cluster:
 
         route = f"ask.{next(self._asked)}"
         inbox = self.route(route, on_answer)
+        # The links (each peer's, this node's) the question went out on, by node.
+        sent_on = {node: (self.peer_links.get(node), self.link) for node in expected}
         try:
             body = {"user_id": key.user_id, "request_id": key.request_id, **extra}
-            await nc.publish(
-                f"{self.prefix}.{what}",
-                orjson.dumps(body),
-                reply=inbox,
-                headers=self.tracing.inject(),  # None: no trace (or tracing off)
-            )
+            data, headers = orjson.dumps(body), self.tracing.inject()  # None: no trace
+            await nc.publish(f"{self.prefix}.{what}", data, reply=inbox, headers=headers)
             if expected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.ask_timeout):
                         # Checked each heartbeat interval: who is still to be waited for.
                         while not done.done() and not pending() <= heard:
                             await asyncio.wait((done,), timeout=self.heartbeat_interval)
+                            for node in pending() - heard:
+                                links = (self.peer_links.get(node), self.link)
+                                address = self.addresses.get(node)
+                                if links == sent_on[node] or not self.connected or not address:
+                                    continue
+                                # It (or this node) reconnected since: the question, or its
+                                # answer, may have been lost. Its answer if it had one.
+                                sent_on[node] = links
+                                self.asked_again += 1
+                                await nc.publish(
+                                    f"{address}.q.{what}", data, reply=inbox, headers=headers
+                                )
         except Exception:  # NATS went away meanwhile: this node decides alone
             return None
         finally:
@@ -617,7 +662,50 @@ class Cluster:
 
     # -- answering them ----------------------------------------------------------------------
 
+    def _answers(self) -> dict[str, Callable[[Msg], Awaitable[None]]]:
+        """The questions this node answers, by subject suffix."""
+        return {
+            "cancel": self._answer_cancel,
+            "lookup": self._answer_lookup,
+            "bury": self._bury,
+            "resume": self._answer_resume_now,
+        }
+
+    async def _question(self, msg: Msg, answer: Callable[[Msg], Awaitable[dict[str, Any]]]) -> None:
+        """Answer ``msg`` once: a question asked again (same reply subject) gets the answer
+        given, or nothing while it is being answered — a cancel is not cancelled twice (its
+        word would change), a resume is not relayed twice."""
+        reply = msg.reply
+        if not reply:  # nobody to answer (not one of ours): done, and nothing said
+            await answer(msg)
+            return
+        given = self._given.get(reply)
+        if given is not None:
+            await self._send(reply, given[1])
+            return
+        if reply in self._giving:
+            return
+        self._giving.add(reply)
+        try:
+            data = orjson.dumps(await answer(msg))
+        finally:
+            self._giving.discard(reply)
+        now = time.monotonic()
+        kept = self._given
+        kept[reply] = (now + 2 * self.ask_timeout, data)
+        while kept and (len(kept) > MAX_GIVEN or next(iter(kept.values()))[0] < now):
+            kept.popitem(last=False)
+        await self._send(reply, data)
+
+    async def _send(self, subject: str, data: bytes) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(subject, data)
+
     async def _answer_cancel(self, msg: Msg) -> None:
+        await self._question(msg, self._cancel_answer)
+
+    async def _cancel_answer(self, msg: Msg) -> dict[str, Any]:
         body = orjson.loads(msg.data)
         key = RequestKey(body["user_id"], body["request_id"])
         handler = self.on_cancel
@@ -629,16 +717,22 @@ class Cluster:
             reason = CancelReason(body["reason"])
             status = handler(key, reason) if handler else CancelStatus.NOT_FOUND
             span.set("muxgate.cancel_status", status.value)
-        await self._reply(msg, {"node": self.node_id, "status": status.value})
+        return {"node": self.node_id, "status": status.value}
 
     async def _bury(self, msg: Msg) -> None:
+        await self._question(msg, self._bury_answer)
+
+    async def _bury_answer(self, msg: Msg) -> dict[str, Any]:
         body = orjson.loads(msg.data)
         if self.on_bury is not None:
             key = RequestKey(body["user_id"], body["request_id"])
             self.on_bury(key, CancelReason(body["reason"]))
-        await self._reply(msg, {"node": self.node_id, "status": "not_found"})
+        return {"node": self.node_id, "status": "not_found"}
 
     async def _answer_lookup(self, msg: Msg) -> None:
+        await self._question(msg, self._lookup_answer)
+
+    async def _lookup_answer(self, msg: Msg) -> dict[str, Any]:
         body = orjson.loads(msg.data)
         key = RequestKey(body["user_id"], body["request_id"])
         with self.tracing.remote_span(
@@ -649,7 +743,7 @@ class Cluster:
         answer: dict[str, Any] = {"node": self.node_id, "record": None}
         if record is not None:
             answer["record"] = {**record.to_json(), "state": record.state.value}
-        await self._reply(msg, answer)
+        return answer
 
     async def _answer_resume(self, msg: Msg) -> None:
         # Answered concurrently: a reconnecting client resumes all its streams at once, and
@@ -657,6 +751,9 @@ class Cluster:
         self._spawn(self._answer_resume_now(msg))
 
     async def _answer_resume_now(self, msg: Msg) -> None:
+        await self._question(msg, self._resume_answer)
+
+    async def _resume_answer(self, msg: Msg) -> dict[str, Any]:
         body = orjson.loads(msg.data)
         key = RequestKey(body["user_id"], body["request_id"])
         answer: dict[str, Any] = {"node": self.node_id, "status": "not_found"}
@@ -670,12 +767,7 @@ class Cluster:
                 except Exception:  # a malformed question: a miss, and the log says why
                     log.exception("cluster.resume_failed", node=self.node_id)
             span.set("muxgate.resume_status", str(answer.get("status")))
-        await self._reply(msg, answer)
-
-    async def _reply(self, msg: Msg, answer: dict[str, Any]) -> None:
-        if msg.reply and self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.publish(msg.reply, orjson.dumps(answer))
+        return answer
 
 
 class ClusterRegistry:

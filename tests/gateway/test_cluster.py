@@ -223,6 +223,49 @@ async def test_a_node_whose_nats_is_gone_still_serves_and_decides_alone() -> Non
         assert (answer.status, answer.json()["status"]) == (404, "not_found")
 
 
+async def test_a_cancel_asked_while_the_owners_link_is_down_reaches_it_once_it_is_back() -> None:
+    """The owner's link to NATS drops; a DELETE on another node asks while it is away (the
+    question is lost). The owner reconnects within its heartbeats (not gone): its first beat
+    after the reconnect carries a new link count, the asker asks it again, directly, and gets
+    the true word at once — not ``not_found`` after ``ask_timeout`` for a request that runs."""
+    import nats
+
+    from tests.client.test_resume import ENDLESS, CutProxy
+
+    beats = {"cluster_heartbeat_ms": 500}  # (a is back well within three beats)
+    async with (
+        nats_server() as server,
+        CutProxy.to_ports(server.port) as link,
+        running_gateway(nats_url=f"nats://127.0.0.1:{link.port}", node_id="a", **beats) as a,
+        running_gateway(nats_url=server.url, node_id="b", **beats) as b,
+    ):
+        assert a.cluster is not None
+        assert b.cluster is not None
+        async with asyncio.timeout(10):
+            await b.cluster.wait_for_peers(1)
+        watcher = await nats.connect(server.url)
+        questions = await watcher.subscribe("muxgate.default.cancel")
+        try:
+            async with WireClient.open(a.url) as client:
+                await client.chat("r1", metadata=ENDLESS)
+                await client.chunks("r1", 2)
+                link.hold()  # a's reconnection waits until the question went out
+                link.cut()
+                async with asyncio.timeout(10):
+                    await a.cluster.wait_connected(False)
+                delete = asyncio.create_task(http("DELETE", f"{b.http_url}/v1/requests/r1"))
+                await questions.next_msg(timeout=10)  # asked: a cannot hear it
+                link.release()
+                answer = await delete
+                assert (answer.status, answer.json()["status"]) == (200, "cancelled")
+                response = await client.response("r1")
+                assert response.status is ResponseStatus.CANCELLED
+                assert response.reason is CancelReason.API
+                assert b.cluster.asked_again >= 1
+        finally:
+            await watcher.close()
+
+
 async def test_a_cancel_that_found_its_request_leaves_no_tombstone_elsewhere() -> None:
     """Only a cancel that no node knows buries the id: once the cancelled request finished,
     its id runs again on any node."""
