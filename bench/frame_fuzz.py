@@ -59,12 +59,14 @@ and been forgotten): that cancel's tombstone would rightly end the id's next cha
 
 Memory. Caches the gateway keeps by design (finished requests for late cancels and ``GET``,
 cancel tombstones, resumable requests' text and grace) are bounded by counts and times;
-:data:`GATEWAY_FLAGS` makes them small, so that they are full at the baseline already. And a
-process's RSS stays near the high-water mark of its live memory (Python's and glibc's allocators
-keep what was freed for reuse): the baseline follows a warm-up of the same mix, and the
-tolerance (the larger of 10 MiB and 15% of the baseline) covers that mark moving a little
-further during the attack, whereas a leak grows with the frames sent (ten times the warm-up's
-by default).
+:data:`GATEWAY_FLAGS` makes them small, so that they are full at the baseline already. A
+process's RSS stays near the high-water mark of its live memory (allocators keep what was freed
+for reuse): glibc's share the gateway gives back every ``--memory-trim-seconds`` (2 s here;
+gateway/memory_trim.py), and each RSS sample (baseline, after) waits for the next trim;
+pymalloc keeps arenas that are not wholly empty. So the baseline follows a warm-up of the same
+mix, and the tolerance (the larger of 10 MiB and 15% of the baseline) covers that mark moving
+a little further during the attack, whereas a leak grows with the frames sent (ten times the
+warm-up's by default).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ GATEWAY_FLAGS: tuple[str, ...] = (
     "--resume-retention-count", "100",
     "--resume-grace-seconds", "1",
     "--resume-max-grace-seconds", "1",
+    "--memory-trim-seconds", "2",  # freed memory back to the system soon (see _after_a_trim)
 )  # fmt: skip
 #: Generator kinds and their weights (shares of the frames' draws).
 KINDS: dict[str, float] = {
@@ -2139,6 +2142,35 @@ def _stats(http_base: str) -> dict[str, Any] | None:
     return {k: snap.get(k) for k in ("connections", "active_requests", "requests_total")}
 
 
+def _trims(http_base: str) -> float | None:
+    """The gateway's ``muxgate_memory_trims`` (None: not there, or no answer)."""
+    try:
+        with urllib.request.urlopen(http_base + "/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("muxgate_memory_trims "):
+            return float(line.split()[1])
+    return None
+
+
+def _after_a_trim(http_base: str, timeout: float) -> None:
+    """Until the gateway has given freed memory back to the system once more (it trims every
+    ``--memory-trim-seconds``, gateway/memory_trim.py), so that the RSS sampled next is what it
+    holds, not the high-water mark its allocator kept; at most ``timeout`` s (a gateway that
+    does not trim: at once)."""
+    first = _trims(http_base)
+    if first is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _trims(http_base)
+        if now is None or now > first:
+            return
+        time.sleep(0.2)  # polling /metrics: the gateway has nothing to wait on
+
+
 def _healthz(http_base: str) -> bool:
     try:
         with urllib.request.urlopen(http_base + "/healthz", timeout=3) as r:
@@ -2228,6 +2260,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         time.sleep(a.settle)  # a measurement pause: the warm-up's connections are gone
         normal.tell("phase calm")
         time.sleep(a.calm)  # the normal streams alone: the calm figures
+        _after_a_trim(http_base, a.trim_wait)
         rss0 = _rss_median(pid)
         stats0 = _stats(http_base)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -2262,6 +2295,7 @@ def orchestrate(a: argparse.Namespace) -> dict[str, Any]:
         # The settle before the last RSS sample is a measurement pause: the gateway ends the
         # hostile connections' requests and frees their buffers; nothing signals "done".
         time.sleep(a.settle)
+        _after_a_trim(http_base, a.trim_wait)
         alive = _alive(pid)
         rss1 = _rss_median(pid) if alive else None
         stats1 = _stats(http_base) if alive else None
@@ -2408,6 +2442,9 @@ def _parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--calm", type=float, default=3.0, help="seconds without attack, measured")
     r.add_argument("--settle", type=float, default=2.0, help="seconds before the RSS after")
+    r.add_argument("--trim-wait", type=float, default=10.0,
+                   help="at most this long for the gateway's next memory trim before each RSS "
+                   "sample (baseline, after)")  # fmt: skip
     r.add_argument(
         "--rss-tolerance-mib",
         type=float,

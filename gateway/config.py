@@ -132,6 +132,9 @@ class Config:
     #: lag of at least ``loop_stall_ms`` is a stall: counted, and logged (a warning).
     loop_lag_interval_ms: int = 100
     loop_stall_ms: int = 100
+    #: Every this many seconds, memory the allocator keeps freed goes back to the system
+    #: (glibc's ``malloc_trim``, gateway/memory_trim.py): RSS comes down after a burst. 0: off.
+    memory_trim_seconds: float = 30.0
     #: The browser demo at ``/`` and ``/dashboard`` (files built into gateway/webui/).
     webui: bool = True
     #: The dashboard feed (``/v1/stats``): one snapshot per interval, to at most this many.
@@ -168,6 +171,8 @@ class Config:
         for name in _positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.memory_trim_seconds < 0:
+            raise ConfigError("memory_trim_seconds must be at least 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port must be in 0..65535")
         if not 1024 <= self.max_frame_bytes <= limits.MAX_FRAME_BYTES:

@@ -24,6 +24,7 @@ from .stats import LiveStats
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .loop_lag import LoopLagMonitor
+    from .memory_trim import MemoryTrimmer
     from .relay import RelayHub
     from .request import Request
 
@@ -174,6 +175,22 @@ class GatewayObserver:
         )
         monitor.on_sample = lag.observe
         monitor.on_stall = lambda _lag: stalls.inc()
+
+    def watch_memory_trim(self, trimmer: MemoryTrimmer) -> None:
+        """Memory given back to the system (gateway/memory_trim.py), read at each scrape."""
+        r = self.registry
+        trims = Gauge(
+            "muxgate_memory_trims",
+            "Times freed memory was given back to the system since start (malloc_trim).",
+            registry=r,
+        )
+        trims.set_function(lambda: float(trimmer.trims))
+        returned = Gauge(
+            "muxgate_memory_returned_bytes",
+            "RSS given back to the system by those trims since start, summed.",
+            registry=r,
+        )
+        returned.set_function(lambda: float(trimmer.returned_bytes))
 
     def watch_relays(self, relays: RelayHub) -> None:
         """Resumes across nodes (gateway/relay.py), read at each scrape."""

@@ -29,6 +29,7 @@ from .config import Config, ConfigError
 from .connection import Channel, Connection, ConnectionServices
 from .http_api import HttpServices, respond, upgrade_refusal
 from .loop_lag import LoopLagMonitor
+from .memory_trim import MemoryTrimmer
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
@@ -167,6 +168,8 @@ class Gateway:
             stall_threshold=config.loop_stall_ms / 1000,
         )
         self.observer.watch_loop(self.loop_lag)
+        self.memory_trim = MemoryTrimmer(config.memory_trim_seconds)
+        self.observer.watch_memory_trim(self.memory_trim)
         self.observer.watch_held(HELD_KINDS, lambda: self._held(local))
         self.stats.loop_lag = self.loop_lag.summary
         self.stats_feed = StatsFeed(
@@ -314,6 +317,7 @@ class Gateway:
         self.started = True
         self._watchdog = asyncio.create_task(self._watch_writers(), name="muxgate-watchdog")
         self.loop_lag.start()
+        self.memory_trim.start()
 
     async def _serve(self) -> asyncio.Server:
         config = self.config
@@ -511,6 +515,7 @@ class Gateway:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.loop_lag.stop()
+        await self.memory_trim.stop()
         if self._owns_tracing and self.tracing.enabled:  # the last spans, exported (blocking)
             await asyncio.to_thread(self.tracing.shutdown)
 
