@@ -62,7 +62,7 @@ cancel tombstones, resumable requests' text and grace) are bounded by counts and
 :data:`GATEWAY_FLAGS` makes them small, so that they are full at the baseline already. A
 process's RSS stays near the high-water mark of its live memory (allocators keep what was freed
 for reuse): glibc's share the gateway gives back every ``--memory-trim-seconds`` (2 s here;
-gateway/memory_trim.py), and each RSS sample (baseline, after) waits for the next trim;
+gateway/memory.py), and each RSS sample (baseline, after) waits for the next trim;
 pymalloc keeps arenas that are not wholly empty. So the baseline follows a warm-up of the same
 mix, and the tolerance (the larger of 10 MiB and 15% of the baseline) covers that mark moving
 a little further during the attack, whereas a leak grows with the frames sent (ten times the
@@ -2142,22 +2142,28 @@ def _stats(http_base: str) -> dict[str, Any] | None:
     return {k: snap.get(k) for k in ("connections", "active_requests", "requests_total")}
 
 
-def _trims(http_base: str) -> float | None:
-    """The gateway's ``muxgate_memory_trims`` (None: not there, or no answer)."""
+def _gauges(http_base: str) -> dict[str, float]:
+    """The gateway's unlabelled ``muxgate_memory_*`` gauges from /metrics (none: no answer)."""
     try:
         with urllib.request.urlopen(http_base + "/metrics", timeout=3) as r:
             text = r.read().decode()
     except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("muxgate_memory_trims "):
-            return float(line.split()[1])
-    return None
+        return {}
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name.startswith("muxgate_memory_")
+    }
+
+
+def _trims(http_base: str) -> float | None:
+    """The gateway's ``muxgate_memory_trims`` (None: not there, or no answer)."""
+    return _gauges(http_base).get("muxgate_memory_trims")
 
 
 def _after_a_trim(http_base: str, timeout: float) -> None:
     """Until the gateway has given freed memory back to the system once more (it trims every
-    ``--memory-trim-seconds``, gateway/memory_trim.py), so that the RSS sampled next is what it
+    ``--memory-trim-seconds``, gateway/memory.py), so that the RSS sampled next is what it
     holds, not the high-water mark its allocator kept; at most ``timeout`` s (a gateway that
     does not trim: at once)."""
     first = _trims(http_base)

@@ -133,7 +133,7 @@ class Config:
     loop_lag_interval_ms: int = 100
     loop_stall_ms: int = 100
     #: Every this many seconds, memory the allocator keeps freed goes back to the system
-    #: (glibc's ``malloc_trim``, gateway/memory_trim.py): RSS comes down after a burst. 0: off.
+    #: (glibc's ``malloc_trim``, gateway/memory.py): RSS comes down after a burst. 0: off.
     memory_trim_seconds: float = 30.0
     #: The browser demo at ``/`` and ``/dashboard`` (files built into gateway/webui/).
     webui: bool = True

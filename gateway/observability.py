@@ -24,7 +24,7 @@ from .stats import LiveStats
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .loop_lag import LoopLagMonitor
-    from .memory_trim import MemoryTrimmer
+    from .memory import MemoryTrimmer
     from .relay import RelayHub
     from .request import Request
 
@@ -176,8 +176,11 @@ class GatewayObserver:
         monitor.on_sample = lag.observe
         monitor.on_stall = lambda _lag: stalls.inc()
 
-    def watch_memory_trim(self, trimmer: MemoryTrimmer) -> None:
-        """Memory given back to the system (gateway/memory_trim.py), read at each scrape."""
+    def watch_memory(self, trimmer: MemoryTrimmer) -> None:
+        """What the process holds live, and the memory given back to the system
+        (gateway/memory.py), read at each scrape."""
+        from .memory import in_use  # (memory.py logs through this module)
+
         r = self.registry
         trims = Gauge(
             "muxgate_memory_trims",
@@ -191,6 +194,19 @@ class GatewayObserver:
             registry=r,
         )
         returned.set_function(lambda: float(trimmer.returned_bytes))
+        malloc_bytes = Gauge(
+            "muxgate_memory_malloc_bytes",
+            "Bytes allocated and live in the C allocator (glibc mallinfo2; -1: unknown): unlike "
+            "RSS, neither freed memory kept for reuse nor fragmentation counts.",
+            registry=r,
+        )
+        malloc_bytes.set_function(lambda: float(in_use()["malloc_bytes"]))
+        blocks = Gauge(
+            "muxgate_memory_python_blocks",
+            "Blocks allocated and live in Python's small-object allocator (pymalloc).",
+            registry=r,
+        )
+        blocks.set_function(lambda: float(in_use()["python_blocks"]))
 
     def watch_relays(self, relays: RelayHub) -> None:
         """Resumes across nodes (gateway/relay.py), read at each scrape."""

@@ -29,7 +29,7 @@ from .config import Config, ConfigError
 from .connection import Channel, Connection, ConnectionServices
 from .http_api import HttpServices, respond, upgrade_refusal
 from .loop_lag import LoopLagMonitor
-from .memory_trim import MemoryTrimmer
+from .memory import MemoryTrimmer
 from .multiplexer import MultiplexerServices
 from .observability import GatewayObserver, configure_logging
 from .pipeline import Backend, BackendInfo
@@ -169,7 +169,7 @@ class Gateway:
         )
         self.observer.watch_loop(self.loop_lag)
         self.memory_trim = MemoryTrimmer(config.memory_trim_seconds)
-        self.observer.watch_memory_trim(self.memory_trim)
+        self.observer.watch_memory(self.memory_trim)
         self.observer.watch_held(HELD_KINDS, lambda: self._held(local))
         self.stats.loop_lag = self.loop_lag.summary
         self.stats_feed = StatsFeed(
