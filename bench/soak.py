@@ -81,7 +81,8 @@ def _fds(pid: int) -> int:
 
 
 def _metrics(text: str) -> dict[str, float]:
-    wanted = ("muxgate_connections", "muxgate_active_requests", "muxgate_held{")
+    wanted = ("muxgate_connections", "muxgate_active_requests", "muxgate_held{",
+              "muxgate_memory_malloc_bytes", "muxgate_memory_python_blocks")  # fmt: skip
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(wanted):
@@ -89,6 +90,12 @@ def _metrics(text: str) -> dict[str, float]:
             if name.startswith("muxgate_held{"):
                 name = name.split('"')[1]
             out[name] = float(value)
+    # What is live, beside RSS (gateway/memory.py): C allocator MiB, pymalloc blocks (both
+    # with the garbage the cycle collector has not reached yet).
+    if out.get("muxgate_memory_malloc_bytes", -1) >= 0:
+        out["malloc_mib"] = round(out.pop("muxgate_memory_malloc_bytes") / 2**20, 2)
+    if "muxgate_memory_python_blocks" in out:
+        out["python_blocks"] = out.pop("muxgate_memory_python_blocks")
     return out
 
 
@@ -241,8 +248,9 @@ class Soak:
         warm = [s for s in self.samples if s["phase"] == "traffic" and s["t"] >= warmup * 60]
         slopes = {
             key: _slope_per_hour([(s["t"], s.get(key, 0.0)) for s in warm])
-            for key in ("rss_mib", "fds", "asyncio_tasks", "retained_records", "tombstones",
-                        "resumable_requests", "muxgate_connections")
+            for key in ("rss_mib", "malloc_mib", "python_blocks", "fds", "asyncio_tasks",
+                        "retained_records", "tombstones", "resumable_requests",
+                        "muxgate_connections")
         }  # fmt: skip
         # RSS growth after the warm-up: the highest RSS since, over the highest before it.
         before = [s["rss_mib"] for s in self.samples if s["phase"] == "traffic"
@@ -319,6 +327,9 @@ class Soak:
         t = [s["t"] / 60 for s in self.samples]
         fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
         axes[0].plot(t, [s["rss_mib"] for s in self.samples], label="RSS (MiB)")
+        if any("malloc_mib" in s for s in self.samples):
+            axes[0].plot(t, [s.get("malloc_mib", 0) for s in self.samples],
+                         label="C allocator, live (MiB)")  # fmt: skip
         axes[0].set_ylabel("MiB")
         axes[1].plot(t, [s["fds"] for s in self.samples], label="open descriptors")
         axes[1].plot(t, [s.get("asyncio_tasks", 0) for s in self.samples], label="asyncio tasks")
