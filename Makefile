@@ -39,7 +39,7 @@ test-python:
 ASGI_TESTS = tests/gateway/test_streaming.py tests/gateway/test_cancellation.py \
   tests/gateway/test_http_api.py tests/gateway/test_steps.py tests/gateway/test_auth_e2e.py \
   tests/gateway/test_stats_webui.py tests/gateway/test_resume.py \
-  tests/gateway/test_cluster_resume.py tests/client
+  tests/gateway/test_cluster_resume.py tests/gateway/test_reference_cycles.py tests/client
 test-asgi:
 	MUXGATE_TEST_TRANSPORT=asgi $(PYTHON) -m pytest $(ASGI_TESTS)
 

@@ -422,6 +422,9 @@ class AsgiWebSocket:
             await asyncio.gather(
                 *(t for t in (reader, self._sender) if t is not None), return_exceptions=True
             )
+            # A cancelled task keeps its CancelledError, whose traceback holds the task's frame,
+            # which holds this socket: a reference cycle while the socket holds the task.
+            self._sender = None
 
     async def _receive_loop(self, receive: Receive) -> None:
         reading = self._reading

@@ -24,6 +24,7 @@ decides *when* and *how* frames are written, and waits:
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -49,8 +50,21 @@ __all__ = [
 ]
 
 
-async def _never_sent(frame: bytes) -> None:  # pragma: no cover - writable() is always true
-    pass
+async def _never_sent(frame: bytes) -> None:  # pragma: no cover - see its two uses
+    """The send of a void outbound (whose ``writable()`` is always true) and of a closed one
+    (whose writer stops before its next frame)."""
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """``method``, called while its object lives (and nothing after)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 def _discard(frame: bytes) -> None:
@@ -63,6 +77,17 @@ def _always() -> bool:
 
 class SlowConsumer(Exception):
     """The peer did not read for longer than the configured limit."""
+
+
+async def _wait_for_room(queue: OutputQueue) -> None:
+    """A producer over its cap waits here until the scheduler took its text, or the queue
+    closed (both call ``queue.on_room``); ``OutputQueue.drained`` checks again. A function, not
+    a method: the scheduler holds it, and a bound method would be a reference cycle."""
+    room = queue.on_room
+    if not isinstance(room, _Room):
+        room = queue.on_room = _Room()
+    room.event.clear()
+    await room.event.wait()
 
 
 class _Room:
@@ -112,7 +137,7 @@ class Outbound:
             max_pending_chars=max_pending_chars,
             max_control=max_control,
             wake=self._wake,
-            wait_for_room=self._wait_for_room,
+            wait_for_room=_wait_for_room,
         )
         #: The scheduler's control queue (the same deque): its length is the backpressure input.
         self._control = scheduler.control
@@ -142,8 +167,14 @@ class Outbound:
     def void(cls, codec: Codec) -> Outbound:
         """Where a detached request's output goes (SPEC.md §5.8): written nowhere, at once, so
         its chunks are numbered and recorded (and its response kept) as if sent, in order, with
-        no producer ever waiting. One per detached request: ids of different users may match."""
-        return cls(_never_sent, codec, write=_discard, writable=_always)
+        no producer ever waiting. One per detached request: ids of different users may match.
+
+        Never closed (it is dropped with its request, or when the request is resumed), so its
+        scheduler wakes it through a weak reference: a bound method would be a reference cycle
+        (outbound -> scheduler -> method -> outbound) left to the cycle collector."""
+        void = cls(_never_sent, codec, write=_discard, writable=_always)
+        void.scheduler.wake = _weakly(void._wake)
+        return void
 
     @property
     def streams(self) -> dict[str, OutputQueue]:
@@ -208,15 +239,6 @@ class Outbound:
             self.send_after(stream, result)
         else:
             self.send_control(result)
-
-    async def _wait_for_room(self, queue: OutputQueue) -> None:
-        """A producer over its cap waits here until the scheduler took its text, or the queue
-        closed (both call ``queue.on_room``); ``OutputQueue.drained`` checks again."""
-        room = queue.on_room
-        if not isinstance(room, _Room):
-            room = queue.on_room = _Room()
-        room.event.clear()
-        await room.event.wait()
 
     def _wake(self) -> None:
         self._is_idle = False
@@ -338,6 +360,15 @@ class Outbound:
         self._set_idle()  # nothing will be sent any more: whoever awaits flushed() may go on
         if self._room is not None:
             self._room.set()
+        # The callbacks into the connection and its socket are their bound methods: reference
+        # cycles (connection -> outbound -> method -> connection) that would keep a closed
+        # connection's objects and buffers until the next full collection, which comes rarer
+        # the more the process holds. Dropped, a closed connection is freed when its last
+        # reference goes. Nothing is written from now on (_flush and _run check _closed; a
+        # send the writer is in the middle of goes on with the frame it has).
+        self._send = _never_sent
+        self._write = self._writable = None
+        self._on_failure = None
 
     @property
     def closed(self) -> bool:

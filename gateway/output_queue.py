@@ -579,3 +579,4 @@ class FrameScheduler:
         self._on_sent.clear()
         self._urgent.clear()
         self._ready.clear()
+        self.wake = _nothing  # the shell's bound method (a reference cycle); nothing to wake

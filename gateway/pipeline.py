@@ -642,6 +642,10 @@ class RequestContext:
         finally:
             if unregister is not None:
                 unregister()
+            # A halt raised in the step is kept by its task with a traceback holding this
+            # frame: without the task in this frame, no reference cycle (request, context and
+            # task would wait for the cycle collector).
+            del inner
         self.checkpoint(name)
         return result
 

@@ -328,6 +328,12 @@ class WebSocket:
 
     def connection_lost(self) -> None:
         self.protocol.receive_eof()  # the state becomes CLOSED; close_code 1006 if abrupt
+        # An abrupt end leaves websockets' parser exception (EOFError) with its traceback, whose
+        # frame holds the protocol: a reference cycle keeping the connection's buffers until a
+        # full collection. Only its type and message are read (close_exc's cause).
+        failure = self.protocol.parser_exc
+        if failure is not None:
+            failure.__traceback__ = None
         self.resume_writing()  # a sender waiting for room finds the connection closed
         closed = self._closed
         if closed is None:
@@ -337,6 +343,27 @@ class WebSocket:
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.lost()
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol choosing subprotocols with the application's rule. Its
+    ``select_subprotocol`` argument would be bound to the protocol object it is given to (a
+    reference cycle: a closed connection's protocol and buffers freed only by the next full
+    collection); an override is not."""
+
+    def __init__(
+        self,
+        select: Callable[[Sequence[Subprotocol]], Subprotocol | None],
+        *,
+        subprotocols: Sequence[Subprotocol],
+        max_size: int,
+        logger: logging.Logger,
+    ) -> None:
+        super().__init__(subprotocols=subprotocols, max_size=max_size, logger=logger)
+        self._select = select
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        return self._select(subprotocols)
 
 
 class HttpConnection(asyncio.Protocol):
@@ -618,9 +645,9 @@ class HttpConnection(asyncio.Protocol):
         app = self.app
         transport = self.transport
         assert transport is not None
-        protocol = ServerProtocol(
+        protocol = _ServerProtocol(
+            app.select_subprotocol,
             subprotocols=app.subprotocols,
-            select_subprotocol=lambda _protocol, offered: app.select_subprotocol(offered),
             max_size=app.max_message_bytes,
             logger=_WEBSOCKETS_LOG,
         )
