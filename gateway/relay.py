@@ -461,8 +461,10 @@ class RelaySender:
         self._room.set()
         self.outbound.close()
         self.hub.senders.discard(self)
-        if self._unwatch is not None:
-            self._unwatch()
+        # (The watch holds this object's bound method: dropped with it, no reference cycle.)
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         pump = self.pump
         if pump is not None and pump is not asyncio.current_task():
             pump.cancel()
@@ -774,8 +776,10 @@ class RelayReceiver:
         self.ended = True
         self._wrote.set()
         self.hub.receivers.discard(self)
-        if self._unwatch is not None:
-            self._unwatch()
+        # (The watch holds this object's bound method: dropped with it, no reference cycle.)
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         self._on_end(self)
         task = self.task
         if task is not None and task is not asyncio.current_task() and not task.done():
