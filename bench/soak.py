@@ -27,6 +27,12 @@ traceback in the gateway's log, RSS slope after warm-up under ``--max-rss-slope`
 (a long run: a leak of a few KiB per request would show) or, for a short run, RSS growth after
 the warm-up under ``--max-rss-growth`` MiB, and, settled: no connection, no active request,
 no detached request, asyncio tasks and descriptors back to their level before the traffic.
+
+``--live`` runs the gateway under bench/live_gateway.py and, at every sample, has it run a full
+collection and report what is live after it (``live_malloc_mib``, ``live_python_blocks``,
+``gc_objects``) and what the collection freed: RSS alone cannot tell a leak from garbage waiting
+for the cycle collector or from fragmentation. The collections change what they measure (no
+garbage piles up between them): a run to find a holder, not the run whose RSS is reported.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -58,14 +65,18 @@ from tests.gateway.invariants import Campaign, RemoteNode  # noqa: E402
 SUBPROTOCOL = "muxgate.v1.json"
 
 
-def _spawn(log: Path, retention: float) -> subprocess.Popen[bytes]:
+def _spawn(log: Path, retention: float, probe: Path | None) -> subprocess.Popen[bytes]:
     """``muxgate serve`` on an ephemeral port, its log in ``log``; finished requests' records
     kept ``retention`` seconds (the default, 300 s, would make the first five minutes a
-    warm-up: the records of ~100 requests a second fill it)."""
+    warm-up: the records of ~100 requests a second fill it). With ``probe``, the gateway runs
+    under bench/live_gateway.py: SIGUSR1 makes it collect and write what is live there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUXGATE_")}
+    command = [sys.executable, "-m", "gateway.cli", "serve"]
+    if probe is not None:
+        command = [sys.executable, str(ROOT / "bench" / "live_gateway.py"), str(probe)]
     with log.open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", "0",
+            [*command, "--port", "0",
              "--log-format", "json", "--max-streams", "256", "--slow-consumer-timeout", "10",
              "--resume-grace-seconds", "5", "--retention-seconds", str(retention)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
@@ -119,6 +130,7 @@ class Soak:
         self.stop = asyncio.Event()
         self.samples: list[dict[str, Any]] = []
         self.failures: list[str] = []
+        self.types: list[dict[str, int]] = []  # the live probe's most common types, per sample
         self.counts: dict[str, int] = {
             "campaign_requests": 0, "slow_reader_streams": 0, "hostile_frames": 0,
             "hostile_closed": 0,
@@ -129,7 +141,12 @@ class Soak:
     @contextlib.asynccontextmanager
     async def gateway(self) -> Any:
         log = self.log_path = Path(self.a.out) / "soak-gateway.log"
-        proc = _spawn(log, self.a.retention)
+        self.probe = Path(self.a.out) / "soak-live.jsonl" if self.a.live else None
+        if self.probe is not None:
+            self.probe.unlink(missing_ok=True)
+            for old in self.probe.parent.glob(f"{self.probe.name}.*.tm"):
+                old.unlink()
+        proc = _spawn(log, self.a.retention, self.probe)
         try:
             url = None
             async with asyncio.timeout(30):
@@ -155,8 +172,30 @@ class Soak:
             "fds": _fds(self.pid),
             **_metrics(text),
         }
+        if self.probe is not None:
+            sample.update(await self.live())
         self.samples.append(sample)
         return sample
+
+    async def live(self) -> dict[str, Any]:
+        """What is live after a full collection in the gateway (bench/live_gateway.py)."""
+        seen = len(self.probe.read_text().splitlines()) if self.probe.exists() else 0
+        os.kill(self.pid, signal.SIGUSR1)
+        async with asyncio.timeout(60):
+            while True:  # another process writes the line: no event to await here
+                lines = self.probe.read_text().splitlines() if self.probe.exists() else []
+                if len(lines) > seen and lines[-1].endswith("}"):
+                    break
+                await asyncio.sleep(0.05)
+        line = json.loads(lines[-1])
+        self.types.append(line["top_types"])
+        return {
+            "live_malloc_mib": round(line["malloc_bytes"] / 2**20, 3),
+            "live_python_blocks": line["python_blocks"],
+            "gc_objects": line["gc_objects"],
+            "gc_collected": line["collected"],  # objects in cycles since the last sample
+            "collect_ms": line["collect_ms"],
+        }
 
     # -- traffic -----------------------------------------------------------------------------
 
@@ -248,9 +287,11 @@ class Soak:
         warm = [s for s in self.samples if s["phase"] == "traffic" and s["t"] >= warmup * 60]
         slopes = {
             key: _slope_per_hour([(s["t"], s.get(key, 0.0)) for s in warm])
-            for key in ("rss_mib", "malloc_mib", "python_blocks", "fds", "asyncio_tasks",
+            for key in ("rss_mib", "malloc_mib", "python_blocks", "live_malloc_mib",
+                        "live_python_blocks", "gc_objects", "fds", "asyncio_tasks",
                         "retained_records", "tombstones", "resumable_requests",
                         "muxgate_connections")
+            if any(key in s for s in warm)  # (the live_* ones: with --live only)
         }  # fmt: skip
         # RSS growth after the warm-up: the highest RSS since, over the highest before it.
         before = [s["rss_mib"] for s in self.samples if s["phase"] == "traffic"
@@ -292,6 +333,7 @@ class Soak:
             "log_errors": len(errors),
             "tracebacks": tracebacks,
             "failures": self.failures,
+            "live_types_growth_after_warmup": self.types_growth(warm),
             "checks": checks,
             "samples": self.samples,
         }
@@ -299,6 +341,16 @@ class Soak:
         (out / "soak.json").write_text(json.dumps(result, indent=1))
         self.plot(out / "soak.png")
         return result
+
+    def types_growth(self, warm: list[dict[str, Any]]) -> dict[str, int]:
+        """The tracked types whose count grew most from the warm-up's end to the last sample
+        with traffic (the live probe's; empty without ``--live``)."""
+        if not self.types or len(warm) < 2:
+            return {}
+        first = self.types[self.samples.index(warm[0])]
+        last = self.types[self.samples.index(warm[-1])]
+        grown = {k: last.get(k, 0) - first.get(k, 0) for k in set(first) | set(last)}
+        return dict(sorted(grown.items(), key=lambda kv: -kv[1])[:12])
 
     def rss_checks(self, slope: float | None, growth: float | None) -> dict[str, bool]:
         """The slope needs a long window: over the CI's minute, one step of the allocator's
@@ -371,6 +423,11 @@ def main() -> int:
     p.add_argument("--retention", type=float, default=20.0, help="the gateway's retention (s)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--check", action="store_true", help="exit 1 when a check fails")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="sample live memory after a full collection (bench/live_gateway.py)",
+    )
     a = p.parse_args()
     a.max_rss_slope = a.max_rss_slope or None
     Path(a.out).mkdir(parents=True, exist_ok=True)
