@@ -1235,24 +1235,39 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                 check(len(track.cancel_results) == plan.frames_owner, plan, "owner results")
                 check(len(cross_results) == len(plan.cross_early), plan, "cross results")
                 results = [r.status for r in track.cancel_results]
+                misses = []  # reasons of the cancels read before the chat (not_found)
                 for early, result in zip(plan.cross_early, cross_results, strict=False):
                     if result.status is CancelStatus.NOT_FOUND:
                         check(early, plan, "not_found for a cancel sent after the chat was read")
+                        misses.append(CancelReason.CLIENT)
                     else:
                         results.append(result.status)
                 http_answers = []
                 for code, status, early in plan.http_results:
                     if (code, status) == (404, "not_found"):
                         check(early, plan, "HTTP not_found after the chat was read")
+                        misses.append(CancelReason.API)
                     else:
                         http_answers.append((code, status))
                 http_codes = set(http_answers)
                 http_statuses = [status for _, status in http_answers]
+                # A cancel read before its chat leaves a tombstone (SPEC.md §5.3): the chat ends
+                # cancelled at once (zero usage, final) and its pipeline never runs. That cancel
+                # answered not_found, and it was the effective one.
+                run = backend.runs.get(plan.rid)
+                tombstoned = run is None
+                if tombstoned:
+                    check(bool(misses), plan, "no pipeline run, and no cancel read before the chat")
+                    check(response.status is ResponseStatus.CANCELLED, plan, "tombstone ignored")
+                    check(response.reason in misses, plan, f"tombstone reason {response.reason}")
+                    check(response.usage.final, plan, f"tombstoned usage {response.usage}")
                 # G1/G2: one response; after it only results and the usage report.
                 tail = after_response(track)
                 check(set(tail) <= {"CancelResult", "UsageReport"}, plan, f"after response {tail}")
-                outcome_count = results.count(CancelStatus.CANCELLED) + http_statuses.count(
-                    "cancelled"
+                outcome_count = (
+                    results.count(CancelStatus.CANCELLED)
+                    + http_statuses.count("cancelled")
+                    + int(tombstoned)
                 )
                 cancelled_by = response.reason
                 if response.status is ResponseStatus.CANCELLED:
@@ -1260,8 +1275,9 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                     check(response.content == "", plan, "partial content")
                     check(outcome_count == 1, plan, f"{outcome_count} effective cancels")
                     in_band = results.count(CancelStatus.CANCELLED)
+                    by_frame = cancelled_by is CancelReason.CLIENT and not tombstoned
                     check(
-                        in_band == (1 if cancelled_by is CancelReason.CLIENT else 0),
+                        in_band == (1 if by_frame else 0),
                         plan,
                         f"in-band cancelled {in_band} with reason {cancelled_by}",
                     )
@@ -1276,6 +1292,8 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                         f"http {plan.http_results}",
                     )
                     final = track.usage_report.usage if track.usage_report else None
+                    if tombstoned:  # final in the response itself: nothing ran
+                        final = response.usage
                     check(final is not None, plan, "no usage report")
                     if final is not None:
                         check(
@@ -1284,8 +1302,7 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                             plan,
                             f"final usage {final} < response usage {response.usage}",
                         )
-                        run = backend.runs[plan.rid]
-                        if run.ops:  # work was done: the usage shows it
+                        if run is not None and run.ops:  # work was done: the usage shows it
                             check(final.input_tokens > 0, plan, f"zero usage {final}")
                         check(
                             final.output_tokens >= words(track),
@@ -1312,23 +1329,26 @@ async def test_randomized_cancellation(seed: int, settings: dict[str, Any]) -> N
                     check(response.status is ResponseStatus.COMPLETED, plan, "not completed")
                 if plan.mode == "late":
                     check(results[-1] is CancelStatus.ALREADY_COMPLETED, plan, "late cancel")
-                # G5 from the backend's own records, and the gateway's step trace.
-                run = backend.runs[plan.rid]
-                late = [op for op, flagged in run.ops if flagged]
-                check(not late, plan, f"operations started after the flag: {late}")
-                check(run.tokens_after_cancel <= 1, plan, f"{run.tokens_after_cancel} late tokens")
-                check(run.ctx.tokens_after_cancel <= 1, plan, "ctx.tokens_after_cancel")
-                # The pipeline's own end matches the response: a cancelled one halted at a
-                # checkpoint (or failed on its own after the cancel), a completed one returned.
-                expected_outcomes = {
-                    ResponseStatus.COMPLETED: {"returned"},
-                    ResponseStatus.FAILED: {"BackendFailure"},
-                    ResponseStatus.CANCELLED: {"PipelineHalted"}
-                    | ({"BackendFailure"} if plan.mode == "fail" else set()),
-                }[response.status]
-                check(run.outcome in expected_outcomes, plan, f"pipeline ended {run.outcome}")
-                if response.status is ResponseStatus.CANCELLED and run.ops:
-                    landed[run.ops[-1][0].partition("[")[0]] += 1
+                # G5 from the backend's own records, and the gateway's step trace (a tombstoned
+                # request has none: its pipeline never ran).
+                if run is not None:
+                    late = [op for op, flagged in run.ops if flagged]
+                    check(not late, plan, f"operations started after the flag: {late}")
+                    check(
+                        run.tokens_after_cancel <= 1, plan, f"{run.tokens_after_cancel} late tokens"
+                    )
+                    check(run.ctx.tokens_after_cancel <= 1, plan, "ctx.tokens_after_cancel")
+                    # The pipeline's own end matches the response: a cancelled one halted at a
+                    # checkpoint (or failed on its own after the cancel), a completed one returned.
+                    expected_outcomes = {
+                        ResponseStatus.COMPLETED: {"returned"},
+                        ResponseStatus.FAILED: {"BackendFailure"},
+                        ResponseStatus.CANCELLED: {"PipelineHalted"}
+                        | ({"BackendFailure"} if plan.mode == "fail" else set()),
+                    }[response.status]
+                    check(run.outcome in expected_outcomes, plan, f"pipeline ended {run.outcome}")
+                    if response.status is ResponseStatus.CANCELLED and run.ops:
+                        landed[run.ops[-1][0].partition("[")[0]] += 1
                 # GET agrees with the wire (G8).
                 rec = await gw.registry.lookup(RequestKey("", plan.rid))
                 check(rec is not None, plan, "no record")
