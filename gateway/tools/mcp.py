@@ -566,6 +566,9 @@ class MCPTools:
             ) from None
         finally:
             _CALL.reset(token)
+            # The timeout holds this task: a traceback that keeps this frame (the task's own
+            # CancelledError, an abortable call cancelled) would make a reference cycle of it.
+            del budget
         if result.is_error:
             text = "\n".join(b.text for b in result.content if isinstance(b, types.TextContent))
             detail = f": {_excerpt(text)}" if text.strip() else ""

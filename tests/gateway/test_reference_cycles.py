@@ -16,10 +16,12 @@ import collections
 import contextlib
 import gc
 import os
+import sys
 import types
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.server import Gateway
-from protocol import CloseCode
+from protocol import CloseCode, ResponseStatus
 
 from .conftest import running_gateway, settled
 from .http_client import http
 from .invariants import Campaign
 from .test_cluster import NATS_SERVER, cluster
+from .wire import WireClient
 
 GATEWAY_SOURCES = str(Path(__file__).resolve().parents[2] / "gateway") + os.sep
 
@@ -135,4 +138,66 @@ async def test_relayed_and_cross_node_requests_leave_no_reference_cycle() -> Non
                         await asyncio.sleep(0.05)
                 await settled(gw)
         assert figures.resumed, figures
+    assert not found, f"objects of the gateway left to the cycle collector: {dict(found)}"
+
+
+async def test_tool_calls_completed_and_aborted_leave_no_reference_cycle(tmp_path: Path) -> None:
+    """MCP tool steps (a real stdio server): calls that answer, and abortable ones cancelled
+    mid-way (the task's CancelledError keeps the tool call's frame)."""
+    pytest.importorskip("mcp")
+    from .test_mcp_tools import started, stdio_tools, tool_gateway, ws_url
+
+    tools = stdio_tools(tmp_path / "events.jsonl", abortable=["slow_search"])
+    async with tool_gateway(tools) as (gw, _):
+        async with WireClient.open(ws_url(gw)) as client:  # the server's session starts
+            await client.chat("warm", "search", metadata=_search(0.01))
+            await client.response("warm")
+        with cycles_found() as found:
+            async with WireClient.open(ws_url(gw)) as client:
+                for n in range(6):
+                    rid = f"tool{n}"
+                    aborted = n % 2 == 1
+                    track = await client.chat(
+                        rid, "search", steps=True, metadata=_search(30 if aborted else 0.01)
+                    )
+                    if aborted:
+                        await client.wait_for(partial(started, track, "slow_search"))
+                        await client.cancel(rid)
+                    response = await client.response(rid)
+                    expected = ResponseStatus.CANCELLED if aborted else ResponseStatus.COMPLETED
+                    assert response.status is expected
+            await settled(gw)
+    assert not found, f"objects of the gateway left to the cycle collector: {dict(found)}"
+
+
+def _search(seconds: float) -> dict[str, Any]:
+    return {"server": "ex", "tool": "slow_search", "args": {"query": "q", "seconds": seconds}}
+
+
+async def test_agent_calls_completed_and_aborted_leave_no_reference_cycle() -> None:
+    """A2A agent steps (the test agent in its own process): answers, and tasks cancelled
+    mid-way over streaming and blocking sends."""
+    pytest.importorskip("a2a")
+    from gateway.agents.a2a import A2AAgents
+
+    from .conftest import process_with_port
+    from .test_a2a_agents import ROOT, AgentBackend, agents_config, cancel_during_task
+
+    command = [sys.executable, "-m", "tests.gateway.a2a_agent_server"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with process_with_port(command, cwd=ROOT, env=env) as port:
+        url = f"http://127.0.0.1:{port}/"
+        backend = AgentBackend(A2AAgents.from_config(agents_config(url)))
+        async with running_gateway(backend_impl=backend) as gw:
+            async with WireClient.open(gw.url) as client:  # the agents' clients are made
+                await client.chat("warm", "hello", metadata={"agent": "steady"})
+                await client.response("warm")
+            with cycles_found() as found:
+                async with WireClient.open(gw.url) as client:
+                    for n, agent in enumerate(("slow", "blocking", "slow", "blocking")):
+                        await cancel_during_task(client, backend, url, f"agent{n}", agent)
+                    await client.chat("answered", "hello", metadata={"agent": "steady"})
+                    response = await client.response("answered")
+                    assert response.status is ResponseStatus.COMPLETED
+                await settled(gw)
     assert not found, f"objects of the gateway left to the cycle collector: {dict(found)}"
