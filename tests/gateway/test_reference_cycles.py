@@ -105,6 +105,16 @@ async def _slow_reader(gw: Gateway) -> None:
     assert ws.close_code == CloseCode.SLOW_CONSUMER
 
 
+async def _quiet(gw: Gateway) -> None:
+    """Until nothing of the traffic is left running: pipelines ended, and detached requests'
+    grace over (they end then, cancelled)."""
+    await settled(gw)
+    async with asyncio.timeout(10):
+        while gw.resumables.detached:  # noqa: ASYNC110 - a timer of the gateway's
+            await asyncio.sleep(0.05)
+    await settled(gw)
+
+
 async def test_requests_and_connections_of_every_kind_leave_no_reference_cycle() -> None:
     async with running_gateway(
         retention_seconds=30, resume_grace_seconds=0.2, slow_consumer_timeout=0.5
@@ -115,11 +125,7 @@ async def test_requests_and_connections_of_every_kind_leave_no_reference_cycle()
             await _hostile(gw)
             await _slow_reader(gw)
             await http("GET", f"{gw.http_url}/metrics")
-            await settled(gw)
-            async with asyncio.timeout(10):  # detached requests wait out their grace
-                while gw.resumables.detached:  # noqa: ASYNC110 - a timer of the gateway's
-                    await asyncio.sleep(0.05)
-            await settled(gw)
+            await _quiet(gw)
         assert figures.drops, figures  # the traffic had them
         assert figures.resumed, figures
     assert not found, f"objects of the gateway left to the cycle collector: {dict(found)}"
@@ -132,11 +138,7 @@ async def test_relayed_and_cross_node_requests_leave_no_reference_cycle() -> Non
         with cycles_found() as found:
             figures = await Campaign(nodes, seed=18, batch=20, prefix="cyc").run(300, parallel=4)
             for gw in nodes:
-                await settled(gw)
-                async with asyncio.timeout(10):
-                    while gw.resumables.detached:  # noqa: ASYNC110 - a timer of the gateway's
-                        await asyncio.sleep(0.05)
-                await settled(gw)
+                await _quiet(gw)
         assert figures.resumed, figures
     assert not found, f"objects of the gateway left to the cycle collector: {dict(found)}"
 
